@@ -1,0 +1,1 @@
+"""Datasets: the built-in spurious-correlation benchmark and loaders for the paper's datasets."""

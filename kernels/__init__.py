@@ -1,0 +1,24 @@
+"""faithful_vit.kernels: fused block-sparse masked attention and varlen attention in Triton, with PyTorch references.
+
+This package knows only torch and triton. It installs as ``faithful_vit.kernels`` (never as a top-level ``kernels``).
+"""
+
+from . import reference
+from ._backend import BACKENDS, TRITON_AVAILABLE, TRITON_INTERPRET, get_backend, set_backend, use_backend
+from .masked_attention import masked_attention
+from .packing import PackedTokens, pack_tokens
+from .varlen_attention import varlen_attention
+
+__all__ = [
+    "BACKENDS",
+    "TRITON_AVAILABLE",
+    "TRITON_INTERPRET",
+    "PackedTokens",
+    "get_backend",
+    "masked_attention",
+    "pack_tokens",
+    "reference",
+    "set_backend",
+    "use_backend",
+    "varlen_attention",
+]

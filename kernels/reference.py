@@ -1,0 +1,207 @@
+"""PyTorch references: the executable specification of every kernel family, shared by tests and benchmarks.
+
+They favour clarity over speed, compute in float64 by default (``upcast=True``) and return the input dtype. Never
+change a reference to make a kernel test pass; ``tests/test_reference.py`` checks each one against plain Python loops.
+
+Conventions shared with the kernels:
+    * A dropped key has exactly zero influence: its k and v are never read, so NaN or Inf there changes nothing.
+    * A query row with no kept key outputs zeros (SDPA's behaviour since torch 2.5), with zero gradients, never NaN.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "masked_attention_ref",
+    "masked_attention_gate_grad_ref",
+    "varlen_attention_ref",
+    "pack_tokens_ref",
+    "unpack_tokens_ref",
+]
+
+
+def _compute_dtype(x: torch.Tensor, upcast: bool) -> torch.dtype:
+    return torch.float64 if upcast else x.dtype
+
+
+def _safe_softmax(scores: torch.Tensor, allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over the last dim restricted to ``allowed``; rows with nothing allowed give zeros, never NaN.
+
+    Returns the probabilities and the log-sum-exp per row (-inf for empty rows).
+    """
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max).detach()
+    weights = torch.exp(scores - row_max)  # exp(-inf) == 0 for disallowed entries
+    denom = weights.sum(dim=-1, keepdim=True)
+    probs = weights / torch.where(denom == 0, torch.ones_like(denom), denom)
+    lse = (row_max + torch.log(denom)).squeeze(-1)  # log(0) = -inf for empty rows
+    return probs, lse
+
+
+def masked_attention_gate_grad_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keep: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_out: torch.Tensor,
+    query_rows: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """d(loss)/d(gate) of the multiplicative key gate, for every key, kept or dropped.
+
+    ``out_i = sum_j g_j exp(s_ij) v_j / sum_j g_j exp(s_ij)`` differentiated at ``g = keep`` gives
+    ``sum_i exp(s_ij - lse_i) * (dO_i . v_j - dO_i . out_i)``, summed over heads and over ``query_rows`` (the rows
+    whose outputs are computed). Rows whose lse is -inf (no kept key) contribute nothing. For dropped keys this needs
+    their real scores, so it is dense over keys.
+
+    Args:
+        q, k, v, out, grad_out: ``(B, H, N, D)``; ``keep``, ``query_rows``: ``(B, N)`` bool; ``lse``: ``(B, H, N)``.
+
+    Returns:
+        ``(B, N)`` in the dtype of ``q``.
+    """
+    scores = torch.einsum("bhid,bhjd->bhij", q, k) * scale
+    finite = torch.isfinite(lse)[..., None] & query_rows[:, None, :, None]
+    weight = torch.where(finite, torch.exp(scores - torch.where(finite, lse[..., None], 0.0)), 0.0)
+    do_v = torch.einsum("bhid,bhjd->bhij", grad_out, v)
+    do_o = (grad_out * out).sum(-1, keepdim=True)
+    contrib = torch.where(finite, weight * (do_v - do_o), 0.0)
+    return contrib.sum(dim=(1, 2))
+
+
+class _GateGradient(torch.autograd.Function):
+    """Adds zero to the attention output in the forward and the gate's derivative in the backward.
+
+    Keeping the forward on the masked path means a NaN in a dropped key cannot reach the output, while the gate still
+    receives d(loss)/d(gate) as defined by :func:`masked_attention_gate_grad_ref`.
+    """
+
+    @staticmethod
+    def forward(ctx, out, gate, q, k, v, keep, lse, query_rows, scale):
+        ctx.save_for_backward(q, k, v, keep, out, lse, query_rows)
+        ctx.scale = scale
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, keep, out, lse, query_rows = ctx.saved_tensors
+        grad_gate = masked_attention_gate_grad_ref(q, k, v, keep, out, lse, grad_out, query_rows, ctx.scale)
+        return grad_out, grad_gate, None, None, None, None, None, None, None
+
+
+def masked_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keep: torch.Tensor,
+    *,
+    scale: float | None = None,
+    gate: torch.Tensor | None = None,
+    skip_dropped_queries: bool = True,
+    upcast: bool = True,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention in which every query may only attend to the kept keys of its image.
+
+    Kept query rows equal ``F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])``. Dropped query
+    rows are zero (with zero gradient) when ``skip_dropped_queries``, else computed as SDPA does.
+
+    Args:
+        q, k, v: ``(B, H, N, D)``.
+        keep: ``(B, N)`` bool, True for kept tokens.
+        scale: softmax scale, default ``D ** -0.5``.
+        gate: optional ``(B, N)`` float equal to ``keep`` in value; forward unchanged, its gradient is the derivative
+            of the multiplicative key gate (see :func:`masked_attention_gate_grad_ref`).
+        upcast: compute in float64 and cast back (default); False computes in the input dtype.
+        return_lse: also return the log-sum-exp over kept keys, ``(B, H, N)`` float32/64, -inf for empty rows.
+
+    Returns:
+        ``(B, H, N, D)`` in the dtype of ``q`` (and the lse when asked).
+    """
+    dtype = q.dtype
+    cdt = _compute_dtype(q, upcast)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    key_mask = keep[:, None, :, None]
+    # Dropped keys are zeroed before use, so their values (NaN, Inf) never enter an output or a gradient.
+    qc = q.to(cdt)
+    kc = k.to(cdt).masked_fill(~key_mask, 0.0)
+    vc = v.to(cdt).masked_fill(~key_mask, 0.0)
+    scores = torch.einsum("bhid,bhjd->bhij", qc, kc) * scale
+    probs, lse = _safe_softmax(scores, keep[:, None, None, :])
+    out = torch.einsum("bhij,bhjd->bhid", probs, vc)
+    query_rows = keep if skip_dropped_queries else torch.ones_like(keep)
+    if skip_dropped_queries:
+        out = out.masked_fill(~keep[:, None, :, None], 0.0)
+    if gate is not None:
+        out = _GateGradient.apply(
+            out, gate.to(cdt), qc, k.to(cdt), v.to(cdt), keep, lse.detach(), query_rows, scale
+        )
+    out = out.to(dtype)
+    if return_lse:
+        return out, lse
+    return out
+
+
+def varlen_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    *,
+    scale: float | None = None,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """Attention over packed sequences: each sequence attends only within itself.
+
+    Args:
+        q, k, v: ``(T, H, D)``, the rows of all sequences back to back.
+        cu_seqlens: ``(B + 1,)`` int32, sequence b is rows ``cu_seqlens[b]:cu_seqlens[b + 1]``.
+        scale: softmax scale, default ``D ** -0.5``.
+        upcast: compute in float64 and cast back (default).
+
+    Returns:
+        ``(T, H, D)`` in the dtype of ``q``. Rows outside every sequence (none when ``cu_seqlens[-1] == T``) are zero.
+    """
+    cdt = _compute_dtype(q, upcast)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out = torch.zeros(q.shape, dtype=cdt, device=q.device)
+    bounds = cu_seqlens.tolist()
+    pieces = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        qs, ks, vs = (t[start:end].to(cdt).transpose(0, 1) for t in (q, k, v))  # (H, L, D)
+        probs = torch.softmax(torch.einsum("hid,hjd->hij", qs, ks) * scale, dim=-1)
+        pieces.append((start, end, torch.einsum("hij,hjd->hid", probs, vs).transpose(0, 1)))
+    # Built functionally (not in place) so that autograd sees every piece.
+    if pieces:
+        rows = torch.cat([torch.arange(s, e, device=q.device) for s, e, _ in pieces])
+        out = out.index_copy(0, rows, torch.cat([p for _, _, p in pieces]))
+    return out.to(q.dtype)
+
+
+def pack_tokens_ref(x: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather the kept tokens of every image, in order, into one packed tensor.
+
+    Args:
+        x: ``(B, N, C)``; keep: ``(B, N)`` bool.
+
+    Returns:
+        ``data`` ``(T, C)`` with ``T = keep.sum()``, and ``cu_seqlens`` ``(B + 1,)`` int32.
+    """
+    data = x[keep]
+    counts = keep.sum(dim=1)
+    cu_seqlens = torch.zeros(keep.shape[0] + 1, dtype=torch.int32, device=x.device)
+    cu_seqlens[1:] = torch.cumsum(counts, 0)
+    return data, cu_seqlens
+
+
+def unpack_tokens_ref(data: torch.Tensor, keep: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    """Inverse of :func:`pack_tokens_ref`: ``(T, C)`` back to ``(B, N, C)``, dropped positions set to ``fill``."""
+    out = data.new_full((*keep.shape, data.shape[-1]), fill)
+    return out.masked_scatter(keep[..., None], data)
+
