@@ -1,17 +1,43 @@
 """Varlen attention over packed sequences (the token-gather path): each sequence attends only within itself.
 
-Family layout: public function, autograd Function, launchers, configs, kernels (the Triton part is being written).
+Algorithm: FlashAttention-2 style tiling over a ragged batch. The rows of all sequences lie back to back in
+``(T, H, D)`` tensors; ``cu_seqlens`` gives the first row of every sequence. One program owns ``BLOCK_M`` query rows
+of one (sequence, head) pair, walks the key blocks of the same sequence only, and keeps an online softmax in fp32 in
+the exp2 domain. It stores the output and the natural-log log-sum-exp per row (fp32, ``(H, T)``) for the backward.
+
+Backward (no atomics): a preprocess computes ``delta = rowsum(dO * O)``; one kernel owns a key block and walks the
+query blocks of its sequence to accumulate dK and dV; another owns a query block and walks the key blocks for dQ.
+
+Cost: projections and MLP around it scale with the kept rows ``T``; attention scales with ``sum_b len_b ** 2``. Every
+sequence's programs past its own length exit at once, so the grid is sized by ``max_seqlen`` (a host int, no sync).
+
+Supported: fp32 (``input_precision="ieee"`` dots), fp16, bf16 (GPU only; the interpreter has no bf16 dots); head dims
+16..128, any of them (non-powers of two are padded to the next power of two with masked loads); sequences of length 0
+and 1; q, k, v with any strides on the T and H dims (e.g. ``qkv.view(T, 3, H, D).unbind(1)``), unit stride on D.
+
+Limits: ``max_seqlen`` must bound every sequence length (checked on the host unless ``check_cu_seqlens=False``; rows of
+a longer sequence past the bound would be left unwritten). Tiles suit tens to a few thousand tokens per sequence.
+The number of sequences and of heads are each limited to 65535 (CUDA grid dims 1 and 2).
+
+torch.compile: on CUDA the kernels run inside the ``faithful_vit::varlen_attention_fwd/_bwd`` ``triton_op``s, which
+Inductor traces without a graph break. On the CPU (the Triton interpreter, for tests) they are launched directly through
+:class:`VarlenAttentionFunction`, because Inductor cannot compile a ``triton_op`` for the CPU.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
 
 from . import reference
 from ._backend import resolve_backend
-from ._utils import SUPPORTED_DTYPES, check_head_dim, check_same, check_tensor, fmt_shape
+from ._utils import SUPPORTED_DTYPES, check_head_dim, check_same, check_tensor, empty, fmt_shape, unit_last_stride
 
-__all__ = ["varlen_attention"]
+__all__ = ["VarlenAttentionFunction", "get_bwd_config", "get_fwd_config", "varlen_attention"]
 
 
 def _validate(q, k, v, cu_seqlens, max_seqlen, check_cu_seqlens: bool) -> None:
@@ -26,9 +52,11 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, check_cu_seqlens: bool) -> None:
         raise ValueError(f"cu_seqlens: expected at least one entry (B + 1 >= 1), got {fmt_shape(cu_seqlens)}")
     if cu_seqlens.device != q.device:
         raise ValueError(f"cu_seqlens: expected device {q.device} like q, got {cu_seqlens.device}")
-    if not isinstance(max_seqlen, int) or max_seqlen < 0:
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise ValueError(f"max_seqlen: expected a non-negative int, got {max_seqlen!r}")
-    if check_cu_seqlens:  # reads cu_seqlens on the host: callers that built it themselves pass check_cu_seqlens=False
+    # Reading cu_seqlens is a host sync (and a graph break under torch.compile, where the check is skipped): callers
+    # that built the offsets themselves (pack_tokens) pass check_cu_seqlens=False.
+    if check_cu_seqlens and not torch.compiler.is_compiling():
         values = cu_seqlens.tolist()
         if values[0] != 0 or any(b < a for a, b in zip(values[:-1], values[1:])):
             raise ValueError(f"cu_seqlens: expected non-decreasing offsets starting at 0, got {values}")
@@ -62,9 +90,380 @@ def varlen_attention(
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
 
     Returns:
-        ``(T, H, D)`` in the dtype of ``q``.
+        ``(T, H, D)`` in the dtype of ``q``, contiguous.
     """
     _validate(q, k, v, cu_seqlens, max_seqlen, check_cu_seqlens)
     if resolve_backend(backend, (q,)) == "torch":
         return reference.varlen_attention_ref(q, k, v, cu_seqlens, scale=scale, upcast=False)
-    raise NotImplementedError("varlen_attention: the Triton backend is not written yet; use backend='torch'")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    q, k, v = (unit_last_stride(t) for t in (q, k, v))
+    if q.is_cuda:
+        out, _ = torch.ops.faithful_vit.varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale)
+        return out
+    return VarlenAttentionFunction.apply(q, k, v, cu_seqlens, max_seqlen, scale)
+
+
+# ---- Autograd ----
+
+
+class VarlenAttentionFunction(torch.autograd.Function):
+    """Launches the Triton kernels directly: the CPU (interpreter) path; CUDA goes through the ``triton_op``s below."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale):
+        out, lse = _varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale)
+        ctx.save_for_backward(q, k, v, cu_seqlens, out, lse)
+        ctx.max_seqlen, ctx.scale = max_seqlen, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, cu_seqlens, out, lse = ctx.saved_tensors
+        dq, dk, dv = _varlen_attention_bwd(q, k, v, cu_seqlens, out, lse, grad_out, ctx.max_seqlen, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+@triton_op("faithful_vit::varlen_attention_fwd", mutates_args=())
+def _varlen_attention_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale, launch=wrap_triton)
+
+
+@triton_op("faithful_vit::varlen_attention_bwd", mutates_args=())
+def _varlen_attention_bwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, grad_out: torch.Tensor, max_seqlen: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _varlen_attention_bwd(q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, scale, launch=wrap_triton)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, cu_seqlens, out, lse)
+    ctx.max_seqlen, ctx.scale = max_seqlen, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, cu_seqlens, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.faithful_vit.varlen_attention_bwd(
+        q, k, v, cu_seqlens, out, lse, grad_out, ctx.max_seqlen, ctx.scale
+    )
+    return dq, dk, dv, None, None, None
+
+
+torch.library.register_autograd("faithful_vit::varlen_attention_fwd", _backward, setup_context=_setup_context)
+
+
+# ---- Launchers ----
+
+
+def _launch_directly(kernel):
+    return kernel
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get exact fp32 dots (tf32 would lose ~3 digits); the setting does not apply to fp16/bf16.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale, launch=_launch_directly):
+    """Returns ``out`` ``(T, H, D)`` and the natural-log ``lse`` ``(H, T)`` fp32."""
+    total, num_heads, head_dim = q.shape
+    batch = cu_seqlens.shape[0] - 1
+    out = empty(total, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    lse = empty(num_heads, total, dtype=torch.float32, device=q.device)
+    if total == 0 or batch == 0 or max_seqlen == 0:
+        return out, lse
+    cfg = get_fwd_config(max_seqlen, head_dim, q.dtype)
+    grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), batch, num_heads)
+    launch(_varlen_attn_fwd_kernel)[grid](
+        q, k, v, out, lse, cu_seqlens,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        lse.stride(0), scale * math.log2(math.e),
+        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), INPUT_PRECISION=_input_precision(q.dtype),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out, lse
+
+
+def _varlen_attention_bwd(q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, scale, launch=_launch_directly):
+    """Returns dq, dk, dv, each ``(T, H, D)`` contiguous in the dtype of ``q``."""
+    total, num_heads, head_dim = q.shape
+    batch = cu_seqlens.shape[0] - 1
+    grad_out = unit_last_stride(grad_out)
+    dq, dk, dv = (empty(total, num_heads, head_dim, dtype=q.dtype, device=q.device) for _ in range(3))
+    if total == 0 or batch == 0 or max_seqlen == 0:
+        return dq, dk, dv
+    block_d = triton.next_power_of_2(head_dim)
+    precision = _input_precision(q.dtype)
+    cfg = get_bwd_config(max_seqlen, head_dim, q.dtype)
+
+    delta = empty(num_heads, total, dtype=torch.float32, device=q.device)
+    pre_block = cfg["BLOCK_PRE"]
+    launch(_varlen_attn_bwd_preprocess_kernel)[(triton.cdiv(total, pre_block), num_heads)](
+        out, grad_out, delta, total,
+        out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1), delta.stride(0),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=pre_block,
+    )
+    strides = (
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        grad_out.stride(0), grad_out.stride(1), lse.stride(0),
+    )
+    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    launch(_varlen_attn_bwd_dkdv_kernel)[(triton.cdiv(max_seqlen, block_n), batch, num_heads)](
+        q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens, *strides, dk.stride(0), dk.stride(1), scale,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, INPUT_PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    launch(_varlen_attn_bwd_dq_kernel)[(triton.cdiv(max_seqlen, block_m), batch, num_heads)](
+        q, k, v, grad_out, lse, delta, dq, cu_seqlens, *strides, dq.stride(0), dq.stride(1), scale,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, INPUT_PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return dq, dk, dv
+
+
+# ---- Configs ----
+
+
+def _short_tile(max_seqlen: int, preferred: int) -> int:
+    """The preferred tile, shrunk (not below 16, the smallest dot) when every sequence is shorter."""
+    return max(16, min(preferred, triton.next_power_of_2(max(max_seqlen, 1))))
+
+
+def get_fwd_config(max_seqlen: int, head_dim: int, dtype: torch.dtype) -> dict[str, int]:
+    """Forward tiles: ``BLOCK_M`` query rows per program, ``BLOCK_N`` keys per step. Override by reassigning.
+
+    Short sequences (ViT images keep ~50-200 tokens) waste little on 64-row tiles; large head dims and fp32 halve the
+    key tile to keep the K/V tiles and the accumulator in registers.
+    """
+    wide = head_dim > 64 or dtype == torch.float32
+    return {
+        "BLOCK_M": _short_tile(max_seqlen, 64),
+        "BLOCK_N": _short_tile(max_seqlen, 32 if wide else 64),
+        "num_warps": 4,
+        "num_stages": 2 if wide else 3,
+    }
+
+
+def get_bwd_config(max_seqlen: int, head_dim: int, dtype: torch.dtype) -> dict[str, int]:
+    """Backward tiles: ``BLOCK_M`` query rows and ``BLOCK_N`` keys per step of both the dK/dV and the dQ kernels,
+    ``BLOCK_PRE`` rows per preprocess program. Override by reassigning."""
+    wide = head_dim > 64 or dtype == torch.float32
+    return {
+        "BLOCK_M": _short_tile(max_seqlen, 32 if wide else 64),
+        "BLOCK_N": _short_tile(max_seqlen, 64),
+        "BLOCK_PRE": 64,
+        "num_warps": 4,
+        "num_stages": 1 if wide else 2,
+    }
+
+
+# ---- Kernels ----
+
+
+@triton.jit
+def _varlen_attn_fwd_kernel(
+    Q, K, V, Out, Lse, CuSeqlens,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    stride_lse_h, qk_scale_log2,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Output and log-sum-exp of ``BLOCK_M`` query rows of one (sequence, head) pair.
+
+    Pointers: Q, K, V ``(T, H, D)`` with strides ``stride_*t``, ``stride_*h`` and unit stride on D; Out likewise;
+    Lse ``(H, T)`` fp32 (natural log) with row stride ``stride_lse_h``; CuSeqlens ``(B + 1,)`` int32.
+    Scalars: ``qk_scale_log2`` = softmax scale * log2(e).
+    Constexprs: HEAD_DIM (D), BLOCK_D (next power of two >= D), INPUT_PRECISION of the dots, BLOCK_M, BLOCK_N.
+    Grid: ``(cdiv(max_seqlen, BLOCK_M), B, H)``.
+    """
+    pid_m = tl.program_id(0)
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+    seq_start = tl.load(CuSeqlens + seq)
+    seq_len = tl.load(CuSeqlens + seq + 1) - seq_start
+    if pid_m * BLOCK_M >= seq_len:  # this tile lies past the sequence (max_seqlen is only a bound)
+        return
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    mask_m = offs_m < seq_len
+    rows_m = (seq_start + offs_m).to(tl.int64)
+    q = tl.load(Q + rows_m[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+
+    # Every tile that gets here has at least one valid key in its first step, so the running max is finite from then
+    # on and padded rows (q = 0) stay finite too: no NaN guard is needed.
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, seq_len, BLOCK_N):
+        cols = start_n + offs_n
+        mask_n = cols < seq_len
+        rows_n = (seq_start + cols).to(tl.int64)
+        kt = tl.load(K + rows_n[None, :] * stride_kt + head * stride_kh + offs_d[:, None],
+                     mask=mask_n[None, :] & mask_d[:, None], other=0.0)
+        v = tl.load(V + rows_n[:, None] * stride_vt + head * stride_vh + offs_d[None, :],
+                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        scores = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale_log2
+        scores = tl.where(mask_n[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        p = tl.exp2(scores - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    tl.store(Out + rows_m[:, None] * stride_ot + head * stride_oh + offs_d[None, :], acc.to(Out.dtype.element_ty),
+             mask=mask_m[:, None] & mask_d[None, :])
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # back to natural log
+    tl.store(Lse + head * stride_lse_h + rows_m, lse, mask=mask_m)
+
+
+@triton.jit
+def _varlen_attn_bwd_preprocess_kernel(
+    Out, DOut, Delta, total,
+    stride_ot, stride_oh, stride_dot, stride_doh, stride_delta_h,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """``delta = rowsum(dO * O)`` in fp32 for ``BLOCK_M`` rows of one head (all rows belong to some sequence).
+
+    Pointers: Out, DOut ``(T, H, D)`` with strides ``stride_ot/oh``, ``stride_dot/doh``; Delta ``(H, T)`` fp32 with
+    row stride ``stride_delta_h``. Scalars: ``total`` = T.
+    Constexprs: HEAD_DIM, BLOCK_D (next power of two >= D), BLOCK_M.
+    Grid: ``(cdiv(T, BLOCK_M), H)``.
+    """
+    head = tl.program_id(1)
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (rows < total)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(Out + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DOut + rows[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + head * stride_delta_h + rows, delta, mask=rows < total)
+
+
+@triton.jit
+def _varlen_attn_bwd_dkdv_kernel(
+    Q, K, V, DOut, Lse, Delta, DK, DV, CuSeqlens,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_lse_h,
+    stride_dkt, stride_dkh, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dK and dV of ``BLOCK_N`` key rows of one (sequence, head) pair, looping over the sequence's query blocks.
+
+    Pointers: Q, K, V, DOut ``(T, H, D)`` with strides ``stride_*t``, ``stride_*h`` and unit stride on D; Lse (natural
+    log) and Delta ``(H, T)`` fp32 sharing row stride ``stride_lse_h``; DK, DV ``(T, H, D)`` sharing strides
+    ``stride_dkt``, ``stride_dkh``; CuSeqlens ``(B + 1,)`` int32. Scalars: softmax ``scale``.
+    Constexprs: HEAD_DIM, BLOCK_D (next power of two >= D), INPUT_PRECISION of the dots, BLOCK_M, BLOCK_N.
+    Grid: ``(cdiv(max_seqlen, BLOCK_N), B, H)``.
+    """
+    pid_n = tl.program_id(0)
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+    seq_start = tl.load(CuSeqlens + seq)
+    seq_len = tl.load(CuSeqlens + seq + 1) - seq_start
+    if pid_n * BLOCK_N >= seq_len:
+        return
+
+    qk_scale_log2 = scale * 1.4426950408889634
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    mask_n = offs_n < seq_len
+    rows_n = (seq_start + offs_n).to(tl.int64)
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+    k = tl.load(K + rows_n[:, None] * stride_kt + head * stride_kh + offs_d[None, :], mask=mask_nd, other=0.0)
+    v = tl.load(V + rows_n[:, None] * stride_vt + head * stride_vh + offs_d[None, :], mask=mask_nd, other=0.0)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for start_m in range(0, seq_len, BLOCK_M):
+        cols = start_m + offs_m
+        mask_m = cols < seq_len
+        rows_m = (seq_start + cols).to(tl.int64)
+        mask_md = mask_m[:, None] & mask_d[None, :]
+        q = tl.load(Q + rows_m[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=mask_md, other=0.0)
+        do = tl.load(DOut + rows_m[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=mask_md,
+                     other=0.0)
+        lse = tl.load(Lse + head * stride_lse_h + rows_m, mask=mask_m, other=0.0) * 1.4426950408889634
+        delta = tl.load(Delta + head * stride_lse_h + rows_m, mask=mask_m, other=0.0)
+        # Transposed scores (keys x queries) so both products below need no further transpose of p or ds.
+        scores_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale_log2
+        p_t = tl.where(mask_n[:, None] & mask_m[None, :], tl.exp2(scores_t - lse[None, :]), 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=INPUT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=INPUT_PRECISION)
+
+    dk *= scale
+    tl.store(DK + rows_n[:, None] * stride_dkt + head * stride_dkh + offs_d[None, :], dk.to(DK.dtype.element_ty),
+             mask=mask_nd)
+    tl.store(DV + rows_n[:, None] * stride_dkt + head * stride_dkh + offs_d[None, :], dv.to(DV.dtype.element_ty),
+             mask=mask_nd)
+
+
+@triton.jit
+def _varlen_attn_bwd_dq_kernel(
+    Q, K, V, DOut, Lse, Delta, DQ, CuSeqlens,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_lse_h,
+    stride_dqt, stride_dqh, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dQ of ``BLOCK_M`` query rows of one (sequence, head) pair, looping over the sequence's key blocks.
+
+    Pointers: Q, K, V, DOut ``(T, H, D)`` with strides ``stride_*t``, ``stride_*h`` and unit stride on D; Lse (natural
+    log) and Delta ``(H, T)`` fp32 sharing row stride ``stride_lse_h``; DQ ``(T, H, D)`` with strides ``stride_dqt``,
+    ``stride_dqh``; CuSeqlens ``(B + 1,)`` int32. Scalars: softmax ``scale``.
+    Constexprs: HEAD_DIM, BLOCK_D (next power of two >= D), INPUT_PRECISION of the dots, BLOCK_M, BLOCK_N.
+    Grid: ``(cdiv(max_seqlen, BLOCK_M), B, H)``.
+    """
+    pid_m = tl.program_id(0)
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+    seq_start = tl.load(CuSeqlens + seq)
+    seq_len = tl.load(CuSeqlens + seq + 1) - seq_start
+    if pid_m * BLOCK_M >= seq_len:
+        return
+
+    qk_scale_log2 = scale * 1.4426950408889634
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    mask_m = offs_m < seq_len
+    rows_m = (seq_start + offs_m).to(tl.int64)
+    mask_md = mask_m[:, None] & mask_d[None, :]
+    q = tl.load(Q + rows_m[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=mask_md, other=0.0)
+    do = tl.load(DOut + rows_m[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=mask_md, other=0.0)
+    lse = tl.load(Lse + head * stride_lse_h + rows_m, mask=mask_m, other=0.0) * 1.4426950408889634
+    delta = tl.load(Delta + head * stride_lse_h + rows_m, mask=mask_m, other=0.0)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, seq_len, BLOCK_N):
+        cols = start_n + offs_n
+        mask_n = cols < seq_len
+        rows_n = (seq_start + cols).to(tl.int64)
+        kt = tl.load(K + rows_n[None, :] * stride_kt + head * stride_kh + offs_d[:, None],
+                     mask=mask_n[None, :] & mask_d[:, None], other=0.0)
+        vt = tl.load(V + rows_n[None, :] * stride_vt + head * stride_vh + offs_d[:, None],
+                     mask=mask_n[None, :] & mask_d[:, None], other=0.0)
+        scores = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale_log2
+        p = tl.where(mask_m[:, None] & mask_n[None, :], tl.exp2(scores - lse[:, None]), 0.0)
+        dp = tl.dot(do, vt, input_precision=INPUT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=INPUT_PRECISION)
+
+    dq *= scale
+    tl.store(DQ + rows_m[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=mask_md)
