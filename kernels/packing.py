@@ -5,8 +5,9 @@ tokens, and attention (:func:`faithful_vit.kernels.varlen_attention`) in proport
 lengths. Packing is a gather and unpacking a scatter, both memory-bound, so they use PyTorch's own indexing ops
 (differentiable both ways); only attention needs a kernel.
 
-Host synchronisation: exactly one remains, the total count ``T``, because it sizes the packed tensor. Pass
-``max_seqlen`` (an upper bound such as ``N`` is fine) to avoid a second one.
+Host synchronisation: exactly one, which reads the total count ``T`` (it sizes the packed tensor) and the longest
+image in the same transfer. The gather itself is sync-free (no ``nonzero``). ``max_seqlen``, when given (``N`` always
+works), is checked against the longest image and kept as the bound, so kernels launched with it see a stable value.
 """
 
 from __future__ import annotations
@@ -64,10 +65,15 @@ def pack_tokens(x: torch.Tensor, keep: torch.Tensor, *, max_seqlen: int | None =
     Args:
         x: ``(B, N, C)`` tokens, any strides.
         keep: ``(B, N)`` bool, True for tokens to keep.
-        max_seqlen: optional upper bound on kept tokens per image (``N`` always works); saves a host sync.
+        max_seqlen: optional upper bound on kept tokens per image (``N`` always works), kept as
+            ``PackedTokens.max_seqlen`` so that shapes seen by compiled code do not change with the mask; default: the
+            exact longest image.
 
     Returns:
         :class:`PackedTokens`; gradients flow from ``data`` back to ``x``.
+
+    Raises:
+        ValueError: bad shapes, devices, or a ``max_seqlen`` below the longest image.
     """
     check_tensor("x", x, ndim=3, ndim_doc="(B, N, C)")
     check_tensor("keep", keep, ndim=2, dtypes=(torch.bool,), ndim_doc="(B, N)")
@@ -76,12 +82,21 @@ def pack_tokens(x: torch.Tensor, keep: torch.Tensor, *, max_seqlen: int | None =
     if keep.device != x.device:
         raise ValueError(f"keep: expected device {x.device} like x, got {keep.device}")
     batch, seq_len, channels = x.shape
-    if max_seqlen is not None and max_seqlen < 0:
-        raise ValueError(f"max_seqlen: expected a non-negative int, got {max_seqlen}")
+    if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0):
+        raise ValueError(f"max_seqlen: expected None or a non-negative int, got {max_seqlen!r}")
     counts = keep.sum(dim=1, dtype=torch.int32)
     cu_seqlens = F.pad(torch.cumsum(counts, 0, dtype=torch.int32), (1, 0))
-    index = torch.nonzero(keep.reshape(-1)).squeeze(1)  # the one host sync: T sizes the output
+    total, longest = torch.stack((cu_seqlens[-1], counts.max() if batch else cu_seqlens[-1])).tolist()  # the sync
     if max_seqlen is None:
-        max_seqlen = int(counts.max()) if batch else 0
+        max_seqlen = longest
+    elif longest > max_seqlen:
+        raise ValueError(f"max_seqlen: expected an upper bound on the kept tokens per image (>= {longest}), "
+                         f"got {max_seqlen}")
+    # Kept token number r of the flattened batch writes its flat position to slot r; every dropped token writes to
+    # the spare slot T, which is cut off. Unlike nonzero() this needs no second look at the device.
+    flat_keep = keep.reshape(-1)
+    slots = torch.where(flat_keep, torch.cumsum(flat_keep, 0) - 1, total)
+    positions = torch.arange(flat_keep.numel(), device=x.device)
+    index = positions.new_empty(total + 1).scatter_(0, slots, positions)[:total]
     data = x.reshape(batch * seq_len, channels).index_select(0, index)
     return PackedTokens(data, cu_seqlens, max_seqlen, index, batch, seq_len)
