@@ -1,0 +1,311 @@
+"""varlen_attention: the Triton kernels against the float64 per-sequence reference, forward and gradients.
+
+Half precision uses the 2x rule: the kernel's error against float64 may be at most twice that of the PyTorch
+reference computed in the same dtype, plus a floor of one ulp of the largest reference value.
+"""
+
+import importlib
+import itertools
+
+import pytest
+import torch
+
+from faithful_vit.kernels import pack_tokens, reference, varlen_attention
+
+varlen_module = importlib.import_module("faithful_vit.kernels.varlen_attention")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _cu_seqlens(lengths, device=DEVICE):
+    return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+
+
+def _qkv(total, heads, head_dim, dtype, layout="packed", device=DEVICE):
+    """Leaf tensor plus q, k, v views of it: one packed projection ``(T, 3, H, D)`` or head-major ``(3, H, T, D)``."""
+    if layout == "packed":
+        leaf = torch.randn(total, 3 * heads * head_dim, dtype=dtype, device=device, requires_grad=True)
+        views = leaf.view(total, 3, heads, head_dim).unbind(1)
+    elif layout == "head_major":
+        leaf = torch.randn(3, heads, total, head_dim, dtype=dtype, device=device, requires_grad=True)
+        views = leaf.transpose(1, 2).unbind(0)
+    else:
+        leaf = torch.randn(3, total, heads, head_dim, dtype=dtype, device=device, requires_grad=True)
+        views = leaf.unbind(0)
+    return leaf, views
+
+
+def _forward_backward(fn, q, k, v, grad_out):
+    out = fn(q, k, v)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out) if out.numel() else (torch.zeros_like(q),) * 3
+    return (out, *grads)
+
+
+def _assert_matches_reference(q, k, v, cu_seqlens, max_seqlen, check_cu_seqlens=True, **kwargs):
+    """Kernel forward and dq/dk/dv against float64 (and, for half precision, the same-dtype reference)."""
+    dtype = q.dtype
+    grad_out = torch.randn_like(q)
+    kernel = _forward_backward(
+        lambda *t: varlen_attention(*t, cu_seqlens, max_seqlen, check_cu_seqlens=check_cu_seqlens, backend="triton",
+                                   **kwargs),
+        q, k, v, grad_out,
+    )
+    detached = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    exact = _forward_backward(
+        lambda *t: reference.varlen_attention_ref(*t, cu_seqlens, upcast=True, **kwargs), *detached, grad_out.double()
+    )
+    if dtype != torch.float32:
+        same = [t.detach().requires_grad_() for t in (q, k, v)]
+        rounded = _forward_backward(
+            lambda *t: reference.varlen_attention_ref(*t, cu_seqlens, upcast=False, **kwargs), *same, grad_out
+        )
+    for i, name in enumerate(("out", "dq", "dk", "dv")):
+        got, want = kernel[i], exact[i]
+        assert got.dtype == dtype and got.shape == want.shape, name
+        assert torch.isfinite(got).all(), f"{name}: non-finite values (an unwritten row?)"
+        err = (got.double() - want).abs().max().item() if got.numel() else 0.0
+        scale = max(1.0, want.abs().max().item()) if got.numel() else 1.0
+        if dtype == torch.float32:
+            assert err <= 2e-5 * scale, f"{name}: max error {err:.3g} vs float64"
+        else:
+            ref_err = (rounded[i].double() - want).abs().max().item() if got.numel() else 0.0
+            floor = torch.finfo(dtype).eps * scale
+            assert err <= 2 * ref_err + floor, f"{name}: max error {err:.3g}, same-dtype reference {ref_err:.3g}"
+
+
+@pytest.fixture(params=["default_tiles", "16x16_tiles"])
+def tiles(request, monkeypatch):
+    """The default tiles, and 16x16 tiles that force several query and key blocks per sequence."""
+    if request.param == "16x16_tiles":
+        fwd, bwd = varlen_module.get_fwd_config, varlen_module.get_bwd_config
+        monkeypatch.setattr(varlen_module, "get_fwd_config", lambda *a: {**fwd(*a), "BLOCK_M": 16, "BLOCK_N": 16})
+        monkeypatch.setattr(varlen_module, "get_bwd_config",
+                            lambda *a: {**bwd(*a), "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_PRE": 16})
+    return request.param
+
+
+# ---- Interpreter-sized (also run on GPU) ----
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("head_dim", [16, 32, 24])
+def test_matches_reference(tiles, dtype, head_dim):
+    lengths = [7, 0, 1, 33, 18]
+    _, (q, k, v) = _qkv(sum(lengths), 2, head_dim, dtype)
+    _assert_matches_reference(q, k, v, _cu_seqlens(lengths), max_seqlen=40)
+
+
+@pytest.mark.parametrize("layout", ["packed", "head_major", "separate"])
+def test_strided_views_and_gradient_of_the_projection(layout):
+    lengths = [12, 5, 20]
+    total = sum(lengths)
+    leaf, (q, k, v) = _qkv(total, 2, 16, torch.float32, layout)
+    cu = _cu_seqlens(lengths)
+    _assert_matches_reference(q, k, v, cu, max_seqlen=20)
+    # The gradient reaches the packed projection through the views.
+    out = varlen_attention(q, k, v, cu, 20, backend="triton")
+    grad = torch.autograd.grad(out.sum(), leaf)[0]
+    leaf64 = leaf.detach().double().requires_grad_()
+    if layout == "packed":
+        views = leaf64.view(total, 3, 2, 16).unbind(1)
+    elif layout == "head_major":
+        views = leaf64.transpose(1, 2).unbind(0)
+    else:
+        views = leaf64.unbind(0)
+    want = torch.autograd.grad(reference.varlen_attention_ref(*views, cu).sum(), leaf64)[0]
+    torch.testing.assert_close(grad.double(), want, atol=2e-5, rtol=2e-5)
+
+
+def test_non_power_of_two_head_dim_80_and_custom_scale():
+    lengths = [9, 1, 14]
+    _, (q, k, v) = _qkv(sum(lengths), 1, 80, torch.float32)
+    _assert_matches_reference(q, k, v, _cu_seqlens(lengths), max_seqlen=14, scale=0.3)
+
+
+def test_non_unit_last_stride_is_accepted():
+    lengths = [6, 10]
+    q, v = (torch.randn(16, 2, 16, device=DEVICE) for _ in range(2))
+    k = torch.randn(16, 2, 16, 2, device=DEVICE)[..., 1]  # last stride 2
+    assert k.stride(-1) != 1
+    cu = _cu_seqlens(lengths)
+    out = varlen_attention(q, k, v, cu, 10, backend="triton")
+    torch.testing.assert_close(out, reference.varlen_attention_ref(q, k, v, cu), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize(
+    "lengths",
+    [[0, 0, 0], [1], [0, 1, 0, 1], [], [3, 0]],
+    ids=["all_empty", "single_token", "empty_and_single", "no_sequences", "trailing_empty"],
+)
+def test_empty_and_single_token_sequences(lengths):
+    total = sum(lengths)
+    _, (q, k, v) = _qkv(total, 2, 16, torch.float32)
+    cu = _cu_seqlens(lengths)
+    _assert_matches_reference(q, k, v, cu, max_seqlen=max(lengths, default=0) + 2)
+    if total:  # a one-token sequence attends only to itself: its output is its own value row
+        out = varlen_attention(q, k, v, cu, 5, backend="triton")
+        starts = [s for s, n in zip(cu.tolist(), lengths) if n == 1]
+        torch.testing.assert_close(out[starts], v[starts])
+
+
+def test_max_seqlen_above_the_longest_changes_nothing():
+    lengths = [4, 17, 9]
+    _, (q, k, v) = _qkv(sum(lengths), 2, 16, torch.float32)
+    cu = _cu_seqlens(lengths)
+    tight = varlen_attention(q, k, v, cu, 17, backend="triton")
+    loose = varlen_attention(q, k, v, cu, 100, backend="triton")
+    unchecked = varlen_attention(q, k, v, cu, 100, backend="triton", check_cu_seqlens=False)
+    assert torch.equal(tight, loose) and torch.equal(tight, unchecked)
+
+
+def test_sequences_are_independent():
+    lengths = [10, 13]
+    _, (q, k, v) = _qkv(sum(lengths), 1, 16, torch.float32)
+    q, k, v = (t.detach() for t in (q, k, v))
+    cu = _cu_seqlens(lengths)
+    out = varlen_attention(q, k, v, cu, 13, backend="triton")
+    k2, v2 = k.clone(), v.clone()
+    k2[:10] = 1e4  # huge keys and values in sequence 0 must not reach sequence 1
+    v2[:10] = 1e4
+    out2 = varlen_attention(q, k2, v2, cu, 13, backend="triton")
+    assert torch.equal(out[10:], out2[10:])
+
+
+def test_works_on_pack_tokens_output():
+    x = torch.randn(3, 20, 3 * 2 * 16, device=DEVICE, requires_grad=True)  # the qkv projection of every token
+    keep = torch.rand(3, 20, device=DEVICE) < 0.5
+    keep[:, 0] = True  # the CLS token is always kept
+    packed = pack_tokens(x, keep, max_seqlen=20)
+    q, k, v = packed.data.view(-1, 3, 2, 16).unbind(1)
+    _assert_matches_reference(q, k, v, packed.cu_seqlens, packed.max_seqlen, check_cu_seqlens=False)
+
+
+def test_triton_op_matches_the_function_in_eager_mode():
+    # CUDA dispatches to the triton_op; here (interpreter) it must agree with the Function and pass opcheck's schema
+    # and autograd-registration checks (FakeTensor tracing of the interpreter is not meaningful on the CPU).
+    lengths = [5, 0, 11]
+    q, k, v = (torch.randn(16, 2, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    cu = _cu_seqlens(lengths)
+    out, lse = torch.ops.faithful_vit.varlen_attention_fwd(q, k, v, cu, 11, 0.25)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    out_fn = varlen_module.VarlenAttentionFunction.apply(q, k, v, cu, 11, 0.25)
+    grads_fn = torch.autograd.grad(out_fn, (q, k, v), grad_out)
+    assert torch.equal(out, out_fn) and all(torch.equal(a, b) for a, b in zip(grads, grads_fn))
+    assert lse.shape == (2, 16) and lse.dtype == torch.float32
+    _, want_lse = reference.masked_attention_ref(
+        q[5:].detach().transpose(0, 1)[None], k[5:].detach().transpose(0, 1)[None],
+        v[5:].detach().transpose(0, 1)[None], torch.ones(1, 11, dtype=torch.bool, device=DEVICE), scale=0.25,
+        return_lse=True)
+    torch.testing.assert_close(lse[:, 5:].double(), want_lse[0], atol=1e-5, rtol=1e-5)
+    torch.library.opcheck(torch.ops.faithful_vit.varlen_attention_fwd, (q, k, v, cu, 11, 0.25),
+                          test_utils=("test_schema", "test_autograd_registration"))
+
+
+def test_torch_backend_needs_no_triton():
+    lengths = [3, 4]
+    q, k, v = (torch.randn(7, 1, 16, device=DEVICE) for _ in range(3))
+    cu = _cu_seqlens(lengths)
+    got = varlen_attention(q, k, v, cu, 4, backend="torch")
+    torch.testing.assert_close(got, reference.varlen_attention_ref(q, k, v, cu), atol=1e-5, rtol=1e-5)
+
+
+# ---- Bad input ----
+
+
+def _good(**overrides):
+    args = {
+        "q": torch.randn(7, 2, 16),
+        "k": torch.randn(7, 2, 16),
+        "v": torch.randn(7, 2, 16),
+        "cu_seqlens": _cu_seqlens([3, 4], "cpu"),
+        "max_seqlen": 4,
+    }
+    args.update(overrides)
+    return args
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "match"),
+    [
+        ({"cu_seqlens": torch.tensor([0, 3, 7])}, TypeError, r"cu_seqlens: expected dtype .*int32.*got torch.int64"),
+        ({"cu_seqlens": torch.tensor([0, 5, 3, 7], dtype=torch.int32)}, ValueError, r"cu_seqlens: .*non-decreasing"),
+        ({"cu_seqlens": torch.tensor([1, 3, 7], dtype=torch.int32)}, ValueError, r"cu_seqlens: .*starting at 0"),
+        ({"cu_seqlens": torch.tensor([0, 3, 6], dtype=torch.int32)}, ValueError, r"cu_seqlens: .*T = 7, got 6"),
+        ({"cu_seqlens": torch.tensor([[0, 3, 7]], dtype=torch.int32)}, ValueError, r"cu_seqlens: expected a 1-d"),
+        ({"cu_seqlens": torch.zeros(0, dtype=torch.int32)}, ValueError, r"cu_seqlens: expected at least one"),
+        ({"q": torch.randn(1, 7, 2, 16)}, ValueError, r"q: expected a 3-d tensor \(T, H, D\)"),
+        ({"v": torch.randn(7, 32)}, ValueError, r"v: expected a 3-d"),
+        ({"q": torch.randn(7, 2, 16, dtype=torch.float64)}, TypeError, r"q: expected dtype"),
+        ({"k": torch.randn(7, 2, 16, dtype=torch.float16)}, TypeError, r"k: expected dtype torch.float32 like q"),
+        ({"k": torch.randn(7, 1, 16)}, ValueError, r"k, v: expected the shape of q"),
+        ({"q": torch.randn(7, 2, 8), "k": torch.randn(7, 2, 8), "v": torch.randn(7, 2, 8)}, ValueError,
+         r"head dim must be in \[16, 128\], got 8"),
+        ({"q": torch.randn(7, 1, 256), "k": torch.randn(7, 1, 256), "v": torch.randn(7, 1, 256)}, ValueError,
+         r"got 256"),
+        ({"max_seqlen": 3}, ValueError, r"max_seqlen: expected an upper bound .*>= 4.*got 3"),
+        ({"max_seqlen": -1}, ValueError, r"max_seqlen: expected a non-negative int"),
+        ({"max_seqlen": 4.0}, ValueError, r"max_seqlen: expected a non-negative int"),
+        ({"max_seqlen": torch.tensor(4)}, ValueError, r"max_seqlen: expected a non-negative int"),
+        ({"q": "q"}, TypeError, r"q: expected a torch.Tensor"),
+    ],
+)
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_bad_input_names_the_argument(overrides, error, match, backend):
+    args = _good(**overrides)
+    with pytest.raises(error, match=match):
+        varlen_attention(**args, backend=backend)
+
+
+# ---- GPU, real sizes ----
+
+
+def _vit_lengths(batch, tokens, kept_fraction, generator=None):
+    """CLS plus a per-image kept fraction varying around ``kept_fraction`` (some images keep almost nothing)."""
+    fractions = (kept_fraction + 0.3 * (torch.rand(batch, generator=generator) - 0.5)).clamp(0, 1)
+    lengths = (1 + (tokens - 1) * fractions).round().long().tolist()
+    lengths[0], lengths[-1] = 1, tokens  # the extremes: CLS only, and everything kept
+    return lengths
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_vit_batch(dtype, head_dim):
+    lengths = _vit_lengths(32, 197, 0.5)
+    _, (q, k, v) = _qkv(sum(lengths), 768 // head_dim, head_dim, dtype, "packed", "cuda")
+    _assert_matches_reference(q, k, v, _cu_seqlens(lengths, "cuda"), max_seqlen=197)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128, 80])
+def test_gpu_long_sequences(head_dim):
+    lengths = [1374, 700, 1, 0, 1100]
+    _, (q, k, v) = _qkv(sum(lengths), 2, head_dim, torch.bfloat16, "packed", "cuda")
+    _assert_matches_reference(q, k, v, _cu_seqlens(lengths, "cuda"), max_seqlen=1374)
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_is_exact():
+    lengths = _vit_lengths(8, 197, 0.5)
+    _, (q, k, v) = _qkv(sum(lengths), 4, 64, torch.float32, "packed", "cuda")
+    _assert_matches_reference(q, k, v, _cu_seqlens(lengths, "cuda"), max_seqlen=197)
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_full_graph_and_opcheck():
+    lengths = _vit_lengths(16, 197, 0.5)
+    cu = _cu_seqlens(lengths, "cuda")
+    leaf, (q, k, v) = _qkv(sum(lengths), 6, 64, torch.bfloat16, "packed", "cuda")
+
+    def block(qkv):
+        q, k, v = qkv.view(-1, 3, 6, 64).unbind(1)
+        return varlen_attention(q, k, v, cu, 197, check_cu_seqlens=False).float().square().sum()
+
+    compiled = torch.compile(block, fullgraph=True)
+    eager_loss = block(leaf)
+    eager_grad = torch.autograd.grad(eager_loss, leaf)[0]
+    compiled_loss = compiled(leaf)
+    compiled_grad = torch.autograd.grad(compiled_loss, leaf)[0]
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(compiled_grad.float(), eager_grad.float(), rtol=2e-2, atol=2e-2)
+    torch.library.opcheck(torch.ops.faithful_vit.varlen_attention_fwd, (q, k, v, cu, 197, 0.125))
