@@ -257,12 +257,33 @@ def get_bwd_config(max_seqlen: int, head_dim: int, dtype: torch.dtype) -> dict[s
         "BLOCK_M": _short_tile(max_seqlen, 32 if wide else 64),
         "BLOCK_N": _short_tile(max_seqlen, 64),
         "BLOCK_PRE": 64,
-        "num_warps": 4,
+        "num_warps": 8 if head_dim > 64 else 4,
         "num_stages": 1 if wide else 2,
     }
 
 
 # ---- Kernels ----
+
+
+@triton.jit
+def _attn_fwd_step(q, kt, v, key_valid, m_i, l_i, acc, qk_scale_log2, INPUT_PRECISION: tl.constexpr):
+    """One key block of the online softmax (exp2 domain, fp32 state); shareable with any attention forward.
+
+    Args: q ``(BLOCK_M, BLOCK_D)``, kt ``(BLOCK_D, BLOCK_N)`` (keys transposed), v ``(BLOCK_N, BLOCK_D)``, key_valid
+    ``(BLOCK_N,)`` bool (invalid keys get weight 0), running max ``m_i`` and sum ``l_i`` ``(BLOCK_M,)`` (log2 units),
+    ``acc`` ``(BLOCK_M, BLOCK_D)`` unnormalised output. The caller must make sure the running max is finite after the
+    step (some key valid), or guard rows whose keys are all invalid itself.
+
+    Returns: the updated ``m_i, l_i, acc``.
+    """
+    scores = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale_log2
+    scores = tl.where(key_valid[None, :], scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    p = tl.exp2(scores - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -311,14 +332,7 @@ def _varlen_attn_fwd_kernel(
                      mask=mask_n[None, :] & mask_d[:, None], other=0.0)
         v = tl.load(V + rows_n[:, None] * stride_vt + head * stride_vh + offs_d[None, :],
                     mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        scores = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale_log2
-        scores = tl.where(mask_n[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        p = tl.exp2(scores - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _attn_fwd_step(q, kt, v, mask_n, m_i, l_i, acc, qk_scale_log2, INPUT_PRECISION)
 
     acc = acc / l_i[:, None]
     tl.store(Out + rows_m[:, None] * stride_ot + head * stride_oh + offs_d[None, :], acc.to(Out.dtype.element_ty),
