@@ -177,7 +177,9 @@ def _varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale, launch=_launch
     lse = empty(num_heads, total, dtype=torch.float32, device=q.device)
     if total == 0 or batch == 0 or max_seqlen == 0:
         return out, lse
-    cfg = get_fwd_config(max_seqlen, head_dim, q.dtype)
+    # Tiles and HEAD_DIM are constexprs, so under torch.compile these sizes are specialised (int() guards on them).
+    head_dim = int(head_dim)
+    cfg = get_fwd_config(int(max_seqlen), head_dim, q.dtype)
     grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), batch, num_heads)
     launch(_varlen_attn_fwd_kernel)[grid](
         q, k, v, out, lse, cu_seqlens,
@@ -197,9 +199,10 @@ def _varlen_attention_bwd(q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, s
     dq, dk, dv = (empty(total, num_heads, head_dim, dtype=q.dtype, device=q.device) for _ in range(3))
     if total == 0 or batch == 0 or max_seqlen == 0:
         return dq, dk, dv
+    head_dim = int(head_dim)
     block_d = triton.next_power_of_2(head_dim)
     precision = _input_precision(q.dtype)
-    cfg = get_bwd_config(max_seqlen, head_dim, q.dtype)
+    cfg = get_bwd_config(int(max_seqlen), head_dim, q.dtype)
 
     delta = empty(num_heads, total, dtype=torch.float32, device=q.device)
     pre_block = cfg["BLOCK_PRE"]
