@@ -19,9 +19,11 @@ Limits: ``max_seqlen`` must bound every sequence length (checked on the host unl
 a longer sequence past the bound would be left unwritten). Tiles suit tens to a few thousand tokens per sequence.
 The number of sequences and of heads are each limited to 65535 (CUDA grid dims 1 and 2).
 
-torch.compile: on CUDA the kernels run inside the ``faithful_vit::varlen_attention_fwd/_bwd`` ``triton_op``s, which
-Inductor traces without a graph break. On the CPU (the Triton interpreter, for tests) they are launched directly through
-:class:`VarlenAttentionFunction`, because Inductor cannot compile a ``triton_op`` for the CPU.
+torch.compile: on CUDA the kernels run inside the ``faithful_vit::varlen_attention_fwd/_bwd`` ``triton_op``s (torch
+>= 2.6), which Inductor traces without a graph break (the host check of ``cu_seqlens`` is skipped while compiling).
+On the CPU (the Triton interpreter, for tests; no bf16 there) they are launched directly through
+:class:`VarlenAttentionFunction`, because Inductor cannot compile a ``triton_op`` for the CPU. The forward's online
+softmax step, :func:`_attn_fwd_step`, is written to be shared with other attention kernels.
 """
 
 from __future__ import annotations
@@ -29,13 +31,14 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
-import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 from . import reference
-from ._backend import resolve_backend
+from ._backend import TRITON_AVAILABLE, resolve_backend
 from ._utils import SUPPORTED_DTYPES, check_head_dim, check_same, check_tensor, empty, fmt_shape, unit_last_stride
+
+if TRITON_AVAILABLE:
+    import triton
+    import triton.language as tl
 
 __all__ = ["VarlenAttentionFunction", "get_bwd_config", "get_fwd_config", "varlen_attention"]
 
@@ -95,9 +98,12 @@ def varlen_attention(
     _validate(q, k, v, cu_seqlens, max_seqlen, check_cu_seqlens)
     if resolve_backend(backend, (q,)) == "torch":
         return reference.varlen_attention_ref(q, k, v, cu_seqlens, scale=scale, upcast=False)
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        raise TypeError("q: the Triton interpreter (CPU) cannot run bf16 dots; got torch.bfloat16, use fp16/fp32 or "
+                        "backend='torch'")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v = (unit_last_stride(t) for t in (q, k, v))
-    if q.is_cuda:
+    if q.is_cuda and _OPS_REGISTERED:
         out, _ = torch.ops.faithful_vit.varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale)
         return out
     return VarlenAttentionFunction.apply(q, k, v, cu_seqlens, max_seqlen, scale)
@@ -123,38 +129,42 @@ class VarlenAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-@triton_op("faithful_vit::varlen_attention_fwd", mutates_args=())
-def _varlen_attention_fwd_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale, launch=wrap_triton)
+# ---- torch.compile registration (CUDA only: Inductor cannot compile a triton_op for the CPU) ----
 
+_OPS_REGISTERED = False
+if TRITON_AVAILABLE and hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton"):
 
-@triton_op("faithful_vit::varlen_attention_bwd", mutates_args=())
-def _varlen_attention_bwd_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, out: torch.Tensor,
-    lse: torch.Tensor, grad_out: torch.Tensor, max_seqlen: int, scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _varlen_attention_bwd(q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, scale, launch=wrap_triton)
+    @torch.library.triton_op("faithful_vit::varlen_attention_fwd", mutates_args=())
+    def _varlen_attention_fwd_op(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return _varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale, launch=torch.library.wrap_triton)
 
+    @torch.library.triton_op("faithful_vit::varlen_attention_bwd", mutates_args=())
+    def _varlen_attention_bwd_op(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, out: torch.Tensor,
+        lse: torch.Tensor, grad_out: torch.Tensor, max_seqlen: int, scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _varlen_attention_bwd(
+            q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, scale, launch=torch.library.wrap_triton
+        )
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens, max_seqlen, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, cu_seqlens, out, lse)
-    ctx.max_seqlen, ctx.scale = max_seqlen, scale
-    ctx.mark_non_differentiable(lse)
+    def _setup_context(ctx, inputs, output):
+        q, k, v, cu_seqlens, max_seqlen, scale = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, cu_seqlens, out, lse)
+        ctx.max_seqlen, ctx.scale = max_seqlen, scale
+        ctx.mark_non_differentiable(lse)
 
+    def _backward(ctx, grad_out, _grad_lse):
+        q, k, v, cu_seqlens, out, lse = ctx.saved_tensors
+        dq, dk, dv = torch.ops.faithful_vit.varlen_attention_bwd(
+            q, k, v, cu_seqlens, out, lse, grad_out, ctx.max_seqlen, ctx.scale
+        )
+        return dq, dk, dv, None, None, None
 
-def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, cu_seqlens, out, lse = ctx.saved_tensors
-    dq, dk, dv = torch.ops.faithful_vit.varlen_attention_bwd(
-        q, k, v, cu_seqlens, out, lse, grad_out, ctx.max_seqlen, ctx.scale
-    )
-    return dq, dk, dv, None, None, None
-
-
-torch.library.register_autograd("faithful_vit::varlen_attention_fwd", _backward, setup_context=_setup_context)
+    torch.library.register_autograd("faithful_vit::varlen_attention_fwd", _backward, setup_context=_setup_context)
+    _OPS_REGISTERED = True
 
 
 # ---- Launchers ----
@@ -268,219 +278,221 @@ def get_bwd_config(max_seqlen: int, head_dim: int, dtype: torch.dtype) -> dict[s
 # ---- Kernels ----
 
 
-@triton.jit
-def _attn_fwd_step(q, kt, v, key_valid, m_i, l_i, acc, qk_scale_log2, INPUT_PRECISION: tl.constexpr):
-    """One key block of the online softmax (exp2 domain, fp32 state); shareable with any attention forward.
+if TRITON_AVAILABLE:
 
-    Args: q ``(BLOCK_M, BLOCK_D)``, kt ``(BLOCK_D, BLOCK_N)`` (keys transposed), v ``(BLOCK_N, BLOCK_D)``, key_valid
-    ``(BLOCK_N,)`` bool (invalid keys get weight 0), running max ``m_i`` and sum ``l_i`` ``(BLOCK_M,)`` (log2 units),
-    ``acc`` ``(BLOCK_M, BLOCK_D)`` unnormalised output. The caller must make sure the running max is finite after the
-    step (some key valid), or guard rows whose keys are all invalid itself.
+    @triton.jit
+    def _attn_fwd_step(q, kt, v, key_valid, m_i, l_i, acc, qk_scale_log2, INPUT_PRECISION: tl.constexpr):
+        """One key block of the online softmax (exp2 domain, fp32 state); shareable with any attention forward.
 
-    Returns: the updated ``m_i, l_i, acc``.
-    """
-    scores = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale_log2
-    scores = tl.where(key_valid[None, :], scores, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(scores, 1))
-    p = tl.exp2(scores - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
-    return m_new, l_i, acc
+        Args: q ``(BLOCK_M, BLOCK_D)``, kt ``(BLOCK_D, BLOCK_N)`` (keys transposed), v ``(BLOCK_N, BLOCK_D)``,
+        key_valid ``(BLOCK_N,)`` bool (invalid keys get weight 0), running max ``m_i`` and sum ``l_i`` ``(BLOCK_M,)``
+        (log2 units), ``acc`` ``(BLOCK_M, BLOCK_D)`` unnormalised output. The caller makes sure the running max is
+        finite after the step (some key valid), or guards rows whose keys are all invalid itself.
 
-
-@triton.jit
-def _varlen_attn_fwd_kernel(
-    Q, K, V, Out, Lse, CuSeqlens,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    stride_lse_h, qk_scale_log2,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """Output and log-sum-exp of ``BLOCK_M`` query rows of one (sequence, head) pair.
-
-    Pointers: Q, K, V ``(T, H, D)`` with strides ``stride_*t``, ``stride_*h`` and unit stride on D; Out likewise;
-    Lse ``(H, T)`` fp32 (natural log) with row stride ``stride_lse_h``; CuSeqlens ``(B + 1,)`` int32.
-    Scalars: ``qk_scale_log2`` = softmax scale * log2(e).
-    Constexprs: HEAD_DIM (D), BLOCK_D (next power of two >= D), INPUT_PRECISION of the dots, BLOCK_M, BLOCK_N.
-    Grid: ``(cdiv(max_seqlen, BLOCK_M), B, H)``.
-    """
-    pid_m = tl.program_id(0)
-    seq = tl.program_id(1)
-    head = tl.program_id(2)
-    seq_start = tl.load(CuSeqlens + seq)
-    seq_len = tl.load(CuSeqlens + seq + 1) - seq_start
-    if pid_m * BLOCK_M >= seq_len:  # this tile lies past the sequence (max_seqlen is only a bound)
-        return
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
-    mask_m = offs_m < seq_len
-    rows_m = (seq_start + offs_m).to(tl.int64)
-    q = tl.load(Q + rows_m[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-
-    # Every tile that gets here has at least one valid key in its first step, so the running max is finite from then
-    # on and padded rows (q = 0) stay finite too: no NaN guard is needed.
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, seq_len, BLOCK_N):
-        cols = start_n + offs_n
-        mask_n = cols < seq_len
-        rows_n = (seq_start + cols).to(tl.int64)
-        kt = tl.load(K + rows_n[None, :] * stride_kt + head * stride_kh + offs_d[:, None],
-                     mask=mask_n[None, :] & mask_d[:, None], other=0.0)
-        v = tl.load(V + rows_n[:, None] * stride_vt + head * stride_vh + offs_d[None, :],
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        m_i, l_i, acc = _attn_fwd_step(q, kt, v, mask_n, m_i, l_i, acc, qk_scale_log2, INPUT_PRECISION)
-
-    acc = acc / l_i[:, None]
-    tl.store(Out + rows_m[:, None] * stride_ot + head * stride_oh + offs_d[None, :], acc.to(Out.dtype.element_ty),
-             mask=mask_m[:, None] & mask_d[None, :])
-    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # back to natural log
-    tl.store(Lse + head * stride_lse_h + rows_m, lse, mask=mask_m)
+        Returns: the updated ``m_i, l_i, acc``.
+        """
+        scores = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale_log2
+        scores = tl.where(key_valid[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        p = tl.exp2(scores - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+        return m_new, l_i, acc
 
 
-@triton.jit
-def _varlen_attn_bwd_preprocess_kernel(
-    Out, DOut, Delta, total,
-    stride_ot, stride_oh, stride_dot, stride_doh, stride_delta_h,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    """``delta = rowsum(dO * O)`` in fp32 for ``BLOCK_M`` rows of one head (all rows belong to some sequence).
+    @triton.jit
+    def _varlen_attn_fwd_kernel(
+        Q, K, V, Out, Lse, CuSeqlens,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+        stride_lse_h, qk_scale_log2,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """Output and log-sum-exp of ``BLOCK_M`` query rows of one (sequence, head) pair.
 
-    Pointers: Out, DOut ``(T, H, D)`` with strides ``stride_ot/oh``, ``stride_dot/doh``; Delta ``(H, T)`` fp32 with
-    row stride ``stride_delta_h``. Scalars: ``total`` = T.
-    Constexprs: HEAD_DIM, BLOCK_D (next power of two >= D), BLOCK_M.
-    Grid: ``(cdiv(T, BLOCK_M), H)``.
-    """
-    head = tl.program_id(1)
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (rows < total)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(Out + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(DOut + rows[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=mask, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(Delta + head * stride_delta_h + rows, delta, mask=rows < total)
+        Pointers: Q, K, V ``(T, H, D)`` with strides ``stride_*t``, ``stride_*h`` and unit stride on D; Out likewise;
+        Lse ``(H, T)`` fp32 (natural log) with row stride ``stride_lse_h``; CuSeqlens ``(B + 1,)`` int32.
+        Scalars: ``qk_scale_log2`` = softmax scale * log2(e).
+        Constexprs: HEAD_DIM (D), BLOCK_D (next power of two >= D), INPUT_PRECISION of the dots, BLOCK_M, BLOCK_N.
+        Grid: ``(cdiv(max_seqlen, BLOCK_M), B, H)``.
+        """
+        pid_m = tl.program_id(0)
+        seq = tl.program_id(1)
+        head = tl.program_id(2)
+        seq_start = tl.load(CuSeqlens + seq)
+        seq_len = tl.load(CuSeqlens + seq + 1) - seq_start
+        if pid_m * BLOCK_M >= seq_len:  # this tile lies past the sequence (max_seqlen is only a bound)
+            return
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < HEAD_DIM
+        mask_m = offs_m < seq_len
+        rows_m = (seq_start + offs_m).to(tl.int64)
+        q = tl.load(Q + rows_m[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+
+        # Every tile that gets here has at least one valid key in its first step, so the running max is finite from then
+        # on and padded rows (q = 0) stay finite too: no NaN guard is needed.
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for start_n in range(0, seq_len, BLOCK_N):
+            cols = start_n + offs_n
+            mask_n = cols < seq_len
+            rows_n = (seq_start + cols).to(tl.int64)
+            kt = tl.load(K + rows_n[None, :] * stride_kt + head * stride_kh + offs_d[:, None],
+                         mask=mask_n[None, :] & mask_d[:, None], other=0.0)
+            v = tl.load(V + rows_n[:, None] * stride_vt + head * stride_vh + offs_d[None, :],
+                        mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+            m_i, l_i, acc = _attn_fwd_step(q, kt, v, mask_n, m_i, l_i, acc, qk_scale_log2, INPUT_PRECISION)
+
+        acc = acc / l_i[:, None]
+        tl.store(Out + rows_m[:, None] * stride_ot + head * stride_oh + offs_d[None, :], acc.to(Out.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_d[None, :])
+        lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # back to natural log
+        tl.store(Lse + head * stride_lse_h + rows_m, lse, mask=mask_m)
 
 
-@triton.jit
-def _varlen_attn_bwd_dkdv_kernel(
-    Q, K, V, DOut, Lse, Delta, DK, DV, CuSeqlens,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_lse_h,
-    stride_dkt, stride_dkh, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """dK and dV of ``BLOCK_N`` key rows of one (sequence, head) pair, looping over the sequence's query blocks.
+    @triton.jit
+    def _varlen_attn_bwd_preprocess_kernel(
+        Out, DOut, Delta, total,
+        stride_ot, stride_oh, stride_dot, stride_doh, stride_delta_h,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    ):
+        """``delta = rowsum(dO * O)`` in fp32 for ``BLOCK_M`` rows of one head (all rows belong to some sequence).
 
-    Pointers: Q, K, V, DOut ``(T, H, D)`` with strides ``stride_*t``, ``stride_*h`` and unit stride on D; Lse (natural
-    log) and Delta ``(H, T)`` fp32 sharing row stride ``stride_lse_h``; DK, DV ``(T, H, D)`` sharing strides
-    ``stride_dkt``, ``stride_dkh``; CuSeqlens ``(B + 1,)`` int32. Scalars: softmax ``scale``.
-    Constexprs: HEAD_DIM, BLOCK_D (next power of two >= D), INPUT_PRECISION of the dots, BLOCK_M, BLOCK_N.
-    Grid: ``(cdiv(max_seqlen, BLOCK_N), B, H)``.
-    """
-    pid_n = tl.program_id(0)
-    seq = tl.program_id(1)
-    head = tl.program_id(2)
-    seq_start = tl.load(CuSeqlens + seq)
-    seq_len = tl.load(CuSeqlens + seq + 1) - seq_start
-    if pid_n * BLOCK_N >= seq_len:
-        return
+        Pointers: Out, DOut ``(T, H, D)`` with strides ``stride_ot/oh``, ``stride_dot/doh``; Delta ``(H, T)`` fp32 with
+        row stride ``stride_delta_h``. Scalars: ``total`` = T.
+        Constexprs: HEAD_DIM, BLOCK_D (next power of two >= D), BLOCK_M.
+        Grid: ``(cdiv(T, BLOCK_M), H)``.
+        """
+        head = tl.program_id(1)
+        rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask = (rows < total)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        o = tl.load(Out + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :], mask=mask, other=0.0)
+        do = tl.load(DOut + rows[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=mask, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(Delta + head * stride_delta_h + rows, delta, mask=rows < total)
 
-    qk_scale_log2 = scale * 1.4426950408889634
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
-    mask_n = offs_n < seq_len
-    rows_n = (seq_start + offs_n).to(tl.int64)
-    mask_nd = mask_n[:, None] & mask_d[None, :]
-    k = tl.load(K + rows_n[:, None] * stride_kt + head * stride_kh + offs_d[None, :], mask=mask_nd, other=0.0)
-    v = tl.load(V + rows_n[:, None] * stride_vt + head * stride_vh + offs_d[None, :], mask=mask_nd, other=0.0)
 
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for start_m in range(0, seq_len, BLOCK_M):
-        cols = start_m + offs_m
-        mask_m = cols < seq_len
-        rows_m = (seq_start + cols).to(tl.int64)
+    @triton.jit
+    def _varlen_attn_bwd_dkdv_kernel(
+        Q, K, V, DOut, Lse, Delta, DK, DV, CuSeqlens,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_lse_h,
+        stride_dkt, stride_dkh, scale,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """dK and dV of ``BLOCK_N`` key rows of one (sequence, head) pair, looping over the sequence's query blocks.
+
+        Pointers: Q, K, V, DOut ``(T, H, D)`` with strides ``stride_*t``, ``stride_*h`` and unit stride on D;
+        Lse (natural log) and Delta ``(H, T)`` fp32 sharing row stride ``stride_lse_h``; DK, DV ``(T, H, D)`` sharing
+        strides ``stride_dkt``, ``stride_dkh``; CuSeqlens ``(B + 1,)`` int32. Scalars: softmax ``scale``.
+        Constexprs: HEAD_DIM, BLOCK_D (next power of two >= D), INPUT_PRECISION of the dots, BLOCK_M, BLOCK_N.
+        Grid: ``(cdiv(max_seqlen, BLOCK_N), B, H)``.
+        """
+        pid_n = tl.program_id(0)
+        seq = tl.program_id(1)
+        head = tl.program_id(2)
+        seq_start = tl.load(CuSeqlens + seq)
+        seq_len = tl.load(CuSeqlens + seq + 1) - seq_start
+        if pid_n * BLOCK_N >= seq_len:
+            return
+
+        qk_scale_log2 = scale * 1.4426950408889634
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < HEAD_DIM
+        mask_n = offs_n < seq_len
+        rows_n = (seq_start + offs_n).to(tl.int64)
+        mask_nd = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(K + rows_n[:, None] * stride_kt + head * stride_kh + offs_d[None, :], mask=mask_nd, other=0.0)
+        v = tl.load(V + rows_n[:, None] * stride_vt + head * stride_vh + offs_d[None, :], mask=mask_nd, other=0.0)
+
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        for start_m in range(0, seq_len, BLOCK_M):
+            cols = start_m + offs_m
+            mask_m = cols < seq_len
+            rows_m = (seq_start + cols).to(tl.int64)
+            mask_md = mask_m[:, None] & mask_d[None, :]
+            q = tl.load(Q + rows_m[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=mask_md, other=0.0)
+            do = tl.load(DOut + rows_m[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=mask_md,
+                         other=0.0)
+            lse = tl.load(Lse + head * stride_lse_h + rows_m, mask=mask_m, other=0.0) * 1.4426950408889634
+            delta = tl.load(Delta + head * stride_lse_h + rows_m, mask=mask_m, other=0.0)
+            # Transposed scores (keys x queries) so both products below need no further transpose of p or ds.
+            scores_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale_log2
+            p_t = tl.where(mask_n[:, None] & mask_m[None, :], tl.exp2(scores_t - lse[None, :]), 0.0)
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=INPUT_PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=INPUT_PRECISION)
+
+        dk *= scale
+        tl.store(DK + rows_n[:, None] * stride_dkt + head * stride_dkh + offs_d[None, :], dk.to(DK.dtype.element_ty),
+                 mask=mask_nd)
+        tl.store(DV + rows_n[:, None] * stride_dkt + head * stride_dkh + offs_d[None, :], dv.to(DV.dtype.element_ty),
+                 mask=mask_nd)
+
+
+    @triton.jit
+    def _varlen_attn_bwd_dq_kernel(
+        Q, K, V, DOut, Lse, Delta, DQ, CuSeqlens,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_lse_h,
+        stride_dqt, stride_dqh, scale,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """dQ of ``BLOCK_M`` query rows of one (sequence, head) pair, looping over the sequence's key blocks.
+
+        Pointers: Q, K, V, DOut ``(T, H, D)`` with strides ``stride_*t``, ``stride_*h`` and unit stride on D;
+        Lse (natural log) and Delta ``(H, T)`` fp32 sharing row stride ``stride_lse_h``; DQ ``(T, H, D)`` with strides
+        ``stride_dqt``, ``stride_dqh``; CuSeqlens ``(B + 1,)`` int32. Scalars: softmax ``scale``.
+        Constexprs: HEAD_DIM, BLOCK_D (next power of two >= D), INPUT_PRECISION of the dots, BLOCK_M, BLOCK_N.
+        Grid: ``(cdiv(max_seqlen, BLOCK_M), B, H)``.
+        """
+        pid_m = tl.program_id(0)
+        seq = tl.program_id(1)
+        head = tl.program_id(2)
+        seq_start = tl.load(CuSeqlens + seq)
+        seq_len = tl.load(CuSeqlens + seq + 1) - seq_start
+        if pid_m * BLOCK_M >= seq_len:
+            return
+
+        qk_scale_log2 = scale * 1.4426950408889634
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < HEAD_DIM
+        mask_m = offs_m < seq_len
+        rows_m = (seq_start + offs_m).to(tl.int64)
         mask_md = mask_m[:, None] & mask_d[None, :]
         q = tl.load(Q + rows_m[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=mask_md, other=0.0)
-        do = tl.load(DOut + rows_m[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=mask_md,
-                     other=0.0)
+        do = tl.load(DOut + rows_m[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=mask_md, other=0.0)
         lse = tl.load(Lse + head * stride_lse_h + rows_m, mask=mask_m, other=0.0) * 1.4426950408889634
         delta = tl.load(Delta + head * stride_lse_h + rows_m, mask=mask_m, other=0.0)
-        # Transposed scores (keys x queries) so both products below need no further transpose of p or ds.
-        scores_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale_log2
-        p_t = tl.where(mask_n[:, None] & mask_m[None, :], tl.exp2(scores_t - lse[None, :]), 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=INPUT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=INPUT_PRECISION)
 
-    dk *= scale
-    tl.store(DK + rows_n[:, None] * stride_dkt + head * stride_dkh + offs_d[None, :], dk.to(DK.dtype.element_ty),
-             mask=mask_nd)
-    tl.store(DV + rows_n[:, None] * stride_dkt + head * stride_dkh + offs_d[None, :], dv.to(DV.dtype.element_ty),
-             mask=mask_nd)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for start_n in range(0, seq_len, BLOCK_N):
+            cols = start_n + offs_n
+            mask_n = cols < seq_len
+            rows_n = (seq_start + cols).to(tl.int64)
+            kt = tl.load(K + rows_n[None, :] * stride_kt + head * stride_kh + offs_d[:, None],
+                         mask=mask_n[None, :] & mask_d[:, None], other=0.0)
+            vt = tl.load(V + rows_n[None, :] * stride_vt + head * stride_vh + offs_d[:, None],
+                         mask=mask_n[None, :] & mask_d[:, None], other=0.0)
+            scores = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale_log2
+            p = tl.where(mask_m[:, None] & mask_n[None, :], tl.exp2(scores - lse[:, None]), 0.0)
+            dp = tl.dot(do, vt, input_precision=INPUT_PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=INPUT_PRECISION)
 
-
-@triton.jit
-def _varlen_attn_bwd_dq_kernel(
-    Q, K, V, DOut, Lse, Delta, DQ, CuSeqlens,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_lse_h,
-    stride_dqt, stride_dqh, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """dQ of ``BLOCK_M`` query rows of one (sequence, head) pair, looping over the sequence's key blocks.
-
-    Pointers: Q, K, V, DOut ``(T, H, D)`` with strides ``stride_*t``, ``stride_*h`` and unit stride on D; Lse (natural
-    log) and Delta ``(H, T)`` fp32 sharing row stride ``stride_lse_h``; DQ ``(T, H, D)`` with strides ``stride_dqt``,
-    ``stride_dqh``; CuSeqlens ``(B + 1,)`` int32. Scalars: softmax ``scale``.
-    Constexprs: HEAD_DIM, BLOCK_D (next power of two >= D), INPUT_PRECISION of the dots, BLOCK_M, BLOCK_N.
-    Grid: ``(cdiv(max_seqlen, BLOCK_M), B, H)``.
-    """
-    pid_m = tl.program_id(0)
-    seq = tl.program_id(1)
-    head = tl.program_id(2)
-    seq_start = tl.load(CuSeqlens + seq)
-    seq_len = tl.load(CuSeqlens + seq + 1) - seq_start
-    if pid_m * BLOCK_M >= seq_len:
-        return
-
-    qk_scale_log2 = scale * 1.4426950408889634
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
-    mask_m = offs_m < seq_len
-    rows_m = (seq_start + offs_m).to(tl.int64)
-    mask_md = mask_m[:, None] & mask_d[None, :]
-    q = tl.load(Q + rows_m[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=mask_md, other=0.0)
-    do = tl.load(DOut + rows_m[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=mask_md, other=0.0)
-    lse = tl.load(Lse + head * stride_lse_h + rows_m, mask=mask_m, other=0.0) * 1.4426950408889634
-    delta = tl.load(Delta + head * stride_lse_h + rows_m, mask=mask_m, other=0.0)
-
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, seq_len, BLOCK_N):
-        cols = start_n + offs_n
-        mask_n = cols < seq_len
-        rows_n = (seq_start + cols).to(tl.int64)
-        kt = tl.load(K + rows_n[None, :] * stride_kt + head * stride_kh + offs_d[:, None],
-                     mask=mask_n[None, :] & mask_d[:, None], other=0.0)
-        vt = tl.load(V + rows_n[None, :] * stride_vt + head * stride_vh + offs_d[:, None],
-                     mask=mask_n[None, :] & mask_d[:, None], other=0.0)
-        scores = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale_log2
-        p = tl.where(mask_m[:, None] & mask_n[None, :], tl.exp2(scores - lse[:, None]), 0.0)
-        dp = tl.dot(do, vt, input_precision=INPUT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=INPUT_PRECISION)
-
-    dq *= scale
-    tl.store(DQ + rows_m[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :], dq.to(DQ.dtype.element_ty),
-             mask=mask_md)
+        dq *= scale
+        tl.store(DQ + rows_m[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+                 mask=mask_md)

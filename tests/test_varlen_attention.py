@@ -256,6 +256,13 @@ def test_bad_input_names_the_argument(overrides, error, match, backend):
         varlen_attention(**args, backend=backend)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's limit")
+def test_bf16_under_the_interpreter_is_a_clear_error():
+    q = torch.randn(4, 1, 16, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="q: the Triton interpreter .*bf16"):
+        varlen_attention(q, q, q, _cu_seqlens([4], "cpu"), 4, backend="triton")
+
+
 # ---- GPU, real sizes ----
 
 
