@@ -21,7 +21,7 @@ def _cu_seqlens(lengths, device=DEVICE):
 
 
 def _qkv(total, heads, head_dim, dtype, layout="packed", device=DEVICE):
-    """Leaf tensor plus q, k, v views of it: one packed projection ``(T, 3, H, D)`` or head-major ``(3, H, T, D)``."""
+    """A leaf and q, k, v views of it: packed ``(T, 3HD)``, head-major ``(3, H, T, D)`` or ``(3, T, H, D)``."""
     if layout == "packed":
         leaf = torch.randn(total, 3 * heads * head_dim, dtype=dtype, device=device, requires_grad=True)
         views = leaf.view(total, 3, heads, head_dim).unbind(1)
