@@ -110,6 +110,9 @@ def masked_attention(
     _validate(q, k, v, keep, gate)
     if resolve_backend(backend, (q,)) == "torch":
         return _torch_masked_attention(q, k, v, keep, scale, gate, skip_dropped_queries)
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        raise TypeError("q: the Triton interpreter (CPU) cannot run bf16 dots; got torch.bfloat16, use fp16/fp32 or "
+                        "backend='torch'")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v = (unit_last_stride(t) for t in (q, k, v))
     if q.is_cuda and _OPS_REGISTERED:
@@ -177,7 +180,7 @@ class MaskedAttentionFunction(torch.autograd.Function):
 # ---- torch.compile registration (CUDA only: compiling a triton_op on CPU fails, so the CPU path never uses it) ----
 
 _OPS_REGISTERED = False
-if TRITON_AVAILABLE and hasattr(torch.library, "triton_op"):
+if TRITON_AVAILABLE and hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton"):
 
     @torch.library.triton_op("faithful_vit::masked_attention_fwd", mutates_args=())
     def _masked_attention_fwd_op(

@@ -332,6 +332,21 @@ def test_devices_must_match():
         masked_attention(q.cuda(), k.cuda(), v.cuda(), keep)
 
 
+def test_devices_must_match_meta():
+    q, k, v, keep = _good()
+    with pytest.raises(ValueError, match="k: expected device meta like q"):
+        masked_attention(q.to("meta"), k, v, keep)
+    with pytest.raises(ValueError, match="keep: expected device meta"):
+        masked_attention(q.to("meta"), k.to("meta"), v.to("meta"), keep)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter runs only without a GPU")
+def test_bf16_under_the_interpreter_raises_a_clear_error():
+    q, k, v, keep = _good()
+    with pytest.raises(TypeError, match="bf16"):
+        masked_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), keep, backend="triton")
+
+
 def test_compaction_order_rejects_non_bool_keep():
     with pytest.raises(TypeError, match="keep"):
         compaction_order(torch.ones(2, 3))
