@@ -270,6 +270,24 @@ def test_registered_op_matches_the_autograd_function():
         assert torch.equal(a, b)
 
 
+def _opcheck_fwd(test_utils):
+    q, k, v, _ = _qkv(1, 2, 20, 16, torch.float32)
+    keep = _random_keep(1, 20)
+    args = (q, k, v, keep, keep.float().requires_grad_(), 0.25, True)
+    torch.library.opcheck(torch.ops.faithful_vit.masked_attention_fwd.default, args, test_utils=test_utils)
+
+
+@pytest.mark.skipif(not impl._OPS_REGISTERED, reason="torch.library.triton_op is not available")
+def test_registered_op_schema_and_autograd():
+    # FakeTensor tracing of a triton_op needs compiled Triton (CUDA); the full opcheck is a GPU test.
+    _opcheck_fwd(("test_schema", "test_autograd_registration"))
+
+
+@pytest.mark.gpu
+def test_gpu_registered_op_passes_opcheck():
+    _opcheck_fwd(("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
 def test_torch_backend_matches_reference_in_half_precision():
     q, k, v, _ = _qkv(1, 2, 20, 16, torch.float16)
     keep = _random_keep(1, 20)
