@@ -397,8 +397,8 @@ if TRITON_AVAILABLE:
         """
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
+        b = (pid_bh // H).to(tl.int64)  # int64 offsets: B * N * H * D may exceed 2**31
+        h = (pid_bh % H).to(tl.int64)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         in_m = offs_m < N
@@ -466,8 +466,8 @@ if TRITON_AVAILABLE:
         """
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         mask = (offs_m < N)[:, None] & (offs_d < HEAD_DIM)[None, :]
@@ -504,8 +504,8 @@ if TRITON_AVAILABLE:
         """
         pid_n = tl.program_id(0)
         pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         in_n = offs_n < N
@@ -592,8 +592,8 @@ if TRITON_AVAILABLE:
         """
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         in_m = offs_m < N
