@@ -281,7 +281,7 @@ def _masked_attention_fwd(q, k, v, keep, scale, skip_dropped_queries, wrap=_iden
     fp32 (base 2, of scores scaled by ``scale * log2(e)``; -inf where the row is not computed)."""
     batch, heads, seq_len, head_dim = q.shape
     cfg = get_fwd_config(seq_len, head_dim, q.dtype, q.device)
-    keep_i8 = keep.to(torch.int8)
+    keep_i8 = keep.to(torch.int8, memory_format=torch.contiguous_format)  # the kernels index keep rows densely
     k_order, k_count = _live_blocks(keep, cfg["BLOCK_N"])
     out = empty_like_strided(q, (batch, heads, seq_len, head_dim), _BNHD)
     lse = empty(batch, heads, seq_len, dtype=torch.float32, device=q.device)
@@ -309,7 +309,7 @@ def _masked_attention_bwd(grad_out, q, k, v, keep, out, lse, scale, skip_dropped
     cfg = get_bwd_config(seq_len, head_dim, q.dtype, q.device)
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     grad_out = unit_last_stride(grad_out)
-    keep_i8 = keep.to(torch.int8)
+    keep_i8 = keep.to(torch.int8, memory_format=torch.contiguous_format)  # the kernels index keep rows densely
     q_order, q_count = (_live_blocks if skip_dropped_queries else _all_blocks)(keep, block_m)
     k_order, k_count = _live_blocks(keep, block_n)
     block_d = triton.next_power_of_2(head_dim)

@@ -111,6 +111,13 @@ def test_non_contiguous_inputs(layout):
     _check(q, k, v, _random_keep(2, 29), skip=True)
 
 
+def test_non_contiguous_keep():
+    q, k, v, _ = _qkv(2, 1, 23, 16, torch.float32)
+    keep = (torch.rand(23, 2, device=DEVICE) < 0.5).t()
+    assert not keep.is_contiguous()
+    _check(q, k, v, keep, skip=True)
+
+
 def test_gradients_through_timm_qkv_view():
     q, k, v, (qkv,) = _qkv(1, 2, 19, 16, torch.float32, layout="timm")
     keep = _random_keep(1, 19)
