@@ -227,8 +227,7 @@ if TRITON_AVAILABLE and hasattr(torch.library, "triton_op") and hasattr(torch.li
         q, k, v, keep, out, lse = ctx.saved_tensors
         gate_grad = ctx.gate_dtype is not None and ctx.needs_input_grad[4]
         dq, dk, dv, dgate_heads = torch.ops.faithful_vit.masked_attention_bwd(
-            grad_out.contiguous() if grad_out.stride(-1) != 1 else grad_out,
-            q, k, v, keep, out, lse, ctx.scale, ctx.skip_dropped_queries, gate_grad,
+            grad_out, q, k, v, keep, out, lse, ctx.scale, ctx.skip_dropped_queries, gate_grad
         )
         dgate = dgate_heads.sum(1).to(ctx.gate_dtype) if gate_grad else None
         return dq, dk, dv, None, dgate, None, None
