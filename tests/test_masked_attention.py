@@ -9,6 +9,8 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from faithful_vit.kernels import compaction_order, masked_attention, reference
 
@@ -96,6 +98,14 @@ def _check(q, k, v, keep, *, skip, gate=True, atol=None):
 def test_fp32_matches_float64_reference(batch, heads, seq_len, head_dim, skip):
     q, k, v, _ = _qkv(batch, heads, seq_len, head_dim, torch.float32)
     _check(q, k, v, _random_keep(batch, seq_len), skip=skip)
+
+
+@settings(max_examples=6, deadline=None, database=None)
+@given(seq_len=st.integers(1, 70), head_dim=st.sampled_from([16, 24, 48]), keep_frac=st.floats(0.0, 1.0),
+       skip=st.booleans())
+def test_awkward_shapes_and_masks(seq_len, head_dim, keep_frac, skip):
+    q, k, v, _ = _qkv(1, 1, seq_len, head_dim, torch.float32)
+    _check(q, k, v, _random_keep(1, seq_len, frac=keep_frac), skip=skip)
 
 
 @pytest.mark.parametrize("skip", [True, False])
