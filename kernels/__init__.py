@@ -5,7 +5,7 @@ This package knows only torch and triton. It installs as ``faithful_vit.kernels`
 
 from . import reference
 from ._backend import BACKENDS, TRITON_AVAILABLE, TRITON_INTERPRET, get_backend, set_backend, use_backend
-from .masked_attention import masked_attention
+from .masked_attention import compaction_order, masked_attention
 from .packing import PackedTokens, pack_tokens
 from .varlen_attention import varlen_attention
 
@@ -14,6 +14,7 @@ __all__ = [
     "TRITON_AVAILABLE",
     "TRITON_INTERPRET",
     "PackedTokens",
+    "compaction_order",
     "get_backend",
     "masked_attention",
     "pack_tokens",

@@ -1,6 +1,36 @@
 """Fused block-sparse masked attention: every query attends only to the kept keys of its image.
 
-Family layout: public function, autograd Function, launchers, configs, kernels (the Triton part is being written).
+Algorithm (FlashAttention-2 style, exp2 domain, fp32 accumulation):
+    * Per image, the kept tokens define live blocks: a block of ``BLOCK`` consecutive tokens is live when it holds at
+      least one kept token. :func:`_live_blocks` builds, on the device and without a host synchronisation, the list
+      of live block indices of every image (live first, in order) and their count.
+    * Forward, one program per (query block, batch x head): a query block with no kept query writes zeros when
+      ``skip_dropped_queries`` and returns; otherwise it loops over the live key blocks only, with an online softmax.
+      Partly kept key blocks are masked per token: dropped keys are loaded as zeros (so NaN/Inf there is never read)
+      and their scores are set to -inf with ``tl.where``. The output is stored in a ``(B, N, H, D)`` memory layout,
+      so that timm's ``out.transpose(1, 2).reshape(B, N, C)`` is free. The log-sum-exp (base 2) is kept for the
+      backward; it is -inf for the rows that are not computed or have no kept key (their output is zero).
+    * Backward: ``delta_i = rowsum(dO_i * O_i)``; a dK/dV kernel per key block loops over the live query blocks (all
+      query blocks when dropped queries are computed); a dQ kernel per query block loops over the live key blocks.
+      Dead key blocks write zero dK/dV. No atomics, so the backward is deterministic.
+    * After :func:`compaction_order` is applied to the token sequence (kept tokens first), the live blocks are the
+      first ``ceil(kept / BLOCK)`` ones and the work is proportional to (kept blocks)^2.
+
+Gate gradient: when ``gate`` requires grad, the backward returns the derivative of the multiplicative key gate
+``out_i = sum_j g_j exp(s_ij) v_j / sum_j g_j exp(s_ij)`` at ``g = keep``, for every key, kept or dropped. For a
+dropped key this needs its real score, so the dK/dV kernel then visits ALL key blocks (dense over keys) and loads the
+real k/v of every key for the gate term only; dK/dV/dQ still use the masked (zeroed) k/v, so a NaN in a dropped key
+changes nothing but that key's own gate gradient. The per-head partial gate gradients ``(B, H, N)`` are summed over
+heads in torch (deterministic).
+
+Limits:
+    * Head dim 16..128 (any, not only powers of two: the kernels pad to the next power of two with masked loads).
+    * fp32 inputs use IEEE-precision dots (no TF32); fp16/bf16 accumulate in fp32.
+    * The gate gradient of a dropped key computes ``exp(s_ij - lse_i)`` in fp32: a dropped key whose score exceeds
+      the kept ones by more than ~88 (natural log units) overflows to inf where the float64 reference is finite.
+    * Under the Triton interpreter (CPU) bf16 dots are not supported; use fp32 or fp16 there.
+    * Configs come from :func:`get_fwd_config` / :func:`get_bwd_config` (plain functions, replaceable by assigning
+      this module's attribute); there is no autotuning.
 """
 
 from __future__ import annotations
@@ -8,10 +38,27 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._backend import resolve_backend
-from ._utils import SUPPORTED_DTYPES, check_head_dim, check_same, check_tensor, fmt_shape
+from ._backend import TRITON_AVAILABLE, resolve_backend
+from ._utils import (
+    SUPPORTED_DTYPES,
+    check_head_dim,
+    check_same,
+    check_tensor,
+    empty,
+    empty_like_strided,
+    fmt_shape,
+    unit_last_stride,
+)
 
-__all__ = ["masked_attention"]
+if TRITON_AVAILABLE:
+    import triton
+    import triton.language as tl
+
+__all__ = ["compaction_order", "masked_attention"]
+
+_LOG2E = 1.4426950408889634
+# Outputs and gradients are stored as (B, N, H, D) in memory so that timm's transpose(1, 2).reshape(B, N, C) is free.
+_BNHD = (0, 2, 1, 3)
 
 
 def _validate(q, k, v, keep, gate) -> None:
@@ -53,16 +100,533 @@ def masked_attention(
         keep: ``(B, N)`` bool, True for kept tokens.
         scale: softmax scale, default ``D ** -0.5``.
         gate: optional ``(B, N)`` float equal to ``keep`` in value (a straight-through estimate); the forward is
-            unchanged and the backward returns d(loss)/d(gate) for every key.
+            unchanged and the backward returns d(loss)/d(gate) for every key (dense over keys, see the module doc).
         skip_dropped_queries: dropped query rows are zero (zero gradient) instead of computed as SDPA does.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see :mod:`faithful_vit.kernels._backend`).
 
     Returns:
-        ``(B, H, N, D)`` in the dtype of ``q``.
+        ``(B, H, N, D)`` in the dtype of ``q`` (Triton backend: stored as ``(B, N, H, D)`` in memory).
     """
     _validate(q, k, v, keep, gate)
     if resolve_backend(backend, (q,)) == "torch":
-        return reference.masked_attention_ref(
-            q, k, v, keep, scale=scale, gate=gate, skip_dropped_queries=skip_dropped_queries, upcast=False
+        return _torch_masked_attention(q, k, v, keep, scale, gate, skip_dropped_queries)
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        raise TypeError("q: the Triton interpreter (CPU) cannot run bf16 dots; got torch.bfloat16, use fp16/fp32 or "
+                        "backend='torch'")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    q, k, v = (unit_last_stride(t) for t in (q, k, v))
+    if q.is_cuda and _OPS_REGISTERED:
+        out, _ = torch.ops.faithful_vit.masked_attention_fwd(q, k, v, keep, gate, scale, skip_dropped_queries)
+        return out
+    return MaskedAttentionFunction.apply(q, k, v, keep, gate, scale, skip_dropped_queries)
+
+
+def compaction_order(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stable partition of every image's tokens, kept first, built on the device without a host synchronisation.
+
+    Apply it once to the token sequence (``x.gather(1, order[..., None].expand_as(x))`` for ``x`` ``(B, N, C)``);
+    then the kept tokens fill the first blocks and masked attention does work proportional to (kept blocks)^2.
+
+    Args:
+        keep: ``(B, N)`` bool.
+
+    Returns:
+        ``order`` and ``inverse``, both ``(B, N)`` int64: ``keep.gather(1, order)`` is True then False, and
+        ``y.gather(1, inverse)`` puts a compacted ``y`` back in the original order.
+    """
+    check_tensor("keep", keep, ndim=2, dtypes=(torch.bool,), ndim_doc="(B, N)")
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+    positions = torch.arange(keep.shape[1], device=keep.device).expand_as(order)
+    inverse = torch.empty_like(order).scatter_(1, order, positions)
+    return order, inverse
+
+
+def _torch_masked_attention(q, k, v, keep, scale, gate, skip_dropped_queries):
+    # CPU matmuls in half precision are slow and inaccurate; compute them in fp32 there and cast back.
+    upcast_cpu = q.device.type == "cpu" and q.dtype != torch.float32
+    args = (q.float(), k.float(), v.float()) if upcast_cpu else (q, k, v)
+    out = reference.masked_attention_ref(
+        *args, keep, scale=scale, gate=gate, skip_dropped_queries=skip_dropped_queries, upcast=False
+    )
+    return out.to(q.dtype)
+
+
+# ---- Autograd ----------------------------------------------------------------------------------------------------
+
+
+class MaskedAttentionFunction(torch.autograd.Function):
+    """Triton masked attention with gradients for q, k, v and the (optional) key gate."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, keep, gate, scale, skip_dropped_queries):
+        out, lse = _masked_attention_fwd(q, k, v, keep, scale, skip_dropped_queries)
+        ctx.save_for_backward(q, k, v, keep, out, lse)
+        ctx.scale = scale
+        ctx.skip_dropped_queries = skip_dropped_queries
+        ctx.gate_dtype = None if gate is None else gate.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, keep, out, lse = ctx.saved_tensors
+        gate_grad = ctx.needs_input_grad[4]
+        dq, dk, dv, dgate_heads = _masked_attention_bwd(
+            grad_out, q, k, v, keep, out, lse, ctx.scale, ctx.skip_dropped_queries, gate_grad
         )
-    raise NotImplementedError("masked_attention: the Triton backend is not written yet; use backend='torch'")
+        dgate = dgate_heads.sum(1).to(ctx.gate_dtype) if gate_grad else None
+        return dq, dk, dv, None, dgate, None, None
+
+
+# ---- torch.compile registration (CUDA only: compiling a triton_op on CPU fails, so the CPU path never uses it) ----
+
+_OPS_REGISTERED = False
+if TRITON_AVAILABLE and hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton"):
+
+    @torch.library.triton_op("faithful_vit::masked_attention_fwd", mutates_args=())
+    def _masked_attention_fwd_op(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        keep: torch.Tensor,
+        gate: torch.Tensor | None,
+        scale: float,
+        skip_dropped_queries: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # ``gate`` is an input only so that the autograd registration can return its gradient.
+        return _masked_attention_fwd(q, k, v, keep, scale, skip_dropped_queries, wrap=torch.library.wrap_triton)
+
+    @torch.library.triton_op("faithful_vit::masked_attention_bwd", mutates_args=())
+    def _masked_attention_bwd_op(
+        grad_out: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        keep: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        scale: float,
+        skip_dropped_queries: bool,
+        gate_grad: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        dq, dk, dv, dgate_heads = _masked_attention_bwd(
+            grad_out, q, k, v, keep, out, lse, scale, skip_dropped_queries, gate_grad, wrap=torch.library.wrap_triton
+        )
+        # An op has a fixed number of tensor outputs: an empty tensor stands for "no gate gradient asked".
+        return dq, dk, dv, dgate_heads if gate_grad else lse.new_empty(0)
+
+    def _setup_context(ctx, inputs, output):
+        q, k, v, keep, gate, scale, skip_dropped_queries = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, keep, out, lse)
+        ctx.scale = scale
+        ctx.skip_dropped_queries = skip_dropped_queries
+        ctx.gate_dtype = None if gate is None else gate.dtype
+        ctx.mark_non_differentiable(lse)
+
+    def _backward(ctx, grad_out, _grad_lse):
+        q, k, v, keep, out, lse = ctx.saved_tensors
+        gate_grad = ctx.gate_dtype is not None and ctx.needs_input_grad[4]
+        dq, dk, dv, dgate_heads = torch.ops.faithful_vit.masked_attention_bwd(
+            grad_out, q, k, v, keep, out, lse, ctx.scale, ctx.skip_dropped_queries, gate_grad
+        )
+        dgate = dgate_heads.sum(1).to(ctx.gate_dtype) if gate_grad else None
+        return dq, dk, dv, None, dgate, None, None
+
+    torch.library.register_autograd("faithful_vit::masked_attention_fwd", _backward, setup_context=_setup_context)
+    _OPS_REGISTERED = True
+
+
+# ---- Launchers ---------------------------------------------------------------------------------------------------
+
+
+def _identity(kernel):
+    return kernel
+
+
+def _live_blocks(keep: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compact per-image lists of the blocks of ``block`` tokens that hold at least one kept token.
+
+    All torch ops on the device, no ``.item()``: the kernels read the count and the list themselves.
+
+    Args:
+        keep: ``(B, N)`` bool.
+
+    Returns:
+        ``order`` ``(B, ceil(N / block))`` int32, the live block indices first (ascending), then the dead ones;
+        ``count`` ``(B,)`` int32, the number of live blocks.
+    """
+    batch, seq_len = keep.shape
+    num_blocks = triton.cdiv(seq_len, block)
+    padded = torch.nn.functional.pad(keep, (0, num_blocks * block - seq_len))
+    live = padded.view(batch, num_blocks, block).any(-1)
+    order = torch.argsort((~live).to(torch.int8), dim=1, stable=True).to(torch.int32)
+    return order, live.sum(1, dtype=torch.int32)
+
+
+def _all_blocks(keep: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same as :func:`_live_blocks` but listing every block (for computed dropped queries)."""
+    batch, seq_len = keep.shape
+    num_blocks = triton.cdiv(seq_len, block)
+    order = torch.arange(num_blocks, dtype=torch.int32, device=keep.device).expand(batch, num_blocks)
+    return order, torch.full((batch,), num_blocks, dtype=torch.int32, device=keep.device)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _masked_attention_fwd(q, k, v, keep, scale, skip_dropped_queries, wrap=_identity):
+    """Launch the forward kernel. Returns ``out`` ``(B, H, N, D)`` (memory ``(B, N, H, D)``) and ``lse`` ``(B, H, N)``
+    fp32 (base 2, of scores scaled by ``scale * log2(e)``; -inf where the row is not computed)."""
+    batch, heads, seq_len, head_dim = q.shape
+    cfg = get_fwd_config(seq_len, head_dim, q.dtype, q.device)
+    keep_i8 = keep.to(torch.int8, memory_format=torch.contiguous_format)  # the kernels index keep rows densely
+    k_order, k_count = _live_blocks(keep, cfg["BLOCK_N"])
+    out = empty_like_strided(q, (batch, heads, seq_len, head_dim), _BNHD)
+    lse = empty(batch, heads, seq_len, dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(seq_len, cfg["BLOCK_M"]), batch * heads)
+    wrap(_masked_attn_fwd_kernel)[grid](
+        q, k, v, keep_i8, k_order, k_count, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), keep_i8.stride(0), k_order.stride(0),
+        heads, seq_len, scale * _LOG2E,
+        HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"],
+        SKIP_DROPPED_QUERIES=skip_dropped_queries,
+        DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
+    return out, lse
+
+
+def _masked_attention_bwd(grad_out, q, k, v, keep, out, lse, scale, skip_dropped_queries, gate_grad, wrap=_identity):
+    """Launch the backward kernels. Returns dq, dk, dv ``(B, H, N, D)`` and, when ``gate_grad``, the per-head gate
+    gradient ``(B, H, N)`` fp32 (else None)."""
+    batch, heads, seq_len, head_dim = q.shape
+    cfg = get_bwd_config(seq_len, head_dim, q.dtype, q.device)
+    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    grad_out = unit_last_stride(grad_out)
+    keep_i8 = keep.to(torch.int8, memory_format=torch.contiguous_format)  # the kernels index keep rows densely
+    q_order, q_count = (_live_blocks if skip_dropped_queries else _all_blocks)(keep, block_m)
+    k_order, k_count = _live_blocks(keep, block_n)
+    block_d = triton.next_power_of_2(head_dim)
+    precision = _dot_precision(q.dtype)
+    launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+
+    delta = empty(batch, heads, seq_len, dtype=torch.float32, device=q.device)
+    wrap(_masked_attn_bwd_preprocess_kernel)[(triton.cdiv(seq_len, block_m), batch * heads)](
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, seq_len,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m,
+    )
+
+    dq, dk, dv = (empty_like_strided(q, (batch, heads, seq_len, head_dim), _BNHD) for _ in range(3))
+    dgate_heads = empty(batch, heads, seq_len if gate_grad else 1, dtype=torch.float32, device=q.device)
+    wrap(_masked_attn_bwd_dkdv_kernel)[(triton.cdiv(seq_len, block_n), batch * heads)](
+        q, k, v, grad_out, keep_i8, q_order, q_count, lse, delta, dk, dv, dgate_heads,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
+        keep_i8.stride(0), q_order.stride(0),
+        heads, seq_len, scale, scale * _LOG2E,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+        GATE_GRAD=gate_grad, DOT_PRECISION=precision, **launch,
+    )
+    wrap(_masked_attn_bwd_dq_kernel)[(triton.cdiv(seq_len, block_m), batch * heads)](
+        q, k, v, grad_out, keep_i8, k_order, k_count, lse, delta, dq,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
+        keep_i8.stride(0), k_order.stride(0),
+        heads, seq_len, scale, scale * _LOG2E,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+        DOT_PRECISION=precision, **launch,
+    )
+    return dq, dk, dv, (dgate_heads if gate_grad else None)
+
+
+# ---- Configs -----------------------------------------------------------------------------------------------------
+
+
+def get_fwd_config(seq_len: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> dict[str, int]:
+    """Block sizes and launch options of the forward kernel (replace this function to try others).
+
+    ViT sequences are short (tens to ~1500 tokens) and the sparsity is per block, so blocks stay small: 64 x 64.
+    """
+    if device.type != "cuda":  # the interpreter: the smallest blocks tl.dot accepts keep CPU tests fast
+        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
+    if dtype == torch.float32:
+        return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+    return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3 if head_dim <= 64 else 2}
+
+
+def get_bwd_config(seq_len: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> dict[str, int]:
+    """Block sizes and launch options of the backward kernels (``BLOCK_M`` query rows, ``BLOCK_N`` key rows)."""
+    if device.type != "cuda":
+        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
+    if dtype == torch.float32:  # IEEE fp32 tiles are twice as large: keep the gate-gradient variant under 100 KB
+        return {"BLOCK_M": 32, "BLOCK_N": 64 if head_dim <= 64 else 32, "num_warps": 4, "num_stages": 1}
+    if head_dim > 64:
+        return {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+    return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+
+
+# ---- Kernels -----------------------------------------------------------------------------------------------------
+
+if TRITON_AVAILABLE:
+
+    @triton.jit
+    def _masked_attn_fwd_kernel(
+        Q, K, V, KEEP, K_ORDER, K_COUNT, OUT, LSE,
+        stride_qb, stride_qh, stride_qn, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_ob, stride_oh, stride_on, stride_od,
+        stride_keep_b, stride_order_b,
+        H, N, qk_scale,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        SKIP_DROPPED_QUERIES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """Forward over the live key blocks of one query block of one (image, head).
+
+        Pointers: Q, K, V ``(B, H, N, D)`` (unit last stride); KEEP ``(B, N)`` int8; K_ORDER ``(B, NB)`` int32 live
+        key blocks first; K_COUNT ``(B,)`` int32 live key blocks; OUT ``(B, H, N, D)``; LSE ``(B, H, N)`` fp32
+        contiguous (base 2, -inf for rows not computed). Strides in (b, h, n, d) order; ``qk_scale`` is
+        ``scale * log2(e)``. Constexprs: HEAD_DIM (D), BLOCK_D (next power of two >= D), BLOCK_M / BLOCK_N (query /
+        key rows per block, also the block size of K_ORDER), SKIP_DROPPED_QUERIES, DOT_PRECISION.
+
+        Grid: ``(cdiv(N, BLOCK_M), B * H)``.
+        """
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // H).to(tl.int64)  # int64 offsets: B * N * H * D may exceed 2**31
+        h = (pid_bh % H).to(tl.int64)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        in_m = offs_m < N
+        in_d = offs_d < HEAD_DIM
+        keep_q = tl.load(KEEP + b * stride_keep_b + offs_m, mask=in_m, other=0) != 0
+        out_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
+        lse_ptrs = LSE + pid_bh * N + offs_m
+        if SKIP_DROPPED_QUERIES:
+            if tl.max(keep_q.to(tl.int32), 0) == 0:
+                tl.store(out_ptrs, tl.zeros((BLOCK_M, BLOCK_D), dtype=OUT.dtype.element_ty),
+                         mask=in_m[:, None] & in_d[None, :])
+                tl.store(lse_ptrs, tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32), mask=in_m)
+                return
+
+        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                    mask=in_m[:, None] & in_d[None, :], other=0.0)
+        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        offs_block = tl.arange(0, BLOCK_N)
+        live_count = tl.load(K_COUNT + b)
+        for i in range(0, live_count):
+            key_block = tl.load(K_ORDER + b * stride_order_b + i)
+            offs_n = key_block * BLOCK_N + offs_block
+            keep_k = tl.load(KEEP + b * stride_keep_b + offs_n, mask=offs_n < N, other=0) != 0
+            # Dropped keys are never read (other=0), so NaN/Inf stored there cannot reach any output.
+            kv_mask = keep_k[:, None] & in_d[None, :]
+            k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                        mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            s = tl.where(keep_k[None, :], s, float("-inf"))
+            # A live block has a kept key, so m_new is finite and exp2(-inf - m_new) = 0 needs no guard.
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.math.exp2(m_i - m_new)
+            p = tl.math.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                        mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+        row_valid = in_m & (l_i > 0)
+        if SKIP_DROPPED_QUERIES:
+            row_valid = row_valid & keep_q
+        out = acc / tl.where(row_valid, l_i, 1.0)[:, None]
+        out = tl.where(row_valid[:, None], out, 0.0)
+        tl.store(out_ptrs, out.to(OUT.dtype.element_ty), mask=in_m[:, None] & in_d[None, :])
+        lse = tl.where(row_valid, m_i + tl.math.log2(tl.where(row_valid, l_i, 1.0)), float("-inf"))
+        tl.store(lse_ptrs, lse, mask=in_m)
+
+    @triton.jit
+    def _masked_attn_bwd_preprocess_kernel(
+        OUT, DO, DELTA,
+        stride_ob, stride_oh, stride_on, stride_od,
+        stride_dob, stride_doh, stride_don, stride_dod,
+        H, N,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    ):
+        """``DELTA[b, h, i] = sum_d DO[b, h, i, d] * OUT[b, h, i, d]`` in fp32.
+
+        Pointers: OUT, DO ``(B, H, N, D)``; DELTA ``(B, H, N)`` fp32 contiguous. Strides in (b, h, n, d) order.
+        Constexprs: HEAD_DIM, BLOCK_D, BLOCK_M (rows per program).
+
+        Grid: ``(cdiv(N, BLOCK_M), B * H)``.
+        """
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask = (offs_m < N)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        o = tl.load(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
+                    mask=mask, other=0.0).to(tl.float32)
+        do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
+                     mask=mask, other=0.0).to(tl.float32)
+        tl.store(DELTA + pid_bh * N + offs_m, tl.sum(o * do, 1), mask=offs_m < N)
+
+    @triton.jit
+    def _masked_attn_bwd_dkdv_kernel(
+        Q, K, V, DO, KEEP, Q_ORDER, Q_COUNT, LSE, DELTA, DK, DV, DGATE,
+        stride_qb, stride_qh, stride_qn, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_dob, stride_doh, stride_don, stride_dod,
+        stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+        stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+        stride_keep_b, stride_order_b,
+        H, N, sm_scale, qk_scale,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        GATE_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """dK, dV (and the per-head gate gradient) of one key block, looping over the listed query blocks.
+
+        Pointers: Q, K, V, DO ``(B, H, N, D)``; KEEP ``(B, N)`` int8; Q_ORDER ``(B, NBM)`` int32 query blocks to
+        visit first, Q_COUNT ``(B,)`` int32 how many; LSE, DELTA ``(B, H, N)`` fp32 contiguous; DK, DV
+        ``(B, H, N, D)``; DGATE ``(B, H, N)`` fp32 contiguous (written only when GATE_GRAD). Strides in (b, h, n, d)
+        order; ``sm_scale`` is the softmax scale, ``qk_scale = sm_scale * log2(e)``. Constexprs: HEAD_DIM, BLOCK_D,
+        BLOCK_M (query rows per visited block, the block size of Q_ORDER), BLOCK_N (key rows of this program),
+        GATE_GRAD (also visit dead key blocks and compute the gate term from the real k/v), DOT_PRECISION.
+
+        Grid: ``(cdiv(N, BLOCK_N), B * H)``.
+        """
+        pid_n = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        in_n = offs_n < N
+        in_d = offs_d < HEAD_DIM
+        keep_k = tl.load(KEEP + b * stride_keep_b + offs_n, mask=in_n, other=0) != 0
+        dk_ptrs = DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+        dv_ptrs = DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
+        out_mask = in_n[:, None] & in_d[None, :]
+        if not GATE_GRAD:
+            if tl.max(keep_k.to(tl.int32), 0) == 0:
+                tl.store(dk_ptrs, tl.zeros((BLOCK_N, BLOCK_D), dtype=DK.dtype.element_ty), mask=out_mask)
+                tl.store(dv_ptrs, tl.zeros((BLOCK_N, BLOCK_D), dtype=DV.dtype.element_ty), mask=out_mask)
+                return
+
+        k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+        v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+        kv_mask = keep_k[:, None] & in_d[None, :]
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        if GATE_GRAD:
+            # The gate term of a dropped key needs its real score; these loads feed that term only.
+            k_real = tl.load(k_ptrs, mask=out_mask, other=0.0)
+            v_real = tl.load(v_ptrs, mask=out_mask, other=0.0)
+            dgate = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        offs_block = tl.arange(0, BLOCK_M)
+        query_count = tl.load(Q_COUNT + b)
+        for i in range(0, query_count):
+            query_block = tl.load(Q_ORDER + b * stride_order_b + i)
+            offs_m = query_block * BLOCK_M + offs_block
+            in_m = offs_m < N
+            qd_mask = in_m[:, None] & in_d[None, :]
+            q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                        mask=qd_mask, other=0.0)
+            do = tl.load(
+                DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
+                mask=qd_mask, other=0.0)
+            lse = tl.load(LSE + pid_bh * N + offs_m, mask=in_m, other=float("-inf"))
+            delta = tl.load(DELTA + pid_bh * N + offs_m, mask=in_m, other=0.0)
+            # Rows with lse = -inf (not computed, or no kept key) contribute nothing; select, never multiply.
+            row_valid = lse != float("-inf")
+            lse = tl.where(row_valid, lse, 0.0)
+            # Transposed tiles: rows are keys, columns are queries.
+            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+            p_t = tl.where(keep_k[:, None] & row_valid[None, :], tl.math.exp2(s_t - lse[None, :]), 0.0)
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+            if GATE_GRAD:
+                s_real = tl.dot(k_real, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+                dp_real = tl.dot(v_real, tl.trans(do), input_precision=DOT_PRECISION)
+                term = tl.math.exp2(s_real - lse[None, :]) * (dp_real - delta[None, :])
+                dgate += tl.sum(tl.where(row_valid[None, :], term, 0.0), 1)
+
+        tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=out_mask)
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=out_mask)
+        if GATE_GRAD:
+            tl.store(DGATE + pid_bh * N + offs_n, dgate, mask=in_n)
+
+    @triton.jit
+    def _masked_attn_bwd_dq_kernel(
+        Q, K, V, DO, KEEP, K_ORDER, K_COUNT, LSE, DELTA, DQ,
+        stride_qb, stride_qh, stride_qn, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_dob, stride_doh, stride_don, stride_dod,
+        stride_dqb, stride_dqh, stride_dqn, stride_dqd,
+        stride_keep_b, stride_order_b,
+        H, N, sm_scale, qk_scale,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        """dQ of one query block, looping over the live key blocks.
+
+        Pointers: Q, K, V, DO ``(B, H, N, D)``; KEEP ``(B, N)`` int8; K_ORDER ``(B, NBN)`` int32 live key blocks
+        first, K_COUNT ``(B,)`` int32 how many; LSE, DELTA ``(B, H, N)`` fp32 contiguous; DQ ``(B, H, N, D)``.
+        Strides in (b, h, n, d) order; ``sm_scale`` is the softmax scale, ``qk_scale = sm_scale * log2(e)``.
+        Constexprs: HEAD_DIM, BLOCK_D, BLOCK_M (query rows of this program), BLOCK_N (key rows per visited block,
+        the block size of K_ORDER), DOT_PRECISION.
+
+        Grid: ``(cdiv(N, BLOCK_M), B * H)``.
+        """
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        in_m = offs_m < N
+        in_d = offs_d < HEAD_DIM
+        qd_mask = in_m[:, None] & in_d[None, :]
+        dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd
+        lse = tl.load(LSE + pid_bh * N + offs_m, mask=in_m, other=float("-inf"))
+        row_valid = lse != float("-inf")
+        # Skipped query blocks, and images without a kept token: nothing to compute.
+        if tl.max(row_valid.to(tl.int32), 0) == 0:
+            tl.store(dq_ptrs, tl.zeros((BLOCK_M, BLOCK_D), dtype=DQ.dtype.element_ty), mask=qd_mask)
+            return
+
+        lse = tl.where(row_valid, lse, 0.0)
+        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                    mask=qd_mask, other=0.0)
+        do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
+                     mask=qd_mask, other=0.0)
+        delta = tl.load(DELTA + pid_bh * N + offs_m, mask=in_m, other=0.0)
+        dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        offs_block = tl.arange(0, BLOCK_N)
+        live_count = tl.load(K_COUNT + b)
+        for i in range(0, live_count):
+            key_block = tl.load(K_ORDER + b * stride_order_b + i)
+            offs_n = key_block * BLOCK_N + offs_block
+            keep_k = tl.load(KEEP + b * stride_keep_b + offs_n, mask=offs_n < N, other=0) != 0
+            kv_mask = keep_k[:, None] & in_d[None, :]
+            k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                        mask=kv_mask, other=0.0)
+            v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                        mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            p = tl.where(row_valid[:, None] & keep_k[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=qd_mask)

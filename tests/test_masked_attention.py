@@ -1,0 +1,452 @@
+"""Triton masked attention against the float64 reference: forward, gradients of q/k/v/gate, masks, layouts, errors.
+
+CPU tests run the kernels under the Triton interpreter (tiny shapes); ``@pytest.mark.gpu`` tests use real ViT sizes.
+"""
+
+import math
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from faithful_vit.kernels import compaction_order, masked_attention, reference
+
+impl = sys.modules["faithful_vit.kernels.masked_attention"]
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def _random_keep(batch: int, seq_len: int, frac: float = 0.5) -> torch.Tensor:
+    return torch.rand(batch, seq_len, device=DEVICE) < frac
+
+
+def _qkv(batch, heads, seq_len, head_dim, dtype, layout="contiguous"):
+    """Fresh random q, k, v ``(B, H, N, D)`` leaves in one of the layouts the kernels must accept."""
+    if layout == "timm":  # qkv(x).reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4), as timm's Attention does
+        qkv = torch.randn(batch, seq_len, 3 * heads * head_dim, device=DEVICE, dtype=dtype, requires_grad=True)
+        q, k, v = qkv.reshape(batch, seq_len, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v, (qkv,)
+    if layout == "transposed":  # (B, N, H, D) memory viewed as (B, H, N, D)
+        leaves = [torch.randn(batch, seq_len, heads, head_dim, device=DEVICE, dtype=dtype, requires_grad=True)
+                  for _ in range(3)]
+        q, k, v = (t.transpose(1, 2) for t in leaves)
+        return q, k, v, tuple(leaves)
+    leaves = [torch.randn(batch, heads, seq_len, head_dim, device=DEVICE, dtype=dtype, requires_grad=True)
+              for _ in range(3)]
+    return *leaves, tuple(leaves)
+
+
+def _forward_backward(fn, q, k, v, keep, grad_out, gate=None, **kwargs):
+    """Output and gradients of (q, k, v[, gate]) for the upstream gradient ``grad_out``."""
+    inputs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    if gate is not None:
+        inputs.append(gate.detach().clone().requires_grad_())
+    out = fn(*inputs[:3], keep, gate=inputs[3] if gate is not None else None, **kwargs)
+    grads = torch.autograd.grad(out, inputs, grad_out.to(out.dtype))
+    return out.detach(), [g.detach() for g in grads]
+
+
+def _kernel(q, k, v, keep, **kwargs):
+    return masked_attention(q, k, v, keep, backend="triton", **kwargs)
+
+
+def _ref64(q, k, v, keep, **kwargs):
+    out = reference.masked_attention_ref(q.double(), k.double(), v.double(), keep, upcast=True, **kwargs)
+    return out
+
+
+def _ref_same_dtype(q, k, v, keep, **kwargs):
+    return reference.masked_attention_ref(q, k, v, keep, upcast=False, **kwargs)
+
+
+def _max_err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def _check(q, k, v, keep, *, skip, gate=True, atol=None):
+    """Kernel vs float64 reference: fp32 within ``atol`` (relative to the magnitude), half precision within twice
+    the error of the torch reference run in the same dtype plus a small floor."""
+    gate_t = keep.to(q.dtype) if gate else None
+    grad_out = torch.randn(q.shape, device=q.device, dtype=torch.float64)
+    got = _forward_backward(_kernel, q, k, v, keep, grad_out, gate=gate_t, skip_dropped_queries=skip)
+    ref = _forward_backward(_ref64, q, k, v, keep, grad_out, gate=gate_t, skip_dropped_queries=skip)
+    same = None
+    if q.dtype != torch.float32:
+        same = _forward_backward(_ref_same_dtype, q, k, v, keep, grad_out, gate=gate_t, skip_dropped_queries=skip)
+    names = ["out", "dq", "dk", "dv", "dgate"]
+    for i, (name, a, r) in enumerate(zip(names, [got[0], *got[1]], [ref[0], *ref[1]])):
+        assert not torch.isnan(a).any(), f"{name}: NaN"
+        scale = 1.0 + r.abs().max().item()
+        err = _max_err(a, r)
+        if same is None:
+            bound = (atol if atol is not None else 2e-5) * scale * (1 if name == "out" else 4)
+        else:
+            s = [same[0], *same[1]][i]
+            bound = 2 * _max_err(s, r) + 2e-3 * scale
+        assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g} (dtype {q.dtype}, skip={skip})"
+    return got
+
+
+# ---- Interpreter (CPU) and GPU: correctness against the float64 reference ----------------------------------------
+
+
+@pytest.mark.parametrize("skip", [True, False])
+@pytest.mark.parametrize(("batch", "heads", "seq_len", "head_dim"), [(2, 2, 37, 16), (1, 2, 50, 32), (1, 1, 21, 80)])
+def test_fp32_matches_float64_reference(batch, heads, seq_len, head_dim, skip):
+    q, k, v, _ = _qkv(batch, heads, seq_len, head_dim, torch.float32)
+    _check(q, k, v, _random_keep(batch, seq_len), skip=skip)
+
+
+@settings(max_examples=6, deadline=None, database=None)
+@given(seq_len=st.integers(1, 70), head_dim=st.sampled_from([16, 24, 48]), keep_frac=st.floats(0.0, 1.0),
+       skip=st.booleans())
+def test_awkward_shapes_and_masks(seq_len, head_dim, keep_frac, skip):
+    q, k, v, _ = _qkv(1, 1, seq_len, head_dim, torch.float32)
+    _check(q, k, v, _random_keep(1, seq_len, frac=keep_frac), skip=skip)
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_fp16_within_twice_the_torch_error(skip):
+    q, k, v, _ = _qkv(2, 2, 45, 32, torch.float16)
+    _check(q, k, v, _random_keep(2, 45), skip=skip)
+
+
+@pytest.mark.parametrize("layout", ["timm", "transposed"])
+def test_non_contiguous_inputs(layout):
+    q, k, v, _ = _qkv(2, 2, 29, 16, torch.float32, layout=layout)
+    assert not q.is_contiguous()
+    _check(q, k, v, _random_keep(2, 29), skip=True)
+
+
+def test_non_contiguous_keep():
+    q, k, v, _ = _qkv(2, 1, 23, 16, torch.float32)
+    keep = (torch.rand(23, 2, device=DEVICE) < 0.5).t()
+    assert not keep.is_contiguous()
+    _check(q, k, v, keep, skip=True)
+
+
+def test_gradients_through_timm_qkv_view():
+    q, k, v, (qkv,) = _qkv(1, 2, 19, 16, torch.float32, layout="timm")
+    keep = _random_keep(1, 19)
+    out = _kernel(q, k, v, keep)
+    out.transpose(1, 2).reshape(1, 19, 32).sum().backward()
+    (grad_kernel,) = (qkv.grad.clone(),)
+    qkv.grad = None
+    reference.masked_attention_ref(q, k, v, keep).transpose(1, 2).reshape(1, 19, 32).sum().backward()
+    torch.testing.assert_close(grad_kernel, qkv.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_output_is_stored_batch_token_major():
+    """timm's out.transpose(1, 2).reshape(B, N, C) must not copy."""
+    q, k, v, _ = _qkv(1, 2, 17, 16, torch.float32)
+    out = _kernel(q, k, v, _random_keep(1, 17))
+    assert out.shape == q.shape
+    assert out.transpose(1, 2).is_contiguous()
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_dropped_keys_have_exactly_zero_influence():
+    """NaN/Inf in dropped k/v leave every output and every gradient (gate: at kept keys) unchanged, bit for bit."""
+    batch, heads, seq_len, head_dim = 2, 2, 40, 16
+    q, k, v, _ = _qkv(batch, heads, seq_len, head_dim, torch.float32)
+    keep = _random_keep(batch, seq_len)
+    keep[0, 16:32] = False  # a whole dead block, besides the partly kept ones
+    dropped = ~keep[:, None, :, None]
+    poisoned_k = k.detach().masked_fill(dropped, float("nan"))
+    poisoned_v = v.detach().masked_fill(dropped, float("inf"))
+    gate = keep.float()
+    grad_out = torch.randn(q.shape, device=q.device)
+    for skip in (True, False):
+        clean = _forward_backward(_kernel, q, k, v, keep, grad_out, gate=gate, skip_dropped_queries=skip)
+        dirty = _forward_backward(_kernel, q, poisoned_k, poisoned_v, keep, grad_out, gate=gate,
+                                  skip_dropped_queries=skip)
+        for name, a, b in zip(["out", "dq", "dk", "dv"], [clean[0], *clean[1][:3]], [dirty[0], *dirty[1][:3]]):
+            assert torch.equal(a, b), f"{name} changed (skip={skip})"
+        assert torch.equal(clean[1][3][keep], dirty[1][3][keep]), f"gate gradient at kept keys changed (skip={skip})"
+        assert torch.isfinite(clean[1][3]).all()
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_image_without_kept_token_gives_zeros(skip):
+    q, k, v, _ = _qkv(2, 2, 33, 16, torch.float32)
+    keep = _random_keep(2, 33)
+    keep[1] = False
+    got = _check(q, k, v, keep, skip=skip)
+    out, (dq, dk, dv, dgate) = got
+    for t in (out[1], dq[1], dk[1], dv[1], dgate[1]):
+        assert torch.equal(t, torch.zeros_like(t))
+
+
+def test_one_kept_token_and_every_token_kept():
+    q, k, v, _ = _qkv(2, 2, 35, 16, torch.float32)
+    keep = torch.zeros(2, 35, dtype=torch.bool, device=DEVICE)
+    keep[0, 20] = True
+    keep[1] = True
+    _check(q, k, v, keep, skip=True)
+    _check(q, k, v, keep, skip=False)
+
+
+def test_every_token_kept_equals_sdpa():
+    q, k, v, _ = _qkv(1, 2, 26, 32, torch.float32)
+    out = _kernel(q, k, v, torch.ones(1, 26, dtype=torch.bool, device=DEVICE))
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_single_token_sequence():
+    q, k, v, _ = _qkv(2, 1, 1, 16, torch.float32)
+    keep = torch.tensor([[True], [False]], device=DEVICE)
+    _check(q, k, v, keep, skip=True)
+    _check(q, k, v, keep, skip=False)
+
+
+def test_custom_scale_and_gate_without_grad():
+    q, k, v, _ = _qkv(1, 2, 24, 16, torch.float32)
+    keep = _random_keep(1, 24)
+    got = _kernel(q, k, v, keep, scale=0.3, gate=keep.float())
+    torch.testing.assert_close(got, reference.masked_attention_ref(q, k, v, keep, scale=0.3), atol=1e-5, rtol=1e-5)
+
+
+def test_compacted_order_gives_the_same_result():
+    batch, heads, seq_len, head_dim = 2, 2, 45, 16
+    q, k, v, _ = _qkv(batch, heads, seq_len, head_dim, torch.float32)
+    keep = _random_keep(batch, seq_len, frac=0.3)
+    order, inverse = compaction_order(keep)
+
+    def permute(t, index):
+        return t.gather(2, index[:, None, :, None].expand_as(t))
+
+    grad_out = torch.randn(q.shape, device=q.device)
+    raster = _forward_backward(_kernel, q, k, v, keep, grad_out, gate=keep.float())
+    compact = _forward_backward(_kernel, permute(q, order), permute(k, order), permute(v, order),
+                                keep.gather(1, order), permute(grad_out, order), gate=keep.gather(1, order).float())
+    torch.testing.assert_close(permute(compact[0], inverse), raster[0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(compact[1][:3], raster[1][:3]):
+        torch.testing.assert_close(permute(a, inverse), b, atol=5e-5, rtol=1e-5)
+    torch.testing.assert_close(compact[1][3].gather(1, inverse), raster[1][3], atol=1e-4, rtol=1e-5)
+
+
+# ---- Block lists and compaction ---------------------------------------------------------------------------------
+
+
+def test_compaction_order_is_a_stable_kept_first_partition():
+    keep = _random_keep(3, 50)
+    order, inverse = compaction_order(keep)
+    assert order.dtype == inverse.dtype == torch.int64
+    for b in range(3):
+        kept = [i for i in range(50) if keep[b, i]]
+        dropped = [i for i in range(50) if not keep[b, i]]
+        assert order[b].tolist() == kept + dropped
+    positions = torch.arange(50, device=DEVICE).expand(3, 50)
+    assert torch.equal(positions.gather(1, order).gather(1, inverse), positions)
+
+
+@pytest.mark.parametrize("block", [16, 64])
+def test_live_block_lists_match_a_python_loop(block):
+    keep = _random_keep(4, 150, frac=0.05)
+    keep[1] = False
+    order, count = impl._live_blocks(keep, block)
+    num_blocks = math.ceil(150 / block)
+    assert order.shape == (4, num_blocks) and order.dtype == count.dtype == torch.int32
+    for b in range(4):
+        live = [i for i in range(num_blocks) if keep[b, i * block:(i + 1) * block].any()]
+        dead = [i for i in range(num_blocks) if i not in live]
+        assert count[b].item() == len(live)
+        assert order[b].tolist() == live + dead
+
+
+def test_compaction_leaves_only_the_needed_live_blocks():
+    keep = _random_keep(3, 197, frac=0.3)
+    order, _ = compaction_order(keep)
+    _, count = impl._live_blocks(keep.gather(1, order), 16)
+    assert count.tolist() == [math.ceil(n / 16) for n in keep.sum(1).tolist()]
+
+
+# ---- Registration, backends, configs ----------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not impl._OPS_REGISTERED, reason="torch.library.triton_op is not available")
+def test_registered_op_matches_the_autograd_function():
+    """The CUDA path goes through the triton_op + register_autograd; run it eagerly here (interpreter on CPU)."""
+    q, k, v, _ = _qkv(1, 2, 27, 16, torch.float32)
+    keep = _random_keep(1, 27)
+    grad_out = torch.randn(q.shape, device=q.device)
+    scale = 16 ** -0.5
+
+    def via_op(q, k, v, keep, gate=None):
+        return torch.ops.faithful_vit.masked_attention_fwd(q, k, v, keep, gate, scale, True)[0]
+
+    def via_function(q, k, v, keep, gate=None):
+        return impl.MaskedAttentionFunction.apply(q, k, v, keep, gate, scale, True)
+
+    got = _forward_backward(via_op, q, k, v, keep, grad_out, gate=keep.float())
+    want = _forward_backward(via_function, q, k, v, keep, grad_out, gate=keep.float())
+    for a, b in zip([got[0], *got[1]], [want[0], *want[1]]):
+        assert torch.equal(a, b)
+
+
+def _opcheck_fwd(test_utils):
+    q, k, v, _ = _qkv(1, 2, 20, 16, torch.float32)
+    keep = _random_keep(1, 20)
+    args = (q, k, v, keep, keep.float().requires_grad_(), 0.25, True)
+    torch.library.opcheck(torch.ops.faithful_vit.masked_attention_fwd.default, args, test_utils=test_utils)
+
+
+@pytest.mark.skipif(not impl._OPS_REGISTERED, reason="torch.library.triton_op is not available")
+def test_registered_op_schema_and_autograd():
+    # FakeTensor tracing of a triton_op needs compiled Triton (CUDA); the full opcheck is a GPU test.
+    _opcheck_fwd(("test_schema", "test_autograd_registration"))
+
+
+@pytest.mark.gpu
+def test_gpu_registered_op_passes_opcheck():
+    _opcheck_fwd(("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_torch_backend_matches_reference_in_half_precision():
+    q, k, v, _ = _qkv(1, 2, 20, 16, torch.float16)
+    keep = _random_keep(1, 20)
+    got = masked_attention(q, k, v, keep, backend="torch")
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.double(), _ref64(q, k, v, keep), atol=2e-3, rtol=2e-3)
+
+
+def test_configs_are_overridable(monkeypatch):
+    calls = []
+
+    def tiny_config(seq_len, head_dim, dtype, device):
+        calls.append(seq_len)
+        return {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+
+    monkeypatch.setattr(impl, "get_fwd_config", tiny_config)
+    q, k, v, _ = _qkv(1, 1, 40, 16, torch.float32)
+    keep = _random_keep(1, 40)
+    torch.testing.assert_close(_kernel(q, k, v, keep), reference.masked_attention_ref(q, k, v, keep),
+                               atol=1e-5, rtol=1e-5)
+    assert calls == [40]
+
+
+# ---- Bad input ---------------------------------------------------------------------------------------------------
+
+
+def _good():
+    q = torch.randn(2, 2, 8, 16)
+    return q, q.clone(), q.clone(), torch.ones(2, 8, dtype=torch.bool)
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        (lambda a: {**a, "q": a["q"][0]}, ValueError, r"q: expected a 4-d tensor"),
+        (lambda a: {**a, "k": a["k"][:, :, :4]}, ValueError, r"k, v: expected the shape of q"),
+        (lambda a: {**a, "v": a["v"].half()}, TypeError, r"v: expected dtype torch.float32"),
+        (lambda a: {**a, "q": a["q"].long(), "k": a["k"].long(), "v": a["v"].long()}, TypeError, r"q: expected dtype"),
+        (lambda a: {**a, "keep": a["keep"].float()}, TypeError, r"keep: expected dtype"),
+        (lambda a: {**a, "keep": a["keep"][:, :5]}, ValueError, r"keep: expected shape \(2, 8\)"),
+        (lambda a: {**a, "gate": torch.ones(2, 8, dtype=torch.int32)}, TypeError, r"gate: expected a floating"),
+        (lambda a: {**a, "gate": torch.ones(2, 5)}, ValueError, r"gate: expected shape"),
+        (lambda a: {k: torch.randn(2, 2, 8, 136) for k in "qkv"} | {"keep": a["keep"]}, ValueError, r"head dim"),
+        (lambda a: {k: torch.randn(2, 2, 8, 8) for k in "qkv"} | {"keep": a["keep"]}, ValueError, r"head dim"),
+    ],
+)
+def test_bad_input_raises_a_clear_error(change, error, match):
+    q, k, v, keep = _good()
+    args = change({"q": q, "k": k, "v": v, "keep": keep})
+    with pytest.raises(error, match=match):
+        masked_attention(args["q"], args["k"], args["v"], args["keep"], gate=args.get("gate"), backend="triton")
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU for a second device")
+def test_devices_must_match():
+    q, k, v, keep = _good()
+    with pytest.raises(ValueError, match="device"):
+        masked_attention(q.cuda(), k, v, keep.cuda())
+    with pytest.raises(ValueError, match="keep: expected device"):
+        masked_attention(q.cuda(), k.cuda(), v.cuda(), keep)
+
+
+def test_devices_must_match_meta():
+    q, k, v, keep = _good()
+    with pytest.raises(ValueError, match="k: expected device meta like q"):
+        masked_attention(q.to("meta"), k, v, keep)
+    with pytest.raises(ValueError, match="keep: expected device meta"):
+        masked_attention(q.to("meta"), k.to("meta"), v.to("meta"), keep)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter runs only without a GPU")
+def test_bf16_under_the_interpreter_raises_a_clear_error():
+    q, k, v, keep = _good()
+    with pytest.raises(TypeError, match="bf16"):
+        masked_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), keep, backend="triton")
+
+
+def test_compaction_order_rejects_non_bool_keep():
+    with pytest.raises(TypeError, match="keep"):
+        compaction_order(torch.ones(2, 3))
+
+
+# ---- GPU: real ViT sizes -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("skip", [True, False])
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
+@pytest.mark.parametrize("seq_len", [197, 261, 577, 1374])
+def test_gpu_bf16_real_sizes(seq_len, head_dim, skip):
+    q, k, v, _ = _qkv(2, 3, seq_len, head_dim, torch.bfloat16)
+    _check(q, k, v, _random_keep(2, seq_len, frac=0.4), skip=skip)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("seq_len", [1, 197, 577, 4096])
+def test_gpu_fp16_fp32_sizes(seq_len, dtype):
+    q, k, v, _ = _qkv(2, 2, seq_len, 64, dtype, layout="timm")
+    _check(q, k, v, _random_keep(2, seq_len), skip=True, atol=2e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_dropped_keys_have_exactly_zero_influence_bf16():
+    q, k, v, _ = _qkv(2, 4, 577, 64, torch.bfloat16)
+    keep = _random_keep(2, 577, frac=0.3)
+    dropped = ~keep[:, None, :, None]
+    grad_out = torch.randn(q.shape, device=q.device)
+    clean = _forward_backward(_kernel, q, k, v, keep, grad_out, gate=keep.float())
+    dirty = _forward_backward(_kernel, q, k.detach().masked_fill(dropped, float("nan")),
+                              v.detach().masked_fill(dropped, float("-inf")), keep, grad_out, gate=keep.float())
+    for a, b in zip([clean[0], *clean[1][:3]], [dirty[0], *dirty[1][:3]]):
+        assert torch.equal(a, b)
+    assert torch.equal(clean[1][3][keep], dirty[1][3][keep])
+
+
+@pytest.mark.gpu
+def test_gpu_forward_and_backward_do_not_synchronise():
+    q, k, v, _ = _qkv(2, 3, 197, 64, torch.bfloat16)
+    keep = _random_keep(2, 197)
+    gate = keep.float().requires_grad_()
+    warm_up = _kernel(q, k, v, keep, gate=gate)  # compile the kernels first: only steady-state calls are checked
+    torch.autograd.backward(warm_up, torch.ones_like(warm_up))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = _kernel(q, k, v, keep, gate=gate)
+        torch.autograd.backward(out, torch.ones_like(out))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_full_graph():
+    q, k, v, _ = _qkv(2, 3, 197, 64, torch.bfloat16)
+    keep = _random_keep(2, 197)
+    gate = keep.float().requires_grad_()
+
+    def f(q, k, v, keep, gate):
+        return masked_attention(q, k, v, keep, gate=gate, backend="triton").float().square().sum()
+
+    eager = torch.autograd.grad(f(q, k, v, keep, gate), (q, k, v, gate))
+    compiled = torch.autograd.grad(torch.compile(f, fullgraph=True)(q, k, v, keep, gate), (q, k, v, gate))
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b)
