@@ -217,7 +217,8 @@ def forward_kept(
         gate: optional ``(B, num_patches)`` float equal to ``keep`` in value (straight-through estimate). In
             ``"masked"`` mode every block's attention receives it as a key gate, so d(loss)/d(gate) is the gradient
             of a multiplicative key gate in every attention of the dense model, evaluated at ``gate = keep`` (dropped
-            rows are then computed, as timm computes them, instead of skipped). In
+            rows are then computed, as timm computes them, instead of skipped); a gate without a gradient to
+            compute changes nothing. In
             ``"packed"`` mode dropped tokens are gone, so a gate that requires grad raises; one that does not is
             only checked for its shape.
         return_tokens: also return the final tokens (after ``model.norm``) as ``(B, N, C)`` in the model's own
@@ -267,7 +268,7 @@ def _forward_masked(model, tokens, keep_full, gate, return_tokens):
     tokens = tokens.gather(1, order[:, :, None].expand(-1, -1, channels))
     keep_sorted = keep_full.gather(1, order)
     gate_sorted = None
-    if gate is not None:
+    if gate is not None and gate.requires_grad and torch.is_grad_enabled():  # otherwise it changes nothing
         gate_full = torch.cat([gate.new_ones(batch, model.num_prefix_tokens), gate], dim=1)
         gate_sorted = gate_full.gather(1, order)
     # The gate's gradient at a dropped key needs that token's real key in every block, i.e. its row computed as timm
