@@ -20,6 +20,8 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from timm.layers import Attention, PatchEmbed
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from .attention import MaskedAttention
@@ -39,13 +41,6 @@ def _compaction_order(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return order, torch.argsort(order, dim=1)
 
 
-def _timm_classes():
-    from timm.layers import Attention, PatchEmbed
-    from timm.models.vision_transformer import Block, VisionTransformer
-
-    return Attention, PatchEmbed, Block, VisionTransformer
-
-
 def _unsupported(name: str, module: nn.Module, why: str) -> TypeError:
     kind = f"{type(module).__module__}.{type(module).__qualname__}"
     return TypeError(f"sparsify: cannot convert {name or 'model'} ({kind}) faithfully: {why}")
@@ -57,7 +52,6 @@ def _overrides(module: nn.Module, base: type, method: str) -> bool:
 
 def _check_convertible(model: nn.Module) -> None:
     """Raise, naming the module, if any part of ``model`` mixes tokens in a way the sparse path would not reproduce."""
-    Attention, PatchEmbed, Block, VisionTransformer = _timm_classes()
     if not isinstance(model, VisionTransformer) or _overrides(model, VisionTransformer, "forward_features"):
         raise _unsupported("", model, "expected a timm VisionTransformer (vit_*, deit*, deit3_*, vit_*_dinov2); other "
                                       "families (relative position bias, rope, hybrid stems) are not implemented")
@@ -110,6 +104,10 @@ def sparsify(model: nn.Module, backend: str = "auto") -> nn.Module:
         else:
             block.attn = MaskedAttention.from_timm(block.attn, backend=backend)
     return model
+
+
+def _pool_include_prefix(model: nn.Module) -> bool:
+    return getattr(model, "pool_include_prefix", False)  # absent in older timm: prefix never pooled
 
 
 def _embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -253,7 +251,7 @@ def _forward_packed(model, tokens, keep_full, return_tokens):
         rows = _residual_rows(rows, block.ls1(attended), block.drop_path1, batch, row_image)
         rows = _residual_rows(rows, block.ls2(block.mlp(block.norm2(rows))), block.drop_path2, batch, row_image)
     rows = model.norm(rows)
-    in_pool = (packed.index % seq_len >= model.num_prefix_tokens) | model.pool_include_prefix
+    in_pool = (packed.index % seq_len >= model.num_prefix_tokens) | _pool_include_prefix(model)
     prefix_rows = packed.cu_seqlens[:-1, None].long() + torch.arange(model.num_prefix_tokens, device=rows.device)
     features = _pool(model, rows, row_image, in_pool, prefix_rows, batch)
     if return_tokens:
@@ -282,7 +280,7 @@ def _forward_masked(model, tokens, keep_full, gate, return_tokens):
     tokens = model.norm(tokens)
     rows = tokens.reshape(batch * seq_len, channels)
     row_image = image_index.repeat_interleave(seq_len)
-    in_pool = keep_sorted & ((order >= model.num_prefix_tokens) | model.pool_include_prefix)
+    in_pool = keep_sorted & ((order >= model.num_prefix_tokens) | _pool_include_prefix(model))
     prefix_rows = image_index[:, None] * seq_len + torch.arange(model.num_prefix_tokens, device=rows.device)
     features = _pool(model, rows, row_image, in_pool.reshape(-1), prefix_rows, batch)
     if return_tokens:
