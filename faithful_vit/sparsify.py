@@ -25,20 +25,11 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from .attention import MaskedAttention
-from .kernels import pack_tokens
+from .kernels import compaction_order, pack_tokens
 
 __all__ = ["forward_kept", "sparsify"]
 
 SUPPORTED_POOLS = ("token", "avg", "max", "avgmax")
-
-
-def _compaction_order(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stable partition of each row, kept positions first: ``(order, inverse)``, both ``(B, N)`` int64.
-
-    Local stand-in for ``faithful_vit.kernels.compaction_order`` (same contract) until that lands on main.
-    """
-    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
-    return order, torch.argsort(order, dim=1)
 
 
 def _unsupported(name: str, module: nn.Module, why: str) -> TypeError:
@@ -262,7 +253,7 @@ def _forward_packed(model, tokens, keep_full, return_tokens):
 def _forward_masked(model, tokens, keep_full, gate, return_tokens):
     batch, seq_len, channels = tokens.shape
     image_index = torch.arange(batch, device=tokens.device)
-    order, inverse = _compaction_order(keep_full)
+    order, inverse = compaction_order(keep_full)
     tokens = tokens.gather(1, order[:, :, None].expand(-1, -1, channels))
     keep_sorted = keep_full.gather(1, order)
     gate_sorted = None
