@@ -27,6 +27,7 @@ from ._utils import SUPPORTED_DTYPES, check_head_dim, check_same, check_tensor
 if TRITON_AVAILABLE:
     import triton
     import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
 
 def check_qkv(q, k, v, *, ndim: int, ndim_doc: str) -> None:
     """q, k, v: tensors of ``ndim`` dims, one supported dtype, one device, one shape, a head dim in 16..128."""
@@ -52,9 +53,15 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def launch_directly(kernel):
-    """The default ``launch`` of the launchers: the kernel itself; ``torch.library.wrap_triton`` inside a
-    ``triton_op``."""
+    """The default ``launch`` of the launchers: the kernel itself (:func:`launch_in_op` inside a ``triton_op``)."""
     return kernel
+
+
+def launch_in_op(kernel):
+    """The ``launch`` of the launchers inside a ``triton_op``: ``torch.library.wrap_triton``, which lets torch.compile
+    trace the launch. A Triton-interpreter kernel (CPU tests) is launched as it is: torch 2.11 refuses to wrap one
+    (torch 2.15 passes it through itself)."""
+    return kernel if isinstance(kernel, InterpretedFunction) else torch.library.wrap_triton(kernel)
 
 
 if TRITON_AVAILABLE:

@@ -41,7 +41,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._attention_core import check_interpreter_dtype, check_qkv, dot_precision, launch_directly
+from ._attention_core import check_interpreter_dtype, check_qkv, dot_precision, launch_directly, launch_in_op
 from ._backend import TRITON_AVAILABLE, resolve_backend
 from ._utils import check_tensor, empty, empty_like_strided, fmt_shape, unit_last_stride
 
@@ -182,7 +182,7 @@ if TRITON_AVAILABLE and hasattr(torch.library, "triton_op") and hasattr(torch.li
         skip_dropped_queries: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # ``gate`` is an input only so that the autograd registration can return its gradient.
-        return _masked_attention_fwd(q, k, v, keep, scale, skip_dropped_queries, launch=torch.library.wrap_triton)
+        return _masked_attention_fwd(q, k, v, keep, scale, skip_dropped_queries, launch=launch_in_op)
 
     @torch.library.triton_op("faithful_vit::masked_attention_bwd", mutates_args=())
     def _masked_attention_bwd_op(
@@ -198,7 +198,7 @@ if TRITON_AVAILABLE and hasattr(torch.library, "triton_op") and hasattr(torch.li
         gate_grad: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         dq, dk, dv, dgate_heads = _masked_attention_bwd(
-            grad_out, q, k, v, keep, out, lse, scale, skip_dropped_queries, gate_grad, launch=torch.library.wrap_triton
+            grad_out, q, k, v, keep, out, lse, scale, skip_dropped_queries, gate_grad, launch=launch_in_op
         )
         # An op has a fixed number of tensor outputs: an empty tensor stands for "no gate gradient asked".
         return dq, dk, dv, dgate_heads if gate_grad else lse.new_empty(0)

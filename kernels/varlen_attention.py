@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._attention_core import check_interpreter_dtype, check_qkv, dot_precision, launch_directly
+from ._attention_core import check_interpreter_dtype, check_qkv, dot_precision, launch_directly, launch_in_op
 from ._backend import TRITON_AVAILABLE, resolve_backend
 from ._utils import check_tensor, empty, fmt_shape, unit_last_stride
 
@@ -134,7 +134,7 @@ if TRITON_AVAILABLE and hasattr(torch.library, "triton_op") and hasattr(torch.li
     def _varlen_attention_fwd_op(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return _varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale, launch=torch.library.wrap_triton)
+        return _varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale, launch=launch_in_op)
 
     @torch.library.triton_op("faithful_vit::varlen_attention_bwd", mutates_args=())
     def _varlen_attention_bwd_op(
@@ -142,7 +142,7 @@ if TRITON_AVAILABLE and hasattr(torch.library, "triton_op") and hasattr(torch.li
         lse: torch.Tensor, grad_out: torch.Tensor, max_seqlen: int, scale: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return _varlen_attention_bwd(
-            q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, scale, launch=torch.library.wrap_triton
+            q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, scale, launch=launch_in_op
         )
 
     def _setup_context(ctx, inputs, output):
