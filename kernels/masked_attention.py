@@ -15,6 +15,9 @@ Algorithm (FlashAttention-2 style, exp2 domain, fp32 accumulation):
       Dead key blocks write zero dK/dV. No atomics, so the backward is deterministic.
     * After :func:`compaction_order` is applied to the token sequence (kept tokens first), the live blocks are the
       first ``ceil(kept / BLOCK)`` ones and the work is proportional to (kept blocks)^2.
+    * The per-block math of the three loops (online softmax step, dK/dV step, dQ step) is shared with varlen
+      attention through :mod:`._attention_core`, with ``keep`` as the per-token validity mask; this module holds the
+      live-block indexing, the masked loads, the gate term, grids, configs and autograd wiring.
 
 Gate gradient: when ``gate`` requires grad, the backward returns the derivative of the multiplicative key gate
 ``out_i = sum_j g_j exp(s_ij) v_j / sum_j g_j exp(s_ij)`` at ``g = keep``, for every key, kept or dropped. For a
@@ -38,36 +41,24 @@ from __future__ import annotations
 import torch
 
 from . import reference
+from ._attention_core import check_interpreter_dtype, check_qkv, dot_precision, launch_directly, launch_in_op
 from ._backend import TRITON_AVAILABLE, resolve_backend
-from ._utils import (
-    SUPPORTED_DTYPES,
-    check_head_dim,
-    check_same,
-    check_tensor,
-    empty,
-    empty_like_strided,
-    fmt_shape,
-    unit_last_stride,
-)
+from ._utils import check_tensor, empty, empty_like_strided, fmt_shape, unit_last_stride
 
 if TRITON_AVAILABLE:
     import triton
     import triton.language as tl
 
+    from ._attention_core import LOG2E, attn_bwd_dkdv_step, attn_bwd_dq_step, attn_fwd_step
+
 __all__ = ["compaction_order", "masked_attention"]
 
-_LOG2E = 1.4426950408889634
 # Outputs and gradients are stored as (B, N, H, D) in memory so that timm's transpose(1, 2).reshape(B, N, C) is free.
 _BNHD = (0, 2, 1, 3)
 
 
 def _validate(q, k, v, keep, gate) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, t, ndim=4, dtypes=SUPPORTED_DTYPES, ndim_doc="(B, H, N, D)")
-    check_same(("q", "k", "v"), (q, k, v))
-    if k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"k, v: expected the shape of q {tuple(q.shape)}, got {tuple(k.shape)} and {tuple(v.shape)}")
-    check_head_dim("q", q.shape[-1])
+    check_qkv(q, k, v, ndim=4, ndim_doc="(B, H, N, D)")
     check_tensor("keep", keep, ndim=2, dtypes=(torch.bool,), ndim_doc="(B, N)")
     batch, _, seq_len, _ = q.shape
     if keep.shape != (batch, seq_len):
@@ -110,9 +101,7 @@ def masked_attention(
     _validate(q, k, v, keep, gate)
     if resolve_backend(backend, (q,)) == "torch":
         return _torch_masked_attention(q, k, v, keep, scale, gate, skip_dropped_queries)
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-        raise TypeError("q: the Triton interpreter (CPU) cannot run bf16 dots; got torch.bfloat16, use fp16/fp32 or "
-                        "backend='torch'")
+    check_interpreter_dtype(q)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v = (unit_last_stride(t) for t in (q, k, v))
     if q.is_cuda and _OPS_REGISTERED:
@@ -193,7 +182,7 @@ if TRITON_AVAILABLE and hasattr(torch.library, "triton_op") and hasattr(torch.li
         skip_dropped_queries: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # ``gate`` is an input only so that the autograd registration can return its gradient.
-        return _masked_attention_fwd(q, k, v, keep, scale, skip_dropped_queries, wrap=torch.library.wrap_triton)
+        return _masked_attention_fwd(q, k, v, keep, scale, skip_dropped_queries, launch=launch_in_op)
 
     @torch.library.triton_op("faithful_vit::masked_attention_bwd", mutates_args=())
     def _masked_attention_bwd_op(
@@ -209,7 +198,7 @@ if TRITON_AVAILABLE and hasattr(torch.library, "triton_op") and hasattr(torch.li
         gate_grad: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         dq, dk, dv, dgate_heads = _masked_attention_bwd(
-            grad_out, q, k, v, keep, out, lse, scale, skip_dropped_queries, gate_grad, wrap=torch.library.wrap_triton
+            grad_out, q, k, v, keep, out, lse, scale, skip_dropped_queries, gate_grad, launch=launch_in_op
         )
         # An op has a fixed number of tensor outputs: an empty tensor stands for "no gate gradient asked".
         return dq, dk, dv, dgate_heads if gate_grad else lse.new_empty(0)
@@ -237,10 +226,6 @@ if TRITON_AVAILABLE and hasattr(torch.library, "triton_op") and hasattr(torch.li
 
 
 # ---- Launchers ---------------------------------------------------------------------------------------------------
-
-
-def _identity(kernel):
-    return kernel
 
 
 def _live_blocks(keep: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,11 +256,7 @@ def _all_blocks(keep: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Ten
     return order, torch.full((batch,), num_blocks, dtype=torch.int32, device=keep.device)
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _masked_attention_fwd(q, k, v, keep, scale, skip_dropped_queries, wrap=_identity):
+def _masked_attention_fwd(q, k, v, keep, scale, skip_dropped_queries, launch=launch_directly):
     """Launch the forward kernel. Returns ``out`` ``(B, H, N, D)`` (memory ``(B, N, H, D)``) and ``lse`` ``(B, H, N)``
     fp32 (base 2, of scores scaled by ``scale * log2(e)``; -inf where the row is not computed)."""
     batch, heads, seq_len, head_dim = q.shape
@@ -285,23 +266,25 @@ def _masked_attention_fwd(q, k, v, keep, scale, skip_dropped_queries, wrap=_iden
     out = empty_like_strided(q, (batch, heads, seq_len, head_dim), _BNHD)
     lse = empty(batch, heads, seq_len, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(seq_len, cfg["BLOCK_M"]), batch * heads)
-    wrap(_masked_attn_fwd_kernel)[grid](
+    launch(_masked_attn_fwd_kernel)[grid](
         q, k, v, keep_i8, k_order, k_count, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), keep_i8.stride(0), k_order.stride(0),
-        heads, seq_len, scale * _LOG2E,
+        heads, seq_len, scale * LOG2E.value,
         HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"],
         SKIP_DROPPED_QUERIES=skip_dropped_queries,
-        DOT_PRECISION=_dot_precision(q.dtype),
+        DOT_PRECISION=dot_precision(q.dtype),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
     return out, lse
 
 
-def _masked_attention_bwd(grad_out, q, k, v, keep, out, lse, scale, skip_dropped_queries, gate_grad, wrap=_identity):
+def _masked_attention_bwd(
+    grad_out, q, k, v, keep, out, lse, scale, skip_dropped_queries, gate_grad, launch=launch_directly
+):
     """Launch the backward kernels. Returns dq, dk, dv ``(B, H, N, D)`` and, when ``gate_grad``, the per-head gate
     gradient ``(B, H, N)`` fp32 (else None)."""
     batch, heads, seq_len, head_dim = q.shape
@@ -312,32 +295,32 @@ def _masked_attention_bwd(grad_out, q, k, v, keep, out, lse, scale, skip_dropped
     q_order, q_count = (_live_blocks if skip_dropped_queries else _all_blocks)(keep, block_m)
     k_order, k_count = _live_blocks(keep, block_n)
     block_d = triton.next_power_of_2(head_dim)
-    precision = _dot_precision(q.dtype)
-    launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    precision = dot_precision(q.dtype)
+    options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
 
     delta = empty(batch, heads, seq_len, dtype=torch.float32, device=q.device)
-    wrap(_masked_attn_bwd_preprocess_kernel)[(triton.cdiv(seq_len, block_m), batch * heads)](
+    launch(_masked_attn_bwd_preprocess_kernel)[(triton.cdiv(seq_len, block_m), batch * heads)](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, seq_len,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m,
     )
 
     dq, dk, dv = (empty_like_strided(q, (batch, heads, seq_len, head_dim), _BNHD) for _ in range(3))
     dgate_heads = empty(batch, heads, seq_len if gate_grad else 1, dtype=torch.float32, device=q.device)
-    wrap(_masked_attn_bwd_dkdv_kernel)[(triton.cdiv(seq_len, block_n), batch * heads)](
+    launch(_masked_attn_bwd_dkdv_kernel)[(triton.cdiv(seq_len, block_n), batch * heads)](
         q, k, v, grad_out, keep_i8, q_order, q_count, lse, delta, dk, dv, dgate_heads,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
         keep_i8.stride(0), q_order.stride(0),
-        heads, seq_len, scale, scale * _LOG2E,
+        heads, seq_len, scale, scale * LOG2E.value,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        GATE_GRAD=gate_grad, DOT_PRECISION=precision, **launch,
+        GATE_GRAD=gate_grad, DOT_PRECISION=precision, **options,
     )
-    wrap(_masked_attn_bwd_dq_kernel)[(triton.cdiv(seq_len, block_m), batch * heads)](
+    launch(_masked_attn_bwd_dq_kernel)[(triton.cdiv(seq_len, block_m), batch * heads)](
         q, k, v, grad_out, keep_i8, k_order, k_count, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
         keep_i8.stride(0), k_order.stride(0),
-        heads, seq_len, scale, scale * _LOG2E,
+        heads, seq_len, scale, scale * LOG2E.value,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        DOT_PRECISION=precision, **launch,
+        DOT_PRECISION=precision, **options,
     )
     return dq, dk, dv, (dgate_heads if gate_grad else None)
 
@@ -427,17 +410,10 @@ if TRITON_AVAILABLE:
             kv_mask = keep_k[:, None] & in_d[None, :]
             k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                         mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-            s = tl.where(keep_k[None, :], s, float("-inf"))
-            # A live block has a kept key, so m_new is finite and exp2(-inf - m_new) = 0 needs no guard.
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.math.exp2(m_i - m_new)
-            p = tl.math.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                         mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
+            # A live block has a kept key, so the running max is finite after the step: no guard is needed.
+            m_i, l_i, acc = attn_fwd_step(q, tl.trans(k), v, keep_k, m_i, l_i, acc, qk_scale, DOT_PRECISION)
 
         row_valid = in_m & (l_i > 0)
         if SKIP_DROPPED_QUERIES:
@@ -548,14 +524,9 @@ if TRITON_AVAILABLE:
             # Rows with lse = -inf (not computed, or no kept key) contribute nothing; select, never multiply.
             row_valid = lse != float("-inf")
             lse = tl.where(row_valid, lse, 0.0)
-            # Transposed tiles: rows are keys, columns are queries.
-            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
-            p_t = tl.where(keep_k[:, None] & row_valid[None, :], tl.math.exp2(s_t - lse[None, :]), 0.0)
-            dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+            dk, dv = attn_bwd_dkdv_step(k, v, q, do, lse, delta, keep_k, row_valid, dk, dv, qk_scale, DOT_PRECISION)
             if GATE_GRAD:
+                # Transposed tiles like the step's: rows are keys, columns are queries.
                 s_real = tl.dot(k_real, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
                 dp_real = tl.dot(v_real, tl.trans(do), input_precision=DOT_PRECISION)
                 term = tl.math.exp2(s_real - lse[None, :]) * (dp_real - delta[None, :])
@@ -624,9 +595,6 @@ if TRITON_AVAILABLE:
                         mask=kv_mask, other=0.0)
             v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                         mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-            p = tl.where(row_valid[:, None] & keep_k[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+            dq = attn_bwd_dq_step(q, do, tl.trans(k), tl.trans(v), lse, delta, row_valid, keep_k, dq, qk_scale,
+                                  DOT_PRECISION)
         tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=qd_mask)

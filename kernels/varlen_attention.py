@@ -22,34 +22,32 @@ The number of sequences and of heads are each limited to 65535 (CUDA grid dims 1
 torch.compile: on CUDA the kernels run inside the ``faithful_vit::varlen_attention_fwd/_bwd`` ``triton_op``s (torch
 >= 2.6), which Inductor traces without a graph break (the host check of ``cu_seqlens`` is skipped while compiling).
 On the CPU (the Triton interpreter, for tests; no bf16 there) they are launched directly through
-:class:`VarlenAttentionFunction`, because Inductor cannot compile a ``triton_op`` for the CPU. The forward's online
-softmax step, :func:`_attn_fwd_step`, is written to be shared with other attention kernels.
+:class:`VarlenAttentionFunction`, because Inductor cannot compile a ``triton_op`` for the CPU.
+
+The per-block math (online softmax step, dK/dV and dQ steps) is shared with masked attention through
+:mod:`._attention_core`; this module holds the sequence indexing, grids, configs and autograd wiring.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import reference
+from ._attention_core import check_interpreter_dtype, check_qkv, dot_precision, launch_directly, launch_in_op
 from ._backend import TRITON_AVAILABLE, resolve_backend
-from ._utils import SUPPORTED_DTYPES, check_head_dim, check_same, check_tensor, empty, fmt_shape, unit_last_stride
+from ._utils import check_tensor, empty, fmt_shape, unit_last_stride
 
 if TRITON_AVAILABLE:
     import triton
     import triton.language as tl
 
+    from ._attention_core import LN2, LOG2E, attn_bwd_dkdv_step, attn_bwd_dq_step, attn_fwd_step
+
 __all__ = ["VarlenAttentionFunction", "get_bwd_config", "get_fwd_config", "varlen_attention"]
 
 
 def _validate(q, k, v, cu_seqlens, max_seqlen, check_cu_seqlens: bool) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, t, ndim=3, dtypes=SUPPORTED_DTYPES, ndim_doc="(T, H, D)")
-    check_same(("q", "k", "v"), (q, k, v))
-    if k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"k, v: expected the shape of q {tuple(q.shape)}, got {tuple(k.shape)} and {tuple(v.shape)}")
-    check_head_dim("q", q.shape[-1])
+    check_qkv(q, k, v, ndim=3, ndim_doc="(T, H, D)")
     check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,), ndim_doc="(B + 1,)")
     if cu_seqlens.numel() < 1:
         raise ValueError(f"cu_seqlens: expected at least one entry (B + 1 >= 1), got {fmt_shape(cu_seqlens)}")
@@ -98,9 +96,7 @@ def varlen_attention(
     _validate(q, k, v, cu_seqlens, max_seqlen, check_cu_seqlens)
     if resolve_backend(backend, (q,)) == "torch":
         return reference.varlen_attention_ref(q, k, v, cu_seqlens, scale=scale, upcast=False)
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-        raise TypeError("q: the Triton interpreter (CPU) cannot run bf16 dots; got torch.bfloat16, use fp16/fp32 or "
-                        "backend='torch'")
+    check_interpreter_dtype(q)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v = (unit_last_stride(t) for t in (q, k, v))
     if q.is_cuda and _OPS_REGISTERED:
@@ -138,7 +134,7 @@ if TRITON_AVAILABLE and hasattr(torch.library, "triton_op") and hasattr(torch.li
     def _varlen_attention_fwd_op(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return _varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale, launch=torch.library.wrap_triton)
+        return _varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale, launch=launch_in_op)
 
     @torch.library.triton_op("faithful_vit::varlen_attention_bwd", mutates_args=())
     def _varlen_attention_bwd_op(
@@ -146,7 +142,7 @@ if TRITON_AVAILABLE and hasattr(torch.library, "triton_op") and hasattr(torch.li
         lse: torch.Tensor, grad_out: torch.Tensor, max_seqlen: int, scale: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return _varlen_attention_bwd(
-            q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, scale, launch=torch.library.wrap_triton
+            q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, scale, launch=launch_in_op
         )
 
     def _setup_context(ctx, inputs, output):
@@ -170,16 +166,7 @@ if TRITON_AVAILABLE and hasattr(torch.library, "triton_op") and hasattr(torch.li
 # ---- Launchers ----
 
 
-def _launch_directly(kernel):
-    return kernel
-
-
-def _input_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs get exact fp32 dots (tf32 would lose ~3 digits); the setting does not apply to fp16/bf16.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale, launch=_launch_directly):
+def _varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale, launch=launch_directly):
     """Returns ``out`` ``(T, H, D)`` and the natural-log ``lse`` ``(H, T)`` fp32."""
     total, num_heads, head_dim = q.shape
     batch = cu_seqlens.shape[0] - 1
@@ -194,14 +181,14 @@ def _varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale, launch=_launch
     launch(_varlen_attn_fwd_kernel)[grid](
         q, k, v, out, lse, cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        lse.stride(0), scale * math.log2(math.e),
-        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), INPUT_PRECISION=_input_precision(q.dtype),
+        lse.stride(0), scale * LOG2E.value,
+        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), INPUT_PRECISION=dot_precision(q.dtype),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out, lse
 
 
-def _varlen_attention_bwd(q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, scale, launch=_launch_directly):
+def _varlen_attention_bwd(q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, scale, launch=launch_directly):
     """Returns dq, dk, dv, each ``(T, H, D)`` contiguous in the dtype of ``q``."""
     total, num_heads, head_dim = q.shape
     batch = cu_seqlens.shape[0] - 1
@@ -211,7 +198,7 @@ def _varlen_attention_bwd(q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, s
         return dq, dk, dv
     head_dim = int(head_dim)
     block_d = triton.next_power_of_2(head_dim)
-    precision = _input_precision(q.dtype)
+    precision = dot_precision(q.dtype)
     cfg = get_bwd_config(int(max_seqlen), head_dim, q.dtype)
 
     delta = empty(num_heads, total, dtype=torch.float32, device=q.device)
@@ -281,27 +268,6 @@ def get_bwd_config(max_seqlen: int, head_dim: int, dtype: torch.dtype) -> dict[s
 if TRITON_AVAILABLE:
 
     @triton.jit
-    def _attn_fwd_step(q, kt, v, key_valid, m_i, l_i, acc, qk_scale_log2, INPUT_PRECISION: tl.constexpr):
-        """One key block of the online softmax (exp2 domain, fp32 state); shareable with any attention forward.
-
-        Args: q ``(BLOCK_M, BLOCK_D)``, kt ``(BLOCK_D, BLOCK_N)`` (keys transposed), v ``(BLOCK_N, BLOCK_D)``,
-        key_valid ``(BLOCK_N,)`` bool (invalid keys get weight 0), running max ``m_i`` and sum ``l_i`` ``(BLOCK_M,)``
-        (log2 units), ``acc`` ``(BLOCK_M, BLOCK_D)`` unnormalised output. The caller makes sure the running max is
-        finite after the step (some key valid), or guards rows whose keys are all invalid itself.
-
-        Returns: the updated ``m_i, l_i, acc``.
-        """
-        scores = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale_log2
-        scores = tl.where(key_valid[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        p = tl.exp2(scores - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
-        return m_new, l_i, acc
-
-
-    @triton.jit
     def _varlen_attn_fwd_kernel(
         Q, K, V, Out, Lse, CuSeqlens,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
@@ -347,12 +313,12 @@ if TRITON_AVAILABLE:
                          mask=mask_n[None, :] & mask_d[:, None], other=0.0)
             v = tl.load(V + rows_n[:, None] * stride_vt + head * stride_vh + offs_d[None, :],
                         mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-            m_i, l_i, acc = _attn_fwd_step(q, kt, v, mask_n, m_i, l_i, acc, qk_scale_log2, INPUT_PRECISION)
+            m_i, l_i, acc = attn_fwd_step(q, kt, v, mask_n, m_i, l_i, acc, qk_scale_log2, INPUT_PRECISION)
 
         acc = acc / l_i[:, None]
         tl.store(Out + rows_m[:, None] * stride_ot + head * stride_oh + offs_d[None, :], acc.to(Out.dtype.element_ty),
                  mask=mask_m[:, None] & mask_d[None, :])
-        lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # back to natural log
+        lse = (m_i + tl.log2(l_i)) * LN2  # back to natural log
         tl.store(Lse + head * stride_lse_h + rows_m, lse, mask=mask_m)
 
 
@@ -403,7 +369,7 @@ if TRITON_AVAILABLE:
         if pid_n * BLOCK_N >= seq_len:
             return
 
-        qk_scale_log2 = scale * 1.4426950408889634
+        qk_scale_log2 = scale * LOG2E
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_m = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
@@ -424,15 +390,9 @@ if TRITON_AVAILABLE:
             q = tl.load(Q + rows_m[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=mask_md, other=0.0)
             do = tl.load(DOut + rows_m[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=mask_md,
                          other=0.0)
-            lse = tl.load(Lse + head * stride_lse_h + rows_m, mask=mask_m, other=0.0) * 1.4426950408889634
+            lse = tl.load(Lse + head * stride_lse_h + rows_m, mask=mask_m, other=0.0) * LOG2E
             delta = tl.load(Delta + head * stride_lse_h + rows_m, mask=mask_m, other=0.0)
-            # Transposed scores (keys x queries) so both products below need no further transpose of p or ds.
-            scores_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale_log2
-            p_t = tl.where(mask_n[:, None] & mask_m[None, :], tl.exp2(scores_t - lse[None, :]), 0.0)
-            dv += tl.dot(p_t.to(do.dtype), do, input_precision=INPUT_PRECISION)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=INPUT_PRECISION)
+            dk, dv = attn_bwd_dkdv_step(k, v, q, do, lse, delta, mask_n, mask_m, dk, dv, qk_scale_log2, INPUT_PRECISION)
 
         dk *= scale
         tl.store(DK + rows_n[:, None] * stride_dkt + head * stride_dkh + offs_d[None, :], dk.to(DK.dtype.element_ty),
@@ -465,7 +425,7 @@ if TRITON_AVAILABLE:
         if pid_m * BLOCK_M >= seq_len:
             return
 
-        qk_scale_log2 = scale * 1.4426950408889634
+        qk_scale_log2 = scale * LOG2E
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
@@ -475,7 +435,7 @@ if TRITON_AVAILABLE:
         mask_md = mask_m[:, None] & mask_d[None, :]
         q = tl.load(Q + rows_m[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=mask_md, other=0.0)
         do = tl.load(DOut + rows_m[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=mask_md, other=0.0)
-        lse = tl.load(Lse + head * stride_lse_h + rows_m, mask=mask_m, other=0.0) * 1.4426950408889634
+        lse = tl.load(Lse + head * stride_lse_h + rows_m, mask=mask_m, other=0.0) * LOG2E
         delta = tl.load(Delta + head * stride_lse_h + rows_m, mask=mask_m, other=0.0)
 
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -487,11 +447,7 @@ if TRITON_AVAILABLE:
                          mask=mask_n[None, :] & mask_d[:, None], other=0.0)
             vt = tl.load(V + rows_n[None, :] * stride_vt + head * stride_vh + offs_d[:, None],
                          mask=mask_n[None, :] & mask_d[:, None], other=0.0)
-            scores = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale_log2
-            p = tl.where(mask_m[:, None] & mask_n[None, :], tl.exp2(scores - lse[:, None]), 0.0)
-            dp = tl.dot(do, vt, input_precision=INPUT_PRECISION)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=INPUT_PRECISION)
+            dq = attn_bwd_dq_step(q, do, kt, vt, lse, delta, mask_m, mask_n, dq, qk_scale_log2, INPUT_PRECISION)
 
         dq *= scale
         tl.store(DQ + rows_m[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :], dq.to(DQ.dtype.element_ty),

@@ -1,0 +1,131 @@
+"""What the two attention kernel families share: the per-block math of their loops and the checks of q, k, v.
+
+Masked attention (:mod:`.masked_attention`, ``(B, H, N, D)`` with a keep mask) and varlen attention
+(:mod:`.varlen_attention`, packed ``(T, H, D)`` rows with ``cu_seqlens``) are the same FlashAttention-2 scheme: a
+forward with an online softmax in the exp2 domain and fp32 state, and an atomics-free backward made of a dK/dV kernel
+(one key block, looping over query blocks) and a dQ kernel (one query block, looping over key blocks). They differ only
+in which blocks a program visits and how it addresses their rows (live-block lists vs sequence offsets), so each
+family keeps its kernels, grids and autograd wiring, and calls the ``@triton.jit`` steps below on tiles it has loaded,
+with per-token validity masks that say which keys and queries are real (kept, or inside the sequence).
+
+Tile layouts: ``q``, ``do``, ``k``, ``v`` are ``(rows, BLOCK_D)``; ``kt``, ``vt`` are the key-side tiles transposed,
+``(BLOCK_D, BLOCK_N)`` (a caller that loaded ``k`` passes ``tl.trans(k)``). Log-sum-exps and scores are in log2 units
+(natural-log values times :data:`LOG2E`). Invalid (query, key) pairs get exactly zero weight through ``tl.where``;
+the steps rely on the callers to load rows outside their masks as zeros, so non-finite values there are never read.
+
+The kernels call these steps by their own names (no ``import ... as``): torch.compile copies a ``triton_op``'s kernel
+source together with the ``@triton.jit`` functions and ``tl.constexpr`` globals it names, and looks them up by name.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._backend import TRITON_AVAILABLE
+from ._utils import SUPPORTED_DTYPES, check_head_dim, check_same, check_tensor
+
+if TRITON_AVAILABLE:
+    import triton
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+def check_qkv(q, k, v, *, ndim: int, ndim_doc: str) -> None:
+    """q, k, v: tensors of ``ndim`` dims, one supported dtype, one device, one shape, a head dim in 16..128."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, ndim=ndim, dtypes=SUPPORTED_DTYPES, ndim_doc=ndim_doc)
+    check_same(("q", "k", "v"), (q, k, v))
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"k, v: expected the shape of q {tuple(q.shape)}, got {tuple(k.shape)} and {tuple(v.shape)}")
+    check_head_dim("q", q.shape[-1])
+
+
+def check_interpreter_dtype(q: torch.Tensor) -> None:
+    """The Triton interpreter (CPU) has no bf16 dots: refuse bf16 there rather than fail inside a kernel."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        raise TypeError("q: the Triton interpreter (CPU) cannot run bf16 dots; got torch.bfloat16, use fp16/fp32 or "
+                        "backend='torch'")
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` of the kernels' dots: fp32 inputs get exact fp32 dots (tf32 would lose ~3 digits); the
+    setting does not apply to fp16/bf16."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def launch_directly(kernel):
+    """The default ``launch`` of the launchers: the kernel itself (:func:`launch_in_op` inside a ``triton_op``)."""
+    return kernel
+
+
+def launch_in_op(kernel):
+    """The ``launch`` of the launchers inside a ``triton_op``: ``torch.library.wrap_triton``, which lets torch.compile
+    trace the launch. A Triton-interpreter kernel (CPU tests) is launched as it is: torch 2.11 refuses to wrap one
+    (torch 2.15 passes it through itself)."""
+    return kernel if isinstance(kernel, InterpretedFunction) else torch.library.wrap_triton(kernel)
+
+
+if TRITON_AVAILABLE:
+    # Kernels may read only constexpr globals; host code uses ``.value``.
+    LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): natural-log units to log2 units
+    LN2 = tl.constexpr(0.6931471805599453)  # ln(2): log2 units back to natural-log units
+
+    @triton.jit
+    def attn_fwd_step(q, kt, v, key_valid, m_i, l_i, acc, qk_scale_log2, INPUT_PRECISION: tl.constexpr):
+        """One key block of the online softmax (exp2 domain, fp32 state).
+
+        Args: q ``(BLOCK_M, BLOCK_D)``, kt ``(BLOCK_D, BLOCK_N)``, v ``(BLOCK_N, BLOCK_D)``, key_valid ``(BLOCK_N,)``
+        bool (invalid keys get weight 0), running max ``m_i`` and sum ``l_i`` ``(BLOCK_M,)`` (log2 units), ``acc``
+        ``(BLOCK_M, BLOCK_D)`` unnormalised output, ``qk_scale_log2`` = softmax scale * log2(e). The caller makes
+        sure the running max is finite after the step (some key valid), or guards rows whose keys are all invalid.
+
+        Returns: the updated ``m_i, l_i, acc``.
+        """
+        scores = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale_log2
+        scores = tl.where(key_valid[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        p = tl.exp2(scores - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+        return m_new, l_i, acc
+
+    @triton.jit
+    def attn_bwd_dkdv_step(k, v, q, do, lse_log2, delta, key_valid, query_valid, dk, dv, qk_scale_log2,
+                           INPUT_PRECISION: tl.constexpr):
+        """Add one query block's contribution to the dK, dV of a key block (dK still unscaled by the softmax scale).
+
+        Args: k, v ``(BLOCK_N, BLOCK_D)`` (the key block), q, do ``(BLOCK_M, BLOCK_D)`` (the query block and its
+        output gradient), ``lse_log2`` ``(BLOCK_M,)`` log-sum-exp in log2 units and ``delta`` ``(BLOCK_M,)``
+        ``rowsum(dO * O)`` of those queries, key_valid ``(BLOCK_N,)`` and query_valid ``(BLOCK_M,)`` bool (a pair with
+        an invalid side contributes exactly zero), dk, dv ``(BLOCK_N, BLOCK_D)`` fp32 accumulators, ``qk_scale_log2``
+        = softmax scale * log2(e).
+
+        Returns: the updated ``dk, dv``.
+        """
+        # Transposed scores (keys x queries) so that both products below need no further transpose of p or ds.
+        scores_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale_log2
+        p_t = tl.where(key_valid[:, None] & query_valid[None, :], tl.exp2(scores_t - lse_log2[None, :]), 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=INPUT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=INPUT_PRECISION)
+        return dk, dv
+
+    @triton.jit
+    def attn_bwd_dq_step(q, do, kt, vt, lse_log2, delta, query_valid, key_valid, dq, qk_scale_log2,
+                         INPUT_PRECISION: tl.constexpr):
+        """Add one key block's contribution to the dQ of a query block (still unscaled by the softmax scale).
+
+        Args: q, do ``(BLOCK_M, BLOCK_D)`` (the query block and its output gradient), kt, vt ``(BLOCK_D, BLOCK_N)``
+        (the key block, transposed), ``lse_log2`` and ``delta`` ``(BLOCK_M,)`` as in :func:`attn_bwd_dkdv_step`,
+        query_valid ``(BLOCK_M,)`` and key_valid ``(BLOCK_N,)`` bool, dq ``(BLOCK_M, BLOCK_D)`` fp32 accumulator,
+        ``qk_scale_log2`` = softmax scale * log2(e).
+
+        Returns: the updated ``dq``.
+        """
+        scores = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale_log2
+        p = tl.where(query_valid[:, None] & key_valid[None, :], tl.exp2(scores - lse_log2[:, None]), 0.0)
+        dp = tl.dot(do, vt, input_precision=INPUT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=INPUT_PRECISION)
+        return dq
