@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import importlib
+import importlib.metadata
 import json
 import math
 import os
@@ -52,10 +53,11 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _version(module: str) -> str | None:
+def _version(distribution: str) -> str | None:
+    """Installed version from the package metadata (no import: importing timm or xformers takes seconds)."""
     try:
-        return importlib.import_module(module).__version__
-    except Exception:  # noqa: BLE001 - an absent or broken package is recorded as absent
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
         return None
 
 

@@ -88,12 +88,13 @@ def make_case(batch: int, seq_len: int, heads: int, head_dim: int, kept: float, 
     gen = torch.Generator().manual_seed(seed)
     num_prefix, grid = C.token_layout(seq_len)
     keep = C.with_prefix(C.blob_keep(batch, grid, kept, gen), num_prefix).to(device)
-    qkv = torch.randn(batch, seq_len, 3, heads, head_dim, generator=gen).to(device, dtype)
+    device_gen = torch.Generator(device=device).manual_seed(seed)  # large tensors are drawn where they live
+    qkv = torch.randn(batch, seq_len, 3, heads, head_dim, generator=device_gen, device=device).to(dtype)
     index = torch.nonzero(keep.reshape(-1)).squeeze(1)
     counts = keep.sum(1)
     cu_seqlens = F.pad(torch.cumsum(counts, 0, dtype=torch.int32), (1, 0))
     packed = qkv.reshape(batch * seq_len, 3, heads, head_dim).index_select(0, index).detach()
-    grad_out = torch.randn(batch, seq_len, heads, head_dim, generator=gen).to(device, dtype)
+    grad_out = torch.randn(batch, seq_len, heads, head_dim, generator=device_gen, device=device).to(dtype)
     grad_packed = grad_out.reshape(batch * seq_len, heads, head_dim).index_select(0, index)
     qkv.requires_grad_(with_grad)
     packed.requires_grad_(with_grad)
@@ -357,9 +358,11 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, default=C.RESULTS_DIR / "latest", help="output folder")
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
-    if args.smoke:
-        args.n, args.head_dim, args.kept = "37,65", "16", "1.0,0.5,0.1"
-        args.width, args.tokens = 32, 130
+    if args.smoke:  # tiny shapes unless given explicitly
+        for name, value in (("n", "37,65"), ("head_dim", "16"), ("kept", "1.0,0.5,0.1"), ("width", 32),
+                            ("tokens", 130)):
+            if getattr(args, name) == parser.get_default(name):
+                setattr(args, name, value)
         args.warmup, args.min_iters, args.max_iters, args.budget_s = 1, 1, 1, 0.0
     if args.quick:
         args.warmup, args.min_iters, args.max_iters, args.budget_s = 3, 5, 50, 0.1
@@ -412,6 +415,7 @@ def main(argv=None) -> list[dict]:
                     del case
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
+            C.write_results(rows, args.out, "attention")  # after every N, so a run cut short keeps what it measured
     add_speedups(rows)
     C.write_results(rows, args.out, "attention")
     if not args.no_plots:

@@ -216,6 +216,7 @@ def run_layer_suite(args, device: torch.device, env: dict) -> list[dict]:
                     rows.append(row)
                     _print_row(row)
         del block
+        C.write_results(rows, args.out, "model")  # after every model, so a run cut short keeps what it measured
     return rows
 
 
@@ -241,7 +242,7 @@ def _force_keep(model: nn.Module, keep_holder: dict) -> None:
     model.compute_keep = forced
 
 
-def run_model_suites(args, device: torch.device, env: dict, suites: list[str]) -> list[dict]:
+def run_model_suites(args, device: torch.device, env: dict, suites: list[str], prior_rows: list[dict]) -> list[dict]:
     rows = []
     for model_name in args.models.split(","):
         preset = MODEL_PRESETS.get(model_name, model_name)
@@ -283,6 +284,7 @@ def run_model_suites(args, device: torch.device, env: dict, suites: list[str]) -
                         rows.append(row)
                         _print_row(row)
         del model
+        C.write_results(prior_rows + rows, args.out, "model")
     return rows
 
 
@@ -374,6 +376,8 @@ def parse_args(argv=None):
         args.warmup, args.min_iters, args.max_iters, args.budget_s = 2, 3, 20, 0.3
     if args.smoke:
         args.kept, args.layer_kept = "0.5", "0.5"
+        args.layer_models = "vit_s16_224" if args.layer_models == parser.get_default("layer_models") else \
+            args.layer_models
         args.batch, args.layer_batch = min(args.batch or 4, 4), 2
         args.warmup, args.min_iters, args.max_iters, args.budget_s = 0, 1, 1, 0.0
     return args
@@ -400,7 +404,7 @@ def main(argv=None) -> list[dict]:
         rows += run_layer_suite(args, device, env)
     model_suites = [s for s in suites if s != "layer"]
     if model_suites:
-        rows += run_model_suites(args, device, env, model_suites)
+        rows += run_model_suites(args, device, env, model_suites, rows)
     add_speedups(rows)
     C.write_results(rows, args.out, "model")
     if not args.no_plots:
