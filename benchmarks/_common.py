@@ -158,6 +158,35 @@ def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 5, 
     return Timing(_quantile(times, 0.5), _quantile(times, 0.2), _quantile(times, 0.8), iters)
 
 
+def measure_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, *, warmup: int = 1,
+                        rounds: int = 5) -> dict[str, Timing | Exception]:
+    """Time several callables round-robin: each round calls every one once, ``rounds`` rounds.
+
+    For a shared, noisy machine (the CPU variant): load changes then hit every candidate alike instead of whichever
+    happened to run during a busy stretch. A callable that raises is returned as its exception and dropped from the
+    remaining rounds.
+    """
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    failed: dict[str, Exception] = {}
+    for round_index in range(warmup + rounds):
+        for name, fn in fns.items():
+            if name in failed:
+                continue
+            try:
+                elapsed = timed_once_ms(fn, device)
+            except Exception as exc:  # noqa: BLE001 - handed back to the caller, which records it
+                failed[name] = exc
+                continue
+            if round_index >= warmup:
+                times[name].append(elapsed)
+    results: dict[str, Timing | Exception] = dict(failed)
+    for name, values in times.items():
+        if name not in failed:
+            values.sort()
+            results[name] = Timing(_quantile(values, 0.5), _quantile(values, 0.2), _quantile(values, 0.8), len(values))
+    return results
+
+
 def timed_once_ms(fn: Callable[[], object], device: torch.device) -> float:
     """Wall time of one call (for one-off costs such as a mask build), device work included."""
     if device.type == "cuda":

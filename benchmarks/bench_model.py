@@ -132,25 +132,43 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
 
 
-def _measure_row(fn: Callable[[], object], device: torch.device, args) -> dict:
-    """Time ``fn`` and read its peak memory; failures become a status and a reason."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    try:
-        timing = C.measure(fn, device, warmup=args.warmup, min_iters=args.min_iters, max_iters=args.max_iters,
-                           budget_s=args.budget_s)
-    except NotImplementedError as exc:
+def _failure(exc: Exception) -> dict:
+    if isinstance(exc, NotImplementedError):
         return {"status": "unavailable", "reason": f"NotImplementedError: {exc}"[:300]}
-    except torch.cuda.OutOfMemoryError as exc:
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
         return {"status": "oom", "reason": str(exc).splitlines()[0][:300]}
-    except Exception as exc:  # noqa: BLE001 - reported in the row, never dropped
-        return {"status": "error", "reason": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
-    fields = {"status": "ok", "reason": "", "median_ms": timing.median_ms, "p20_ms": timing.p20_ms,
-              "p80_ms": timing.p80_ms, "iters": timing.iters}
-    if device.type == "cuda":
-        fields["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return {"status": "error", "reason": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
+
+
+def _timing_fields(timing: C.Timing) -> dict:
+    return {"status": "ok", "reason": "", "median_ms": timing.median_ms, "p20_ms": timing.p20_ms,
+            "p80_ms": timing.p80_ms, "iters": timing.iters}
+
+
+def _measure_group(steps: dict[str, Callable[[], object]], device: torch.device, args) -> dict[str, dict]:
+    """Row fields for each named step: timings (median/p20/p80), peak memory on CUDA; failures as status + reason.
+
+    On CUDA each step is timed on its own (events per call) with its own peak-memory window. With ``--interleave``
+    (the CPU default: a shared machine) the steps run round-robin so that load changes hit them all alike.
+    """
+    if args.interleave:
+        results = C.measure_interleaved(steps, device, warmup=args.warmup, rounds=args.rounds)
+        return {name: _failure(r) if isinstance(r, Exception) else _timing_fields(r) for name, r in results.items()}
+    fields = {}
+    for name, fn in steps.items():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            timing = C.measure(fn, device, warmup=args.warmup, min_iters=args.min_iters, max_iters=args.max_iters,
+                               budget_s=args.budget_s)
+        except Exception as exc:  # noqa: BLE001 - reported in the row, never dropped
+            fields[name] = _failure(exc)
+            continue
+        fields[name] = _timing_fields(timing)
+        if device.type == "cuda":
+            fields[name]["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return fields
 
 
@@ -196,12 +214,12 @@ def run_layer_suite(args, device: torch.device, env: dict) -> list[dict]:
             grad = torch.randn(batch, cfg.seq_len, cfg.width, generator=gen).to(device)
             counts = keep.sum(1).tolist()
             for mode in ("fwd", "fwd+bwd"):
-                for formulation in LAYER_FORMULATIONS:
-                    step = _layer_step(block, x, keep, grad, formulation, mode, device, args)
-                    fields = _measure_row(step, device, args)
-                    block.zero_grad(set_to_none=True)
-                    x.requires_grad_(False)
-                    x.grad = None
+                steps = {f: _layer_step(block, x, keep, grad, f, mode, device, args) for f in LAYER_FORMULATIONS}
+                measured = _measure_group(steps, device, args)
+                block.zero_grad(set_to_none=True)
+                x.requires_grad_(False)
+                x.grad = None
+                for formulation, fields in measured.items():
                     row = C.base_row(env, bench="model", suite="layer", model=model_name, provider=formulation,
                                      mode=mode, n=cfg.seq_len, head_dim=cfg.width // cfg.heads, heads=cfg.heads,
                                      batch=batch, dtype="bf16-autocast" if args.amp and device.type == "cuda"
@@ -266,12 +284,12 @@ def run_model_suites(args, device: torch.device, env: dict, suites: list[str], p
             gen = torch.Generator().manual_seed(args.seed)
             keep_holder["keep"] = C.blob_keep(batch, model.grid_size, kept, gen).to(device)
             for suite in suites:
-                for mode in STAGE2_MODES:
-                    for phase in ("infer", "train"):
-                        step = _model_step(model, suite, phase, mode, images, labels, keep_holder["keep"], device,
-                                           args)
-                        fields = _measure_row(step, device, args)
-                        model.zero_grad(set_to_none=True)
+                for phase in ("infer", "train"):
+                    steps = {mode: _model_step(model, suite, phase, mode, images, labels, keep_holder["keep"], device,
+                                               args) for mode in STAGE2_MODES}
+                    measured = _measure_group(steps, device, args)
+                    model.zero_grad(set_to_none=True)
+                    for mode, fields in measured.items():
                         row = C.base_row(env, bench="model", suite=suite, model=model_name, preset=preset,
                                          provider=mode, mode=phase, n=seq_len, batch=batch,
                                          heads=model.stage2.blocks[0].attn.num_heads,
@@ -359,6 +377,9 @@ def parse_args(argv=None):
     parser.add_argument("--max-iters", type=int, default=50)
     parser.add_argument("--budget-s", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
+                        help="time the formulations round-robin (default on the CPU, a shared machine)")
+    parser.add_argument("--rounds", type=int, default=7, help="rounds of --interleave")
     parser.add_argument("--quick", action="store_true", help="fewer iterations")
     parser.add_argument("--cpu-tiny", action="store_true",
                         help="CPU, faithful_tiny preset and a ViT-S/16 layer, reference attention (a few minutes)")
@@ -369,12 +390,13 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.cpu_tiny:
         args.device = args.device or "cpu"
-        args.models, args.batch, args.kept = "tiny", args.batch or 32, "1.0,0.75,0.5,0.25"
-        args.layer_models, args.layer_batch = "vit_s16_224", args.layer_batch or 8
-        args.warmup, args.min_iters, args.max_iters, args.budget_s = 1, 3, 10, 1.0
+        args.models, args.batch, args.kept = "tiny", args.batch or 16, "1.0,0.5,0.25"
+        args.layer_models, args.layer_batch, args.layer_kept = "vit_s16_224", args.layer_batch or 8, "1.0,0.5,0.25"
+        args.warmup, args.rounds = 1, 5
     if args.quick:
         args.warmup, args.min_iters, args.max_iters, args.budget_s = 2, 3, 20, 0.3
     if args.smoke:
+        args.rounds = 1
         args.kept, args.layer_kept = "0.5", "0.5"
         args.layer_models = "vit_s16_224" if args.layer_models == parser.get_default("layer_models") else \
             args.layer_models
@@ -387,6 +409,8 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     device = C.pick_device(args.device)
     args.backend = args.backend or ("triton" if device.type == "cuda" else "torch")
+    if args.interleave is None:
+        args.interleave = device.type == "cpu"
     if device.type == "cpu":
         torch.manual_seed(args.seed)
     env = C.environment(device)
