@@ -207,11 +207,15 @@ def build_provider(name: str, case: Case, device: torch.device, flex_block: int)
         build_mask()  # first build traces mask_mod; the timed builds below are the steady-state cost
         holder = {}
         setup_ms = C.timed_once_ms(lambda: holder.update(mask=build_mask()), device)
+        # Flex gets its preferred layout, contiguous (3, B, H, N, D), prepared outside the timing.
+        qkv_bhnd = case.qkv.detach().permute(2, 0, 3, 1, 4).contiguous().requires_grad_(case.qkv.requires_grad)
+        fq, fk, fv = qkv_bhnd.unbind(0)
+        grad_bhnd = _bhnd(case.grad_out).contiguous()
         if name == "flex":
-            return Built(lambda: _bhnd(attend(_bhnd(q), _bhnd(k), _bhnd(v), block_mask=holder["mask"])),
-                         case.grad_out, (case.qkv,), identity, setup_ms=setup_ms)
-        return Built(lambda: _bhnd(attend(_bhnd(q), _bhnd(k), _bhnd(v), block_mask=build_mask())),
-                     case.grad_out, (case.qkv,), identity, setup_ms=setup_ms)
+            return Built(lambda: attend(fq, fk, fv, block_mask=holder["mask"]), grad_bhnd, (qkv_bhnd,), _bhnd,
+                         setup_ms=setup_ms)
+        return Built(lambda: attend(fq, fk, fv, block_mask=build_mask()), grad_bhnd, (qkv_bhnd,), _bhnd,
+                     setup_ms=setup_ms)
 
     if name == "xformers":
         import xformers.ops as xops
@@ -247,6 +251,12 @@ _FLEX_COMPILED = {}
 
 def _compiled_flex(flex_attention):
     if "fn" not in _FLEX_COMPILED:
+        import torch._dynamo
+
+        # One compilation per (B, N, D, grad) in the sweep; the default limit (8) would silently fall back to eager.
+        for limit in ("cache_size_limit", "recompile_limit"):
+            if hasattr(torch._dynamo.config, limit):
+                setattr(torch._dynamo.config, limit, 64)
         _FLEX_COMPILED["fn"] = torch.compile(flex_attention, dynamic=False)
     return _FLEX_COMPILED["fn"]
 
@@ -276,7 +286,10 @@ def reference_error(case: Case, dense_out: torch.Tensor, images: int = 2) -> flo
 
 
 def run_provider(name: str, case: Case, mode: str, device: torch.device, args) -> dict:
-    """Time one provider on one case; returns the fields of its row (status ok/unavailable/error/oom)."""
+    """Time one provider on one case; returns the fields of its row (status ok/unavailable/skipped/error/oom)."""
+    seq_len = case.shape[1]
+    if name.startswith("flex") and args.flex_n != "all" and str(seq_len) not in args.flex_n.split(","):
+        return {"status": "skipped", "reason": f"N={seq_len} not in --flex-n {args.flex_n} (compile time budget)"}
     available = provider_availability(name, device)
     if not available.ok:
         return {"status": "unavailable", "reason": available.reason}
@@ -336,7 +349,8 @@ def add_speedups(rows: list[dict]) -> None:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", default="197,261,577,1374", help="sequence lengths N (comma list)")
+    parser.add_argument("--n", default="1374,197,577,261",
+                        help="sequence lengths N (comma list; the target sizes first, so a run cut short has them)")
     parser.add_argument("--head-dim", default="64", help="head dims (comma list, e.g. 64,128)")
     parser.add_argument("--kept", default="1.0,0.75,0.5,0.25,0.1", help="target kept fractions (comma list)")
     parser.add_argument("--mode", default="fwd,fwd+bwd", help="fwd and/or fwd+bwd")
@@ -346,10 +360,12 @@ def parse_args(argv=None):
     parser.add_argument("--tokens", type=int, default=32768, help="batch = max(1, tokens // N)")
     parser.add_argument("--backend", default="triton", help="backend of our providers: triton | torch")
     parser.add_argument("--flex-block", type=int, default=128, help="FlexAttention BLOCK_SIZE")
+    parser.add_argument("--flex-n", default="197,1374",
+                        help="N values at which Flex runs (each N costs a compilation of about a minute); 'all'")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--min-iters", type=int, default=10)
-    parser.add_argument("--max-iters", type=int, default=200)
-    parser.add_argument("--budget-s", type=float, default=0.3, help="timing budget per measurement (seconds)")
+    parser.add_argument("--max-iters", type=int, default=100)
+    parser.add_argument("--budget-s", type=float, default=0.2, help="timing budget per measurement (seconds)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="fewer iterations (GPU session on a tight budget)")
     parser.add_argument("--smoke", action="store_true",
@@ -359,6 +375,7 @@ def parse_args(argv=None):
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
     if args.smoke:  # tiny shapes unless given explicitly
+        args.flex_n = "all"
         for name, value in (("n", "37,65"), ("head_dim", "16"), ("kept", "1.0,0.5,0.1"), ("width", 32),
                             ("tokens", 130)):
             if getattr(args, name) == parser.get_default(name):

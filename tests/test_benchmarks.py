@@ -181,7 +181,7 @@ def _check_rows(rows, path):
     for row in rows:
         for key in C.ENV_COLUMNS + ("provider", "mode", "status"):
             assert key in row
-        assert row["status"] in ("ok", "unavailable", "error", "oom")
+        assert row["status"] in ("ok", "unavailable", "skipped", "error", "oom")
         if row["status"] == "ok":
             assert row["median_ms"] > 0 and row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
         else:
