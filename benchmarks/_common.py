@@ -379,7 +379,7 @@ def plot_time_vs_kept(rows: list[dict], out_dir: Path, stem: str, *, group_keys:
     paths = []
     for key, group in sorted(groups.items(), key=lambda kv: str(kv[0])):
         panels = sorted({r.get(panel_key) for r in group}, key=lambda v: (v is None, str(v) if v is None else v))
-        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+        fig, axes = plt.subplots(1, len(panels), figsize=(max(6.0, 4.2 * len(panels)), 4.0), squeeze=False)
         for ax, panel in zip(axes[0], panels):
             lines: dict[str, list[tuple[float, float]]] = {}
             for row in group:
@@ -396,8 +396,8 @@ def plot_time_vs_kept(rows: list[dict], out_dir: Path, stem: str, *, group_keys:
         axes[0][-1].legend(fontsize=7, loc="best")
         env = group[0]
         title = ", ".join(f"{k}={v}" for k, v in zip(group_keys, key))
-        fig.suptitle(f"{stem}: {title} | {env.get('device_name')} | torch {env.get('torch')} | {env.get('commit')}",
-                     fontsize=8)
+        fig.suptitle(f"{stem}: {title}\n{env.get('device_name')} | torch {env.get('torch')} | "
+                     f"commit {env.get('commit')} | {env.get('date_utc')}", fontsize=8)
         fig.tight_layout()
         path = out_dir / f"{stem}_{safe_name('_'.join(f'{k}{v}' for k, v in zip(group_keys, key)))}.png"
         fig.savefig(path, dpi=110)
