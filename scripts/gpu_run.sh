@@ -7,6 +7,7 @@
 #   bash scripts/gpu_run.sh kernels128   # optional part 3: kernel benchmark at head dim 128
 #   bash scripts/gpu_run.sh all          # parts 1 and 2 in one go (more than 10 minutes: not for the device tool)
 #   QUICK=1 bash scripts/gpu_run.sh ...  # fewer timed iterations
+#   SMOKE=1 PYTHON=.venv/bin/python bash scripts/gpu_run.sh all   # dry run of this script on a CPU (tiny shapes)
 #
 # The device tool allows 10 minutes per command and 30 minutes per session, so a session runs the parts as separate
 # commands, e.g. run(command="bash scripts/gpu_run.sh kernels", timeout_s=600, carry=[".whl"]), then the same with
@@ -39,12 +40,16 @@ fi
 "$PY" -m pip install -q --no-deps --no-build-isolation -e . || { echo "pip install -e . failed" >&2; exit 1; }
 
 GPU="$("$PY" -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "nogpu")')"
-[ "$GPU" = "nogpu" ] && { echo "no CUDA GPU visible: this script is for the GPU machine" >&2; exit 1; }
+if [ "$GPU" = "nogpu" ] && [ -z "${SMOKE:-}" ]; then
+  echo "no CUDA GPU visible: this script is for the GPU machine (SMOKE=1 for a dry run)" >&2; exit 1
+fi
 RES="benchmarks/results/$(date -u +%Y%m%d)_$(echo "$GPU" | tr -c 'A-Za-z0-9._-' '_' | sed 's/_*$//')"
-mkdir -p "$RES"
-LOG="$RES/run_${PART}.log"
 QUICK_FLAG=""
 [ -n "${QUICK:-}" ] && QUICK_FLAG="--quick"
+KERNEL_SMOKE="" MODEL_SMOKE=""
+[ -n "${SMOKE:-}" ] && { KERNEL_SMOKE="--smoke"; MODEL_SMOKE="--cpu-tiny --smoke"; RES="$RES-smoke"; }
+mkdir -p "$RES"
+LOG="$RES/run_${PART}.log"
 
 copy_out() {
   [ -n "${OUT:-}" ] || return 0
@@ -68,16 +73,16 @@ step() {  # step <seconds> <description> <command...>: run with a time limit, lo
   "$PY" -c 'import xformers; print("xformers", xformers.__version__)' 2>&1 | tail -1; } 2>&1 | tee -a "$LOG"
 
 if [ "$PART" = "kernels" ] || [ "$PART" = "all" ]; then
-  step 480 "kernel benchmark, head dim 64" "$PY" -m benchmarks.bench_attention --head-dim 64 --out "$RES" $QUICK_FLAG
+  step 480 "kernel benchmark, head dim 64" "$PY" -m benchmarks.bench_attention --head-dim 64 --out "$RES" $QUICK_FLAG $KERNEL_SMOKE
 fi
 if [ "$PART" = "kernels128" ]; then
   step 480 "kernel benchmark, head dim 128" "$PY" -m benchmarks.bench_attention --head-dim 128 --n 197,1374 \
-    --out "$RES/d128" $QUICK_FLAG
+    --out "$RES/d128" $QUICK_FLAG $KERNEL_SMOKE
 fi
 if [ "$PART" = "model" ] || [ "$PART" = "all" ]; then
   echo "=== pytest -m gpu $(date -u +%H:%M:%S)" | tee -a "$LOG"
-  timeout 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$RES/pytest_gpu.log" | tail -15 | tee -a "$LOG"
-  step 330 "model benchmark" "$PY" -m benchmarks.bench_model --out "$RES" $QUICK_FLAG
+  timeout 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider ${SMOKE:+-k benchmarks} 2>&1 | tee "$RES/pytest_gpu.log" | tail -15 | tee -a "$LOG"
+  step 330 "model benchmark" "$PY" -m benchmarks.bench_model --out "$RES" $QUICK_FLAG $MODEL_SMOKE
 fi
 step 60 "targets" "$PY" -m benchmarks.targets "$RES"
 echo "results in $RES"
