@@ -369,7 +369,7 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="fewer iterations (GPU session on a tight budget)")
     parser.add_argument("--smoke", action="store_true",
-                        help="tiny shapes (B=2, H=2, D=16, N=37/65), each provider once: checks that it runs")
+                        help="tiny shapes (B=1-2, H=2, D=16, N=37/65), each provider once: checks that it runs")
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", type=Path, default=C.RESULTS_DIR / "latest", help="output folder")
     parser.add_argument("--no-plots", action="store_true")
@@ -377,10 +377,10 @@ def parse_args(argv=None):
     if args.smoke:  # tiny shapes unless given explicitly
         args.flex_n = "all"
         for name, value in (("n", "37,65"), ("head_dim", "16"), ("kept", "1.0,0.5,0.1"), ("width", 32),
-                            ("tokens", 130)):
+                            ("tokens", 74)):
             if getattr(args, name) == parser.get_default(name):
                 setattr(args, name, value)
-        args.warmup, args.min_iters, args.max_iters, args.budget_s = 1, 1, 1, 0.0
+        args.warmup, args.min_iters, args.max_iters, args.budget_s = 0, 1, 1, 0.0
     if args.quick:
         args.warmup, args.min_iters, args.max_iters, args.budget_s = 3, 5, 50, 0.1
     return args

@@ -6,9 +6,11 @@ the ``faithful_tiny`` preset plus a ViT-S/16 layer). Results: ``<out>/model.json
 Suites (``--suites``):
     layer      one pre-norm ViT block (timm ``Block`` weights) on ``B`` images, fwd and fwd+bwd, four ways:
                ``dense`` (all tokens, SDPA without mask: the ceiling), ``dense_mask`` (timm's block with the boolean
-               key mask, the authors' formulation), ``masked`` (``masked_attention``; every token still runs the
-               projections and MLP) and ``packed`` (gather the kept tokens, run the block on them with
-               ``varlen_attention``, scatter back; gather and scatter included). Models: ViT-B/14@518 + 4 registers
+               key mask, the authors' formulation), ``masked`` (``masked_attention`` in raster order; every token
+               still runs the projections and MLP), ``masked_compact`` (the same after ``compaction_order``, kept
+               tokens first so whole key blocks are skipped; compaction and its inverse included) and ``packed``
+               (gather the kept tokens, run the block on them with ``varlen_attention``, scatter back; gather and
+               scatter included). Models: ViT-B/14@518 + 4 registers
                (N = 1374) and ViT-B/16@224 (N = 197), the layer targets of kernel_anchors.md section 10 (T6).
     stage2     ``FaithfulViT.forward_stage2(images, keep, mode=...)``: inference (img/s) and a training step of stage 2
                alone (fwd + bwd + AdamW on its parameters).
@@ -47,7 +49,7 @@ from benchmarks import _common as C  # noqa: E402
 from faithful_vit import kernels as K  # noqa: E402
 
 STAGE2_MODES = ("dense", "masked", "packed")
-LAYER_FORMULATIONS = ("dense", "dense_mask", "masked", "packed")
+LAYER_FORMULATIONS = ("dense", "dense_mask", "masked", "masked_compact", "packed")
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ MODEL_PRESETS = {
     "vit_s16_224": "faithful_vit_small_patch16_224",
     "tiny": "faithful_tiny",
 }
+MODEL_BATCH = {"vit_b14_518": 16, "vit_s16_224": 64, "tiny": 16}  # per-GPU training batches that fit an H100
 
 
 # ---------------------------------------------------------------------------------------------------- one layer
@@ -114,6 +117,13 @@ def layer_forward(block: nn.Module, x: torch.Tensor, keep: torch.Tensor, formula
         return block(x, attn_mask=keep[:, None, None, :])
     if formulation == "masked":
         return block_masked(block, x, keep, backend)
+    if formulation == "masked_compact":
+        if not hasattr(K, "compaction_order"):
+            raise NotImplementedError("faithful_vit.kernels.compaction_order does not exist on this branch yet")
+        order, inverse = K.compaction_order(keep)
+        compact = x.gather(1, order[..., None].expand_as(x))
+        out = block_masked(block, compact, keep.gather(1, order), backend)
+        return out.gather(1, inverse[..., None].expand_as(out))
     if formulation == "packed":
         packed = K.pack_tokens(x, keep, max_seqlen=x.shape[1])
         rows = block_packed(block, packed.data, packed.cu_seqlens, packed.max_seqlen, backend)
@@ -273,7 +283,7 @@ def run_model_suites(args, device: torch.device, env: dict, suites: list[str], p
                                        reason=f"create_model({preset!r}): {type(exc).__name__}: {exc}"[:300]))
                 _print_row(rows[-1])
             continue
-        batch = args.batch or max(1, args.model_tokens // (model.num_patches + model.stage2.num_prefix_tokens))
+        batch = args.batch or MODEL_BATCH.get(model_name, 16)
         images = torch.randn(batch, model.cfg.in_chans, model.cfg.img_size, model.cfg.img_size,
                              generator=torch.Generator().manual_seed(args.seed)).to(device)
         labels = torch.randint(0, model.num_classes, (batch,), generator=torch.Generator().manual_seed(1)).to(device)
@@ -364,8 +374,7 @@ def parse_args(argv=None):
     parser.add_argument("--models", default="vit_s16_224,vit_b14_518",
                         help=f"model suites: keys of {sorted(MODEL_PRESETS)} or faithful_vit preset names")
     parser.add_argument("--kept", default="0.75,0.5,0.25", help="kept fractions of the model suites")
-    parser.add_argument("--batch", type=int, default=None, help="model-suite batch (default: --model-tokens // N)")
-    parser.add_argument("--model-tokens", type=int, default=8192, help="model-suite batch = tokens // N")
+    parser.add_argument("--batch", type=int, default=None, help=f"model-suite batch (default {MODEL_BATCH})")
     parser.add_argument("--layer-models", default="vit_b14_518,vit_b16_224", help=f"keys of {sorted(LAYER_CONFIGS)}")
     parser.add_argument("--layer-kept", default="1.0,0.7,0.5,0.25", help="kept fractions of the layer suite")
     parser.add_argument("--layer-batch", type=int, default=None)
@@ -424,11 +433,14 @@ def main(argv=None) -> list[dict]:
     if unknown:
         raise SystemExit(f"--suites: unknown {unknown}; expected layer, stage2, two_stage")
     rows = []
-    if "layer" in suites:
-        rows += run_layer_suite(args, device, env)
-    model_suites = [s for s in suites if s != "layer"]
-    if model_suites:
-        rows += run_model_suites(args, device, env, model_suites, rows)
+    # The model's attention modules resolve backend="auto" through the process-wide setting: pin it to --backend
+    # (otherwise a CPU process with TRITON_INTERPRET=1 would run the whole model through the Triton interpreter).
+    with K.use_backend(args.backend):
+        if "layer" in suites:
+            rows += run_layer_suite(args, device, env)
+        model_suites = [s for s in suites if s != "layer"]
+        if model_suites:
+            rows += run_model_suites(args, device, env, model_suites, rows)
     add_speedups(rows)
     C.write_results(rows, args.out, "model")
     if not args.no_plots:

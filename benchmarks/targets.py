@@ -110,7 +110,7 @@ def layer_checks(rows: list[dict]) -> list[dict]:
     for model, (n, levels) in wanted.items():
         for kept, need in levels:
             dense = _ms(index, "dense", "fwd+bwd", n, kept, suite="layer", model=model, head_dim=64)
-            for provider in ("packed", "masked"):
+            for provider in ("packed", "masked_compact", "masked"):
                 ours = _ms(index, provider, "fwd+bwd", n, kept, suite="layer", model=model, head_dim=64)
                 checks.append(_check("T6 layer fwd+bwd speedup vs dense", f"{model} kept={kept} {provider}",
                                      _ratio(dense, ours), need, True,

@@ -159,8 +159,10 @@ def test_targets_pass_miss_and_no_data():
 
 
 # ------------------------------------------------------------------------------------ layer formulations vs timm
-@pytest.mark.parametrize("formulation", ["masked", "packed"])
+@pytest.mark.parametrize("formulation", ["masked", "masked_compact", "packed"])
 def test_layer_formulations_match_timm_block(formulation):
+    if formulation == "masked_compact" and not hasattr(K, "compaction_order"):
+        pytest.skip("faithful_vit.kernels.compaction_order is not on this branch yet")
     cfg = bench_model.LayerConfig("t", width=64, heads=2, seq_len=37, init_values=1e-2)
     block = bench_model.make_block(cfg, torch.device("cpu"))  # float32: the kernels API takes fp16/bf16/fp32
     gen = torch.Generator().manual_seed(2)
@@ -216,7 +218,8 @@ def test_bench_model_cpu_tiny_smoke(tmp_path):
     _check_rows(rows, tmp_path / "model.json")
     layer = [r for r in rows if r["suite"] == "layer"]
     assert {r["provider"] for r in layer} == set(bench_model.LAYER_FORMULATIONS)
-    assert all(r["status"] == "ok" for r in layer)
+    for row in layer:
+        assert row["status"] == "ok" or (row["provider"] == "masked_compact" and "compaction_order" in row["reason"])
     model_rows = [r for r in rows if r["suite"] != "layer"]
     assert model_rows
     for row in model_rows:  # ok once the model has landed, otherwise unavailable with the reason
