@@ -248,9 +248,12 @@ def run_layer_suite(args, device: torch.device, env: dict) -> list[dict]:
     return rows
 
 
-def _create_model(preset: str, device: torch.device, overrides: dict):
+def _create_model(preset: str, device: torch.device, backend: str):
     import faithful_vit
 
+    overrides = {}
+    if hasattr(faithful_vit.FaithfulViTConfig, "kernel_backend"):  # stage 2's kernels on --backend, explicitly
+        overrides["kernel_backend"] = backend
     with warnings.catch_warnings():  # random weights are fine for timing; the frozen-backbone warning is about accuracy
         warnings.simplefilter("ignore")
         return faithful_vit.create_model(preset, **overrides).to(device)
@@ -275,7 +278,7 @@ def run_model_suites(args, device: torch.device, env: dict, suites: list[str], p
     for model_name in args.models.split(","):
         preset = MODEL_PRESETS.get(model_name, model_name)
         try:
-            model = _create_model(preset, device, {})
+            model = _create_model(preset, device, args.backend)
         except Exception as exc:  # noqa: BLE001 - a missing preset or model API is a reported row
             for suite in suites:
                 rows.append(C.base_row(env, bench="model", suite=suite, model=model_name, provider="all",
