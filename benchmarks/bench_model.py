@@ -374,7 +374,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suites", default="layer,stage2,two_stage")
-    parser.add_argument("--models", default="vit_s16_224,vit_b14_518",
+    parser.add_argument("--models", default="vit_b14_518,vit_s16_224",
                         help=f"model suites: keys of {sorted(MODEL_PRESETS)} or faithful_vit preset names")
     parser.add_argument("--kept", default="0.75,0.5,0.25", help="kept fractions of the model suites")
     parser.add_argument("--batch", type=int, default=None, help=f"model-suite batch (default {MODEL_BATCH})")
