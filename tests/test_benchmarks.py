@@ -191,12 +191,16 @@ def _check_rows(rows, path):
 
 
 def test_bench_attention_smoke(tmp_path):
-    rows = bench_attention.main(["--smoke", "--n", "37", "--kept", "0.5", "--out", str(tmp_path), "--no-plots"])
+    # fwd+bwd only: it runs the forward too, and under the Triton interpreter every call counts.
+    rows = bench_attention.main(["--smoke", "--n", "37", "--kept", "0.5", "--mode", "fwd+bwd", "--out", str(tmp_path),
+                                 "--no-plots"])
     _check_rows(rows, tmp_path / "attention.json")
     assert {r["provider"] for r in rows} == set(bench_attention.PROVIDERS)
-    by_provider = {(r["provider"], r["mode"]): r for r in rows}
-    assert by_provider[("sdpa_bool_mask", "fwd+bwd")]["status"] == "ok"
-    assert by_provider[("sdpa_bool_mask", "fwd")]["max_abs_err"] < 1e-4
+    by_provider = {r["provider"]: r for r in rows}
+    assert by_provider["sdpa_bool_mask"]["status"] == "ok" and by_provider["sdpa_bool_mask"]["max_abs_err"] < 1e-4
+    for row in rows:  # whatever runs here computes the right function
+        if row["status"] == "ok" and row["max_abs_err"] is not None:
+            assert row["max_abs_err"] < 1e-4, row["provider"]
 
 
 def test_bench_attention_smoke_reference_backend(tmp_path):
