@@ -1,0 +1,1 @@
+"""Benchmarks for faithful-vit: kernels (``bench_attention``) and models (``bench_model``); results in ``results/``."""
