@@ -69,8 +69,6 @@ def test_bench_varlen_attention_ref(benchmark):
 
 @pytest.mark.benchmark(group="compaction")
 def test_bench_compaction_order(benchmark):
-    if not hasattr(K, "compaction_order"):
-        pytest.skip("faithful_vit.kernels.compaction_order is not on this branch yet")
     _, keep = _tokens_and_keep()
     order, inverse = benchmark(K.compaction_order, keep)
     compacted = keep.gather(1, order)
@@ -161,8 +159,6 @@ def test_targets_pass_miss_and_no_data():
 # ------------------------------------------------------------------------------------ layer formulations vs timm
 @pytest.mark.parametrize("formulation", ["masked", "masked_compact", "packed"])
 def test_layer_formulations_match_timm_block(formulation):
-    if formulation == "masked_compact" and not hasattr(K, "compaction_order"):
-        pytest.skip("faithful_vit.kernels.compaction_order is not on this branch yet")
     cfg = bench_model.LayerConfig("t", width=64, heads=2, seq_len=37, init_values=1e-2)
     block = bench_model.make_block(cfg, torch.device("cpu"))  # float32: the kernels API takes fp16/bf16/fp32
     gen = torch.Generator().manual_seed(2)
