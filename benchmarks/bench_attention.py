@@ -141,8 +141,6 @@ def build_provider(name: str, case: Case, device: torch.device, flex_block: int)
         return Built(run, case.grad_out, (case.qkv,), identity)
 
     if name == "ours_masked_compact":
-        if not hasattr(K, "compaction_order"):
-            raise NotImplementedError("faithful_vit.kernels.compaction_order does not exist on this branch yet")
         order_holder = {}
         setup_ms = C.timed_once_ms(lambda: order_holder.update(zip(("order", "inverse"),
                                                                    K.compaction_order(case.keep))), device)
@@ -271,8 +269,6 @@ def provider_availability(name: str, device: torch.device) -> C.Availability:
         return C.import_available("torch.nn.attention.varlen", "varlen_attn")
     if name == "nested_sdpa":
         return C.import_available("torch.nested", "nested_tensor_from_jagged")
-    if name == "ours_masked_compact" and not hasattr(K, "compaction_order"):
-        return C.Availability(False, "faithful_vit.kernels.compaction_order does not exist on this branch yet")
     return C.Availability(True)
 
 

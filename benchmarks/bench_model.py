@@ -118,8 +118,6 @@ def layer_forward(block: nn.Module, x: torch.Tensor, keep: torch.Tensor, formula
     if formulation == "masked":
         return block_masked(block, x, keep, backend)
     if formulation == "masked_compact":
-        if not hasattr(K, "compaction_order"):
-            raise NotImplementedError("faithful_vit.kernels.compaction_order does not exist on this branch yet")
         order, inverse = K.compaction_order(keep)
         compact = x.gather(1, order[..., None].expand_as(x))
         out = block_masked(block, compact, keep.gather(1, order), backend)
