@@ -7,8 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from faithful_vit.data import Batch, Sample, SpuriousShapes, SpuriousShapesConfig, collate, default_cache_dir
-from faithful_vit.data import synthetic
+from faithful_vit.data import Batch, Sample, SpuriousShapes, SpuriousShapesConfig, collate, default_cache_dir, synthetic
 from faithful_vit.data.transforms import synthetic_transforms
 
 TINY = SpuriousShapesConfig(n_train=240, n_val=40, n_test=48)
@@ -121,7 +120,8 @@ def test_dataset_samples_batches_and_metadata(tmp_path):
     assert sample.group == sample.label * 2 + int(ds.places[3])
     loader = torch.utils.data.DataLoader(ds, batch_size=10, collate_fn=collate)
     batch = next(iter(loader))
-    assert isinstance(batch, Batch) and batch.images.shape == (10, 3, 64, 64) and batch.fg_masks.shape == (10, 1, 64, 64)
+    assert isinstance(batch, Batch) and batch.images.shape == (10, 3, 64, 64)
+    assert batch.fg_masks.shape == (10, 1, 64, 64)
     assert batch.labels.dtype == torch.int64 and batch.num_skipped == 0
     # The in-memory view equals the per-sample view without augmentation.
     plain = SpuriousShapes("train", config=cfg, cache_dir=tmp_path)
