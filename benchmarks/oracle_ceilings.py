@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import platform
 import time
 
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from faithful_vit.data.synthetic import SpuriousShapes, SpuriousShapesConfig
+from faithful_vit.data.waterbirds_lite import WaterbirdsLite, WaterbirdsLiteConfig
 
 MASK_RULES = {
     "baseline": None,
@@ -39,6 +41,14 @@ MASK_RULES = {
     "gt_half": lambda frac: frac > 0.5,
     "gt_interior": lambda frac: frac >= 1.0,
 }
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def patch_fraction(masks: torch.Tensor, patch: int) -> torch.Tensor:
@@ -155,6 +165,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dataset", default="spurious_shapes", choices=["spurious_shapes", "waterbirds_lite"],
+                   help="waterbirds_lite needs `bash scripts/setup_waterbirds_lite.sh` first")
     p.add_argument("--clear-margin", type=float, default=None, help="override the benchmark's clear margin (px)")
     p.add_argument("--n-train", type=int, default=None)
     p.add_argument("--json", default=None, help="write the results here")
@@ -166,9 +178,15 @@ def main() -> None:
         overrides["clear_margin"] = args.clear_margin
     if args.n_train is not None:
         overrides["n_train"] = args.n_train
-    cfg = dataclasses.replace(SpuriousShapesConfig(), **overrides)
+    if args.dataset == "waterbirds_lite":
+        overrides.pop("clear_margin", None)
+        cfg = dataclasses.replace(WaterbirdsLiteConfig(), **overrides)
+        dataset_cls = WaterbirdsLite
+    else:
+        cfg = dataclasses.replace(SpuriousShapesConfig(), **overrides)
+        dataset_cls = SpuriousShapes
     t0 = time.perf_counter()
-    splits = {s: SpuriousShapes(s, config=cfg) for s in ("train", "val", "test")}
+    splits = {s: dataset_cls(s, config=cfg) for s in ("train", "val", "test")}
     data_s = time.perf_counter() - t0
     train, val, test = (splits[s].tensors() for s in ("train", "val", "test"))
     vis_test = splits["test"].place_visibility()
@@ -187,8 +205,9 @@ def main() -> None:
         meta = {
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "torch": torch.__version__, "timm": timm.__version__, "threads": args.threads,
-            "cpu": platform.processor() or platform.machine(), "platform": platform.platform(),
-            "args": vars(args), "benchmark_config": dataclasses.asdict(cfg), "group_names": names,
+            "cpu": cpu_name(), "logical_cpus": os.cpu_count(), "platform": platform.platform(),
+            "args": vars(args), "dataset": args.dataset, "benchmark_config": dataclasses.asdict(cfg),
+            "group_names": names,
             "data_seconds": data_s,
         }
         with open(args.json, "w") as f:
