@@ -32,6 +32,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from faithful_vit.data.mask_stats import patch_mask_stats
 from faithful_vit.data.synthetic import SpuriousShapes, SpuriousShapesConfig
 from faithful_vit.data.waterbirds_lite import WaterbirdsLite, WaterbirdsLiteConfig
 
@@ -92,15 +93,7 @@ def leak_stats(data, visibility: torch.Tensor, patch: int, rule: str) -> dict:
     keep = keep_mask(data.fg_masks, patch, rule)
     if keep is None:
         keep = torch.ones_like(patch_fraction(data.fg_masks, patch), dtype=torch.bool)
-    pixels_kept = keep.float().sum().clamp_min(1)
-    non_object = 1 - patch_fraction(data.fg_masks, patch)
-    cue = patch_fraction(visibility, patch)
-    return {
-        "kept_frac": keep.float().mean().item(),
-        "gt_kept_frac_any": (patch_fraction(data.fg_masks, patch) > 0).float().mean().item(),
-        "non_object_in_kept": (non_object * keep).sum().item() / pixels_kept.item(),
-        "place_cue_in_kept": (cue * keep).sum().item() / pixels_kept.item(),
-    }
+    return patch_mask_stats(keep, data.fg_masks, patch, place_visibility=visibility)
 
 
 def train_one(rule: str, train, val, test, vis_test, args, num_groups: int) -> dict:
@@ -198,6 +191,7 @@ def main() -> None:
         t = r["test"]
         print(f"{rule:12s} avg {t['avg_acc']:.3f} wga {t['wga']:.3f} groups "
               f"{' / '.join(f'{a:.2f}' for a in t['group_acc'])} kept {r['kept_frac']:.3f} "
+              f"patch-iou {r['patch_iou']:.3f} "
               f"non-object-in-kept {r['non_object_in_kept']:.3f} place-cue-in-kept {r['place_cue_in_kept']:.4f} "
               f"train {r['train_s']:.0f}s", flush=True)
         results.append(r)
