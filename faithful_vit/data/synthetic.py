@@ -23,7 +23,7 @@ full-image ViT reaches 0% worst-group accuracy; the same ViT restricted to the p
 at 0%, with 22% place-textured pixels inside its kept patches.
 
 Defaults: 64 px images for a 8 px patch grid (8x8 tokens), objects 22-34 px across, about 11% of the pixels and 22%
-of the patches; 3,000 / 800 / 2,000 images; generation takes a few seconds and the cache about 70 MB.
+of the patches; 3,000 / 800 / 2,000 images; generation takes about 10 s of CPU once, the cache about 70 MB.
 
 Cache: ``$FAITHFUL_VIT_DATA`` or ``~/.cache/faithful_vit``, one file per configuration (a hash of the config).
 """
