@@ -13,9 +13,9 @@ Reports average, per-group and worst-group test accuracy (WGA), the kept fractio
 fraction of pixels inside kept patches (``non_object_in_kept``: what a mask IoU hides) and the place-cue fraction
 inside kept patches (``place_cue_in_kept``: the mean place-texture visibility there; 0 = no shortcut reachable).
 
-Example (about 1-2 min per model on one CPU thread)::
+Example (about 2 min of CPU per model on one thread)::
 
-    python benchmarks/oracle_ceilings.py --models baseline gt_any gt_half gt_interior --epochs 12 \
+    python benchmarks/oracle_ceilings.py --models baseline gt_any gt_half gt_interior --epochs 8 \
         --json benchmarks/results/oracle_ceilings.json
 """
 
