@@ -196,9 +196,7 @@ def collate_skipping_corrupt(samples: list) -> tuple[tuple[torch.Tensor, ...], i
         of samples dropped.
     """
     good = [tuple(field for field in sample if field is not None) for sample in samples if sample is not None]
-    skipped = len(samples) - len(good)
-    if skipped:
-        warnings.warn(f"skipped {skipped} corrupt sample(s) in a batch", stacklevel=2)
+    skipped = len(samples) - len(good)  # each was already warned about by SeededSamples
     if not good:
         return (), skipped
     fields = tuple(torch.stack([torch.as_tensor(sample[i]) for sample in good]) for i in range(len(good[0])))
