@@ -1,3 +1,23 @@
 """faithful-vit: two-stage Vision Transformers with hard token masks, on fused sparse attention kernels."""
 
+from .audit import AuditReport, audit
+from .interventions import calibrate_part_thresholds
+from .model import FaithfulViT, FaithfulViTConfig, FaithfulViTOutput, Stage1Output
+from .registry import create_model, get_config, list_models, register_model
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "AuditReport",
+    "FaithfulViT",
+    "FaithfulViTConfig",
+    "FaithfulViTOutput",
+    "Stage1Output",
+    "__version__",
+    "audit",
+    "calibrate_part_thresholds",
+    "create_model",
+    "get_config",
+    "list_models",
+    "register_model",
+]

@@ -1,0 +1,168 @@
+"""The loss terms of section 6 of ``ifam_method.md`` (PDiscoFormer part priors plus both classifiers).
+
+Every function takes the soft part maps ``(B, K + 1, H, W)`` (index K is the background) or the modulated part
+embeddings ``(B, C, K + 1)`` and returns a scalar. :func:`compute_losses` combines them with the model's configured
+weights; terms with weight 0 are not computed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .model import FaithfulViT, FaithfulViTOutput
+
+__all__ = [
+    "area_loss",
+    "compute_losses",
+    "concentration_loss",
+    "enforced_presence_loss",
+    "entropy_loss",
+    "equivariance_loss",
+    "orthogonality_loss",
+    "presence_loss",
+    "total_variation_loss",
+]
+
+_EPS = 1e-10
+
+
+def _pool3(maps: torch.Tensor) -> torch.Tensor:
+    """3x3 average pooling, stride 1, no padding (smaller windows on grids under 3 patches)."""
+    kernel = (min(3, maps.shape[-2]), min(3, maps.shape[-1]))
+    return F.avg_pool2d(maps, kernel, stride=1)
+
+
+def presence_loss(maps: torch.Tensor) -> torch.Tensor:
+    """Every foreground part appears strongly in at least one image of the batch.
+
+    ``1 - mean_k max_b max_hw avgpool3(maps_k)`` over the K foreground parts.
+    """
+    pooled = _pool3(maps[:, :-1])
+    return 1 - pooled.amax(dim=(2, 3)).amax(dim=0).mean()
+
+
+def radial_weight(height: int, width: int, device: torch.device | None = None) -> torch.Tensor:
+    """``(H, W)`` weight ``(gx^2 + gy^2) / max``: 0 at the centre, 1 in the corners (gx, gy in [-1, 1])."""
+    gy = torch.linspace(-1, 1, height, device=device)
+    gx = torch.linspace(-1, 1, width, device=device)
+    weight = gy[:, None] ** 2 + gx[None, :] ** 2
+    return weight / weight.max()
+
+
+def enforced_presence_loss(maps: torch.Tensor) -> torch.Tensor:
+    """The background must exist away from the centre of every image.
+
+    ``-mean_b log(max_hw avgpool3(maps_bg * radial_weight))``.
+    """
+    weighted = maps[:, -1:] * radial_weight(*maps.shape[-2:], device=maps.device)
+    peak = _pool3(weighted).amax(dim=(1, 2, 3))
+    return -torch.log(peak.clamp(min=_EPS)).mean()
+
+
+def orthogonality_loss(part_embeddings: torch.Tensor) -> torch.Tensor:
+    """Distinct parts have distinct embeddings: ``mean((G - I)^2)`` with G the cosine Gram matrix of the K + 1 parts.
+
+    Args:
+        part_embeddings: ``(B, C, K + 1)`` modulated embeddings (background included).
+    """
+    unit = F.normalize(part_embeddings, dim=1)
+    gram = unit.transpose(1, 2) @ unit
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    return (gram - eye).pow(2).mean()
+
+
+def equivariance_loss(maps: torch.Tensor, maps_back: torch.Tensor) -> torch.Tensor:
+    """``1 - mean_{b, k<K} cos(vec(maps_k), vec(maps_back_k))`` over the foreground parts.
+
+    Args:
+        maps: ``(B, K + 1, H, W)`` maps of the original images.
+        maps_back: ``(B, K + 1, H, W)`` maps of the transformed images, warped back to the original frame.
+    """
+    a = maps[:, :-1].flatten(2)
+    b = maps_back[:, :-1].flatten(2)
+    return 1 - F.cosine_similarity(a, b, dim=2, eps=1e-8).mean()
+
+
+def total_variation_loss(maps: torch.Tensor) -> torch.Tensor:
+    """``(sum |d_h maps| + sum |d_w maps|) / (B H W)`` over all K + 1 maps."""
+    batch, _, height, width = maps.shape
+    tv_h = (maps[:, :, 1:] - maps[:, :, :-1]).abs().sum()
+    tv_w = (maps[:, :, :, 1:] - maps[:, :, :, :-1]).abs().sum()
+    return (tv_h + tv_w) / (batch * height * width)
+
+
+def entropy_loss(maps: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of the entropy of the (K + 1)-way assignment."""
+    return -(maps * torch.log(maps.clamp(min=_EPS))).sum(dim=1).mean()
+
+
+def concentration_loss(maps: torch.Tensor) -> torch.Tensor:
+    """Compact parts: mean over images and foreground parts of the spatial variance of each map (coordinates in
+    [-1, 1]) around its centroid. Off in the paper (weight 0)."""
+    fg = maps[:, :-1]
+    height, width = fg.shape[-2:]
+    gy = torch.linspace(-1, 1, height, device=maps.device)[:, None].expand(height, width)
+    gx = torch.linspace(-1, 1, width, device=maps.device)[None, :].expand(height, width)
+    mass = fg.sum(dim=(2, 3)).clamp(min=_EPS)
+    cy = (fg * gy).sum(dim=(2, 3)) / mass
+    cx = (fg * gx).sum(dim=(2, 3)) / mass
+    spread = (gy - cy[..., None, None]) ** 2 + (gx - cx[..., None, None]) ** 2
+    return ((fg * spread).sum(dim=(2, 3)) / mass).mean()
+
+
+def area_loss(maps: torch.Tensor, target: float) -> torch.Tensor:
+    """``mean_b relu(target - soft foreground fraction)``: a minimum-area prior (our deviation, off by default)."""
+    foreground_fraction = 1 - maps[:, -1].mean(dim=(1, 2))
+    return F.relu(target - foreground_fraction).mean()
+
+
+def equivariance_maps(model: FaithfulViT, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 1 only on a randomly transformed batch; its maps warped back to the frame of ``images``.
+
+    Returns:
+        The back-warped maps ``(B, K + 1, H, W)`` and the forward transform ``(B, 2, 3)``.
+    """
+    from .model import invert_affine, random_rigid_transform, warp
+
+    cfg = model.cfg
+    theta = random_rigid_transform(
+        images.shape[0], cfg.img_size, cfg.equivariance_degrees, cfg.equivariance_translate,
+        cfg.equivariance_scale, images.device,
+    )
+    transformed = warp(images, invert_affine(theta))
+    maps = model.forward_stage1(transformed).part_maps
+    return warp(maps, theta), theta
+
+
+def compute_losses(
+    model: FaithfulViT, out: FaithfulViTOutput, images: torch.Tensor, labels: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Named loss terms (unweighted) and ``"total"``, the sum weighted by ``model.cfg.loss_weights``.
+
+    Args:
+        model: the model that produced ``out``.
+        out: :class:`~faithful_vit.model.FaithfulViTOutput` of ``images``.
+        images: ``(B, C, H, W)`` the inputs (for the equivariance pass).
+        labels: ``(B,)`` int64 class indices.
+    """
+    weights = model.cfg.loss_weights
+    maps = out.part_maps
+    terms = {
+        "ce_stage2": lambda: F.cross_entropy(out.stage2_logits.float(), labels),
+        "ce_stage1": lambda: F.cross_entropy(out.stage1_logits.float(), labels),
+        "presence": lambda: presence_loss(maps),
+        "enforced_presence": lambda: enforced_presence_loss(maps),
+        "orthogonality": lambda: orthogonality_loss(out.part_embeddings.float()),
+        "equivariance": lambda: equivariance_loss(maps, equivariance_maps(model, images)[0]),
+        "total_variation": lambda: total_variation_loss(maps),
+        "entropy": lambda: entropy_loss(maps),
+        "concentration": lambda: concentration_loss(maps),
+        "area": lambda: area_loss(maps, model.cfg.area_target),
+    }
+    losses = {name: term() for name, term in terms.items() if weights[name] != 0}
+    losses["total"] = sum((weights[name] * value for name, value in losses.items()), maps.new_zeros(()))
+    return losses

@@ -1,0 +1,121 @@
+"""Named presets of :class:`~faithful_vit.FaithfulViT`: ``create_model(name, **overrides)``, ``list_models()``.
+
+A preset is a function registered with :func:`register_model` that returns a
+:class:`~faithful_vit.model.FaithfulViTConfig`; keyword overrides replace config fields (dict fields such as
+``loss_weights`` and ``backbone_kwargs`` are merged). Backbones are built by timm with ``pretrained=False``; weights
+come only from a local file (``pretrained_file=``), never from a hub.
+
+Learning-rate factors: the paper's (``heads``/``modulation`` x1e4, ``prototypes`` x1e3, the rest x1) assume a pretrained
+backbone trained at lr ~3e-6. ``faithful_tiny`` trains from scratch at lr ~1e-3 (``feasibility_synthetic.md``), where
+those factors would give the heads lr 10, so all its factors are 1.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from collections.abc import Callable
+
+from .model import FaithfulViT, FaithfulViTConfig
+
+__all__ = ["create_model", "get_config", "list_models", "register_model"]
+
+_PRESETS: dict[str, Callable[[], FaithfulViTConfig]] = {}
+
+
+def register_model(fn: Callable[[], FaithfulViTConfig]) -> Callable[[], FaithfulViTConfig]:
+    """Register a preset under its function name (a decorator)."""
+    if fn.__name__ in _PRESETS:
+        raise ValueError(f"preset {fn.__name__!r} is already registered")
+    _PRESETS[fn.__name__] = fn
+    return fn
+
+
+def list_models(pattern: str | None = None) -> list[str]:
+    """Sorted preset names, optionally filtered by a shell-style ``pattern`` (e.g. ``"*dinov2*"``)."""
+    names = sorted(_PRESETS)
+    return names if pattern is None else [n for n in names if fnmatch.fnmatch(n, pattern)]
+
+
+def get_config(name: str, **overrides) -> FaithfulViTConfig:
+    """The config of preset ``name`` with ``overrides`` applied."""
+    if name not in _PRESETS:
+        raise ValueError(f"name: unknown preset {name!r}; available: {list_models()}")
+    return _PRESETS[name]().replace(**overrides)
+
+
+def create_model(name: str, *, pretrained_file: str | None = None, **overrides) -> FaithfulViT:
+    """Build a preset.
+
+    Args:
+        name: one of :func:`list_models`.
+        pretrained_file: a local ``.safetensors`` or timm ``.pth`` ViT checkpoint loaded into both backbones.
+        **overrides: :class:`~faithful_vit.model.FaithfulViTConfig` fields (e.g. ``img_size=96``, ``num_parts=4``,
+            ``backbone_kwargs={"depth": 2}``, ``loss_weights={"area": 5.0}``).
+
+    Returns:
+        The model, in training mode.
+    """
+    cfg = get_config(name, **overrides)
+    if cfg.freeze_stage1_backbone and pretrained_file is None:
+        warnings.warn(
+            f"{name}: freeze_stage1_backbone=True without pretrained_file freezes a randomly initialised stage-1 "
+            "backbone (its masks fail, feasibility_synthetic.md T2); pass pretrained_file= or "
+            "freeze_stage1_backbone=False",
+            stacklevel=2,
+        )
+    model = FaithfulViT(cfg)
+    if pretrained_file is not None:
+        model.load_backbone_weights(pretrained_file)
+    return model
+
+
+_FROM_SCRATCH_LR_FACTORS = {
+    "heads": 1.0,
+    "modulation": 1.0,
+    "prototypes": 1.0,
+    "stage1_tokens": 1.0,
+    "stage1_backbone": 1.0,
+    "stage2_tokens": 1.0,
+    "stage2_backbone": 1.0,
+}
+
+
+@register_model
+def faithful_tiny() -> FaithfulViTConfig:
+    """From scratch on 2 CPU cores in minutes: 64 px, patch 8, width 128, depth 4, 4 heads, K = 3 (both stages
+    trainable; the setting of ``feasibility_synthetic.md``)."""
+    return FaithfulViTConfig(
+        backbone="vit_tiny_patch16_224",
+        img_size=64,
+        num_classes=2,
+        num_parts=3,
+        backbone_kwargs={"patch_size": 8, "embed_dim": 128, "depth": 4, "num_heads": 4, "mlp_ratio": 2.0},
+        freeze_stage1_backbone=False,
+        lr_factors=dict(_FROM_SCRATCH_LR_FACTORS),
+    )
+
+
+@register_model
+def faithful_vit_small_patch16_224() -> FaithfulViTConfig:
+    """ViT-S/16 at 224 px, K = 8, the paper's recipe otherwise (frozen stage 1: give it pretrained_file=)."""
+    return FaithfulViTConfig(
+        backbone="vit_small_patch16_224",
+        img_size=224,
+        num_classes=2,
+        num_parts=8,
+        freeze_stage1_backbone=True,
+    )
+
+
+@register_model
+def faithful_dinov2_base_reg4_518() -> FaithfulViTConfig:
+    """The paper's model: DINOv2 ViT-B/14 with 4 registers at 518 px (37 x 37 patches), K = 8, frozen stage-1
+    backbone with trainable prefix tokens and position embedding (give it pretrained_file=)."""
+    return FaithfulViTConfig(
+        backbone="vit_base_patch14_reg4_dinov2",
+        img_size=518,
+        num_classes=2,
+        num_parts=8,
+        freeze_stage1_backbone=True,
+    )
