@@ -1,9 +1,11 @@
 """faithful-vit: two-stage Vision Transformers with hard token masks, on fused sparse attention kernels."""
 
+from .attention import MaskedAttention
 from .audit import AuditReport, audit
 from .interventions import calibrate_part_thresholds
 from .model import FaithfulViT, FaithfulViTConfig, FaithfulViTOutput, Stage1Output
 from .registry import create_model, get_config, list_models, register_model
+from .sparsify import forward_kept, sparsify
 
 __version__ = "0.1.0"
 
@@ -12,12 +14,15 @@ __all__ = [
     "FaithfulViT",
     "FaithfulViTConfig",
     "FaithfulViTOutput",
+    "MaskedAttention",
     "Stage1Output",
     "__version__",
     "audit",
     "calibrate_part_thresholds",
     "create_model",
+    "forward_kept",
     "get_config",
     "list_models",
     "register_model",
+    "sparsify",
 ]
