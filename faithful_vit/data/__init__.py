@@ -1,1 +1,31 @@
-"""Datasets: the built-in spurious-correlation benchmark and loaders for the paper's datasets."""
+"""Datasets: the built-in spurious-correlation benchmark and loaders for the paper's datasets.
+
+Every dataset returns :class:`Sample` ``(image [3,H,W] normalised, label, group, fg_mask [1,H,W] or None)`` and
+exposes ``num_classes``, ``num_groups`` and ``group_names``; :func:`collate` batches them for a DataLoader.
+"""
+
+from faithful_vit.data.datasets import CUB200, ImageFolder, ImageListDataset, MetaShiftCatDog, Waterbirds, load_image
+from faithful_vit.data.sample import IMAGENET_MEAN, IMAGENET_STD, Batch, CorruptImageError, Sample, collate, normalize
+from faithful_vit.data.synthetic import SpuriousShapes, SpuriousShapesConfig, default_cache_dir
+from faithful_vit.data.waterbirds_lite import WaterbirdsLite, WaterbirdsLiteConfig
+
+__all__ = [
+    "CUB200",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Batch",
+    "CorruptImageError",
+    "ImageFolder",
+    "ImageListDataset",
+    "MetaShiftCatDog",
+    "Sample",
+    "SpuriousShapes",
+    "SpuriousShapesConfig",
+    "Waterbirds",
+    "WaterbirdsLite",
+    "WaterbirdsLiteConfig",
+    "collate",
+    "default_cache_dir",
+    "load_image",
+    "normalize",
+]

@@ -1,0 +1,284 @@
+"""Loaders for the paper's datasets in their published on-disk formats, all returning :class:`Sample`.
+
+- :class:`Waterbirds`: ``metadata.csv`` (``img_id,img_filename,y,split,place,place_filename``; split 0/1/2 =
+  train/val/test), group ``y * 2 + place``; optional masks from a CUB-style ``segmentations`` folder.
+- :class:`CUB200`: CUB-200-2011 (``images.txt``, ``image_class_labels.txt``, ``train_test_split.txt``,
+  ``classes.txt``, ``images/``; optional ``segmentations/``), group == label.
+- :class:`MetaShiftCatDog`: the DISC ImageFolder layout ``<split>/{cat,dog}/[<context>/]*.jpg``; with context
+  sub-folders the group is ``label * num_places + place`` over the sorted context names, else group == label.
+- :class:`ImageFolder`: ``<root>/<class>/*.<ext>`` (sorted class names), group == label.
+
+Images are decoded with PIL to float ``[3,H,W]`` in [0,1], passed with their mask through the joint ``transform``
+(see :mod:`faithful_vit.data.transforms`, e.g. ``cub_original(518, train=True)``), then normalised with
+ImageNet statistics.
+
+Corrupt images: a file that exists but cannot be decoded raises :class:`CorruptImageError` (``on_corrupt="raise"``,
+the default). With ``on_corrupt="skip"`` the dataset warns once per file and returns None for that index;
+:func:`~faithful_vit.data.sample.collate` drops None samples and reports how many it dropped in
+``Batch.num_skipped`` (and returns None when the whole batch was corrupt), so a training loop counts and skips them.
+Missing files raise ``FileNotFoundError`` in both modes: a missing file is a broken dataset, not a bad image.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import warnings
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+from faithful_vit.data.sample import CorruptImageError, Sample, normalize
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
+WATERBIRDS_SPLITS = {"train": 0, "val": 1, "test": 2}
+
+
+def load_image(path: str | os.PathLike, mode: str = "RGB") -> torch.Tensor:
+    """Decode an image file to float ``[C,H,W]`` in [0, 1] (C = 3 for ``"RGB"``, 1 for ``"L"``).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        CorruptImageError: the file exists but PIL cannot decode it.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image file not found: {path!r}")
+    try:
+        with Image.open(path) as img:
+            array = np.asarray(img.convert(mode), dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+        raise CorruptImageError(path, f"{type(exc).__name__}: {exc}") from exc
+    tensor = torch.from_numpy(array.copy())
+    tensor = tensor[None] if tensor.dim() == 2 else tensor.permute(2, 0, 1)
+    return tensor.float().div_(255)
+
+
+class Entry(NamedTuple):
+    """One indexed example: image path, label, group, optional mask path."""
+
+    path: Path
+    label: int
+    group: int
+    mask_path: Path | None = None
+
+
+class ImageListDataset(torch.utils.data.Dataset):
+    """A list of :class:`Entry` decoded on access into :class:`Sample` (the shared implementation of the loaders).
+
+    Args:
+        entries: the examples.
+        num_classes, group_names: dataset metadata (``num_groups = len(group_names)``).
+        transform: joint ``(image [3,H,W] in [0,1], mask [1,H,W] or None) -> (image, mask)``; images of different
+            sizes need a transform that fixes the size before batching.
+        on_corrupt: ``"raise"`` (:class:`CorruptImageError`) or ``"skip"`` (warn once, return None).
+    """
+
+    def __init__(self, entries, *, num_classes: int, group_names, transform=None, on_corrupt: str = "raise") -> None:
+        if on_corrupt not in ("raise", "skip"):
+            raise ValueError(f"on_corrupt must be 'raise' or 'skip', got {on_corrupt!r}")
+        self.entries = list(entries)
+        self.num_classes = num_classes
+        self.group_names = tuple(group_names)
+        self.num_groups = len(self.group_names)
+        self.transform = transform
+        self.on_corrupt = on_corrupt
+        self._warned: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return torch.tensor([e.label for e in self.entries], dtype=torch.int64)
+
+    @property
+    def groups(self) -> torch.Tensor:
+        return torch.tensor([e.group for e in self.entries], dtype=torch.int64)
+
+    def __getitem__(self, index: int) -> Sample | None:
+        entry = self.entries[index]
+        try:
+            image = load_image(entry.path)
+            mask = None if entry.mask_path is None else load_image(entry.mask_path, mode="L")
+        except CorruptImageError as exc:
+            if self.on_corrupt == "raise":
+                raise
+            if exc.path not in self._warned:
+                self._warned.add(exc.path)
+                warnings.warn(f"skipping corrupt image: {exc}", stacklevel=2)
+            return None
+        if mask is not None and mask.shape[-2:] != image.shape[-2:]:
+            mask = torch.nn.functional.interpolate(mask[None], size=image.shape[-2:], mode="bilinear")[0]
+        if self.transform is not None:
+            image, mask = self.transform(image, mask)
+        return Sample(normalize(image), entry.label, entry.group, mask)
+
+
+def _read_table(path: Path, columns: int) -> list[list[str]]:
+    """Rows of a whitespace-separated CUB metadata file, each split into ``columns`` fields."""
+    if not path.is_file():
+        raise FileNotFoundError(f"CUB metadata file not found: {str(path)!r}")
+    rows = []
+    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            fields = line.split(maxsplit=columns - 1)
+            if len(fields) != columns:
+                raise ValueError(f"{path}:{line_no}: expected {columns} fields, got {line!r}")
+            rows.append(fields)
+    return rows
+
+
+def _mask_path(mask_root: Path | None, relative: str) -> Path | None:
+    """CUB segmentation layout: ``<mask_root>/<class dir>/<name>.png`` for image ``<class dir>/<name>.jpg``."""
+    return None if mask_root is None else (mask_root / relative).with_suffix(".png")
+
+
+class Waterbirds(ImageListDataset):
+    """Waterbirds (Sagawa et al.) from ``<root>/metadata.csv``; images at ``<root>/<img_filename>``.
+
+    Args:
+        root: the dataset folder (e.g. ``waterbird_complete95_forest2water2``).
+        split: ``"train"``, ``"val"`` or ``"test"`` (metadata split 0/1/2).
+        mask_root: optional CUB ``segmentations`` folder (the Waterbirds images keep CUB's file names); every
+            selected image must then have a mask.
+        transform, on_corrupt: see :class:`ImageListDataset`.
+    """
+
+    num_places = 2
+    class_names = ("landbird", "waterbird")
+    place_names = ("land", "water")
+
+    def __init__(self, root, split: str = "train", *, mask_root=None, transform=None, on_corrupt="raise") -> None:
+        if split not in WATERBIRDS_SPLITS:
+            raise ValueError(f"split must be one of {tuple(WATERBIRDS_SPLITS)}, got {split!r}")
+        root = Path(root)
+        metadata = root / "metadata.csv"
+        if not metadata.is_file():
+            raise FileNotFoundError(f"Waterbirds metadata not found: {str(metadata)!r}")
+        mask_root = None if mask_root is None else Path(mask_root)
+        entries = []
+        with open(metadata, newline="") as f:
+            reader = csv.DictReader(f)
+            missing = {"img_filename", "y", "split", "place"} - set(reader.fieldnames or ())
+            if missing:
+                raise ValueError(f"{metadata}: missing columns {sorted(missing)}; got {reader.fieldnames}")
+            for row in reader:
+                if int(row["split"]) != WATERBIRDS_SPLITS[split]:
+                    continue
+                y, place = int(row["y"]), int(row["place"])
+                entries.append(Entry(root / row["img_filename"], y, y * self.num_places + place,
+                                     _mask_path(mask_root, row["img_filename"])))
+        group_names = [f"{c}/{p}" for c in self.class_names for p in self.place_names]
+        super().__init__(entries, num_classes=2, group_names=group_names, transform=transform, on_corrupt=on_corrupt)
+        self.places = torch.tensor([e.group % self.num_places for e in self.entries], dtype=torch.int64)
+
+
+class CUB200(ImageListDataset):
+    """CUB-200-2011 with its official train/test split; labels 0..199, group == label.
+
+    Args:
+        root: the ``CUB_200_2011`` folder holding ``images.txt``, ``image_class_labels.txt``,
+            ``train_test_split.txt``, ``classes.txt`` and ``images/``.
+        split: ``"train"`` or ``"test"``.
+        mask_root: optional ``segmentations`` folder; ``True`` means ``<root>/segmentations`` (or its sibling
+            ``<root>/../segmentations``, the layout of the separate download).
+        transform, on_corrupt: see :class:`ImageListDataset`.
+    """
+
+    def __init__(self, root, split: str = "train", *, mask_root=None, transform=None, on_corrupt="raise") -> None:
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        root = Path(root)
+        if mask_root is True:
+            candidates = [root / "segmentations", root.parent / "segmentations"]
+            mask_root = next((c for c in candidates if c.is_dir()), None)
+            if mask_root is None:
+                raise FileNotFoundError(f"no segmentations folder at {[str(c) for c in candidates]}")
+        mask_root = None if mask_root is None else Path(mask_root)
+        paths = dict(_read_table(root / "images.txt", 2))
+        labels = {i: int(c) - 1 for i, c in _read_table(root / "image_class_labels.txt", 2)}
+        is_train = {i: t.strip() == "1" for i, t in _read_table(root / "train_test_split.txt", 2)}
+        classes = sorted((int(c), name) for c, name in _read_table(root / "classes.txt", 2))
+        self.class_names = tuple(name for _, name in classes)
+        want_train = split == "train"
+        entries = [
+            Entry(root / "images" / paths[i], labels[i], labels[i], _mask_path(mask_root, paths[i]))
+            for i in sorted(paths, key=int)
+            if is_train[i] == want_train
+        ]
+        super().__init__(entries, num_classes=len(classes), group_names=self.class_names, transform=transform,
+                         on_corrupt=on_corrupt)
+
+
+def _list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+class ImageFolder(ImageListDataset):
+    """``<root>/<class>/*.<image ext>`` with classes in sorted order; group == label.
+
+    Args:
+        root: the folder of class folders.
+        class_names: the classes to use, in label order (default: every sub-folder, sorted).
+        transform, on_corrupt: see :class:`ImageListDataset`.
+    """
+
+    def __init__(self, root, *, class_names=None, transform=None, on_corrupt="raise") -> None:
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"ImageFolder root not found: {str(root)!r}")
+        self.class_names = tuple(class_names or sorted(p.name for p in root.iterdir() if p.is_dir()))
+        if not self.class_names:
+            raise ValueError(f"ImageFolder root {str(root)!r} has no class sub-folders")
+        entries = []
+        for label, name in enumerate(self.class_names):
+            if not (root / name).is_dir():
+                raise FileNotFoundError(f"class folder not found: {str(root / name)!r}")
+            entries += [Entry(p, label, label) for p in sorted((root / name).rglob("*"))
+                        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+        super().__init__(entries, num_classes=len(self.class_names), group_names=self.class_names,
+                         transform=transform, on_corrupt=on_corrupt)
+
+
+class MetaShiftCatDog(ImageListDataset):
+    """MetaShift cat-vs-dog in the DISC layout: ``<root>/<split>/{cat,dog}/[<context>/]*.jpg``.
+
+    The paper's setting trains on cat(bed, sofa) and dog(bench, bike) and tests on cat(shelf) and dog(shelf). When
+    the class folders have context sub-folders, ``place`` indexes the sorted context names found under ``root``
+    (all splits, so indices agree between splits) and ``group = label * num_places + place``; groups absent from a
+    split simply have no samples. Without context folders, group == label.
+
+    Args:
+        root: the folder holding the split folders.
+        split: a split folder name (``"train"``, ``"val"``, ``"test"``).
+        transform, on_corrupt: see :class:`ImageListDataset`.
+    """
+
+    class_names = ("cat", "dog")
+
+    def __init__(self, root, split: str = "train", *, transform=None, on_corrupt="raise") -> None:
+        root = Path(root)
+        split_dir = root / split
+        if not split_dir.is_dir():
+            raise FileNotFoundError(f"MetaShift split folder not found: {str(split_dir)!r}")
+        contexts = sorted({p.name for s in root.iterdir() if s.is_dir() for c in self.class_names
+                           if (s / c).is_dir() for p in (s / c).iterdir() if p.is_dir()})
+        self.place_names = tuple(contexts)
+        self.num_places = max(1, len(contexts))
+        entries = []
+        for label, name in enumerate(self.class_names):
+            class_dir = split_dir / name
+            if not class_dir.is_dir():
+                raise FileNotFoundError(f"MetaShift class folder not found: {str(class_dir)!r}")
+            if contexts:
+                for ctx_dir in sorted(p for p in class_dir.iterdir() if p.is_dir()):
+                    place = contexts.index(ctx_dir.name)
+                    entries += [Entry(p, label, label * self.num_places + place) for p in _list_images(ctx_dir)]
+            else:
+                entries += [Entry(p, label, label) for p in _list_images(class_dir)]
+        group_names = [f"{c}/{p}" for c in self.class_names for p in contexts] if contexts else self.class_names
+        super().__init__(entries, num_classes=2, group_names=group_names, transform=transform, on_corrupt=on_corrupt)
