@@ -29,6 +29,7 @@ from pathlib import Path
 import yaml
 
 DEFAULT_MODELS = "faithful_tiny,baseline,oracle"
+DATASETS = ("synthetic", "waterbirds_lite", "waterbirds", "cub", "metashift", "imagefolder")
 COMPARISON_MODELS = ("baseline", "oracle")
 
 
@@ -52,9 +53,19 @@ class ParseKwargs(argparse.Action):
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_argument_group("Data")
-    group.add_argument("--data", default="synthetic", help="dataset: 'synthetic' (the built-in benchmark, generated "
-                       "and cached on first use) (default: %(default)s)")
-    group.add_argument("--data-dir", default=None, help="dataset folder (required for datasets other than synthetic)")
+    group.add_argument("--data", default="synthetic", choices=DATASETS, help="dataset: synthetic (the built-in "
+                       "benchmark, generated and cached on first use), waterbirds_lite (built offline by "
+                       "scripts/setup_waterbirds_lite.sh), or one in --data-dir: waterbirds (metadata.csv), cub "
+                       "(CUB-200-2011), metashift (DISC layout), imagefolder (<dir>/{train,val,test}/<class>/*) "
+                       "(default: %(default)s)")
+    group.add_argument("--data-dir", default=None, help="dataset folder (required for waterbirds, cub, metashift, "
+                       "imagefolder)")
+    group.add_argument("--mask-dir", default=None, help="CUB segmentations folder: ground-truth masks for mask "
+                       "metrics and the oracle (waterbirds, cub)")
+    group.add_argument("--data-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
+                       help="generator settings of synthetic/waterbirds_lite, e.g. n_train=600 image_size=32")
+    group.add_argument("--img-size", type=int, default=None, help="image side for folder datasets (default: the "
+                       "two-stage preset's)")
     group.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default: %(default)s)")
     group = parser.add_argument_group("Model")
     group.add_argument("--model", default=DEFAULT_MODELS, help="comma-separated models to train: two-stage presets "
@@ -137,27 +148,52 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, str]:
     return args, yaml.safe_dump({k: v for k, v in vars(args).items() if k not in ("config", "resume")})
 
 
-def build_datasets(args):
-    """Train/val/test datasets and their group names, with a clear error for a missing or malformed dataset."""
-    if args.data == "synthetic":
-        from faithful_vit.data.synthetic import SpuriousShapes
-        from faithful_vit.data.transforms import synthetic_transforms
+def build_datasets(args) -> tuple[list, int]:
+    """The train/val/test datasets and their image size; a missing or malformed dataset is a :class:`UsageError`."""
+    from faithful_vit import get_config
+    from faithful_vit.data import datasets, synthetic, transforms, waterbirds_lite
 
-        splits = [SpuriousShapes(split, transform=synthetic_transforms(split == "train"))
-                  for split in ("train", "val", "test")]
-        return (*splits, list(SpuriousShapes.group_names), SpuriousShapes.num_classes)
-    raise UsageError(f"--data: unknown dataset {args.data!r}; expected one of ['synthetic']")
+    splits = ("train", "val", "test")
+    try:
+        if args.data in ("synthetic", "waterbirds_lite"):
+            module, name = (synthetic, "SpuriousShapes") if args.data == "synthetic" else (waterbirds_lite,
+                                                                                           "WaterbirdsLite")
+            config = getattr(module, f"{name}Config")(**args.data_kwargs)
+            built = [getattr(module, name)(split, config=config, transform=transforms.synthetic_transforms(
+                split == "train")) for split in splits]
+            return built, config.image_size
+        if args.data_dir is None or not Path(args.data_dir).is_dir():
+            raise UsageError(f"--data-dir: dataset folder not found: {args.data_dir}")
+        size = args.img_size or get_config(args.reference_model).img_size
+        loaders = {"waterbirds": datasets.Waterbirds, "cub": datasets.CUB200, "metashift": datasets.MetaShiftCatDog}
+        built = []
+        for split in splits:
+            transform = transforms.cub_original(size, train=split == "train")
+            if args.data == "imagefolder":
+                built.append(datasets.ImageFolder(Path(args.data_dir) / split, transform=transform))
+            elif args.data in ("waterbirds", "cub"):
+                built.append(loaders[args.data](args.data_dir, split, mask_root=args.mask_dir, transform=transform))
+            else:
+                built.append(loaders[args.data](args.data_dir, split, transform=transform))
+        return built, size
+    except (FileNotFoundError, ValueError, TypeError) as error:
+        if isinstance(error, UsageError):
+            raise
+        raise UsageError(f"--data {args.data}: {error}") from None
 
 
-def build_model(name: str, args, num_classes: int):
+def build_model(name: str, args, num_classes: int, image_size: int):
     """A two-stage preset, or the baseline / oracle at the size of the reference preset's stage 2."""
     import faithful_vit
     from faithful_vit.baseline import FullImageViT, OracleMaskViT, vit_kwargs_like
 
-    if name not in COMPARISON_MODELS:
-        return faithful_vit.create_model(name, pretrained_file=args.pretrained_file, num_classes=num_classes,
-                                         **args.model_kwargs)
-    reference = faithful_vit.create_model(args.reference_model, num_classes=num_classes, **args.model_kwargs)
+    kwargs = {"num_classes": num_classes, "img_size": image_size, **args.model_kwargs}
+    try:
+        if name not in COMPARISON_MODELS:
+            return faithful_vit.create_model(name, pretrained_file=args.pretrained_file, **kwargs)
+        reference = faithful_vit.create_model(args.reference_model, **kwargs)
+    except (TypeError, ValueError) as error:
+        raise UsageError(f"--model-kwargs: {error}") from None
     vit_kwargs = vit_kwargs_like(reference.stage2)
     if name == "baseline":
         return FullImageViT(num_classes, **vit_kwargs)
@@ -188,15 +224,14 @@ def run(args, args_text: str) -> dict:
 
     names = _check_models(args)
     seeds = [int(seed) for seed in args.seeds.split(",")] if args.seeds else [args.seed]
-    if args.data != "synthetic" and (args.data_dir is None or not Path(args.data_dir).is_dir()):
-        raise UsageError(f"--data-dir: dataset folder not found: {args.data_dir}")
+    (train_set, val_set, test_set), image_size = build_datasets(args)
+    group_names, num_classes = list(train_set.group_names), train_set.num_classes
     dist_info = engine.setup_distributed(args.device)
     run_dir = Path(args.resume) if args.resume else Path(args.output) / (
         args.experiment or time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
     if dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "args.yaml").write_text(args_text)
-    train_set, val_set, test_set, group_names, num_classes = build_datasets(args)
     cfg = engine.TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, lr=args.lr,
         weight_decay=args.weight_decay, wd_normalized=args.wd_normalized, clip_grad=args.clip_grad or None,
@@ -216,10 +251,10 @@ def run(args, args_text: str) -> dict:
                                                    (model_dir / "metrics.jsonl").read_text().splitlines()]
                 continue
             engine.seed_everything(seed)
-            model = build_model(name, args, num_classes)
+            model = build_model(name, args, num_classes, image_size)
             trainer = engine.Trainer(model, train_set, val_set, num_groups=len(group_names),
                                      cfg=engine.TrainConfig(**{**vars(cfg), "seed": seed}), run_dir=model_dir,
-                                     dist_info=dist_info)
+                                     dist_info=dist_info, name=f"{name}/seed{seed}")
             start = time.perf_counter()
             histories[f"{name}/seed{seed}"] = trainer.fit(resume=args.resume is not None)
             test = {"model": name, "seed": seed, **trainer.test(test_set),

@@ -417,11 +417,13 @@ class Trainer:
         cfg: hyper-parameters.
         run_dir: output folder of this model.
         dist_info: from :func:`setup_distributed`.
+        name: how log lines name this run (default: the folder name).
     """
 
     def __init__(self, model: nn.Module, train_set: Dataset, val_set: Dataset, *, num_groups: int,
-                 cfg: TrainConfig, run_dir: Path, dist_info: DistInfo | None = None):
+                 cfg: TrainConfig, run_dir: Path, dist_info: DistInfo | None = None, name: str | None = None):
         self.cfg, self.run_dir, self.num_groups = cfg, Path(run_dir), num_groups
+        self.name = name or self.run_dir.name
         self.dist = dist_info or DistInfo()
         self.val_set = val_set
         self.module = model.to(self.dist.device)
@@ -611,7 +613,7 @@ class Trainer:
         self._save_last()
         if self.dist.is_main:
             self._write_history()
-            tqdm.write(f"[{self.run_dir.name}] epoch {self.epoch}/{cfg.epochs} loss {row.get('train_total', 0):.4f} "
+            tqdm.write(f"[{self.name}] epoch {self.epoch}/{cfg.epochs} loss {row.get('train_total', 0):.4f} "
                        f"val acc {val['accuracy']:.3f} wga {val['worst_group_accuracy']:.3f}"
                        f"{' *' if improved else ''}", file=sys.stderr)
 
