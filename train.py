@@ -24,6 +24,7 @@ import json
 import sys
 import time
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import yaml
@@ -101,6 +102,9 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda (default: %(default)s)")
     group.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA; "
                        "ignored on CPU (default: on)")
+    group.add_argument("--attn-impl", choices=("auto", "triton", "torch"), default=None, help="attention kernels: "
+                       "our Triton kernels, the PyTorch reference, or auto (Triton where it can run) "
+                       "(default: $FAITHFUL_VIT_BACKEND, else auto)")
     group.add_argument("--compile", action="store_true", help="torch.compile the model for training")
     group.add_argument("--channels-last", action="store_true", help="channels-last images and weights")
     group = parser.add_argument_group("Checkpointing")
@@ -282,17 +286,21 @@ def run(args, args_text: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from faithful_vit.engine import NonFiniteLossError
-
+    """Run the CLI; bad input is one line on stderr and exit code 2, a non-finite loss exit code 1."""
     try:
         args, args_text = _parse_args(argv)
-        run(args, args_text)
+        from faithful_vit.engine import NonFiniteLossError  # after parsing: --help stays fast
+        from faithful_vit.kernels import use_backend
+
+        try:
+            with use_backend(args.attn_impl) if args.attn_impl else nullcontext():
+                run(args, args_text)
+        except NonFiniteLossError as error:
+            print(f"train.py: error: {error}", file=sys.stderr)
+            return 1
     except UsageError as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
-    except NonFiniteLossError as error:
-        print(f"train.py: error: {error}", file=sys.stderr)
-        return 1
     return 0
 
 
