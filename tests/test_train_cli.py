@@ -114,6 +114,7 @@ def test_tiny_run_writes_the_run_folder(tmp_path, capsys):
     assert "worst-group" in out and "img/s" in out
 
 
+@pytest.mark.slow
 def test_hard_kill_then_resume_continues_the_same_run(tmp_path):
     args = [*TINY, "--model", "baseline", "--epochs", "3", "--checkpoint-every", "2", "--output", str(tmp_path)]
     args[args.index("n_train=96")] = "n_train=320"
