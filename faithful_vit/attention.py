@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.layers import Attention
 from torch import nn
 
 from .kernels import BACKENDS, PackedTokens, masked_attention, varlen_attention
@@ -124,8 +125,6 @@ class MaskedAttention(nn.Module):
         Returns:
             A :class:`MaskedAttention` whose state dict equals ``attn``'s.
         """
-        from timm.layers import Attention
-
         if type(attn) is not Attention:
             raise TypeError(f"attn: expected timm.layers.Attention, got {type(attn).__module__}."
                             f"{type(attn).__qualname__}")
@@ -135,13 +134,13 @@ class MaskedAttention(nn.Module):
             num_heads=attn.num_heads,
             attn_head_dim=attn.head_dim,
             dim_out=attn.proj.out_features,
-            gated=attn.gate is not None,
+            gated=getattr(attn, "gate", None) is not None,  # older timm releases have no output gate
             device="meta",
             backend=backend,
         )
         module.scale = attn.scale
         for name in ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "gate", "proj", "proj_drop"):
-            setattr(module, name, getattr(attn, name))
+            setattr(module, name, getattr(attn, name, None))
         module.train(attn.training)
         return module
 

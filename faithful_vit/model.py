@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .sparsify import forward_kept, sparsify
+
 __all__ = [
     "FaithfulViT",
     "FaithfulViTConfig",
@@ -95,6 +97,8 @@ class FaithfulViTConfig:
             equivariance loss: angle in U(-degrees, degrees), integer translation up to translate * img_size pixels
             per axis, scale in U(*scale).
         drop_path_rate: stochastic depth of both backbones.
+        kernel_backend: attention-kernel backend of stage 2's "masked" and "packed" modes ("auto", "triton",
+            "torch"; see :func:`faithful_vit.sparsify`).
     """
 
     backbone: str = "vit_tiny_patch16_224"
@@ -120,6 +124,7 @@ class FaithfulViTConfig:
     equivariance_translate: float = 0.11
     equivariance_scale: tuple[float, float] = (0.8, 1.4)
     drop_path_rate: float = 0.0
+    kernel_backend: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_parts, int) or self.num_parts < 1:
@@ -276,7 +281,7 @@ class FaithfulViT(nn.Module):
         self.grid_size: tuple[int, int] = tuple(self.stage1.patch_embed.grid_size)
         self.patch_size: tuple[int, int] = tuple(self.stage1.patch_embed.patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.stage2_kept_stage = _sparsify_stage2(self.stage2)
+        sparsify(self.stage2, backend=cfg.kernel_backend)  # in place; parameters and state dict unchanged
 
         dim1, dim2 = self.stage1.embed_dim, self.stage2.embed_dim
         k1 = cfg.num_parts + 1
@@ -349,10 +354,8 @@ class FaithfulViT(nn.Module):
     def _apply_thresholds(self, logits: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """Section 11.1 without the authors' quirk: a foreground part whose score is below its threshold is removed
         from the competition for that token (-inf); every other logit stays a -distance."""
-        thresholds = self.part_thresholds.to(scores.dtype)
-        if torch.isneginf(thresholds).all():
-            return logits
-        low = F.pad(scores[..., : self.num_parts] < thresholds, (0, 1), value=False)
+        # No data-dependent branch (torch.compile): a threshold of -inf never fires.
+        low = F.pad(scores[..., : self.num_parts] < self.part_thresholds.to(scores.dtype), (0, 1), value=False)
         return logits.masked_fill(low, float("-inf"))
 
     def set_part_thresholds(self, thresholds: torch.Tensor | Sequence[float] | None) -> None:
@@ -462,7 +465,7 @@ class FaithfulViT(nn.Module):
         if mode == "dense":
             features = self._stage2_dense_features(images, keep)
         else:
-            features = self.stage2_kept_stage(self.stage2, images, keep, mode=mode, gate=gate)
+            features = forward_kept(self.stage2, images, keep, mode=mode, gate=gate)
         return self.head(self.fc_norm(features))
 
     def patch_pixels(self, patches: torch.Tensor) -> torch.Tensor:
@@ -516,7 +519,7 @@ class FaithfulViT(nn.Module):
         """
         stage1 = self.forward_stage1(images)
         mode = self.default_stage2_mode() if mode is None else mode
-        with_gate = self.cfg.straight_through and mode == "masked" and torch.is_grad_enabled()
+        with_gate = self.training and self.cfg.straight_through and mode == "masked" and torch.is_grad_enabled()
         keep, gate = self.compute_keep(stage1.part_logits, remove_parts=remove_parts, with_gate=with_gate)
         stage2_logits = self.forward_stage2(images, keep, mode=mode, gate=gate)
         return FaithfulViTOutput(
@@ -636,14 +639,6 @@ def _group_of(name: str) -> str:
     if stage in ("stage1", "stage2"):
         return f"{stage}_tokens" if rest in _PREFIX_AND_POSITION else f"{stage}_backbone"
     raise ValueError(f"parameter {name!r} belongs to no parameter group")
-
-
-def _sparsify_stage2(backbone: nn.Module):
-    """Sparsify stage 2 in place and return the kept-token forward (``faithful_vit.forward_kept``)."""
-    from .sparsify import forward_kept, sparsify
-
-    sparsify(backbone)
-    return forward_kept
 
 
 def random_rigid_transform(

@@ -9,7 +9,8 @@ registers) and the kept patch tokens take part, in one of two layouts:
   runs on the rows (projections and MLPs cost in proportion to the kept tokens) with varlen attention.
 * ``"masked"``: the tokens are reordered once, kept first (a stable partition, so the class token stays at index 0),
   and every block runs on the full ``(B, N, C)`` tensor with the masked-attention kernel, which skips dropped keys
-  and dropped queries. This mode can carry a straight-through ``gate`` whose gradient reaches stage 1.
+  and dropped queries. This mode can carry a straight-through ``gate`` whose gradient reaches stage 1 (dropped
+  query rows are then computed, since the gate's gradient at a dropped key needs that token's key in every block).
 
 Both give, at the class token, what timm's ``forward_features(x, attn_mask=keep_full[:, None, None, :])`` gives.
 """
@@ -19,9 +20,12 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from timm.layers import Attention, PatchEmbed
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from .attention import MaskedAttention
+from .kernels import pack_tokens
 
 __all__ = ["forward_kept", "sparsify"]
 
@@ -37,13 +41,6 @@ def _compaction_order(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return order, torch.argsort(order, dim=1)
 
 
-def _timm_classes():
-    from timm.layers import Attention, PatchEmbed
-    from timm.models.vision_transformer import Block, VisionTransformer
-
-    return Attention, PatchEmbed, Block, VisionTransformer
-
-
 def _unsupported(name: str, module: nn.Module, why: str) -> TypeError:
     kind = f"{type(module).__module__}.{type(module).__qualname__}"
     return TypeError(f"sparsify: cannot convert {name or 'model'} ({kind}) faithfully: {why}")
@@ -55,7 +52,6 @@ def _overrides(module: nn.Module, base: type, method: str) -> bool:
 
 def _check_convertible(model: nn.Module) -> None:
     """Raise, naming the module, if any part of ``model`` mixes tokens in a way the sparse path would not reproduce."""
-    Attention, PatchEmbed, Block, VisionTransformer = _timm_classes()
     if not isinstance(model, VisionTransformer) or _overrides(model, VisionTransformer, "forward_features"):
         raise _unsupported("", model, "expected a timm VisionTransformer (vit_*, deit*, deit3_*, vit_*_dinov2); other "
                                       "families (relative position bias, rope, hybrid stems) are not implemented")
@@ -71,6 +67,8 @@ def _check_convertible(model: nn.Module) -> None:
         raise _unsupported("attn_pool", model.attn_pool, "attention pooling mixes all tokens outside the blocks")
     if model.global_pool not in SUPPORTED_POOLS:
         raise _unsupported("", model, f"global_pool={model.global_pool!r}; expected one of {SUPPORTED_POOLS}")
+    if model.global_pool != "token" and _overrides(model, VisionTransformer, "forward_head"):
+        raise _unsupported("", model, f"a custom forward_head with global_pool={model.global_pool!r}")
     for index, block in enumerate(model.blocks):
         name = f"blocks.{index}"
         if not isinstance(block, Block) or _overrides(block, Block, "forward"):
@@ -108,6 +106,10 @@ def sparsify(model: nn.Module, backend: str = "auto") -> nn.Module:
     return model
 
 
+def _pool_include_prefix(model: nn.Module) -> bool:
+    return getattr(model, "pool_include_prefix", False)  # absent in older timm: prefix never pooled
+
+
 def _embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """timm's token stem with the model's own modules: patches, prefix tokens and position embedding, pre-norm."""
     tokens = model._pos_embed(model.patch_embed(x))
@@ -131,32 +133,35 @@ def _residual_rows(rows: torch.Tensor, branch: torch.Tensor, drop_path: nn.Modul
 
 
 def _pool(model: nn.Module, rows: torch.Tensor, row_image: torch.Tensor, in_pool: torch.Tensor,
-          class_rows: torch.Tensor, batch: int) -> torch.Tensor:
-    """The model's global pooling over the kept tokens only, then its ``fc_norm`` and ``head_drop``.
+          prefix_rows: torch.Tensor, batch: int) -> torch.Tensor:
+    """The model's pre-logit pooling over the kept tokens only.
+
+    ``'token'`` pooling hands the prefix tokens to the model's own ``forward_head(..., pre_logits=True)`` (so models
+    that pool several prefix tokens, like distilled DeiT, keep their rule); average/max pooling reduces the kept rows,
+    then applies the model's ``fc_norm`` and ``head_drop``.
 
     Args:
         rows: ``(R, C)`` final tokens (after ``model.norm``).
         row_image: ``(R,)`` int64 image of each row.
         in_pool: ``(R,)`` bool, rows that the average/max reduction covers (kept patch tokens, plus the prefix
             tokens when the model's ``pool_include_prefix``).
-        class_rows: ``(B,)`` int64 row of each image's class token.
+        prefix_rows: ``(B, num_prefix_tokens)`` int64 rows of each image's prefix tokens, in order.
     """
-    pool_type = model.global_pool
-    if pool_type == "token":
-        pooled = rows[class_rows]
+    if model.global_pool == "token":
+        return model.forward_head(rows[prefix_rows], pre_logits=True)
+    channels = rows.shape[1]
+    weights = in_pool.to(rows.dtype)
+    counts = rows.new_zeros(batch).index_add(0, row_image, weights)
+    mean = rows.new_zeros(batch, channels).index_add(0, row_image, rows * weights[:, None])
+    mean = mean / counts.clamp(min=1)[:, None]
+    if model.global_pool == "avg":
+        pooled = mean
     else:
-        channels = rows.shape[1]
-        weights = in_pool.to(rows.dtype)
-        counts = rows.new_zeros(batch).index_add(0, row_image, weights)
-        mean = rows.new_zeros(batch, channels).index_add(0, row_image, rows * weights[:, None])
-        mean = mean / counts.clamp(min=1)[:, None]
-        if pool_type == "avg":
-            pooled = mean
-        else:
-            floor = torch.finfo(rows.dtype).min
-            amax = rows.new_full((batch, channels), floor).scatter_reduce(
-                0, row_image[:, None].expand(-1, channels), rows.masked_fill(~in_pool[:, None], floor), "amax")
-            pooled = amax if pool_type == "max" else 0.5 * (amax + mean)
+        floor = torch.finfo(rows.dtype).min
+        amax = rows.new_full((batch, channels), floor).scatter_reduce(
+            0, row_image[:, None].expand(-1, channels), rows.masked_fill(~in_pool[:, None], floor), "amax")
+        amax = torch.where(counts[:, None] > 0, amax, 0.0)  # nothing to pool: zero, like the empty mean
+        pooled = amax if model.global_pool == "max" else 0.5 * (amax + mean)
     return model.head_drop(model.fc_norm(pooled))
 
 
@@ -208,7 +213,10 @@ def forward_kept(
         keep: ``(B, num_patches)`` bool over the patch tokens in raster order; prefix tokens are always kept.
         mode: ``"packed"`` (gather the kept tokens once) or ``"masked"`` (reorder once, masked attention per block).
         gate: optional ``(B, num_patches)`` float equal to ``keep`` in value (straight-through estimate). In
-            ``"masked"`` mode every block's attention receives it as a key gate, so d(loss)/d(gate) is returned. In
+            ``"masked"`` mode every block's attention receives it as a key gate, so d(loss)/d(gate) is the gradient
+            of a multiplicative key gate in every attention of the dense model, evaluated at ``gate = keep`` (dropped
+            rows are then computed, as timm computes them, instead of skipped); a gate without a gradient to
+            compute changes nothing. In
             ``"packed"`` mode dropped tokens are gone, so a gate that requires grad raises; one that does not is
             only checked for its shape.
         return_tokens: also return the final tokens (after ``model.norm``) as ``(B, N, C)`` in the model's own
@@ -225,18 +233,15 @@ def forward_kept(
     batch, seq_len, _ = tokens.shape
     prefix = model.num_prefix_tokens
     keep_full = torch.cat([keep.new_ones(batch, prefix), keep], dim=1)
-    image_index = torch.arange(batch, device=tokens.device)
     if mode == "packed":
         if gate is not None and gate.requires_grad:
             raise ValueError("gate: packed mode cannot return d(loss)/d(gate) (dropped tokens are not computed); "
                              "use mode='masked' for a straight-through gate")
         return _forward_packed(model, tokens, keep_full, return_tokens)
-    return _forward_masked(model, tokens, keep_full, gate, image_index, return_tokens)
+    return _forward_masked(model, tokens, keep_full, gate, return_tokens)
 
 
 def _forward_packed(model, tokens, keep_full, return_tokens):
-    from .kernels import pack_tokens
-
     batch, seq_len, _ = tokens.shape
     packed = pack_tokens(tokens, keep_full, max_seqlen=seq_len)
     row_image = packed.index // seq_len
@@ -246,32 +251,38 @@ def _forward_packed(model, tokens, keep_full, return_tokens):
         rows = _residual_rows(rows, block.ls1(attended), block.drop_path1, batch, row_image)
         rows = _residual_rows(rows, block.ls2(block.mlp(block.norm2(rows))), block.drop_path2, batch, row_image)
     rows = model.norm(rows)
-    in_pool = (packed.index % seq_len >= model.num_prefix_tokens) | model.pool_include_prefix
-    features = _pool(model, rows, row_image, in_pool, packed.cu_seqlens[:-1].long(), batch)
+    in_pool = (packed.index % seq_len >= model.num_prefix_tokens) | _pool_include_prefix(model)
+    prefix_rows = packed.cu_seqlens[:-1, None].long() + torch.arange(model.num_prefix_tokens, device=rows.device)
+    features = _pool(model, rows, row_image, in_pool, prefix_rows, batch)
     if return_tokens:
         return features, packed.with_data(rows).unpack(0.0)
     return features
 
 
-def _forward_masked(model, tokens, keep_full, gate, image_index, return_tokens):
+def _forward_masked(model, tokens, keep_full, gate, return_tokens):
     batch, seq_len, channels = tokens.shape
+    image_index = torch.arange(batch, device=tokens.device)
     order, inverse = _compaction_order(keep_full)
     tokens = tokens.gather(1, order[:, :, None].expand(-1, -1, channels))
     keep_sorted = keep_full.gather(1, order)
     gate_sorted = None
-    if gate is not None:
+    if gate is not None and gate.requires_grad and torch.is_grad_enabled():  # otherwise it changes nothing
         gate_full = torch.cat([gate.new_ones(batch, model.num_prefix_tokens), gate], dim=1)
         gate_sorted = gate_full.gather(1, order)
+    # The gate's gradient at a dropped key needs that token's real key in every block, i.e. its row computed as timm
+    # computes it (attending to the kept keys); without a gate, dropped rows are skipped (they reach no output).
+    skip_dropped_queries = gate_sorted is None
     for block in model.blocks:
         attended = block.attn(block.norm1(tokens), attn_mask=keep_sorted, key_gate=gate_sorted,
-                              skip_dropped_queries=True)
+                              skip_dropped_queries=skip_dropped_queries)
         tokens = tokens + block.drop_path1(block.ls1(attended))
         tokens = tokens + block.drop_path2(block.ls2(block.mlp(block.norm2(tokens))))
     tokens = model.norm(tokens)
     rows = tokens.reshape(batch * seq_len, channels)
     row_image = image_index.repeat_interleave(seq_len)
-    in_pool = keep_sorted & ((order >= model.num_prefix_tokens) | model.pool_include_prefix)
-    features = _pool(model, rows, row_image, in_pool.reshape(-1), image_index * seq_len, batch)
+    in_pool = keep_sorted & ((order >= model.num_prefix_tokens) | _pool_include_prefix(model))
+    prefix_rows = image_index[:, None] * seq_len + torch.arange(model.num_prefix_tokens, device=rows.device)
+    features = _pool(model, rows, row_image, in_pool.reshape(-1), prefix_rows, batch)
     if return_tokens:
         restored = tokens.masked_fill(~keep_sorted[:, :, None], 0.0)
         restored = restored.gather(1, inverse[:, :, None].expand(-1, -1, channels))

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from faithful_vit.data import Batch, Sample, SpuriousShapes, SpuriousShapesConfig, collate, default_cache_dir, synthetic
+from faithful_vit.data.mask_stats import patch_mask_stats
 from faithful_vit.data.transforms import synthetic_transforms
 
 TINY = SpuriousShapesConfig(n_train=240, n_val=40, n_test=48)
@@ -144,3 +145,24 @@ def test_flip_augmentation_moves_mask_with_image(tmp_path):
 def test_bad_split_is_rejected():
     with pytest.raises(ValueError, match="split must be one of"):
         synthetic.generate_split(TINY, "dev")
+
+
+def test_patch_mask_stats_on_a_hand_made_case():
+    # 8x8 image, 4x4 patches -> 2x2 grid. Object: all of patch 0 and half of patch 1.
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., :4, :4] = 1
+    mask[..., :4, 4:6] = 1
+    visibility = 1 - mask
+    keep = torch.tensor([[True, True, False, False]])
+    stats = patch_mask_stats(keep, mask, 4, place_visibility=visibility)
+    assert stats["kept_frac"] == 0.5 and stats["gt_frac"] == 0.25  # patch 1 is exactly half object: not > 0.5
+    assert stats["patch_iou"] == 0.5 and stats["patch_precision"] == 0.5 and stats["patch_recall"] == 1.0
+    assert stats["pixel_iou"] == pytest.approx(24 / 32)
+    assert stats["non_object_in_kept"] == pytest.approx(8 / 32)
+    assert stats["place_cue_in_kept"] == pytest.approx(8 / 32)
+    nothing = patch_mask_stats(torch.zeros(1, 4, dtype=torch.bool), mask, 4)
+    assert nothing["kept_frac"] == 0 and nothing["non_object_in_kept"] == 0 and "place_cue_in_kept" not in nothing
+    with pytest.raises(ValueError, match="keep must be bool"):
+        patch_mask_stats(keep.float(), mask, 4)
+    with pytest.raises(ValueError, match="not a multiple of patch_size=3"):
+        patch_mask_stats(keep, mask, 3)

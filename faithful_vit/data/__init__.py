@@ -5,6 +5,7 @@ exposes ``num_classes``, ``num_groups`` and ``group_names``; :func:`collate` bat
 """
 
 from faithful_vit.data.datasets import CUB200, ImageFolder, ImageListDataset, MetaShiftCatDog, Waterbirds, load_image
+from faithful_vit.data.mask_stats import gt_patch_fraction, patch_mask_stats
 from faithful_vit.data.sample import IMAGENET_MEAN, IMAGENET_STD, Batch, CorruptImageError, Sample, collate, normalize
 from faithful_vit.data.synthetic import SpuriousShapes, SpuriousShapesConfig, default_cache_dir
 from faithful_vit.data.waterbirds_lite import WaterbirdsLite, WaterbirdsLiteConfig
@@ -26,6 +27,8 @@ __all__ = [
     "WaterbirdsLiteConfig",
     "collate",
     "default_cache_dir",
+    "gt_patch_fraction",
     "load_image",
     "normalize",
+    "patch_mask_stats",
 ]

@@ -236,6 +236,7 @@ def cached_arrays(
     # Write then rename, so a concurrent or interrupted run never leaves a truncated cache file behind.
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as tmp:
         np.savez_compressed(tmp, **arrays)
+    os.chmod(tmp.name, 0o644)  # NamedTemporaryFile creates 0600; the cache may be shared
     os.replace(tmp.name, path)
     return arrays
 
@@ -315,6 +316,9 @@ class SpuriousShapes(ArrayDataset):
 
     class_names = CLASS_NAMES
     place_names = PLACE_NAMES
+    num_classes = 2
+    num_groups = 4
+    group_names = tuple(f"{c}/{p}" for c in CLASS_NAMES for p in PLACE_NAMES)
 
     def __init__(
         self,

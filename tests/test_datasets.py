@@ -1,0 +1,255 @@
+"""Loaders of the paper's datasets on tiny fixtures written in their published on-disk formats, and Waterbirds-lite."""
+
+import dataclasses
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from faithful_vit.data import (
+    CUB200,
+    CorruptImageError,
+    ImageFolder,
+    MetaShiftCatDog,
+    Waterbirds,
+    WaterbirdsLite,
+    WaterbirdsLiteConfig,
+    collate,
+    load_image,
+)
+from faithful_vit.data import waterbirds_lite as wbl
+from faithful_vit.data.sample import Sample
+from faithful_vit.data.transforms import cub_original
+
+
+def _png(path, colour, size=(8, 8), mode="RGB"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, colour).save(path)
+    return path
+
+
+def _waterbirds(root):
+    rows = [  # img_id, img_filename, y, split, place
+        (1, "001.Black_footed_Albatross/a.jpg", 1, 0, 1),
+        (2, "001.Black_footed_Albatross/b.jpg", 1, 0, 0),
+        (3, "002.Laysan_Albatross/c.jpg", 1, 1, 1),
+        (4, "100.Brown_Pelican/d.jpg", 1, 2, 0),
+        (5, "200.Common_Yellowthroat/e.jpg", 0, 0, 0),
+        (6, "200.Common_Yellowthroat/f.jpg", 0, 2, 1),
+    ]
+    lines = ["img_id,img_filename,y,split,place,place_filename"]
+    for img_id, name, y, split, place in rows:
+        _png(root / name, (10 * img_id, 0, 0))
+        _png((root / "segs" / name).with_suffix(".png"), 255 if img_id in (1, 6) else 0, mode="L")
+        lines.append(f"{img_id},{name},{y},{split},{place},/o/ocean/00000{img_id}.jpg")
+    (root / "metadata.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_waterbirds_splits_groups_and_masks(tmp_path):
+    _waterbirds(tmp_path)
+    train = Waterbirds(tmp_path, "train")
+    assert len(train) == 3 and train.num_classes == 2 and train.num_groups == 4
+    assert train.group_names == ("landbird/land", "landbird/water", "waterbird/land", "waterbird/water")
+    assert train.groups.tolist() == [3, 2, 0] and train.labels.tolist() == [1, 1, 0]
+    sample = train[0]
+    assert isinstance(sample, Sample) and sample.image.shape == (3, 8, 8) and sample.fg_mask is None
+    # The image is decoded and normalised: red 10/255 with ImageNet statistics.
+    assert sample.image[0, 0, 0].item() == pytest.approx((10 / 255 - 0.485) / 0.229, abs=0.02)
+    test = Waterbirds(tmp_path, "test", mask_root=tmp_path / "segs")
+    assert test.groups.tolist() == [2, 1]
+    masks = [test[i].fg_mask for i in range(2)]
+    assert masks[0].shape == (1, 8, 8) and masks[0].max() == 0 and masks[1].min() == 1
+    batch = collate([test[0], test[1]])
+    assert batch.fg_masks.shape == (2, 1, 8, 8) and batch.groups.tolist() == [2, 1]
+    assert len(Waterbirds(tmp_path, "val")) == 1
+
+
+def test_waterbirds_with_the_paper_transform(tmp_path):
+    _waterbirds(tmp_path)
+    ds = Waterbirds(tmp_path, "train", mask_root=tmp_path / "segs", transform=cub_original(6, train=True))
+    sample = ds[0]
+    assert sample.image.shape == (3, 6, 6) and sample.fg_mask.shape == (1, 6, 6)
+
+
+def test_waterbirds_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="metadata.csv"):
+        Waterbirds(tmp_path, "train")
+    (tmp_path / "metadata.csv").write_text("img_id,img_filename,y\n1,a.jpg,0\n")
+    with pytest.raises(ValueError, match=r"missing columns \['place', 'split'\]"):
+        Waterbirds(tmp_path, "train")
+    with pytest.raises(ValueError, match="split must be one of"):
+        Waterbirds(tmp_path, "training")
+
+
+def test_corrupt_images_raise_or_are_skipped_and_counted(tmp_path):
+    _waterbirds(tmp_path)
+    (tmp_path / "001.Black_footed_Albatross/b.jpg").write_bytes(b"not an image at all")
+    strict = Waterbirds(tmp_path, "train")
+    with pytest.raises(CorruptImageError, match="b.jpg") as info:
+        strict[1]
+    assert info.value.path.endswith("b.jpg")
+    lenient = Waterbirds(tmp_path, "train", on_corrupt="skip")
+    with pytest.warns(UserWarning, match="skipping corrupt image"):
+        assert lenient[1] is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per file only
+        assert lenient[1] is None
+    loader = torch.utils.data.DataLoader(lenient, batch_size=3, collate_fn=collate)
+    batch = next(iter(loader))
+    assert batch.num_skipped == 1 and batch.images.shape == (2, 3, 8, 8) and batch.labels.tolist() == [1, 0]
+    assert collate([None, None]) is None
+    # A missing file is a broken dataset, not a corrupt image, in both modes.
+    (tmp_path / "200.Common_Yellowthroat/e.jpg").unlink()
+    with pytest.raises(FileNotFoundError, match="e.jpg"):
+        lenient[2]
+    with pytest.raises(ValueError, match="on_corrupt"):
+        Waterbirds(tmp_path, "train", on_corrupt="ignore")
+
+
+def test_collate_rejects_mixed_masks_and_empty_input():
+    with_mask = Sample(torch.zeros(3, 4, 4), 0, 0, torch.zeros(1, 4, 4))
+    without = Sample(torch.zeros(3, 4, 4), 1, 1, None)
+    with pytest.raises(ValueError, match="fg_mask is None for 1 of 2"):
+        collate([with_mask, without])
+    with pytest.raises(ValueError, match="non-empty"):
+        collate([])
+
+
+def test_load_image_grayscale_and_rgba(tmp_path):
+    grey = load_image(_png(tmp_path / "g.png", 128, mode="L"))
+    assert grey.shape == (3, 8, 8) and torch.allclose(grey, torch.full_like(grey, 128 / 255))
+    rgba = load_image(_png(tmp_path / "a.png", (255, 0, 0, 128), mode="RGBA"))
+    assert rgba.shape == (3, 8, 8)
+    assert load_image(tmp_path / "g.png", mode="L").shape == (1, 8, 8)
+
+
+def _cub(root, with_segmentations):
+    files = {1: ("001.Black_footed_Albatross", "x1.jpg", 1), 2: ("001.Black_footed_Albatross", "x2.jpg", 0),
+             3: ("002.Laysan_Albatross", "y1.jpg", 1), 4: ("200.Common_Yellowthroat", "z1.jpg", 0)}
+    class_ids = {"001.Black_footed_Albatross": 1, "002.Laysan_Albatross": 2, "200.Common_Yellowthroat": 3}
+    images, labels, split = [], [], []
+    for i, (folder, name, is_train) in files.items():
+        _png(root / "images" / folder / name, (i * 40, 0, 0))
+        if with_segmentations:
+            _png((root.parent / "segmentations" / folder / name).with_suffix(".png"), 255, mode="L")
+        images.append(f"{i} {folder}/{name}")
+        labels.append(f"{i} {class_ids[folder]}")
+        split.append(f"{i} {is_train}")
+    (root / "images.txt").write_text("\n".join(images) + "\n")
+    (root / "image_class_labels.txt").write_text("\n".join(labels) + "\n")
+    (root / "train_test_split.txt").write_text("\n".join(split) + "\n")
+    (root / "classes.txt").write_text("\n".join(f"{v} {k}" for k, v in class_ids.items()) + "\n")
+
+
+def test_cub_official_split_labels_and_segmentations(tmp_path):
+    root = tmp_path / "CUB_200_2011"
+    _cub(root, with_segmentations=True)
+    train = CUB200(root, "train")
+    assert [e.path.name for e in train.entries] == ["x1.jpg", "y1.jpg"]
+    assert train.labels.tolist() == [0, 1] and torch.equal(train.groups, train.labels)
+    assert train.num_classes == 3 and train.class_names[2] == "200.Common_Yellowthroat"
+    test = CUB200(root, "test", mask_root=True)
+    assert test.labels.tolist() == [0, 2]
+    assert test[1].fg_mask.shape == (1, 8, 8) and test[1].fg_mask.min() == 1
+    with pytest.raises(ValueError, match="split must be 'train' or 'test'"):
+        CUB200(root, "val")
+
+
+def test_cub_errors(tmp_path):
+    root = tmp_path / "CUB_200_2011"
+    _cub(root, with_segmentations=False)
+    with pytest.raises(FileNotFoundError, match="segmentations"):
+        CUB200(root, "train", mask_root=True)
+    (root / "classes.txt").unlink()
+    with pytest.raises(FileNotFoundError, match="classes.txt"):
+        CUB200(root, "train")
+
+
+def test_metashift_with_context_folders(tmp_path):
+    layout = {"train": {"cat": ["bed", "sofa"], "dog": ["bench", "bike"]}, "test": {"cat": ["shelf"], "dog": ["shelf"]}}
+    for split, classes in layout.items():
+        for cls, contexts in classes.items():
+            for ctx in contexts:
+                for k in range(2):
+                    _png(tmp_path / split / cls / ctx / f"{ctx}{k}.jpg", (k, 0, 0))
+    train = MetaShiftCatDog(tmp_path, "train")
+    assert train.place_names == ("bed", "bench", "bike", "shelf", "sofa") and train.num_groups == 10
+    assert len(train) == 8 and train.labels.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert sorted(set(train.groups.tolist())) == [0, 4, 6, 7]  # cat/bed, cat/sofa, dog/bench, dog/bike
+    assert train.group_names[4] == "cat/sofa" and train.group_names[7] == "dog/bike"
+    test = MetaShiftCatDog(tmp_path, "test")
+    assert sorted(set(test.groups.tolist())) == [3, 8]  # cat/shelf, dog/shelf
+    assert test[0].image.shape == (3, 8, 8)
+
+
+def test_metashift_flat_layout_and_missing_folders(tmp_path):
+    for cls in ("cat", "dog"):
+        _png(tmp_path / "train" / cls / "1.jpg", (0, 0, 0))
+    ds = MetaShiftCatDog(tmp_path, "train")
+    assert ds.group_names == ("cat", "dog") and ds.groups.tolist() == [0, 1]
+    with pytest.raises(FileNotFoundError, match="split folder"):
+        MetaShiftCatDog(tmp_path, "test")
+
+
+def test_image_folder(tmp_path):
+    for cls, n in (("b_class", 2), ("a_class", 1)):
+        for k in range(n):
+            _png(tmp_path / cls / f"{k}.png", (k, 0, 0))
+    (tmp_path / "a_class" / "notes.txt").write_text("not an image")
+    ds = ImageFolder(tmp_path)
+    assert ds.class_names == ("a_class", "b_class") and ds.labels.tolist() == [0, 1, 1]
+    assert ds.num_groups == 2 and ds[2].label == 1 and ds[2].fg_mask is None
+    assert ImageFolder(tmp_path, class_names=["b_class"]).labels.tolist() == [0, 0]
+    with pytest.raises(FileNotFoundError, match="c_class"):
+        ImageFolder(tmp_path, class_names=["c_class"])
+    with pytest.raises(FileNotFoundError, match="root not found"):
+        ImageFolder(tmp_path / "nope")
+
+
+def _fake_tuxpaint(cache):
+    """A tiny stand-in for the unpacked Debian packages: 2 water and 2 land birds, 1 water and 2 land photos."""
+    root = wbl.assets_dir(cache)
+    for name, colour in (("duck", (255, 255, 0, 255)), ("pelican", (255, 0, 255, 255)),
+                         ("crow", (0, 0, 0, 255)), ("owl", (120, 60, 0, 255))):
+        bird = Image.new("RGBA", (40, 30), (0, 0, 0, 0))
+        bird.paste(Image.new("RGBA", (20, 10), colour), (10, 10))
+        bird.save(_png(root / wbl.BIRDS_DIR / f"{name}.png", 0).with_suffix(".png"))
+    for name, colour in (("ocean_waves", (0, 0, 200)), ("rocks", (90, 90, 90)), ("cliff", (0, 150, 0))):
+        path = root / wbl.TEMPLATES_DIR / f"{name}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (120, 90), colour).save(path)
+
+
+def test_waterbirds_lite_builds_from_the_cached_packages(tmp_path):
+    _fake_tuxpaint(tmp_path)
+    cfg = WaterbirdsLiteConfig(image_size=32, n_train=40, n_val=8, n_test=8)
+    train = WaterbirdsLite("train", config=cfg, cache_dir=tmp_path)
+    assert len(train) == 40 and train.group_names[1] == "landbird/water"
+    images, masks = train.arrays["images"], train.arrays["fg_masks"].astype(bool)
+    assert images.shape == (40, 32, 32, 3) and masks.any((1, 2)).all()
+    # Masked pixels show the bird's colour; unmasked ones the background photo of the sampled place.
+    for i in range(len(train)):
+        bird = images[i][masks[i]].astype(int)
+        background = images[i][~masks[i]].astype(int)
+        bird_colours = {0: [(0, 0, 0), (120, 60, 0)], 1: [(255, 255, 0), (255, 0, 255)]}[int(train.labels[i])]
+        assert min(np.abs(bird.mean(0) - c).max() for c in bird_colours) < 12
+        if int(train.places[i]) == 1:
+            assert np.abs(background.mean(0) - (0, 0, 200)).max() < 12
+        else:
+            assert background[:, 2].mean() < 100
+    aligned = (train.labels == train.places).float().mean()
+    assert aligned > 0.8
+    test = WaterbirdsLite("test", config=cfg, cache_dir=tmp_path)
+    assert torch.bincount(test.groups, minlength=4).tolist() == [2, 2, 2, 2]
+    assert list((tmp_path / "waterbirds_lite").glob("*_train.npz"))
+    again = WaterbirdsLite("train", config=cfg, cache_dir=tmp_path)
+    assert np.array_equal(again.arrays["images"], images)
+    other = WaterbirdsLite("train", config=dataclasses.replace(cfg, seed=1), cache_dir=tmp_path)
+    assert not np.array_equal(other.arrays["images"], images)
+
+
+def test_waterbirds_lite_names_the_setup_command_when_assets_are_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="scripts/setup_waterbirds_lite.sh"):
+        WaterbirdsLite("train", cache_dir=tmp_path)
