@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from faithful_vit.metrics import patch_foreground_fraction
+from faithful_vit.sparsify import forward_kept, sparsify
 
 # The stage-2 size of the tiny preset, from the feasibility study (64 px images, 8 px patches, 0.55 M parameters).
 TINY_VIT_KWARGS = dict(img_size=64, patch_size=8, embed_dim=128, depth=4, num_heads=4, mlp_ratio=2.0)
@@ -116,31 +117,32 @@ class FullImageViT(nn.Module):
 
 
 class OracleMaskViT(FullImageViT):
-    """Stage 2 given the ground-truth patch mask: attention keys are restricted to ground-truth foreground patches.
+    """Stage 2 given the ground-truth patch mask: it reads only the prefix tokens and ground-truth foreground patches.
 
-    A patch is kept when its ground-truth foreground fraction exceeds ``threshold``; prefix (CLS/register) tokens
-    are always kept and the CLS token is the only pooled output, so the logits depend only on kept patches.
+    A patch is kept when its ground-truth foreground fraction exceeds ``threshold``. The ViT is
+    :func:`~faithful_vit.sparsify`-converted and runs through :func:`~faithful_vit.forward_kept`, the kept-token
+    machinery of the two-stage model's stage 2, so its logits depend only on kept patches.
 
     Args:
         num_classes: classifier outputs.
         threshold: foreground fraction above which a patch is kept (0.5: the patch-level ground truth).
         head_lr_factor: LR multiplier of the classifier head.
+        mode: ``"packed"`` (gather the kept tokens) or ``"masked"`` (masked attention), see ``forward_kept``.
         **vit_kwargs: ``VisionTransformer`` arguments.
     """
 
     uses_ground_truth_mask = True
 
-    def __init__(self, num_classes: int, threshold: float = 0.5, head_lr_factor: float = 1.0, **vit_kwargs):
+    def __init__(self, num_classes: int, threshold: float = 0.5, head_lr_factor: float = 1.0, mode: str = "packed",
+                 **vit_kwargs):
         super().__init__(num_classes, head_lr_factor=head_lr_factor, **vit_kwargs)
-        self.threshold = threshold
+        self.threshold, self.mode = threshold, mode
+        sparsify(self.vit)
 
     def forward(self, images: torch.Tensor, fg_mask: torch.Tensor | None = None) -> ClassifierOutput:
         """Classify ``images`` ``[B, 3, H, W]`` from the patches that ``fg_mask`` ``[B, 1, H, W]`` covers."""
         if fg_mask is None:
             raise ValueError("fg_mask: the oracle needs the ground-truth foreground mask [B, 1, H, W], got None")
         keep = patch_foreground_fraction(fg_mask, self.patch_size) > self.threshold
-        prefix = keep.new_ones(keep.shape[0], self.vit.num_prefix_tokens)
-        # SDPA bool semantics: True = this key may be attended; [B, 1, 1, N] broadcasts over heads and queries.
-        key_mask = torch.cat([prefix, keep], dim=1)[:, None, None, :]
-        features = self.vit.forward_features(images, attn_mask=key_mask)
-        return ClassifierOutput(logits=self.vit.forward_head(features), keep=keep, kept_fraction=keep.float().mean())
+        features = forward_kept(self.vit, images, keep, mode=self.mode)
+        return ClassifierOutput(logits=self.vit.head(features), keep=keep, kept_fraction=keep.float().mean())

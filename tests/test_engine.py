@@ -1,6 +1,5 @@
 """Training engine on tiny in-test data: exact resume, NaN stop, corrupt samples, atomic checkpoints, the oracle."""
 
-import io
 import os
 
 import numpy as np
@@ -11,9 +10,19 @@ from torch.utils.data import Dataset, TensorDataset
 
 from faithful_vit import engine
 from faithful_vit.baseline import FullImageViT, OracleMaskViT, vit_kwargs_like
+from faithful_vit.data.datasets import ImageFolder
 from faithful_vit.data.sample import CorruptImageError
+from faithful_vit.kernels import use_backend
 
-TINY = dict(img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2, mlp_ratio=2.0)
+
+@pytest.fixture(autouse=True)
+def _torch_kernels():
+    """The PyTorch reference kernels: training-sized shapes are too large for the Triton interpreter."""
+    with use_backend("torch"):
+        yield
+
+
+TINY = dict(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_ratio=2.0)
 
 
 def tiny_dataset(n: int = 48, seed: int = 0) -> TensorDataset:
@@ -122,33 +131,24 @@ def test_corrupt_samples_are_skipped_warned_and_counted(tmp_path):
     assert trainer.history[-1]["skipped_corrupt_train"] == 16  # 48 samples, indices 0, 3, ..., 45
 
 
-class PngFolder(Dataset):
-    """Decodes PNG bytes with PIL, like an image-folder loader; one file is truncated."""
-
-    def __init__(self, n=8):
-        self.files = []
-        for i in range(n):
-            buffer = io.BytesIO()
-            Image.fromarray(np.full((16, 16, 3), i * 20, dtype=np.uint8)).save(buffer, format="PNG")
-            data = buffer.getvalue()
-            self.files.append(data[: len(data) // 3] if i == 5 else data)
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, index):
-        image = Image.open(io.BytesIO(self.files[index]))
-        image.load()
-        pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float() / 255
-        return pixels, index % 2, index % 4, None  # no mask, like a dataset without segmentations
+def write_png_folder(root, n=8, corrupt=5):
+    """An ImageFolder of 16x16 PNGs in two classes; file ``corrupt`` is truncated (exists, cannot be decoded)."""
+    for i in range(n):
+        path = root / f"class{i % 2}" / f"img{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((16, 16, 3), i * 20, dtype=np.uint8)).save(path)
+        if i == corrupt:
+            path.write_bytes(path.read_bytes()[:40])
+    return root
 
 
 def test_corrupt_png_is_skipped_in_evaluation(tmp_path):
+    folder = ImageFolder(write_png_folder(tmp_path / "images"))  # the datasets' contract: CorruptImageError
     model = FullImageViT(2, **TINY)
     with pytest.warns(UserWarning, match="could not be read"):
-        result = engine.evaluate(model, PngFolder(), num_groups=4, cfg=tiny_config(), dist_info=engine.DistInfo())
+        result = engine.evaluate(model, folder, num_groups=2, cfg=tiny_config(), dist_info=engine.DistInfo())
     assert result["skipped_corrupt"] == 1 and result["num_images"] == 7
-    assert "mask_iou" not in result
+    assert "mask_iou" not in result  # the folder has no masks
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
@@ -197,9 +197,10 @@ def test_sample_seeds_make_augmentation_reproducible_and_leave_the_global_rng_al
     assert [samples[i] for i in range(4)] != first
 
 
-def test_oracle_logits_depend_only_on_kept_patches():
+@pytest.mark.parametrize("mode", ["packed", "masked"])
+def test_oracle_logits_depend_only_on_kept_patches(mode):
     torch.manual_seed(0)
-    model = OracleMaskViT(2, threshold=0.5, **TINY).eval()
+    model = OracleMaskViT(2, threshold=0.5, mode=mode, **TINY).eval()
     images, fg = torch.randn(2, 3, 16, 16), torch.zeros(2, 1, 16, 16)
     fg[0, :, :8, :8] = 1  # image 0 keeps patch 0; image 1 keeps nothing
     out = model(images, fg)
@@ -212,6 +213,10 @@ def test_oracle_logits_depend_only_on_kept_patches():
     assert not torch.allclose(model(changed, fg).logits[0], out.logits[0])
     with pytest.raises(ValueError, match="fg_mask"):
         model(images)
+    # The same as timm's dense ViT with a boolean key mask (prefix always kept).
+    key_mask = torch.cat([torch.ones(2, 1, dtype=torch.bool), out.keep], 1)[:, None, None, :]
+    dense = model.vit.forward_head(model.vit.forward_features(images, attn_mask=key_mask))
+    torch.testing.assert_close(out.logits, dense, rtol=1e-4, atol=1e-5)
 
 
 def test_baseline_matches_the_reference_vit_size():
