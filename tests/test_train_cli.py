@@ -145,3 +145,28 @@ def test_hard_kill_then_resume_continues_the_same_run(tmp_path):
                for name in ("reference", "killed")]
     assert metrics[0]["accuracy"] == metrics[1]["accuracy"]
     assert metrics[0]["group_accuracy"] == metrics[1]["group_accuracy"]
+
+
+def test_seeds_give_mean_and_std(tmp_path):
+    train = load_train()
+    assert train.main([*TINY, "--model", "baseline", "--seeds", "0,1", "--channels-last", "--output", str(tmp_path),
+                       "--experiment", "seeds"]) == 0
+    entry = json.loads((tmp_path / "seeds" / "summary.json").read_text())["models"]["baseline"]
+    assert entry["num_seeds"] == 2 and [run["seed"] for run in entry["per_seed"]] == [0, 1]
+    values = torch.tensor([run["worst_group_accuracy"] for run in entry["per_seed"]], dtype=torch.float64)
+    assert entry["worst_group_accuracy"] == pytest.approx(values.mean().item())
+    assert entry["worst_group_accuracy_std"] == pytest.approx(values.std().item())
+
+
+def test_nan_loss_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch):
+    from faithful_vit.baseline import FullImageViT
+
+    def nan_losses(self, out, images, labels):
+        total = out.logits.sum() * float("nan")
+        return {"total": total}
+
+    monkeypatch.setattr(FullImageViT, "compute_losses", nan_losses)
+    train = load_train()
+    code = train.main([*TINY, "--model", "baseline", "--log-interval", "1", "--output", str(tmp_path)])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train.py")]
+    assert code == 1 and len(err) == 1 and "non-finite training loss (total = nan)" in err[0]
