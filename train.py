@@ -230,6 +230,9 @@ def run(args, args_text: str) -> dict:
     seeds = [int(seed) for seed in args.seeds.split(",")] if args.seeds else [args.seed]
     (train_set, val_set, test_set), image_size = build_datasets(args)
     group_names, num_classes = list(train_set.group_names), train_set.num_classes
+    if "oracle" in names and len(test_set) and test_set[0].fg_mask is None:
+        raise UsageError(f"--model oracle: needs ground-truth masks, which --data {args.data} does not have here "
+                         "(--mask-dir for waterbirds/cub)")
     dist_info = engine.setup_distributed(args.device)
     run_dir = Path(args.resume) if args.resume else Path(args.output) / (
         args.experiment or time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
