@@ -21,6 +21,8 @@ def free_port() -> int:
 
 @pytest.mark.slow
 def test_torchrun_two_processes_gloo(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
+           "FAITHFUL_VIT_DATA": str(tmp_path / "data")}
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
         "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
@@ -31,7 +33,6 @@ def test_torchrun_two_processes_gloo(tmp_path):
         "--epochs", "2", "--batch-size", "8", "--eval-batch-size", "8", "--checkpoint-every", "3",
         "--output", str(tmp_path), "--experiment", "ddp",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=420, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("run folder:") == 1  # only rank 0 prints the table
