@@ -14,7 +14,16 @@ beat the baseline (worst-group 8% vs 0%). Here the place texture fades into a pl
 and a patch mask that keeps only object patches removes the shortcut. The same neutral grey also appears as
 blotches far from the object, so it reads as "background" rather than as part of the object. ``clear_margin=0``
 gives the hard variant of the prior experiment. ``place_visibility`` (per pixel, 0..1: how much of the place texture
-shows) lets a benchmark report the place-cue fraction inside kept patches next to the mask IoU.
+shows) lets a benchmark report the place-cue fraction inside kept patches next to the mask IoU
+(:func:`faithful_vit.data.mask_stats.patch_mask_stats`).
+
+Measured (``benchmarks/results/README.md``; ViT img 64 / patch 8 / dim 128 / depth 4 from scratch, 8 epochs): the
+full-image ViT reaches 0% worst-group accuracy; the same ViT restricted to the patches touching the object reaches
+90% (81% for patches over half object, 71% for interior patches only). Without the margin the same oracle mask stays
+at 0%, with 22% place-textured pixels inside its kept patches.
+
+Defaults: 64 px images for a 8 px patch grid (8x8 tokens), objects 22-34 px across, about 11% of the pixels and 22%
+of the patches; 3,000 / 800 / 2,000 images; generation takes about 10 s of CPU once, the cache about 70 MB.
 
 Cache: ``$FAITHFUL_VIT_DATA`` or ``~/.cache/faithful_vit``, one file per configuration (a hash of the config).
 """
