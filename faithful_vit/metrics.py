@@ -106,7 +106,9 @@ class MetricAccumulator:
         gt_patches = fg_fraction > self.patch_threshold
         self.mask_sums[2:] += torch.stack([
             (kept_pixels & fg_pixels).sum(), kept_pixels.sum(), fg_pixels.sum(), (kept_pixels | fg_pixels).sum(),
-            torch.tensor(fg_pixels.numel(), device=keep.device), (keep & gt_patches).sum(), (keep | gt_patches).sum(),
+            # torch.full, not torch.tensor: a fill kernel instead of a host-to-device copy that would synchronise.
+            torch.full((), fg_pixels.numel(), device=keep.device, dtype=torch.long),
+            (keep & gt_patches).sum(), (keep | gt_patches).sum(),
         ]).double()
 
     def all_reduce(self) -> None:
