@@ -94,9 +94,10 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument("--epochs", type=int, default=10, help="training epochs (default: %(default)s)")
     group.add_argument("--sched", choices=("cosine", "constant"), default="cosine", help="LR schedule, to 0 with "
                        "no restart (default: %(default)s)")
-    group.add_argument("--sched-unit", choices=("epoch", "step"), default="epoch", help="update the LR once per "
-                       "epoch (the paper) or every step (default: %(default)s)")
-    group.add_argument("--warmup-epochs", type=float, default=0.0, help="linear LR warm-up (default: %(default)s)")
+    group.add_argument("--sched-unit", choices=("epoch", "step"), default="step", help="update the LR every step, "
+                       "or once per epoch as the paper does (default: %(default)s)")
+    group.add_argument("--warmup-epochs", type=float, default=1.0, help="linear LR warm-up; the paper fine-tunes a "
+                       "pretrained backbone without one (0), training from scratch needs it (default: %(default)s)")
     group.add_argument("--min-lr", type=float, default=0.0, help="LR at the end of the cosine (default: %(default)s)")
     group = parser.add_argument_group("Device")
     group.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda (default: %(default)s)")

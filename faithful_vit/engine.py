@@ -299,8 +299,8 @@ class TrainConfig:
     wd_normalized: bool = False
     clip_grad: float | None = 2.0
     sched: str = "cosine"
-    sched_unit: str = "epoch"
-    warmup_epochs: float = 0.0
+    sched_unit: str = "step"
+    warmup_epochs: float = 1.0
     min_lr: float = 0.0
     amp: bool = True
     channels_last: bool = False

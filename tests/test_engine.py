@@ -83,12 +83,20 @@ def test_resume_replays_the_uninterrupted_run_exactly(tmp_path):
 
 
 def test_schedule_is_cosine_per_epoch_and_groups_keep_their_factors(tmp_path):
-    trainer = make_trainer(tmp_path, tiny_config(epochs=4, checkpoint_every=0))
+    trainer = make_trainer(tmp_path, tiny_config(epochs=4, checkpoint_every=0, sched_unit="epoch", warmup_epochs=0))
     trainer.fit()
     lrs = [row["lr"] for row in trainer.history]
     assert lrs[0] == pytest.approx(1e-3)
     assert lrs == pytest.approx([1e-3 * 0.5 * (1 + np.cos(np.pi * e / 4)) for e in range(4)])
     assert {group["weight_decay"] for group in trainer.optimizer.param_groups} == {0.0, 0.05}
+
+
+def test_warmup_then_cosine_per_step():
+    factors = [engine.lr_factor(step, total=10, warmup=4, min_ratio=0.1, sched="cosine") for step in range(11)]
+    assert factors[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert factors[4] == pytest.approx(1.0) and factors[10] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(factors[3:], factors[4:]))
+    assert engine.lr_factor(7, 10, 0, 0.0, "constant") == 1.0
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
