@@ -1,0 +1,679 @@
+"""Training engine: the train/eval loop, atomic checkpoints, exact resume, per-epoch metrics and DDP helpers.
+
+Design points:
+
+* **No host synchronisation in the step.** Losses are summed on device; ``.item()`` happens only every
+  ``log_interval`` steps, at checkpoints and at epoch ends.
+* **Exact resume.** The data order is a pure function of ``(seed, epoch)`` (:class:`EpochSampler`), every sample's
+  augmentation randomness is a pure function of ``(seed, epoch, index)`` (:class:`SeededSamples`), and a checkpoint
+  holds the model, optimizer, scheduler, epoch, position inside the epoch, running loss sums, the history and every
+  rank's RNG states. ``--resume`` therefore replays the same steps as an uninterrupted run.
+* **Safe.** Checkpoints are written to a temporary file then ``os.replace``-d (atomic); a non-finite loss raises
+  :class:`NonFiniteLossError` before anything is saved, so the last checkpoint on disk is the last good one; a
+  sample whose image cannot be decoded is skipped with a warning and counted.
+* **Validation picks the checkpoint** (``best.pt``, by validation worst-group accuracy, ties broken by accuracy);
+  the test split is only evaluated once, on that checkpoint.
+* **DDP** through torchrun: :func:`setup_distributed` reads the torchrun environment (gloo on CPU, NCCL on CUDA);
+  only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from faithful_vit.data.sample import CorruptImageError
+from faithful_vit.metrics import MetricAccumulator
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the run stopped without overwriting the last good checkpoint."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distributed helpers
+
+
+@dataclass
+class DistInfo:
+    """Where this process runs: its rank among ``world_size`` processes and its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device: str = "auto") -> DistInfo:
+    """Join the torchrun process group if launched by torchrun, and pick this process's device.
+
+    Args:
+        device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
+
+    Returns:
+        The :class:`DistInfo` of this process.
+    """
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError(f"--device: expected a device this machine has, got {device!r} but CUDA is not available")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    torch_device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=torch_device)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DistributedDataParallel and torch.compile wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: resumable order, per-sample seeds, corrupt-image skipping
+
+
+class EpochSampler(Sampler[int]):
+    """A shuffle that is a pure function of ``(seed, epoch)``, sharded over ranks, resumable mid-epoch.
+
+    Args:
+        num_samples: dataset length.
+        shuffle: permute each epoch (training) or keep the order (evaluation).
+        seed: base seed of the permutation.
+        rank, world_size: this process's shard: indices ``rank, rank + world_size, ...`` of the epoch order.
+        drop_last: drop the tail so that every rank gets the same number of samples (training); without it the
+            shards are uneven and no sample is seen twice (evaluation).
+    """
+
+    def __init__(self, num_samples: int, *, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 drop_last: bool = False):
+        self.num_samples, self.shuffle, self.seed = num_samples, shuffle, seed
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Iterate epoch ``epoch``'s order, skipping this rank's first ``start`` samples (a mid-epoch resume)."""
+        self.epoch, self.start = epoch, start
+
+    def _shard(self) -> list[int]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.num_samples, generator=generator).tolist()
+        else:
+            order = list(range(self.num_samples))
+        if self.drop_last:
+            order = order[: self.num_samples // self.world_size * self.world_size]
+        return order[self.rank :: self.world_size]
+
+    def __iter__(self):
+        return iter(self._shard()[self.start :])
+
+    def __len__(self) -> int:
+        return max(len(self._shard()) - self.start, 0)
+
+
+class SeededSamples(Dataset):
+    """Wraps a dataset so that each sample's random augmentation depends only on ``(seed, epoch, index)``.
+
+    The global Python, NumPy and torch CPU generators are seeded for the duration of ``dataset[index]`` and then
+    restored, so sample loading neither depends on nor disturbs the training RNG, with or without worker processes.
+    A sample whose image cannot be decoded (:class:`~faithful_vit.data.sample.CorruptImageError`, the datasets'
+    contract, or an ``OSError`` from PIL on a truncated or unidentified file) becomes ``None``:
+    :func:`collate_skipping_corrupt` drops it, warns and counts it.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int = 0):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        sample_seed = (self.seed * 1_000_003 + self.epoch * 10_007 + index) % (2**31)
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        random.seed(sample_seed)
+        np.random.seed(sample_seed)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed)
+                try:
+                    return self.dataset[index]
+                except (OSError, CorruptImageError) as error:
+                    warnings.warn(f"skipping sample {index}: its image could not be read ({error})", stacklevel=2)
+                    return None
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+def collate_skipping_corrupt(samples: list) -> tuple[tuple[torch.Tensor, ...], int]:
+    """Stack ``(image, label[, group[, fg_mask]])`` samples, dropping ``None`` (corrupt) ones.
+
+    Returns:
+        The stacked fields (trailing fields that are None, e.g. a dataset without masks, are left out) and the number
+        of samples dropped.
+    """
+    good = [tuple(field for field in sample if field is not None) for sample in samples if sample is not None]
+    skipped = len(samples) - len(good)  # each was already warned about by SeededSamples
+    if not good:
+        return (), skipped
+    fields = tuple(torch.stack([torch.as_tensor(sample[i]) for sample in good]) for i in range(len(good[0])))
+    return fields, skipped
+
+
+def make_loader(dataset: SeededSamples, sampler: EpochSampler, batch_size: int, num_workers: int,
+                drop_last: bool, device: torch.device) -> DataLoader:
+    """A DataLoader whose iterator creation does not consume the global RNG (it has its own generator)."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      collate_fn=collate_skipping_corrupt, drop_last=drop_last,
+                      pin_memory=device.type == "cuda", persistent_workers=False,
+                      generator=torch.Generator().manual_seed(0))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model adapters: the two-stage model, the baseline and the oracle behind one call
+
+
+def model_forward(model: nn.Module, images: torch.Tensor, fg_mask: torch.Tensor | None):
+    """``model(images)``, or ``model(images, fg_mask)`` for a model that uses the ground-truth mask (the oracle)."""
+    if getattr(unwrap(model), "uses_ground_truth_mask", False):
+        return model(images, fg_mask)
+    return model(images)
+
+
+def final_logits(out: Any) -> torch.Tensor:
+    """The prediction: stage-2 logits of a two-stage model, the logits of a comparison model."""
+    logits = getattr(out, "stage2_logits", None)
+    return out.logits if logits is None else logits
+
+
+def patch_size_of(model: nn.Module) -> int:
+    """Patch side in pixels: ``model.patch_size`` or the first timm ``patch_embed`` found inside the model."""
+    module = unwrap(model)
+    patch_size = getattr(module, "patch_size", None)
+    if isinstance(patch_size, (int, tuple)):
+        return patch_size if isinstance(patch_size, int) else int(patch_size[0])
+    for child in module.modules():
+        if hasattr(child, "patch_embed"):
+            return int(child.patch_embed.patch_size[0])
+    raise ValueError(f"model: expected a patch_size attribute or a timm patch_embed inside {type(module).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write ``state`` to ``path`` atomically: a temporary file in the same folder, fsync, then ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        torch.save(state, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load a checkpoint written by :func:`save_checkpoint` (our own files: full unpickling)."""
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def rng_states() -> dict:
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training run (see ``train.py --help`` for each)."""
+
+    epochs: int = 10
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    wd_normalized: bool = False
+    clip_grad: float | None = 2.0
+    sched: str = "cosine"
+    sched_unit: str = "step"
+    warmup_epochs: float = 1.0
+    min_lr: float = 0.0
+    amp: bool = True
+    channels_last: bool = False
+    compile: bool = False
+    num_workers: int = 0
+    seed: int = 0
+    log_interval: int = 20
+    checkpoint_every: int = 200
+    progress: bool = True
+    patch_threshold: float = 0.5
+
+
+def lr_factor(step: float, total: float, warmup: float, min_ratio: float, sched: str) -> float:
+    """LR multiplier at ``step`` of ``total``: linear warm-up, then cosine to ``min_ratio`` (or constant)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if sched == "constant":
+        return 1.0
+    progress = min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    # CPU: the peak resident set of this process so far (Linux reports kilobytes).
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    if cfg.amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _to_device(fields: tuple[torch.Tensor, ...], device: torch.device, channels_last: bool):
+    """Split a collated batch into images, labels, groups (labels when absent) and fg masks (None when absent)."""
+    images = fields[0].to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = fields[1].to(device, non_blocking=True).long()
+    groups = fields[2].to(device, non_blocking=True).long() if len(fields) > 2 else labels
+    fg_mask = fields[3].to(device, non_blocking=True) if len(fields) > 3 else None
+    return images, labels, groups, fg_mask
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset, *, num_groups: int, cfg: TrainConfig, dist_info: DistInfo,
+             desc: str = "eval") -> dict:
+    """Accuracy, group accuracies and mask metrics of ``model`` on ``dataset`` (sharded over ranks, all-reduced).
+
+    Returns:
+        :meth:`MetricAccumulator.compute`'s dict plus ``images_per_second`` (inference, data loading included),
+        ``skipped_corrupt`` and ``num_images``.
+    """
+    module = unwrap(model)
+    # Evaluation runs no DDP forward (ranks see uneven shards), but keeps torch.compile when it was asked for.
+    runner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    was_training = module.training
+    module.eval()
+    sampler = EpochSampler(len(dataset), shuffle=False, rank=dist_info.rank, world_size=dist_info.world_size)
+    loader = make_loader(SeededSamples(dataset, cfg.seed), sampler, cfg.eval_batch_size, cfg.num_workers,
+                         drop_last=False, device=dist_info.device)
+    accumulator = MetricAccumulator(num_groups, dist_info.device, cfg.patch_threshold)
+    patch_size = patch_size_of(module)
+    skipped = torch.zeros((), dtype=torch.float64, device=dist_info.device)
+    if dist_info.device.type == "cuda":
+        torch.cuda.synchronize(dist_info.device)
+    start = time.perf_counter()
+    for fields, num_skipped in tqdm(loader, desc=desc, leave=False, disable=not _show_progress(cfg, dist_info)):
+        skipped += num_skipped
+        if not fields:
+            continue
+        images, labels, groups, fg_mask = _to_device(fields, dist_info.device, cfg.channels_last)
+        with _autocast(cfg, dist_info.device):
+            out = model_forward(runner, images, fg_mask)
+        accumulator.update(final_logits(out).float(), labels, groups, getattr(out, "keep", None), fg_mask,
+                           patch_size)
+    accumulator.all_reduce()
+    if dist_info.distributed:
+        dist.all_reduce(skipped)
+    if dist_info.device.type == "cuda":
+        torch.cuda.synchronize(dist_info.device)
+    elapsed = time.perf_counter() - start
+    metrics = accumulator.compute()
+    num_images = int(accumulator.count.sum().item())
+    metrics.update(images_per_second=num_images / max(elapsed, 1e-9), num_images=num_images,
+                   skipped_corrupt=int(skipped.item()))
+    module.train(was_training)
+    return metrics
+
+
+def _show_progress(cfg: TrainConfig, dist_info: DistInfo) -> bool:
+    return cfg.progress and dist_info.is_main and sys.stderr.isatty()
+
+
+def _selection_key(metrics: dict) -> tuple[float, float]:
+    """Checkpoint selection on validation: worst-group accuracy, ties broken by accuracy."""
+    return (metrics["worst_group_accuracy"], metrics["accuracy"])
+
+
+class Trainer:
+    """Trains one model, selects its checkpoint on validation and evaluates it on the test split.
+
+    Files (rank 0 only) under ``run_dir``: ``checkpoints/last.pt`` (full training state), ``checkpoints/best.pt``
+    (weights and validation metrics of the best epoch), ``metrics.jsonl`` and ``metrics.csv`` (one row per epoch).
+
+    Args:
+        model: a model with ``compute_losses(out, images, labels)`` and ``param_groups(lr, weight_decay)``
+            (the two-stage model, :class:`~faithful_vit.baseline.FullImageViT` or
+            :class:`~faithful_vit.baseline.OracleMaskViT`).
+        train_set, val_set: datasets of ``(image, label[, group[, fg_mask]])``.
+        num_groups: number of groups for worst-group accuracy.
+        cfg: hyper-parameters.
+        run_dir: output folder of this model.
+        dist_info: from :func:`setup_distributed`.
+        name: how log lines name this run (default: the folder name).
+    """
+
+    def __init__(self, model: nn.Module, train_set: Dataset, val_set: Dataset, *, num_groups: int,
+                 cfg: TrainConfig, run_dir: Path, dist_info: DistInfo | None = None, name: str | None = None):
+        self.cfg, self.run_dir, self.num_groups = cfg, Path(run_dir), num_groups
+        self.name = name or self.run_dir.name
+        self.dist = dist_info or DistInfo()
+        self.val_set = val_set
+        self.module = model.to(self.dist.device)
+        if cfg.channels_last:
+            self.module = self.module.to(memory_format=torch.channels_last)
+        self.train_samples = SeededSamples(train_set, cfg.seed)
+        self.sampler = EpochSampler(len(train_set), shuffle=True, seed=cfg.seed, rank=self.dist.rank,
+                                    world_size=self.dist.world_size, drop_last=True)
+        self.steps_per_epoch = len(self.sampler) // cfg.batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"--batch-size: expected at most {len(self.sampler)} (training samples per process), "
+                             f"got {cfg.batch_size}")
+        total_steps = self.steps_per_epoch * cfg.epochs
+        weight_decay = cfg.weight_decay * math.sqrt(1 / total_steps) if cfg.wd_normalized else cfg.weight_decay
+        self.optimizer = torch.optim.AdamW(self.module.param_groups(cfg.lr, weight_decay), lr=cfg.lr,
+                                           betas=(0.9, 0.999), fused=self.dist.device.type == "cuda")
+        per_step = cfg.sched_unit == "step"
+        total = total_steps if per_step else cfg.epochs
+        warmup = cfg.warmup_epochs * (self.steps_per_epoch if per_step else 1)
+        min_ratio = cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda t: lr_factor(t, total, warmup, min_ratio, cfg.sched))
+        self.model: nn.Module = self.module
+        if cfg.compile:
+            self.model = torch.compile(self.model)
+        if self.dist.distributed:
+            device_ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.best_key: tuple[float, float] | None = None
+        self.history: list[dict] = []
+        self.loss_sums: dict[str, torch.Tensor] = {}
+        self.loss_steps = 0
+        self.skipped = torch.zeros((), dtype=torch.float64, device=self.dist.device)
+        self.train_time = 0.0
+
+    # -- checkpoints -------------------------------------------------------------------------------------------
+
+    @property
+    def last_path(self) -> Path:
+        return self.run_dir / "checkpoints" / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.run_dir / "checkpoints" / "best.pt"
+
+    def state_dict(self) -> dict:
+        rng = [rng_states()]
+        if self.dist.distributed:
+            rng = [None] * self.dist.world_size
+            dist.all_gather_object(rng, rng_states())
+        return {
+            "model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step, "best_key": self.best_key, "history": self.history,
+            "loss_sums": {k: v.cpu() for k, v in self.loss_sums.items()}, "loss_steps": self.loss_steps,
+            "skipped": self.skipped.cpu(), "train_time": self.train_time, "rng": rng,
+            "world_size": self.dist.world_size, "config": asdict(self.cfg),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["world_size"] != self.dist.world_size:
+            raise ValueError(f"--resume: the checkpoint was written by {state['world_size']} process(es), "
+                             f"this run has {self.dist.world_size}; exact resume needs the same number")
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+        self.global_step, self.best_key, self.history = state["global_step"], state["best_key"], state["history"]
+        self.loss_sums = {k: v.to(self.dist.device) for k, v in state["loss_sums"].items()}
+        self.loss_steps, self.train_time = state["loss_steps"], state["train_time"]
+        self.skipped = state["skipped"].to(self.dist.device)
+        set_rng_states(state["rng"][self.dist.rank])
+
+    def _check_finite(self) -> None:
+        """Raise :class:`NonFiniteLossError` if any loss summed since the epoch start is NaN or infinite (syncs)."""
+        for name, value in self.loss_sums.items():
+            if not math.isfinite(value.item()):
+                raise NonFiniteLossError(
+                    f"non-finite training loss ({name} = {value.item()}) in epoch {self.epoch + 1}, before step "
+                    f"{self.global_step}; stopped. The last good checkpoint is kept: {self.last_path}")
+
+    def _save_last(self) -> None:
+        self._check_finite()
+        state = self.state_dict()  # every rank: the RNG gather is collective
+        if self.dist.is_main:
+            save_checkpoint(self.last_path, state)
+
+    # -- loop --------------------------------------------------------------------------------------------------
+
+    def fit(self, resume: bool = False) -> list[dict]:
+        """Train for ``cfg.epochs`` epochs (continuing from ``last.pt`` when ``resume``), validating every epoch.
+
+        Returns:
+            The per-epoch history (train losses, validation metrics, learning rate, throughput).
+        """
+        if resume and self.last_path.exists():
+            self.load_state_dict(load_checkpoint(self.last_path))
+        else:
+            seed_everything(self.cfg.seed, self.dist.rank)
+        if self.dist.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.dist.device)
+        while self.epoch < self.cfg.epochs:
+            self._train_epoch()
+            self._end_epoch()
+        return self.history
+
+    def _train_epoch(self) -> None:
+        cfg, device = self.cfg, self.dist.device
+        self.module.train()
+        self.sampler.set_epoch(self.epoch, start=self.step_in_epoch * cfg.batch_size)
+        self.train_samples.set_epoch(self.epoch)
+        loader = make_loader(self.train_samples, self.sampler, cfg.batch_size, cfg.num_workers, drop_last=True,
+                             device=device)
+        bar = tqdm(loader, total=self.steps_per_epoch, initial=self.step_in_epoch,
+                   desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False, disable=not _show_progress(cfg, self.dist))
+        start = time.perf_counter()
+        for fields, num_skipped in bar:
+            self.skipped += num_skipped
+            if fields:
+                self._train_step(*_to_device(fields, device, cfg.channels_last))
+            self.step_in_epoch += 1
+            self.global_step += 1
+            if cfg.sched_unit == "step":
+                self.scheduler.step()
+            if self.global_step % cfg.log_interval == 0:
+                self._check_finite()
+                bar.set_postfix(loss=f"{self.loss_sums['total'].item() / max(self.loss_steps, 1):.4f}")
+            if cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0:
+                self.train_time += time.perf_counter() - start
+                self._save_last()
+                start = time.perf_counter()
+            self.after_step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.train_time += time.perf_counter() - start
+
+    def after_step(self) -> None:
+        """Hook called after every optimizer step (tests use it to interrupt a run)."""
+
+    def _train_step(self, images: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor,
+                    fg_mask: torch.Tensor | None) -> None:
+        with _autocast(self.cfg, self.dist.device):
+            out = model_forward(self.model, images, fg_mask)
+            losses = self.module.compute_losses(out, images, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        if self.cfg.clip_grad:
+            nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.clip_grad, foreach=True)
+        self.optimizer.step()
+        for name, value in losses.items():
+            value = value.detach().float()
+            self.loss_sums[name] = self.loss_sums[name] + value if name in self.loss_sums else value
+        self.loss_steps += 1
+
+    def _end_epoch(self) -> None:
+        cfg = self.cfg
+        lr = self.optimizer.param_groups[0]["lr"]  # the base group's LR during this epoch
+        if cfg.sched_unit == "epoch":
+            self.scheduler.step()
+        sums = torch.stack(list(self.loss_sums.values())) if self.loss_sums else torch.zeros(0)
+        steps = torch.tensor(float(self.loss_steps), device=self.dist.device)
+        if self.dist.distributed:
+            dist.all_reduce(sums)
+            dist.all_reduce(steps)
+        self._check_finite()
+        train_losses = {f"train_{k}": v for k, v in zip(self.loss_sums, (sums / steps.clamp(min=1)).tolist())}
+        val = evaluate(self.model, self.val_set, num_groups=self.num_groups, cfg=cfg, dist_info=self.dist,
+                       desc="val")
+        skipped = self.skipped.clone()
+        if self.dist.distributed:
+            dist.all_reduce(skipped)
+        images_seen = self.steps_per_epoch * cfg.batch_size * self.dist.world_size * (self.epoch + 1)
+        row = {"epoch": self.epoch + 1, "step": self.global_step, "lr": lr,
+               **train_losses, **{f"val_{k}": v for k, v in val.items() if k not in ("num_images",)},
+               "train_images_per_second": images_seen / max(self.train_time, 1e-9),
+               "skipped_corrupt_train": int(skipped.item()), "peak_memory_mb": _peak_memory_mb(self.dist.device)}
+        self.history.append(row)
+        improved = self.best_key is None or _selection_key(val) > self.best_key
+        if improved:
+            self.best_key = _selection_key(val)
+        self.epoch += 1
+        self.step_in_epoch, self.loss_sums, self.loss_steps = 0, {}, 0
+        # best.pt before last.pt: a kill between the two must not leave last.pt pointing at a best.pt never written.
+        if improved and self.dist.is_main:
+            save_checkpoint(self.best_path, {"model": self.module.state_dict(), "epoch": self.epoch, "val": val})
+        self._save_last()
+        if self.dist.is_main:
+            self._write_history()
+            tqdm.write(f"[{self.name}] epoch {self.epoch}/{cfg.epochs} loss {row.get('train_total', 0):.4f} "
+                       f"val acc {val['accuracy']:.3f} wga {val['worst_group_accuracy']:.3f}"
+                       f"{' *' if improved else ''}", file=sys.stderr)
+
+    def _write_history(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        jsonl = "".join(json.dumps(row) + "\n" for row in self.history)
+        _atomic_write_text(self.run_dir / "metrics.jsonl", jsonl)
+        columns = list(dict.fromkeys(k for row in self.history for k in row))
+        tmp = self.run_dir / ".metrics.csv.tmp"
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            for row in self.history:
+                writer.writerow({k: json.dumps(v) if isinstance(v, list) else v for k, v in row.items()})
+        os.replace(tmp, self.run_dir / "metrics.csv")
+
+    def test(self, test_set: Dataset) -> dict:
+        """Load ``best.pt`` (chosen on validation) and evaluate it on ``test_set``.
+
+        Returns:
+            The test metrics plus ``best_epoch``, ``train_images_per_second`` and ``peak_memory_mb``.
+        """
+        if self.dist.distributed:
+            dist.barrier()
+        best = load_checkpoint(self.best_path)
+        self.module.load_state_dict(best["model"])
+        metrics = evaluate(self.model, test_set, num_groups=self.num_groups, cfg=self.cfg, dist_info=self.dist,
+                           desc="test")
+        last = self.history[-1] if self.history else {}
+        metrics.update(best_epoch=best["epoch"], train_images_per_second=last.get("train_images_per_second"),
+                       peak_memory_mb=_peak_memory_mb(self.dist.device),
+                       skipped_corrupt_train=last.get("skipped_corrupt_train", 0))
+        return metrics
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def predict_samples(model: nn.Module, dataset: Dataset, indices: list[int], device: torch.device) -> dict:
+    """Run ``model`` (eval mode) on ``dataset[indices]`` for figures.
+
+    Returns:
+        ``images`` ``[B, 3, H, W]``, ``fg_masks`` ``[B, 1, H, W]`` or None, ``keep`` ``[B, N]`` or None,
+        ``part_maps`` ``[B, K + 1, h, w]`` or None, ``patch_size``; all on the CPU.
+    """
+    module = unwrap(model)
+    was_training = module.training
+    module.eval()
+    fields, _ = collate_skipping_corrupt([dataset[i] for i in indices])
+    images, _, _, fg_mask = _to_device(fields, device, channels_last=False)
+    out = model_forward(module, images, fg_mask)
+    module.train(was_training)
+
+    def cpu(value):
+        return None if value is None else value.detach().float().cpu()
+
+    keep = getattr(out, "keep", None)
+    return {"images": images.cpu(), "fg_masks": cpu(fg_mask), "keep": None if keep is None else keep.cpu(),
+            "part_maps": cpu(getattr(out, "part_maps", None)), "patch_size": patch_size_of(module)}
