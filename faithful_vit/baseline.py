@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from faithful_vit.metrics import patch_foreground_fraction
+from faithful_vit.data.mask_stats import gt_patch_fraction
 from faithful_vit.sparsify import forward_kept, sparsify
 
 # The stage-2 size of the tiny preset, from the feasibility study (64 px images, 8 px patches, 0.55 M parameters).
@@ -143,6 +143,6 @@ class OracleMaskViT(FullImageViT):
         """Classify ``images`` ``[B, 3, H, W]`` from the patches that ``fg_mask`` ``[B, 1, H, W]`` covers."""
         if fg_mask is None:
             raise ValueError("fg_mask: the oracle needs the ground-truth foreground mask [B, 1, H, W], got None")
-        keep = patch_foreground_fraction(fg_mask, self.patch_size) > self.threshold
+        keep = gt_patch_fraction(fg_mask, self.patch_size) > self.threshold
         features = forward_kept(self.vit, images, keep, mode=self.mode)
         return ClassifierOutput(logits=self.vit.head(features), keep=keep, kept_fraction=keep.float().mean())

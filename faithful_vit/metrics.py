@@ -14,25 +14,8 @@ Mask metrics compare the stage-2 keep mask over patch tokens with the ground-tru
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-
-def patch_foreground_fraction(fg_mask: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """Foreground fraction of every patch, in raster order.
-
-    Args:
-        fg_mask: ``[B, 1, H, W]`` ground-truth foreground (bool or float in [0, 1]); H and W multiples of patch_size.
-        patch_size: side of a square patch in pixels.
-
-    Returns:
-        ``[B, (H // patch_size) * (W // patch_size)]`` float32 fractions.
-    """
-    if fg_mask.dim() != 4 or fg_mask.shape[1] != 1:
-        raise ValueError(f"fg_mask: expected shape [B, 1, H, W], got {tuple(fg_mask.shape)}")
-    height, width = fg_mask.shape[-2:]
-    if height % patch_size or width % patch_size:
-        raise ValueError(f"fg_mask: expected H and W divisible by patch_size={patch_size}, got {height}x{width}")
-    return F.avg_pool2d(fg_mask.float(), patch_size).flatten(1)
+from faithful_vit.data.mask_stats import gt_patch_fraction
 
 
 def keep_to_pixels(keep: torch.Tensor, image_size: tuple[int, int], patch_size: int) -> torch.Tensor:
@@ -98,7 +81,7 @@ class MetricAccumulator:
         if fg_mask is None or patch_size is None:
             return
         self.has_mask = True
-        fg_fraction = patch_foreground_fraction(fg_mask, patch_size)
+        fg_fraction = gt_patch_fraction(fg_mask, patch_size)
         if keep is None:
             keep = torch.ones_like(fg_fraction, dtype=torch.bool)
         fg_pixels = fg_mask > 0.5

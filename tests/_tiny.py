@@ -8,8 +8,9 @@ TINY_BACKBONE = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "
 
 
 def tiny_model(**overrides) -> faithful_vit.FaithfulViT:
-    """32 px, patch 8 (a 4 x 4 grid), width 32, depth 2, 2 heads, K = 3, 2 classes."""
+    """32 px, patch 8 (a 4 x 4 grid), width 32, depth 2, 2 heads, K = 3, 2 classes, straight-through gate on."""
     overrides.setdefault("img_size", 32)
+    overrides.setdefault("straight_through", True)  # the preset detaches the mask; the tests cover the gate path
     overrides["backbone_kwargs"] = {**TINY_BACKBONE, **overrides.get("backbone_kwargs", {})}
     return faithful_vit.create_model("faithful_tiny", **overrides)
 

@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
+from faithful_vit.data import gt_patch_fraction
 from faithful_vit.metrics import (
     MetricAccumulator,
     format_table,
     keep_to_pixels,
-    patch_foreground_fraction,
     summarize_seeds,
 )
 
@@ -18,7 +18,7 @@ def test_patch_foreground_fraction_and_keep_to_pixels_are_raster_order():
     fg = torch.zeros(1, 1, 4, 6)
     fg[0, 0, :2, 2:4] = 1  # patch (0, 1) full
     fg[0, 0, 2, 4] = 1  # patch (1, 2) a quarter
-    fraction = patch_foreground_fraction(fg, 2)
+    fraction = gt_patch_fraction(fg, 2)
     assert fraction.shape == (1, 6)
     torch.testing.assert_close(fraction, torch.tensor([[0.0, 1.0, 0.0, 0.0, 0.0, 0.25]]))
     pixels = keep_to_pixels(fraction > 0.5, (4, 6), 2)
@@ -29,9 +29,9 @@ def test_patch_foreground_fraction_and_keep_to_pixels_are_raster_order():
 
 def test_bad_shapes_name_the_argument():
     with pytest.raises(ValueError, match="fg_mask"):
-        patch_foreground_fraction(torch.zeros(1, 4, 4), 2)
-    with pytest.raises(ValueError, match="divisible"):
-        patch_foreground_fraction(torch.zeros(1, 1, 5, 4), 2)
+        gt_patch_fraction(torch.zeros(1, 4, 4), 2)
+    with pytest.raises(ValueError, match="multiple"):
+        gt_patch_fraction(torch.zeros(1, 1, 5, 4), 2)
     with pytest.raises(ValueError, match="keep"):
         keep_to_pixels(torch.zeros(1, 5, dtype=torch.bool), (4, 4), 2)
 
