@@ -33,7 +33,8 @@ def _data_cache(tmp_path_factory, monkeypatch):
 
 
 def run_cli(args, timeout=300, **kwargs):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Same thread count as this process: CPU reductions are bitwise reproducible only for a fixed thread count.
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=ROOT, **kwargs)
 
@@ -123,7 +124,8 @@ def test_hard_kill_then_resume_continues_the_same_run(tmp_path):
     train = load_train()
     assert train.main([*args, "--experiment", "reference"]) == 0
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Same thread count as this process: CPU reductions are bitwise reproducible only for a fixed thread count.
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, "--experiment", "killed"],
                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = tmp_path / "killed" / "baseline" / "seed0" / "checkpoints" / "last.pt"
