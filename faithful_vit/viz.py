@@ -67,12 +67,7 @@ def plot_masks(images: torch.Tensor, path: str | Path, *, fg_masks: torch.Tensor
             if row == 0:
                 axis.set_title(columns[column], fontsize=9)
     figure.suptitle(title)
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return _save(figure, path)
 
 
 def plot_training_curves(histories: dict[str, list[dict]], path: str | Path) -> Path:
@@ -97,6 +92,11 @@ def plot_training_curves(histories: dict[str, list[dict]], path: str | Path) -> 
         axis.set_title(label, fontsize=10)
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
+    return _save(figure, path)
+
+
+def _save(figure, path: str | Path) -> Path:
+    """Lay out, write as PNG (creating the folder) and close ``figure``; returns the path."""
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
