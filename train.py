@@ -73,7 +73,7 @@ def _build_parser() -> argparse.ArgumentParser:
                        "(see faithful_vit.list_models()), 'baseline' (full-image ViT of stage-2 size) and 'oracle' "
                        "(stage 2 given the ground-truth patch mask) (default: %(default)s)")
     group.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
-                       help="overrides of the two-stage preset's config, e.g. num_parts=4 erode_mask=true")
+                       help="overrides of the two-stage preset's config, e.g. num_parts=4 mask_morphology=open")
     group.add_argument("--reference-model", default=None, help="two-stage preset whose stage 2 sets the size of "
                        "baseline and oracle (default: the first preset in --model, else faithful_tiny)")
     group.add_argument("--oracle-threshold", type=float, default=0.5, help="the oracle keeps a patch when its "

@@ -102,7 +102,7 @@ def faithful_tiny() -> FaithfulViTConfig:
         backbone_kwargs={"patch_size": 8, "embed_dim": 128, "depth": 4, "num_heads": 4, "mlp_ratio": 2.0},
         freeze_stage1_backbone=False,
         straight_through=False,
-        erode_mask=True,
+        mask_morphology="erode",
         area_target=0.25,
         loss_weights={**PAPER_LOSS_WEIGHTS, "area": 5.0},
         lr_factors=dict(_FROM_SCRATCH_LR_FACTORS),

@@ -4,6 +4,7 @@ This package knows only torch and triton. It installs as ``faithful_vit.kernels`
 """
 
 from . import reference
+from ._autotune import autotune_enabled, clear_autotune_cache, set_autotune
 from ._backend import BACKENDS, TRITON_AVAILABLE, TRITON_INTERPRET, get_backend, set_backend, use_backend
 from .masked_attention import compaction_order, masked_attention
 from .packing import PackedTokens, pack_tokens
@@ -14,11 +15,14 @@ __all__ = [
     "TRITON_AVAILABLE",
     "TRITON_INTERPRET",
     "PackedTokens",
+    "autotune_enabled",
+    "clear_autotune_cache",
     "compaction_order",
     "get_backend",
     "masked_attention",
     "pack_tokens",
     "reference",
+    "set_autotune",
     "set_backend",
     "use_backend",
     "varlen_attention",

@@ -33,7 +33,9 @@ Limits:
       the kept ones by more than ~88 (natural log units) overflows to inf where the float64 reference is finite.
     * Under the Triton interpreter (CPU) bf16 dots are not supported; use fp32 or fp16 there.
     * Configs come from :func:`get_fwd_config` / :func:`get_bwd_config` (plain functions, replaceable by assigning
-      this module's attribute); there is no autotuning.
+      this module's attribute). Autotuning is opt-in (:func:`faithful_vit.kernels.set_autotune`): the first call per
+      (length bucket, head dim, dtype, variant) then times :func:`fwd_candidates` / :func:`bwd_candidates` on its own
+      inputs, keep mask included, and keeps the fastest.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import torch
 
 from . import reference
 from ._attention_core import check_interpreter_dtype, check_qkv, dot_precision, launch_directly, launch_in_op
+from ._autotune import tuned_config
 from ._backend import TRITON_AVAILABLE, resolve_backend
 from ._utils import check_tensor, empty, empty_like_strided, fmt_shape, unit_last_stride
 
@@ -259,8 +262,20 @@ def _all_blocks(keep: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Ten
 def _masked_attention_fwd(q, k, v, keep, scale, skip_dropped_queries, launch=launch_directly):
     """Launch the forward kernel. Returns ``out`` ``(B, H, N, D)`` (memory ``(B, N, H, D)``) and ``lse`` ``(B, H, N)``
     fp32 (base 2, of scores scaled by ``scale * log2(e)``; -inf where the row is not computed)."""
+    _, _, seq_len, head_dim = q.shape
+    cfg = tuned_config(
+        "masked_attention_fwd",
+        (triton.next_power_of_2(seq_len), head_dim, q.dtype, skip_dropped_queries),
+        get_fwd_config(seq_len, head_dim, q.dtype, q.device),
+        fwd_candidates(head_dim, q.dtype, q.device),
+        lambda c: _launch_fwd(q, k, v, keep, scale, skip_dropped_queries, c, launch),
+        (q, k, v, keep),
+    )
+    return _launch_fwd(q, k, v, keep, scale, skip_dropped_queries, cfg, launch)
+
+
+def _launch_fwd(q, k, v, keep, scale, skip_dropped_queries, cfg, launch):
     batch, heads, seq_len, head_dim = q.shape
-    cfg = get_fwd_config(seq_len, head_dim, q.dtype, q.device)
     keep_i8 = keep.to(torch.int8, memory_format=torch.contiguous_format)  # the kernels index keep rows densely
     k_order, k_count = _live_blocks(keep, cfg["BLOCK_N"])
     out = empty_like_strided(q, (batch, heads, seq_len, head_dim), _BNHD)
@@ -287,10 +302,23 @@ def _masked_attention_bwd(
 ):
     """Launch the backward kernels. Returns dq, dk, dv ``(B, H, N, D)`` and, when ``gate_grad``, the per-head gate
     gradient ``(B, H, N)`` fp32 (else None)."""
-    batch, heads, seq_len, head_dim = q.shape
-    cfg = get_bwd_config(seq_len, head_dim, q.dtype, q.device)
-    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    _, _, seq_len, head_dim = q.shape
     grad_out = unit_last_stride(grad_out)
+    args = (grad_out, q, k, v, keep, out, lse, scale, skip_dropped_queries, gate_grad)
+    cfg = tuned_config(
+        "masked_attention_bwd",
+        (triton.next_power_of_2(seq_len), head_dim, q.dtype, skip_dropped_queries, gate_grad),
+        get_bwd_config(seq_len, head_dim, q.dtype, q.device),
+        bwd_candidates(head_dim, q.dtype, q.device),
+        lambda c: _launch_bwd(*args, c, launch),
+        (q, k, v, keep),
+    )
+    return _launch_bwd(*args, cfg, launch)
+
+
+def _launch_bwd(grad_out, q, k, v, keep, out, lse, scale, skip_dropped_queries, gate_grad, cfg, launch):
+    batch, heads, seq_len, head_dim = q.shape
+    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     keep_i8 = keep.to(torch.int8, memory_format=torch.contiguous_format)  # the kernels index keep rows densely
     q_order, q_count = (_live_blocks if skip_dropped_queries else _all_blocks)(keep, block_m)
     k_order, k_count = _live_blocks(keep, block_n)
@@ -349,6 +377,28 @@ def get_bwd_config(seq_len: int, head_dim: int, dtype: torch.dtype, device: torc
     if head_dim > 64:
         return {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
     return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+
+
+def _configs(*rows: tuple[int, int, int, int]) -> list[dict[str, int]]:
+    return [dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), row)) for row in rows]
+
+
+def fwd_candidates(head_dim: int, dtype: torch.dtype, device: torch.device) -> list[dict[str, int]]:
+    """Configs the forward's autotuning times besides :func:`get_fwd_config` (configs that do not fit are skipped)."""
+    if device.type != "cuda":
+        return _configs((32, 16, 1, 1))
+    if dtype == torch.float32:
+        return _configs((32, 32, 4, 2), (64, 64, 4, 1), (32, 64, 4, 2))
+    return _configs((64, 32, 4, 3), (128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (128, 128, 8, 2))
+
+
+def bwd_candidates(head_dim: int, dtype: torch.dtype, device: torch.device) -> list[dict[str, int]]:
+    """Configs the backward's autotuning times besides :func:`get_bwd_config` (shared by its three kernels)."""
+    if device.type != "cuda":
+        return _configs((16, 32, 1, 1))
+    if dtype == torch.float32:
+        return _configs((32, 32, 4, 1), (16, 64, 4, 1))
+    return _configs((32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2), (64, 128, 8, 1), (32, 128, 8, 1))
 
 
 # ---- Kernels -----------------------------------------------------------------------------------------------------

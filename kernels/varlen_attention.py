@@ -15,6 +15,10 @@ Supported: fp32 (``input_precision="ieee"`` dots), fp16, bf16 (GPU only; the int
 16..128, any of them (non-powers of two are padded to the next power of two with masked loads); sequences of length 0
 and 1; q, k, v with any strides on the T and H dims (e.g. ``qkv.view(T, 3, H, D).unbind(1)``), unit stride on D.
 
+Configs: :func:`get_fwd_config` / :func:`get_bwd_config` (plain functions, replaceable by assigning this module's
+attribute). Autotuning is opt-in (:func:`faithful_vit.kernels.set_autotune`): the first call per (``max_seqlen`` bucket,
+head dim, dtype) then times :func:`fwd_candidates` / :func:`bwd_candidates` on its own inputs and keeps the fastest.
+
 Limits: ``max_seqlen`` must bound every sequence length (checked on the host unless ``check_cu_seqlens=False``; rows of
 a longer sequence past the bound would be left unwritten). Tiles suit tens to a few thousand tokens per sequence.
 The number of sequences and of heads are each limited to 65535 (CUDA grid dims 1 and 2).
@@ -34,6 +38,7 @@ import torch
 
 from . import reference
 from ._attention_core import check_interpreter_dtype, check_qkv, dot_precision, launch_directly, launch_in_op
+from ._autotune import tuned_config
 from ._backend import TRITON_AVAILABLE, resolve_backend
 from ._utils import check_tensor, empty, fmt_shape, unit_last_stride
 
@@ -175,8 +180,21 @@ def _varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale, launch=launch_
     if total == 0 or batch == 0 or max_seqlen == 0:
         return out, lse
     # Tiles and HEAD_DIM are constexprs, so under torch.compile these sizes are specialised (int() guards on them).
-    head_dim = int(head_dim)
-    cfg = get_fwd_config(int(max_seqlen), head_dim, q.dtype)
+    head_dim, max_seqlen = int(head_dim), int(max_seqlen)
+    cfg = tuned_config(
+        "varlen_attention_fwd",
+        (triton.next_power_of_2(max_seqlen), head_dim, q.dtype),
+        get_fwd_config(max_seqlen, head_dim, q.dtype),
+        fwd_candidates(max_seqlen, head_dim, q.dtype, q.device),
+        lambda c: _launch_fwd(q, k, v, cu_seqlens, max_seqlen, scale, c, launch, out.clone(), lse.clone()),
+        (q, k, v),
+    )
+    return _launch_fwd(q, k, v, cu_seqlens, max_seqlen, scale, cfg, launch, out, lse)
+
+
+def _launch_fwd(q, k, v, cu_seqlens, max_seqlen, scale, cfg, launch, out, lse):
+    num_heads, head_dim = q.shape[1], int(q.shape[2])
+    batch = cu_seqlens.shape[0] - 1
     grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), batch, num_heads)
     launch(_varlen_attn_fwd_kernel)[grid](
         q, k, v, out, lse, cu_seqlens,
@@ -196,10 +214,24 @@ def _varlen_attention_bwd(q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, s
     dq, dk, dv = (empty(total, num_heads, head_dim, dtype=q.dtype, device=q.device) for _ in range(3))
     if total == 0 or batch == 0 or max_seqlen == 0:
         return dq, dk, dv
-    head_dim = int(head_dim)
+    head_dim, max_seqlen = int(head_dim), int(max_seqlen)
+    args = (q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, scale)
+    cfg = tuned_config(
+        "varlen_attention_bwd",
+        (triton.next_power_of_2(max_seqlen), head_dim, q.dtype),
+        get_bwd_config(max_seqlen, head_dim, q.dtype),
+        bwd_candidates(max_seqlen, head_dim, q.dtype, q.device),
+        lambda c: _launch_bwd(*args, c, launch, dq.clone(), dk.clone(), dv.clone()),
+        (q, k, v),
+    )
+    return _launch_bwd(*args, cfg, launch, dq, dk, dv)
+
+
+def _launch_bwd(q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, scale, cfg, launch, dq, dk, dv):
+    total, num_heads, head_dim = q.shape[0], q.shape[1], int(q.shape[2])
+    batch = cu_seqlens.shape[0] - 1
     block_d = triton.next_power_of_2(head_dim)
     precision = dot_precision(q.dtype)
-    cfg = get_bwd_config(int(max_seqlen), head_dim, q.dtype)
 
     delta = empty(num_heads, total, dtype=torch.float32, device=q.device)
     pre_block = cfg["BLOCK_PRE"]
@@ -260,6 +292,35 @@ def get_bwd_config(max_seqlen: int, head_dim: int, dtype: torch.dtype) -> dict[s
         "num_warps": 8 if head_dim > 64 else 4,
         "num_stages": 1 if wide else 2,
     }
+
+
+def _configs(max_seqlen: int, *rows: tuple[int, int, int, int]) -> list[dict[str, int]]:
+    """Distinct configs from (BLOCK_M, BLOCK_N, num_warps, num_stages) rows, tiles shrunk for short sequences."""
+    configs = []
+    for block_m, block_n, num_warps, num_stages in rows:
+        cfg = {"BLOCK_M": _short_tile(max_seqlen, block_m), "BLOCK_N": _short_tile(max_seqlen, block_n),
+               "num_warps": num_warps, "num_stages": num_stages}
+        if cfg not in configs:
+            configs.append(cfg)
+    return configs
+
+
+def fwd_candidates(max_seqlen: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> list[dict[str, int]]:
+    """Configs the forward's autotuning times besides :func:`get_fwd_config` (configs that do not fit are skipped)."""
+    if device.type != "cuda":
+        return _configs(max_seqlen, (16, 16, 1, 1))
+    if dtype == torch.float32:
+        return _configs(max_seqlen, (32, 32, 4, 2), (64, 64, 4, 1))
+    return _configs(max_seqlen, (64, 32, 4, 3), (128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3))
+
+
+def bwd_candidates(max_seqlen: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> list[dict[str, int]]:
+    """Configs the backward's autotuning times besides :func:`get_bwd_config` (shared by its two main kernels)."""
+    rows = [(16, 16, 1, 1)] if device.type != "cuda" else (
+        [(32, 32, 4, 1), (16, 64, 4, 1)] if dtype == torch.float32
+        else [(32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2), (64, 128, 8, 1)]
+    )
+    return [{**cfg, "BLOCK_PRE": 64} for cfg in _configs(max_seqlen, *rows)]
 
 
 # ---- Kernels ----

@@ -12,7 +12,7 @@ def tiny_model(**overrides) -> faithful_vit.FaithfulViT:
     overrides.setdefault("img_size", 32)
     # The preset detaches the mask, erodes it and adds an area prior; the tests cover the paper's path and the gate.
     overrides.setdefault("straight_through", True)
-    overrides.setdefault("erode_mask", False)
+    overrides.setdefault("mask_morphology", "none")
     overrides["loss_weights"] = {"area": 0.0, **overrides.get("loss_weights", {})}
     overrides["backbone_kwargs"] = {**TINY_BACKBONE, **overrides.get("backbone_kwargs", {})}
     return faithful_vit.create_model("faithful_tiny", **overrides)

@@ -10,7 +10,7 @@ from _tiny import TINY_BACKBONE, tiny_model
 
 import faithful_vit
 from faithful_vit.kernels import use_backend
-from faithful_vit.model import STAGE2_MODES, erode_keep
+from faithful_vit.model import STAGE2_MODES, dilate_keep, erode_keep, open_keep
 
 
 @pytest.fixture(autouse=True)
@@ -92,11 +92,32 @@ def test_erode_keep_is_4_neighbour_erosion():
     expected = torch.zeros(5, 5, dtype=torch.bool)
     expected[2, 2] = True
     assert torch.equal(eroded, expected)
-    model = tiny_model(erode_mask=True).eval()
+    model = tiny_model(mask_morphology="erode").eval()
     logits = torch.randn(2, model.num_parts + 1, 4, 4)
     keep, _ = model.compute_keep(logits)
     raw = (logits.argmax(1) < model.num_parts).flatten(1)
     assert torch.equal(keep, erode_keep(raw, (4, 4)))
+
+
+def test_open_keep_removes_specks_and_keeps_crosses():
+    keep = torch.zeros(1, 6, 6, dtype=torch.bool)
+    keep[0, 1:4, 1:4] = True  # a 3x3 block: holds a full cross, survives except its corners
+    keep[0, 5, 5] = True  # an isolated speck
+    keep[0, 0, 5] = keep[0, 1, 5] = True  # a 2-patch bar: no full cross
+    opened = open_keep(keep.view(1, 36), (6, 6)).view(6, 6)
+    expected = torch.zeros(6, 6, dtype=torch.bool)
+    expected[2, 1:4] = expected[1:4, 2] = True
+    assert torch.equal(opened, expected)
+    dilated = dilate_keep(expected.view(1, 36), (6, 6)).view(6, 6)
+    assert dilated.sum() == 5 + 8 and not dilated[0, 0] and dilated[0, 2]
+    random_keep = torch.rand(3, 49) > 0.4
+    assert not (open_keep(random_keep, (7, 7)) & ~random_keep).any()  # opening never adds a patch
+    model = tiny_model(mask_morphology="open").eval()
+    logits = torch.randn(2, model.num_parts + 1, 4, 4)
+    keep_open, _ = model.compute_keep(logits)
+    assert torch.equal(keep_open, open_keep((logits.argmax(1) < model.num_parts).flatten(1), (4, 4)))
+    with pytest.raises(ValueError, match="mask_morphology"):
+        tiny_model(mask_morphology="close")
 
 
 def test_three_stage2_modes_agree_logits_and_gradients():
