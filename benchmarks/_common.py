@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from faithful_vit.kernels import autotune_enabled, tuned_configs
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,7 +40,7 @@ CORE_COLUMNS = (
 )
 ENV_COLUMNS = (
     "device_name", "device_type", "torch", "triton", "timm", "xformers", "cuda", "python", "commit", "commit_dirty",
-    "date_utc", "cpu_threads", "triton_interpret",
+    "date_utc", "cpu_threads", "triton_interpret", "autotune",
 )
 
 
@@ -90,6 +92,7 @@ def environment(device: torch.device) -> dict:
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "cpu_threads": torch.get_num_threads(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
+        "autotune": autotune_enabled(),
     }
 
 
@@ -311,6 +314,10 @@ def write_results(rows: list[dict], out_dir: Path, name: str) -> tuple[Path, Pat
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = out_dir / f"{name}.json", out_dir / f"{name}.csv"
     json_path.write_text(json.dumps(rows, indent=1, default=_json_default) + "\n")
+    if tuned_configs():  # --autotune: what each kernel family picked, per shape bucket
+        tuned = [{"family": family, "key": str(key), "device": device, "config": cfg}
+                 for (family, key, _, device), cfg in tuned_configs().items()]
+        (out_dir / f"{name}_autotune.json").write_text(json.dumps(tuned, indent=1) + "\n")
     extra = sorted({key for row in rows for key in row} - set(CORE_COLUMNS) - set(ENV_COLUMNS))
     columns = [*CORE_COLUMNS, *extra, *ENV_COLUMNS]
     with csv_path.open("w", newline="") as handle:

@@ -4,7 +4,7 @@ This package knows only torch and triton. It installs as ``faithful_vit.kernels`
 """
 
 from . import reference
-from ._autotune import autotune_enabled, clear_autotune_cache, set_autotune
+from ._autotune import autotune_enabled, clear_autotune_cache, set_autotune, tuned_configs
 from ._backend import BACKENDS, TRITON_AVAILABLE, TRITON_INTERPRET, get_backend, set_backend, use_backend
 from .masked_attention import compaction_order, masked_attention
 from .packing import PackedTokens, pack_tokens
@@ -24,6 +24,7 @@ __all__ = [
     "reference",
     "set_autotune",
     "set_backend",
+    "tuned_configs",
     "use_backend",
     "varlen_attention",
 ]

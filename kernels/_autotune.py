@@ -26,7 +26,7 @@ if TRITON_AVAILABLE:
     import triton
     from triton.runtime.errors import OutOfResources
 
-__all__ = ["autotune_enabled", "clear_autotune_cache", "set_autotune", "tuned_config"]
+__all__ = ["autotune_enabled", "clear_autotune_cache", "set_autotune", "tuned_config", "tuned_configs"]
 
 ENV_VAR = "FAITHFUL_VIT_AUTOTUNE"
 
@@ -47,11 +47,14 @@ def autotune_enabled() -> bool:
     return os.environ.get(ENV_VAR, "0").strip().lower() in ("1", "true", "on", "yes")
 
 
-def clear_autotune_cache() -> dict[tuple, dict[str, int]]:
-    """Forget every tuned config; returns what was known (key -> config), e.g. to log it."""
-    known = dict(_tuned)
+def tuned_configs() -> dict[tuple, dict[str, int]]:
+    """Every config tuned so far: ``(family, key, device type, device) -> config`` (a copy, e.g. to log it)."""
+    return dict(_tuned)
+
+
+def clear_autotune_cache() -> None:
+    """Forget every tuned config."""
     _tuned.clear()
-    return known
 
 
 def _is_tracing(tensors: Sequence[torch.Tensor]) -> bool:

@@ -5,6 +5,7 @@
 #   bash scripts/gpu_run.sh kernels      # part 1 (~7 min on an H100): install, nvidia-smi, kernel benchmark (D=64)
 #   bash scripts/gpu_run.sh model        # part 2 (~6 min): install, pytest -m gpu, model benchmark, targets
 #   bash scripts/gpu_run.sh kernels128   # optional part 3: kernel benchmark at head dim 128
+#   bash scripts/gpu_run.sh tuned        # optional part 4: our kernels autotuned (--autotune) against SDPA-flash
 #   bash scripts/gpu_run.sh all          # parts 1 and 2 in one go (more than 10 minutes: not for the device tool)
 #   QUICK=1 bash scripts/gpu_run.sh ...  # fewer timed iterations
 #   SMOKE=1 PYTHON=.venv/bin/python bash scripts/gpu_run.sh all   # dry run of this script on a CPU (tiny shapes)
@@ -27,7 +28,7 @@
 set -uo pipefail
 
 PART="${1:-all}"
-case "$PART" in kernels|model|kernels128|all) ;; *) echo "usage: $0 kernels|model|kernels128|all" >&2; exit 2;; esac
+case "$PART" in kernels|model|kernels128|tuned|all) ;; *) echo "usage: $0 kernels|model|kernels128|tuned|all" >&2; exit 2;; esac
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
@@ -78,6 +79,11 @@ fi
 if [ "$PART" = "kernels128" ]; then
   step 480 "kernel benchmark, head dim 128" "$PY" -m benchmarks.bench_attention --head-dim 128 --n 197,1374 \
     --out "$RES/d128" $QUICK_FLAG $KERNEL_SMOKE
+fi
+if [ "$PART" = "tuned" ]; then
+  step 480 "kernel benchmark, autotuned" "$PY" -m benchmarks.bench_attention --autotune --head-dim 64,128 \
+    --n 197,1374 --providers ours_masked,ours_masked_compact,ours_varlen,sdpa_flash_dense --out "$RES/tuned" \
+    $QUICK_FLAG $KERNEL_SMOKE
 fi
 if [ "$PART" = "model" ] || [ "$PART" = "all" ]; then
   echo "=== pytest -m gpu $(date -u +%H:%M:%S)" | tee -a "$LOG"

@@ -14,6 +14,7 @@ from faithful_vit.kernels import (
     masked_attention,
     reference,
     set_autotune,
+    tuned_configs,
     varlen_attention,
 )
 
@@ -62,7 +63,7 @@ def test_picks_the_fastest_caches_and_skips_configs_that_do_not_fit(tuning):
     calls = []
     assert autotune.tuned_config("f", "k", {"BLOCK_M": 16}, candidates, calls.append, (torch.ones(1),)) == best
     assert calls == []  # cached: not timed again
-    assert clear_autotune_cache() == {("f", "k", "cpu", "cpu"): best}
+    assert tuned_configs() == {("f", "k", "cpu", "cpu"): best}
 
     def never_fits(cfg):
         raise OutOfResources(1, 0, "shared memory")
@@ -115,5 +116,5 @@ def test_tuned_kernels_match_the_reference(tuning):
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g.double(), r, atol=tol, rtol=tol)
 
-    families = {key[0] for key in clear_autotune_cache()}
+    families = {key[0] for key in tuned_configs()}
     assert families == {"masked_attention_fwd", "masked_attention_bwd", "varlen_attention_fwd", "varlen_attention_bwd"}
