@@ -1,13 +1,14 @@
 """Compile the attention kernels (masked and varlen) for a CUDA target without a GPU: catches code-generation errors
-and reports shared memory per kernel, for the configs that each family's ``get_fwd_config`` / ``get_bwd_config`` pick.
+and reports shared memory per kernel, for the configs that each family's ``get_fwd_config`` / ``get_bwd_config`` pick
+(and, with ``--candidates``, for every config autotuning may time).
 
 With ``--inductor-source`` each kernel is compiled from the source that torch.compile generates for a ``triton_op``
 (Inductor copies the kernel with the ``@triton.jit`` functions and ``tl.constexpr`` globals it names into a new
 module), which checks that the kernels stay self-contained by name.
 
 Usage: ``python scripts/compile_kernels.py [--family masked varlen] [--arch 90] [--dtype fp16 bf16 fp32]
-[--head-dim 64 80 128] [--seq-len 197] [--inductor-source]`` (takes minutes on a small CPU; run it without
-``TRITON_INTERPRET``).
+[--head-dim 64 80 128] [--seq-len 197] [--inductor-source] [--candidates]`` (takes minutes on a small CPU; run it
+without ``TRITON_INTERPRET``).
 """
 
 import argparse
@@ -38,6 +39,7 @@ FIXED_POINTERS = {
 }
 TYPED_POINTERS = ("Q", "K", "V", "OUT", "Out", "DO", "DOut", "DQ", "DK", "DV")
 INT_SCALARS = ("H", "N", "total")
+SM90_SHARED_LIMIT = 232448  # bytes of shared memory one H100/H200 block may use (227 KiB)
 
 
 def _inductor_copy(kernel):
@@ -68,41 +70,68 @@ def _compile(kernel, elem, constexprs, options, target):
     return compiled.metadata.shared
 
 
-def _masked_jobs(seq_len, head_dim, dtype, dims, precision):
-    device = torch.device("cuda")
-    fwd = masked.get_fwd_config(seq_len, head_dim, dtype, device)
-    bwd = masked.get_bwd_config(seq_len, head_dim, dtype, device)
-    fwd_opts = {"num_warps": fwd["num_warps"], "num_stages": fwd["num_stages"]}
-    bwd_opts = {"num_warps": bwd["num_warps"], "num_stages": bwd["num_stages"]}
-    blocks = {"BLOCK_M": bwd["BLOCK_M"], "BLOCK_N": bwd["BLOCK_N"], "DOT_PRECISION": precision}
-    jobs = [
-        (f"fwd skip={skip}", masked._masked_attn_fwd_kernel,
-         dims | {"BLOCK_M": fwd["BLOCK_M"], "BLOCK_N": fwd["BLOCK_N"], "SKIP_DROPPED_QUERIES": skip,
-                 "DOT_PRECISION": precision}, fwd_opts)
-        for skip in (True, False)
-    ]
-    jobs.append(("bwd preprocess", masked._masked_attn_bwd_preprocess_kernel, dims | {"BLOCK_M": bwd["BLOCK_M"]},
-                 {"num_warps": 4}))
-    jobs += [(f"bwd dkdv gate={gate}", masked._masked_attn_bwd_dkdv_kernel, dims | blocks | {"GATE_GRAD": gate},
-              bwd_opts) for gate in (False, True)]
-    jobs.append(("bwd dq", masked._masked_attn_bwd_dq_kernel, dims | blocks, bwd_opts))
+def _masked_jobs(fwd, bwd, dims, precision):
+    jobs = []
+    if fwd is not None:
+        fwd_opts = {"num_warps": fwd["num_warps"], "num_stages": fwd["num_stages"]}
+        jobs += [
+            (f"fwd skip={skip} {_label(fwd)}", masked._masked_attn_fwd_kernel,
+             dims | {"BLOCK_M": fwd["BLOCK_M"], "BLOCK_N": fwd["BLOCK_N"], "SKIP_DROPPED_QUERIES": skip,
+                     "DOT_PRECISION": precision}, fwd_opts)
+            for skip in (True, False)
+        ]
+    if bwd is not None:
+        bwd_opts = {"num_warps": bwd["num_warps"], "num_stages": bwd["num_stages"]}
+        blocks = {"BLOCK_M": bwd["BLOCK_M"], "BLOCK_N": bwd["BLOCK_N"], "DOT_PRECISION": precision}
+        jobs.append((f"bwd preprocess {_label(bwd)}", masked._masked_attn_bwd_preprocess_kernel,
+                     dims | {"BLOCK_M": bwd["BLOCK_M"]}, {"num_warps": 4}))
+        jobs += [(f"bwd dkdv gate={gate} {_label(bwd)}", masked._masked_attn_bwd_dkdv_kernel,
+                  dims | blocks | {"GATE_GRAD": gate}, bwd_opts) for gate in (False, True)]
+        jobs.append((f"bwd dq {_label(bwd)}", masked._masked_attn_bwd_dq_kernel, dims | blocks, bwd_opts))
     return jobs
 
 
-def _varlen_jobs(seq_len, head_dim, dtype, dims, precision):
-    fwd = varlen.get_fwd_config(seq_len, head_dim, dtype)
-    bwd = varlen.get_bwd_config(seq_len, head_dim, dtype)
-    fwd_opts = {"num_warps": fwd["num_warps"], "num_stages": fwd["num_stages"]}
-    bwd_opts = {"num_warps": bwd["num_warps"], "num_stages": bwd["num_stages"]}
-    blocks = {"BLOCK_M": bwd["BLOCK_M"], "BLOCK_N": bwd["BLOCK_N"], "INPUT_PRECISION": precision}
-    return [
-        ("fwd", varlen._varlen_attn_fwd_kernel,
-         dims | {"BLOCK_M": fwd["BLOCK_M"], "BLOCK_N": fwd["BLOCK_N"], "INPUT_PRECISION": precision}, fwd_opts),
-        # The launcher leaves the preprocess at Triton's default launch options.
-        ("bwd preprocess", varlen._varlen_attn_bwd_preprocess_kernel, dims | {"BLOCK_M": bwd["BLOCK_PRE"]}, {}),
-        ("bwd dkdv", varlen._varlen_attn_bwd_dkdv_kernel, dims | blocks, bwd_opts),
-        ("bwd dq", varlen._varlen_attn_bwd_dq_kernel, dims | blocks, bwd_opts),
-    ]
+def _varlen_jobs(fwd, bwd, dims, precision):
+    jobs = []
+    if fwd is not None:
+        fwd_opts = {"num_warps": fwd["num_warps"], "num_stages": fwd["num_stages"]}
+        jobs.append((f"fwd {_label(fwd)}", varlen._varlen_attn_fwd_kernel,
+                     dims | {"BLOCK_M": fwd["BLOCK_M"], "BLOCK_N": fwd["BLOCK_N"], "INPUT_PRECISION": precision},
+                     fwd_opts))
+    if bwd is not None:
+        bwd_opts = {"num_warps": bwd["num_warps"], "num_stages": bwd["num_stages"]}
+        blocks = {"BLOCK_M": bwd["BLOCK_M"], "BLOCK_N": bwd["BLOCK_N"], "INPUT_PRECISION": precision}
+        jobs += [
+            # The launcher leaves the preprocess at Triton's default launch options.
+            (f"bwd preprocess {_label(bwd)}", varlen._varlen_attn_bwd_preprocess_kernel,
+             dims | {"BLOCK_M": bwd["BLOCK_PRE"]}, {}),
+            (f"bwd dkdv {_label(bwd)}", varlen._varlen_attn_bwd_dkdv_kernel, dims | blocks, bwd_opts),
+            (f"bwd dq {_label(bwd)}", varlen._varlen_attn_bwd_dq_kernel, dims | blocks, bwd_opts),
+        ]
+    return jobs
+
+
+def _label(cfg: dict) -> str:
+    return f"[{cfg['BLOCK_M']}x{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']}]"
+
+
+def _config_pairs(family, seq_len, head_dim, dtype, candidates: bool):
+    """(fwd, bwd) configs to compile: the defaults, then (with ``candidates``) every autotuning candidate alone."""
+    if family == "masked":
+        device = torch.device("cuda")
+        default = (masked.get_fwd_config(seq_len, head_dim, dtype, device),
+                   masked.get_bwd_config(seq_len, head_dim, dtype, device))
+        others = (masked.fwd_candidates(head_dim, dtype, device), masked.bwd_candidates(head_dim, dtype, device))
+    else:
+        default = (varlen.get_fwd_config(seq_len, head_dim, dtype), varlen.get_bwd_config(seq_len, head_dim, dtype))
+        device = torch.device("cuda")
+        others = (varlen.fwd_candidates(seq_len, head_dim, dtype, device),
+                  varlen.bwd_candidates(seq_len, head_dim, dtype, device))
+    pairs = [default]
+    if candidates:
+        pairs += [(cfg, None) for cfg in others[0] if cfg != default[0]]
+        pairs += [(None, cfg) for cfg in others[1] if cfg != default[1]]
+    return pairs
 
 
 FAMILIES = {"masked": _masked_jobs, "varlen": _varlen_jobs}
@@ -116,6 +145,7 @@ def main() -> None:
     parser.add_argument("--head-dim", nargs="+", type=int, default=[64, 80, 128])
     parser.add_argument("--seq-len", type=int, default=197, help="N (masked) or max_seqlen (varlen) for the configs")
     parser.add_argument("--inductor-source", action="store_true", help="compile Inductor's copy of each kernel")
+    parser.add_argument("--candidates", action="store_true", help="also compile every autotuning candidate config")
     args = parser.parse_args()
     target = GPUTarget("cuda", args.arch, 32)
     print(f"torch {torch.__version__}, triton {triton.__version__}, target sm_{args.arch}", flush=True)
@@ -125,12 +155,14 @@ def main() -> None:
             precision = core.dot_precision(dtype)
             for head_dim in args.head_dim:
                 dims = {"HEAD_DIM": head_dim, "BLOCK_D": triton.next_power_of_2(head_dim)}
-                for label, kernel, constexprs, options in FAMILIES[family](args.seq_len, head_dim, dtype, dims,
-                                                                           precision):
+                pairs = _config_pairs(family, args.seq_len, head_dim, dtype, args.candidates)
+                jobs = [job for fwd, bwd in pairs for job in FAMILIES[family](fwd, bwd, dims, precision)]
+                for label, kernel, constexprs, options in jobs:
                     if args.inductor_source:
                         kernel = _inductor_copy(kernel)
                     shared = _compile(kernel, "*" + name, constexprs, options, target)
-                    print(f"sm_{args.arch} {family} {name} D={head_dim} {label}: shared memory {shared} bytes",
+                    flag = "  OVER the sm_90 limit (autotuning skips it)" if shared > SM90_SHARED_LIMIT else ""
+                    print(f"sm_{args.arch} {family} {name} D={head_dim} {label}: shared memory {shared} bytes{flag}",
                           flush=True)
 
 
