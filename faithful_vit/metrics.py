@@ -8,6 +8,8 @@ Mask metrics compare the stage-2 keep mask over patch tokens with the ground-tru
 * ``mask_iou``: IoU between the pixels covered by kept patches and the ground-truth foreground pixels;
 * ``mask_iou_patch``: IoU between kept patches and ground-truth patches (foreground fraction > ``patch_threshold``);
 * ``background_in_kept``: fraction of the pixels inside kept patches that are background (the "leak");
+* ``object_recall``: fraction of the ground-truth foreground pixels that lie inside kept patches (the mask covers the
+  object when it is near 1);
 * ``kept_fraction``: fraction of patch tokens kept.
 """
 
@@ -106,7 +108,7 @@ class MetricAccumulator:
         Returns:
             ``accuracy``, ``worst_group_accuracy``, ``group_accuracy`` (a list, NaN for an empty group),
             ``group_count``, and, when masks were seen, ``mask_iou``, ``mask_iou_patch``, ``background_in_kept``,
-            ``kept_fraction`` (None where undefined).
+            ``object_recall``, ``kept_fraction`` (None where undefined).
         """
         correct, count = self.correct.cpu(), self.count.cpu()
         sums = dict(zip(self._MASK_KEYS, self.mask_sums.cpu().tolist()))
@@ -128,12 +130,13 @@ class MetricAccumulator:
             result["mask_iou_patch"] = ratio(sums["both_patches"], sums["union_patches"])
             kept_fg = ratio(sums["kept_fg_px"], sums["kept_px"])
             result["background_in_kept"] = None if kept_fg is None else 1.0 - kept_fg
+            result["object_recall"] = ratio(sums["kept_fg_px"], sums["fg_px"])
             result["foreground_fraction"] = ratio(sums["fg_px"], sums["total_px"])
         return result
 
 
 SUMMARY_KEYS = ("accuracy", "worst_group_accuracy", "mask_iou", "mask_iou_patch", "background_in_kept",
-                "kept_fraction", "images_per_second", "train_images_per_second", "peak_memory_mb")
+                "object_recall", "kept_fraction", "images_per_second", "train_images_per_second", "peak_memory_mb")
 
 
 def summarize_seeds(per_seed: list[dict]) -> dict:
@@ -163,7 +166,8 @@ def summarize_seeds(per_seed: list[dict]) -> dict:
 
 
 TABLE_COLUMNS = (("accuracy", "acc", 100), ("worst_group_accuracy", "worst-group", 100), ("mask_iou", "mask IoU", 1),
-                 ("background_in_kept", "bg in kept", 1), ("kept_fraction", "kept", 1),
+                 ("background_in_kept", "bg in kept", 1), ("object_recall", "object kept", 1),
+                 ("kept_fraction", "kept", 1),
                  ("images_per_second", "img/s", 1))
 
 

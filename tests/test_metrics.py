@@ -60,10 +60,14 @@ def test_mask_metrics_by_hand():
     keep = torch.tensor([[True, True, False, False]])  # patches 0 and 1: 8 px, 5 of them foreground
     acc = MetricAccumulator(num_groups=1)
     acc.update(torch.tensor([[0.0, 1.0]]), torch.tensor([1]), torch.tensor([0]), keep, fg, patch_size=2)
+    partial = MetricAccumulator(num_groups=1)
+    partial.update(torch.tensor([[0.0, 1.0]]), torch.tensor([1]), torch.tensor([0]), ~keep, fg, patch_size=2)
+    assert partial.compute()["object_recall"] == 0.0
     result = acc.compute()
     assert result["kept_fraction"] == 0.5
     assert result["mask_iou"] == pytest.approx(5 / 8)  # intersection 5 px, union 8 px
     assert result["background_in_kept"] == pytest.approx(3 / 8)
+    assert result["object_recall"] == 1.0  # all 5 foreground px are in kept patches
     assert result["mask_iou_patch"] == pytest.approx(1 / 2)  # ground-truth patches: {0}; kept {0, 1}
     assert result["foreground_fraction"] == pytest.approx(5 / 16)
 
