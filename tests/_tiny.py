@@ -10,7 +10,7 @@ TINY_BACKBONE = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "
 def tiny_model(**overrides) -> faithful_vit.FaithfulViT:
     """32 px, patch 8 (a 4 x 4 grid), width 32, depth 2, 2 heads, K = 3, 2 classes, straight-through gate on."""
     overrides.setdefault("img_size", 32)
-    # The preset detaches the mask, erodes it and adds an area prior; the tests cover the paper's path and the gate.
+    # The preset detaches the mask, opens it and adds an area prior; the tests cover the paper's path and the gate.
     overrides.setdefault("straight_through", True)
     overrides.setdefault("mask_morphology", "none")
     overrides["loss_weights"] = {"area": 0.0, **overrides.get("loss_weights", {})}
