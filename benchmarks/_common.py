@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from faithful_vit.kernels import autotune_enabled, tuned_configs
+from faithful_vit.kernels import autotune_enabled, set_autotune, tuned_configs
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -94,6 +94,18 @@ def environment(device: torch.device) -> dict:
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
         "autotune": autotune_enabled(),
     }
+
+
+def add_autotune_argument(parser) -> None:
+    parser.add_argument("--autotune", action="store_true",
+                        help="autotune our kernels' launch configs (first call per shape, during warm-up)")
+
+
+def apply_autotune(args) -> None:
+    """``--autotune``: turn autotuning on; the first call per shape tunes, so at least one warm-up call absorbs it."""
+    if args.autotune:
+        set_autotune(True)
+        args.warmup = max(args.warmup, 1)
 
 
 def pick_device(requested: str | None = None) -> torch.device:

@@ -369,8 +369,7 @@ def parse_args(argv=None):
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", type=Path, default=C.RESULTS_DIR / "latest", help="output folder")
     parser.add_argument("--no-plots", action="store_true")
-    parser.add_argument("--autotune", action="store_true",
-                        help="autotune our kernels' launch configs (first call per shape, during warm-up)")
+    C.add_autotune_argument(parser)
     args = parser.parse_args(argv)
     if args.smoke:  # tiny shapes unless given explicitly
         args.flex_n = "all"
@@ -386,9 +385,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    if args.autotune:
-        K.set_autotune(True)
-        args.warmup = max(args.warmup, 1)  # the tuning call must not be timed
+    C.apply_autotune(args)
     device = C.pick_device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     providers = [p for p in args.providers.split(",") if p]

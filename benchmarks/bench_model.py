@@ -397,8 +397,7 @@ def parse_args(argv=None):
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", type=Path, default=C.RESULTS_DIR / "latest")
     parser.add_argument("--no-plots", action="store_true")
-    parser.add_argument("--autotune", action="store_true",
-                        help="autotune our kernels' launch configs (first call per shape, during warm-up)")
+    C.add_autotune_argument(parser)
     args = parser.parse_args(argv)
     if args.cpu_tiny:
         args.device = args.device or "cpu"
@@ -419,9 +418,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    if args.autotune:
-        K.set_autotune(True)
-        args.warmup = max(args.warmup, 1)  # the tuning call must not be timed
+    C.apply_autotune(args)
     device = C.pick_device(args.device)
     args.backend = args.backend or ("triton" if device.type == "cuda" else "torch")
     if args.interleave is None:

@@ -186,7 +186,7 @@ def _varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale, launch=launch_
         (triton.next_power_of_2(max_seqlen), head_dim, q.dtype),
         get_fwd_config(max_seqlen, head_dim, q.dtype),
         fwd_candidates(max_seqlen, head_dim, q.dtype, q.device),
-        lambda c: _launch_fwd(q, k, v, cu_seqlens, max_seqlen, scale, c, launch, out.clone(), lse.clone()),
+        lambda c: _launch_fwd(q, k, v, cu_seqlens, max_seqlen, scale, c, launch, *map(torch.empty_like, (out, lse))),
         (q, k, v),
     )
     return _launch_fwd(q, k, v, cu_seqlens, max_seqlen, scale, cfg, launch, out, lse)
@@ -221,7 +221,7 @@ def _varlen_attention_bwd(q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, s
         (triton.next_power_of_2(max_seqlen), head_dim, q.dtype),
         get_bwd_config(max_seqlen, head_dim, q.dtype),
         bwd_candidates(max_seqlen, head_dim, q.dtype, q.device),
-        lambda c: _launch_bwd(*args, c, launch, dq.clone(), dk.clone(), dv.clone()),
+        lambda c: _launch_bwd(*args, c, launch, *map(torch.empty_like, (dq, dk, dv))),
         (q, k, v),
     )
     return _launch_bwd(*args, cfg, launch, dq, dk, dv)

@@ -117,14 +117,13 @@ def _label(cfg: dict) -> str:
 
 def _config_pairs(family, seq_len, head_dim, dtype, candidates: bool):
     """(fwd, bwd) configs to compile: the defaults, then (with ``candidates``) every autotuning candidate alone."""
+    device = torch.device("cuda")
     if family == "masked":
-        device = torch.device("cuda")
         default = (masked.get_fwd_config(seq_len, head_dim, dtype, device),
                    masked.get_bwd_config(seq_len, head_dim, dtype, device))
         others = (masked.fwd_candidates(head_dim, dtype, device), masked.bwd_candidates(head_dim, dtype, device))
     else:
         default = (varlen.get_fwd_config(seq_len, head_dim, dtype), varlen.get_bwd_config(seq_len, head_dim, dtype))
-        device = torch.device("cuda")
         others = (varlen.fwd_candidates(seq_len, head_dim, dtype, device),
                   varlen.bwd_candidates(seq_len, head_dim, dtype, device))
     pairs = [default]

@@ -3,6 +3,7 @@ fit, and leaves results equal to the float64 reference (both kernel families, fo
 
 import importlib
 import itertools
+import time
 
 import pytest
 import torch
@@ -48,8 +49,6 @@ def test_off_by_default_and_env_var(monkeypatch):
 
 
 def test_picks_the_fastest_caches_and_skips_configs_that_do_not_fit(tuning):
-    import time
-
     delays = {16: 0.02, 32: 0.0, 64: None}  # 64 does not fit the device
 
     def run(cfg):

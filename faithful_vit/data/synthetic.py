@@ -327,9 +327,6 @@ class SpuriousShapes(ArrayDataset):
 
     class_names = CLASS_NAMES
     place_names = PLACE_NAMES
-    num_classes = 2
-    num_groups = 4
-    group_names = tuple(f"{c}/{p}" for c in CLASS_NAMES for p in PLACE_NAMES)
 
     def __init__(
         self,

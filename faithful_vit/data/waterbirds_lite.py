@@ -179,9 +179,6 @@ class WaterbirdsLite(ArrayDataset):
 
     class_names = ("landbird", "waterbird")
     place_names = ("land", "water")
-    num_classes = 2
-    num_groups = 4
-    group_names = ("landbird/land", "landbird/water", "waterbird/land", "waterbird/water")
 
     def __init__(
         self,
