@@ -269,29 +269,31 @@ def _short_tile(max_seqlen: int, preferred: int) -> int:
 def get_fwd_config(max_seqlen: int, head_dim: int, dtype: torch.dtype) -> dict[str, int]:
     """Forward tiles: ``BLOCK_M`` query rows per program, ``BLOCK_N`` keys per step. Override by reassigning.
 
-    Short sequences (ViT images keep ~50-200 tokens) waste little on 64-row tiles; large head dims and fp32 halve the
-    key tile to keep the K/V tiles and the accumulator in registers.
+    Short sequences (ViT images keep ~50-200 tokens) waste little on 64-row tiles; large head dims halve the key tile
+    to keep the K/V tiles and the accumulator in registers. Checked on sm_90 code generation like the masked kernels'
+    configs (``scripts/compile_kernels.py --check``): no register spills; fp32's exact FMA dots take small tiles over
+    8 warps.
     """
-    wide = head_dim > 64 or dtype == torch.float32
-    return {
-        "BLOCK_M": _short_tile(max_seqlen, 64),
-        "BLOCK_N": _short_tile(max_seqlen, 32 if wide else 64),
-        "num_warps": 4,
-        "num_stages": 2 if wide else 3,
-    }
+    if dtype == torch.float32:
+        block_m, block_n, num_warps, num_stages = 32, 64, 8, 1
+    elif head_dim > 64:
+        block_m, block_n, num_warps, num_stages = 64, 32, 4, 2
+    else:
+        block_m, block_n, num_warps, num_stages = 64, 64, 4, 3
+    return {"BLOCK_M": _short_tile(max_seqlen, block_m), "BLOCK_N": _short_tile(max_seqlen, block_n),
+            "num_warps": num_warps, "num_stages": num_stages}
 
 
 def get_bwd_config(max_seqlen: int, head_dim: int, dtype: torch.dtype) -> dict[str, int]:
     """Backward tiles: ``BLOCK_M`` query rows and ``BLOCK_N`` keys per step of both the dK/dV and the dQ kernels,
-    ``BLOCK_PRE`` rows per preprocess program. Override by reassigning."""
-    wide = head_dim > 64 or dtype == torch.float32
-    return {
-        "BLOCK_M": _short_tile(max_seqlen, 32 if wide else 64),
-        "BLOCK_N": _short_tile(max_seqlen, 64),
-        "BLOCK_PRE": 64,
-        "num_warps": 8 if head_dim > 64 else 4,
-        "num_stages": 1 if wide else 2,
-    }
+    ``BLOCK_PRE`` rows per preprocess program. Override by reassigning. Above head dim 64, 8 warps hold the dK/dV
+    accumulators without spilling."""
+    if dtype == torch.float32:
+        block_m, block_n, num_warps, num_stages = (32, 32, 8, 1) if head_dim <= 64 else (16, 64, 8, 1)
+    else:
+        block_m, block_n, num_warps, num_stages = 64, 64, 4 if head_dim <= 64 else 8, 2
+    return {"BLOCK_M": _short_tile(max_seqlen, block_m), "BLOCK_N": _short_tile(max_seqlen, block_n),
+            "BLOCK_PRE": 64, "num_warps": num_warps, "num_stages": num_stages}
 
 
 def _configs(max_seqlen: int, *rows: tuple[int, int, int, int]) -> list[dict[str, int]]:

@@ -1,19 +1,30 @@
-"""Compile the attention kernels (masked and varlen) for a CUDA target without a GPU: catches code-generation errors
-and reports shared memory per kernel, for the configs that each family's ``get_fwd_config`` / ``get_bwd_config`` pick
-(and, with ``--candidates``, for every config autotuning may time).
+"""Compile the attention kernels (masked and varlen) for a CUDA target without a GPU, as a real launch compiles them:
+catches code-generation errors and reports, per kernel, shared memory, registers, spilled bytes and whether the dots
+became Hopper warp-group MMAs (wgmma) and the loads asynchronous copies (cp.async).
 
+Each kernel is compiled from a real launch: the family's launcher runs on CPU tensors laid out as timm's qkv
+projection lays them out (q, k, v strided views), with a stand-in that records the kernel and its arguments instead
+of running it. Each recorded argument is then specialised by Triton's own rule, as the JIT does on a GPU: an integer
+equal to 1 (the unit last stride) becomes a constant, and integers and pointers divisible by 16 are marked so. Without
+that the compiler cannot vectorise or pipeline the loads, and the numbers would describe a kernel that never runs.
+
+The configs are those that each family's ``get_fwd_config`` / ``get_bwd_config`` pick for a CUDA device and, with
+``--candidates``, every config autotuning may time. With ``--check`` the exit status is 1 when a kernel spills
+registers or needs more shared memory than an sm_90 block may use (the CPU test suite runs this on the defaults).
 With ``--inductor-source`` each kernel is compiled from the source that torch.compile generates for a ``triton_op``
 (Inductor copies the kernel with the ``@triton.jit`` functions and ``tl.constexpr`` globals it names into a new
 module), which checks that the kernels stay self-contained by name.
 
 Usage: ``python scripts/compile_kernels.py [--family masked varlen] [--arch 90] [--dtype fp16 bf16 fp32]
-[--head-dim 64 80 128] [--seq-len 197] [--inductor-source] [--candidates]`` (takes minutes on a small CPU; run it
-without ``TRITON_INTERPRET``).
+[--head-dim 64 80 128] [--seq-len 197] [--candidates] [--check] [--inductor-source]`` (a few seconds per kernel on a
+small CPU; run it without ``TRITON_INTERPRET``).
 """
 
 import argparse
 import importlib.util
 import os
+import re
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -21,7 +32,9 @@ from pathlib import Path
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import CUDABackend, get_ptxas
 from triton.compiler import ASTSource
+from triton.runtime.jit import native_specialize_impl
 
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     sys.exit("compile_kernels.py compiles for a GPU target: unset TRITON_INTERPRET")
@@ -30,16 +43,135 @@ import faithful_vit.kernels  # noqa: E402, F401
 
 masked = sys.modules["faithful_vit.kernels.masked_attention"]
 varlen = sys.modules["faithful_vit.kernels.varlen_attention"]
-core = sys.modules["faithful_vit.kernels._attention_core"]
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-# Pointer arguments of both families that are not in the input dtype; the other pointers are.
-FIXED_POINTERS = {
-    "KEEP": "*i8", "K_ORDER": "*i32", "K_COUNT": "*i32", "Q_ORDER": "*i32", "Q_COUNT": "*i32", "CuSeqlens": "*i32",
-    "LSE": "*fp32", "Lse": "*fp32", "DELTA": "*fp32", "Delta": "*fp32", "DGATE": "*fp32",
-}
-TYPED_POINTERS = ("Q", "K", "V", "OUT", "Out", "DO", "DOut", "DQ", "DK", "DV")
-INT_SCALARS = ("H", "N", "total")
 SM90_SHARED_LIMIT = 232448  # bytes of shared memory one H100/H200 block may use (227 KiB)
+BATCH, HEADS = 2, 4
+CUDA = torch.device("cuda")  # the device the configs are chosen for; the recorded launches run on CPU tensors
+
+
+class _Recorder:
+    """Stands in for a launcher's ``launch``: ``launch(kernel)[grid](*args, **kwargs)`` records instead of running."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __call__(self, kernel):
+        recorder = self
+
+        class _Grid:
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: recorder.launches.append((kernel, args, kwargs))
+
+        return _Grid()
+
+
+def _timm_qkv(tokens: tuple[int, ...], head_dim: int, dtype: torch.dtype, packed: bool):
+    """q, k, v as strided views of one qkv projection: ``(B, H, N, D)`` as timm's Attention permutes them, or
+    ``(T, H, D)`` rows of a packed projection."""
+    if packed:
+        qkv = torch.randn(*tokens, 3, HEADS, head_dim).to(dtype)
+        return qkv.unbind(-3)
+    batch, seq_len = tokens
+    qkv = torch.randn(batch, seq_len, 3, HEADS, head_dim).to(dtype).permute(2, 0, 3, 1, 4)
+    return qkv.unbind(0)
+
+
+def _masked_launches(fwd, bwd, seq_len, head_dim, dtype):
+    q, k, v = _timm_qkv((BATCH, seq_len), head_dim, dtype, packed=False)
+    keep = torch.rand(BATCH, seq_len) < 0.5
+    keep[:, 0] = True
+    record = _Recorder()
+    scale = head_dim**-0.5
+    out, lse = masked._launch_fwd(q, k, v, keep, scale, True, fwd or bwd, record)  # out, lse: the backward's inputs
+    if fwd is None:
+        record.launches.clear()
+    else:
+        masked._launch_fwd(q, k, v, keep, scale, False, fwd, record)
+    if bwd is not None:
+        for gate_grad in (False, True):
+            masked._launch_bwd(torch.randn_like(out), q, k, v, keep, out, lse, scale, True, gate_grad, bwd, record)
+    return record.launches
+
+
+def _varlen_launches(fwd, bwd, seq_len, head_dim, dtype):
+    lengths = torch.tensor([seq_len, max(1, seq_len // 3)])
+    cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    total = int(cu_seqlens[-1])
+    q, k, v = _timm_qkv((total,), head_dim, dtype, packed=True)
+    out = torch.empty(total, HEADS, head_dim, dtype=dtype)
+    lse = torch.empty(HEADS, total)
+    record = _Recorder()
+    scale = head_dim**-0.5
+    if fwd is not None:
+        varlen._launch_fwd(q, k, v, cu_seqlens, seq_len, scale, fwd, record, out, lse)
+    if bwd is not None:
+        grads = [torch.empty_like(q) for _ in range(3)]
+        varlen._launch_bwd(q, k, v, cu_seqlens, out, lse, torch.randn_like(out), seq_len, scale, bwd, record, *grads)
+    return record.launches
+
+
+FAMILIES = {"masked": _masked_launches, "varlen": _varlen_launches}
+
+
+def _config_pairs(family, seq_len, head_dim, dtype, candidates: bool, configs: list[dict[str, int]]):
+    """(fwd, bwd) configs to compile: ``configs`` (each for both passes) if given, else the defaults, then (with
+    ``candidates``) every autotuning candidate alone."""
+    if configs:
+        return [(cfg, cfg | {"BLOCK_PRE": 64} if family == "varlen" else cfg) for cfg in configs]
+    if family == "masked":
+        default = (masked.get_fwd_config(seq_len, head_dim, dtype, CUDA),
+                   masked.get_bwd_config(seq_len, head_dim, dtype, CUDA))
+        others = (masked.fwd_candidates(head_dim, dtype, CUDA), masked.bwd_candidates(head_dim, dtype, CUDA))
+    else:
+        default = (varlen.get_fwd_config(seq_len, head_dim, dtype), varlen.get_bwd_config(seq_len, head_dim, dtype))
+        others = (varlen.fwd_candidates(seq_len, head_dim, dtype, CUDA),
+                  varlen.bwd_candidates(seq_len, head_dim, dtype, CUDA))
+    pairs = [default]
+    if candidates:
+        pairs += [(cfg, None) for cfg in others[0] if cfg != default[0]]
+        pairs += [(None, cfg) for cfg in others[1] if cfg != default[1]]
+    return pairs
+
+
+def _specialise(kernel, args, kwargs):
+    """ASTSource arguments and launch options for one recorded launch, specialised as the JIT would."""
+    kwargs = dict(kwargs)
+    options = {name: kwargs.pop(name) for name in ("num_warps", "num_stages") if name in kwargs}
+    values = dict(zip(kernel.arg_names, args)) | kwargs
+    signature, constexprs, attrs = {}, {}, {}
+    for index, (name, param) in enumerate(zip(kernel.arg_names, kernel.params)):
+        value = values[name]
+        if param.is_constexpr:
+            signature[name], constexprs[name] = "constexpr", value
+            continue
+        kind, key = native_specialize_impl(CUDABackend, value, False, True, True)
+        if kind == "constexpr":
+            signature[name], constexprs[name] = "constexpr", key
+            continue
+        signature[name] = kind
+        if key:
+            attrs[(index,)] = CUDABackend.parse_attr(key)
+    return ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs), options, constexprs
+
+
+def _resources(compiled, arch: int) -> dict:
+    """Shared memory (bytes), registers and spilled bytes per thread (``ptxas -v`` on the kernel's PTX)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+        ptx.write(compiled.asm["ptx"])
+        ptx.flush()
+        report = subprocess.run(
+            [get_ptxas(arch).path, f"-arch=sm_{arch}a" if arch >= 90 else f"-arch=sm_{arch}", "-v", ptx.name,
+             "-o", os.devnull], capture_output=True, text=True, check=True,
+        ).stderr
+    registers = re.search(r"Used (\d+) registers", report)
+    spills = re.search(r"(\d+) bytes spill stores", report)
+    return {
+        "shared": compiled.metadata.shared,
+        "registers": int(registers.group(1)) if registers else -1,
+        "spilled": int(spills.group(1)) if spills else 0,
+        "wgmma": "wgmma" in compiled.asm["ptx"],
+        "cp_async": "cp.async" in compiled.asm["ptx"],
+    }
 
 
 def _inductor_copy(kernel):
@@ -55,115 +187,63 @@ def _inductor_copy(kernel):
     return getattr(module, kernel.__name__)
 
 
-def _compile(kernel, elem, constexprs, options, target):
-    signature = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in FIXED_POINTERS:
-            signature[name] = FIXED_POINTERS[name]
-        elif name in TYPED_POINTERS:
-            signature[name] = elem
-        else:
-            signature[name] = "i32" if name.startswith("stride") or name in INT_SCALARS else "fp32"
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=target, options=options)
-    return compiled.metadata.shared
+def _label(kernel, constexprs, options) -> str:
+    name = kernel.__name__.strip("_").removesuffix("_kernel")
+    tiles = "x".join(str(constexprs[t]) for t in ("BLOCK_M", "BLOCK_N") if t in constexprs)
+    flags = " ".join(f"{flag}={constexprs[flag]}" for flag in ("SKIP_DROPPED_QUERIES", "GATE_GRAD") if flag in constexprs)
+    launch = " ".join(f"{key[4]}{value}" for key, value in options.items())  # num_warps -> w4, num_stages -> s3
+    return " ".join(part for part in (name, f"[{tiles} {launch}]".replace(" ]", "]"), flags) if part)
 
 
-def _masked_jobs(fwd, bwd, dims, precision):
-    jobs = []
-    if fwd is not None:
-        fwd_opts = {"num_warps": fwd["num_warps"], "num_stages": fwd["num_stages"]}
-        jobs += [
-            (f"fwd skip={skip} {_label(fwd)}", masked._masked_attn_fwd_kernel,
-             dims | {"BLOCK_M": fwd["BLOCK_M"], "BLOCK_N": fwd["BLOCK_N"], "SKIP_DROPPED_QUERIES": skip,
-                     "DOT_PRECISION": precision}, fwd_opts)
-            for skip in (True, False)
-        ]
-    if bwd is not None:
-        bwd_opts = {"num_warps": bwd["num_warps"], "num_stages": bwd["num_stages"]}
-        blocks = {"BLOCK_M": bwd["BLOCK_M"], "BLOCK_N": bwd["BLOCK_N"], "DOT_PRECISION": precision}
-        jobs.append((f"bwd preprocess {_label(bwd)}", masked._masked_attn_bwd_preprocess_kernel,
-                     dims | {"BLOCK_M": bwd["BLOCK_M"]}, {"num_warps": 4}))
-        jobs += [(f"bwd dkdv gate={gate} {_label(bwd)}", masked._masked_attn_bwd_dkdv_kernel,
-                  dims | blocks | {"GATE_GRAD": gate}, bwd_opts) for gate in (False, True)]
-        jobs.append((f"bwd dq {_label(bwd)}", masked._masked_attn_bwd_dq_kernel, dims | blocks, bwd_opts))
-    return jobs
-
-
-def _varlen_jobs(fwd, bwd, dims, precision):
-    jobs = []
-    if fwd is not None:
-        fwd_opts = {"num_warps": fwd["num_warps"], "num_stages": fwd["num_stages"]}
-        jobs.append((f"fwd {_label(fwd)}", varlen._varlen_attn_fwd_kernel,
-                     dims | {"BLOCK_M": fwd["BLOCK_M"], "BLOCK_N": fwd["BLOCK_N"], "INPUT_PRECISION": precision},
-                     fwd_opts))
-    if bwd is not None:
-        bwd_opts = {"num_warps": bwd["num_warps"], "num_stages": bwd["num_stages"]}
-        blocks = {"BLOCK_M": bwd["BLOCK_M"], "BLOCK_N": bwd["BLOCK_N"], "INPUT_PRECISION": precision}
-        jobs += [
-            # The launcher leaves the preprocess at Triton's default launch options.
-            (f"bwd preprocess {_label(bwd)}", varlen._varlen_attn_bwd_preprocess_kernel,
-             dims | {"BLOCK_M": bwd["BLOCK_PRE"]}, {}),
-            (f"bwd dkdv {_label(bwd)}", varlen._varlen_attn_bwd_dkdv_kernel, dims | blocks, bwd_opts),
-            (f"bwd dq {_label(bwd)}", varlen._varlen_attn_bwd_dq_kernel, dims | blocks, bwd_opts),
-        ]
-    return jobs
-
-
-def _label(cfg: dict) -> str:
-    return f"[{cfg['BLOCK_M']}x{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']}]"
-
-
-def _config_pairs(family, seq_len, head_dim, dtype, candidates: bool):
-    """(fwd, bwd) configs to compile: the defaults, then (with ``candidates``) every autotuning candidate alone."""
-    device = torch.device("cuda")
-    if family == "masked":
-        default = (masked.get_fwd_config(seq_len, head_dim, dtype, device),
-                   masked.get_bwd_config(seq_len, head_dim, dtype, device))
-        others = (masked.fwd_candidates(head_dim, dtype, device), masked.bwd_candidates(head_dim, dtype, device))
-    else:
-        default = (varlen.get_fwd_config(seq_len, head_dim, dtype), varlen.get_bwd_config(seq_len, head_dim, dtype))
-        others = (varlen.fwd_candidates(seq_len, head_dim, dtype, device),
-                  varlen.bwd_candidates(seq_len, head_dim, dtype, device))
-    pairs = [default]
-    if candidates:
-        pairs += [(cfg, None) for cfg in others[0] if cfg != default[0]]
-        pairs += [(None, cfg) for cfg in others[1] if cfg != default[1]]
-    return pairs
-
-
-FAMILIES = {"masked": _masked_jobs, "varlen": _varlen_jobs}
-
-
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--head-dim", nargs="+", type=int, default=[64, 80, 128])
     parser.add_argument("--seq-len", type=int, default=197, help="N (masked) or max_seqlen (varlen) for the configs")
-    parser.add_argument("--inductor-source", action="store_true", help="compile Inductor's copy of each kernel")
     parser.add_argument("--candidates", action="store_true", help="also compile every autotuning candidate config")
+    parser.add_argument("--config", nargs="+", default=[], metavar="M,N,W,S",
+                        help="compile these configs (BLOCK_M,BLOCK_N,num_warps,num_stages) instead of the defaults")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a kernel spills or exceeds sm_90 shared memory")
+    parser.add_argument("--inductor-source", action="store_true", help="compile Inductor's copy of each kernel")
     args = parser.parse_args()
+    configs = [dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), map(int, text.split(","))))
+               for text in args.config]
     target = GPUTarget("cuda", args.arch, 32)
     print(f"torch {torch.__version__}, triton {triton.__version__}, target sm_{args.arch}", flush=True)
+    seen, problems = set(), []
     for family in args.family:
-        for name in args.dtype:
-            dtype = DTYPES[name]
-            precision = core.dot_precision(dtype)
+        for dtype_name in args.dtype:
+            dtype = DTYPES[dtype_name]
             for head_dim in args.head_dim:
-                dims = {"HEAD_DIM": head_dim, "BLOCK_D": triton.next_power_of_2(head_dim)}
-                pairs = _config_pairs(family, args.seq_len, head_dim, dtype, args.candidates)
-                jobs = [job for fwd, bwd in pairs for job in FAMILIES[family](fwd, bwd, dims, precision)]
-                for label, kernel, constexprs, options in jobs:
-                    if args.inductor_source:
-                        kernel = _inductor_copy(kernel)
-                    shared = _compile(kernel, "*" + name, constexprs, options, target)
-                    flag = "  OVER the sm_90 limit (autotuning skips it)" if shared > SM90_SHARED_LIMIT else ""
-                    print(f"sm_{args.arch} {family} {name} D={head_dim} {label}: shared memory {shared} bytes{flag}",
-                          flush=True)
+                for fwd, bwd in _config_pairs(family, args.seq_len, head_dim, dtype, args.candidates, configs):
+                    for kernel, call_args, call_kwargs in FAMILIES[family](fwd, bwd, args.seq_len, head_dim, dtype):
+                        if args.inductor_source:
+                            kernel = _inductor_copy(kernel)
+                        source, options, constexprs = _specialise(kernel, call_args, call_kwargs)
+                        key = (kernel.__name__, repr(sorted(source.signature.items())), repr(source.attrs),
+                               repr(sorted(constexprs.items())), repr(sorted(options.items())))
+                        if key in seen:
+                            continue
+                        seen.add(key)
+                        compiled = triton.compile(source, target=target, options=options)
+                        res = _resources(compiled, args.arch)
+                        label = f"sm_{args.arch} {family} {dtype_name} D={head_dim} {_label(kernel, constexprs, options)}"
+                        notes = [note for note, bad in (
+                            (f"SPILLS {res['spilled']} B", res["spilled"] > 0),
+                            ("OVER the sm_90 shared-memory limit", res["shared"] > SM90_SHARED_LIMIT),
+                        ) if bad]
+                        if notes:
+                            problems.append(f"{label}: {', '.join(notes)}")
+                        units = " ".join(unit for unit, used in (("wgmma", res["wgmma"]), ("cp.async", res["cp_async"]))
+                                         if used)
+                        print(f"{label}: shared {res['shared']} B, {res['registers']} registers, "
+                              f"{res['spilled']} B spilled{', ' + units if units else ''}"
+                              f"{'  <-- ' + ', '.join(notes) if notes else ''}", flush=True)
+    print(f"{len(seen)} kernels compiled; {len(problems)} with spills or over the shared-memory limit", flush=True)
+    return 1 if args.check and problems else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
