@@ -190,9 +190,21 @@ def _inductor_copy(kernel):
 def _label(kernel, constexprs, options) -> str:
     name = kernel.__name__.strip("_").removesuffix("_kernel")
     tiles = "x".join(str(constexprs[t]) for t in ("BLOCK_M", "BLOCK_N") if t in constexprs)
-    flags = " ".join(f"{flag}={constexprs[flag]}" for flag in ("SKIP_DROPPED_QUERIES", "GATE_GRAD") if flag in constexprs)
+    flags = " ".join(f"{flag}={constexprs[flag]}" for flag in ("SKIP_DROPPED_QUERIES", "GATE_GRAD")
+                     if flag in constexprs)
     launch = " ".join(f"{key[4]}{value}" for key, value in options.items())  # num_warps -> w4, num_stages -> s3
     return " ".join(part for part in (name, f"[{tiles} {launch}]".replace(" ]", "]"), flags) if part)
+
+
+def _launches(args, configs):
+    """(description, kernel, args, kwargs) of every recorded launch the command line asks for."""
+    for family in args.family:
+        for dtype_name in args.dtype:
+            dtype = DTYPES[dtype_name]
+            for head_dim in args.head_dim:
+                for fwd, bwd in _config_pairs(family, args.seq_len, head_dim, dtype, args.candidates, configs):
+                    for kernel, call_args, call_kwargs in FAMILIES[family](fwd, bwd, args.seq_len, head_dim, dtype):
+                        yield f"{family} {dtype_name} D={head_dim}", kernel, call_args, call_kwargs
 
 
 def main() -> int:
@@ -213,34 +225,25 @@ def main() -> int:
     target = GPUTarget("cuda", args.arch, 32)
     print(f"torch {torch.__version__}, triton {triton.__version__}, target sm_{args.arch}", flush=True)
     seen, problems = set(), []
-    for family in args.family:
-        for dtype_name in args.dtype:
-            dtype = DTYPES[dtype_name]
-            for head_dim in args.head_dim:
-                for fwd, bwd in _config_pairs(family, args.seq_len, head_dim, dtype, args.candidates, configs):
-                    for kernel, call_args, call_kwargs in FAMILIES[family](fwd, bwd, args.seq_len, head_dim, dtype):
-                        if args.inductor_source:
-                            kernel = _inductor_copy(kernel)
-                        source, options, constexprs = _specialise(kernel, call_args, call_kwargs)
-                        key = (kernel.__name__, repr(sorted(source.signature.items())), repr(source.attrs),
-                               repr(sorted(constexprs.items())), repr(sorted(options.items())))
-                        if key in seen:
-                            continue
-                        seen.add(key)
-                        compiled = triton.compile(source, target=target, options=options)
-                        res = _resources(compiled, args.arch)
-                        label = f"sm_{args.arch} {family} {dtype_name} D={head_dim} {_label(kernel, constexprs, options)}"
-                        notes = [note for note, bad in (
-                            (f"SPILLS {res['spilled']} B", res["spilled"] > 0),
-                            ("OVER the sm_90 shared-memory limit", res["shared"] > SM90_SHARED_LIMIT),
-                        ) if bad]
-                        if notes:
-                            problems.append(f"{label}: {', '.join(notes)}")
-                        units = " ".join(unit for unit, used in (("wgmma", res["wgmma"]), ("cp.async", res["cp_async"]))
-                                         if used)
-                        print(f"{label}: shared {res['shared']} B, {res['registers']} registers, "
-                              f"{res['spilled']} B spilled{', ' + units if units else ''}"
-                              f"{'  <-- ' + ', '.join(notes) if notes else ''}", flush=True)
+    for what, kernel, call_args, call_kwargs in _launches(args, configs):
+        if args.inductor_source:
+            kernel = _inductor_copy(kernel)
+        source, options, constexprs = _specialise(kernel, call_args, call_kwargs)
+        key = (kernel.__name__, repr(sorted(source.signature.items())), repr(source.attrs),
+               repr(sorted(constexprs.items())), repr(sorted(options.items())))
+        if key in seen:
+            continue
+        seen.add(key)
+        res = _resources(triton.compile(source, target=target, options=options), args.arch)
+        label = f"sm_{args.arch} {what} {_label(kernel, constexprs, options)}"
+        notes = [note for note, bad in ((f"SPILLS {res['spilled']} B", res["spilled"] > 0),
+                                        ("OVER the sm_90 shared-memory limit", res["shared"] > SM90_SHARED_LIMIT))
+                 if bad]
+        if notes:
+            problems.append(label)
+        units = "".join(f", {unit}" for unit, used in (("wgmma", res["wgmma"]), ("cp.async", res["cp_async"])) if used)
+        print(f"{label}: shared {res['shared']} B, {res['registers']} registers, {res['spilled']} B spilled{units}"
+              f"{'  <-- ' + ', '.join(notes) if notes else ''}", flush=True)
     print(f"{len(seen)} kernels compiled; {len(problems)} with spills or over the shared-memory limit", flush=True)
     return 1 if args.check and problems else 0
 
