@@ -321,6 +321,25 @@ def import_available(module: str, attr: str | None = None) -> Availability:
 
 
 # ------------------------------------------------------------------------------------------------------- results
+def add_speedups(rows: list[dict], config_fields: Sequence[str], baselines: Sequence[str],
+                 providers: Iterable[str] | None = None) -> None:
+    """``speedup_vs_<baseline>`` = baseline median / row median, for every timed row (of ``providers``, or all) with a
+    timed baseline in the same configuration (the rows agreeing on ``config_fields``)."""
+    wanted = None if providers is None else set(providers)
+
+    def config(row):
+        return tuple(row[field] for field in config_fields)
+
+    timed = {(config(r), r["provider"]): r["median_ms"] for r in rows if r["status"] == "ok"}
+    for row in rows:
+        if row["status"] != "ok" or (wanted is not None and row["provider"] not in wanted):
+            continue
+        for base in baselines:
+            base_ms = timed.get((config(row), base))
+            if base_ms and base != row["provider"]:
+                row[f"speedup_vs_{base}"] = base_ms / row["median_ms"]
+
+
 def write_results(rows: list[dict], out_dir: Path, name: str) -> tuple[Path, Path]:
     """Write ``rows`` as ``out_dir/<name>.json`` (a list of objects) and ``out_dir/<name>.csv``."""
     out_dir.mkdir(parents=True, exist_ok=True)

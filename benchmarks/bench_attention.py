@@ -329,19 +329,6 @@ def run_provider(name: str, case: Case, mode: str, device: torch.device, args) -
     return fields
 
 
-def add_speedups(rows: list[dict]) -> None:
-    """``speedup_vs_<peer>`` = peer median / ours median, for every ours row with a timed peer in the same config."""
-    def key(row):
-        return (row["n"], row["head_dim"], row["mode"], row["kept_target"])
-    timed = {(key(r), r["provider"]): r["median_ms"] for r in rows if r["status"] == "ok"}
-    for row in rows:
-        if row["provider"] in OURS and row["status"] == "ok":
-            for peer in PEERS + OURS:
-                peer_ms = timed.get((key(row), peer))
-                if peer_ms and peer != row["provider"]:
-                    row[f"speedup_vs_{peer}"] = peer_ms / row["median_ms"]
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -431,7 +418,8 @@ def main(argv=None) -> list[dict]:
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
             C.write_results(rows, args.out, "attention")  # after every N, so a run cut short keeps what it measured
-    add_speedups(rows)
+    # speedup_vs_<peer> = peer median / ours median, per (N, head dim, mode, kept fraction)
+    C.add_speedups(rows, ("n", "head_dim", "mode", "kept_target"), PEERS + OURS, providers=OURS)
     C.write_results(rows, args.out, "attention")
     if not args.no_plots:
         C.plot_time_vs_kept(rows, args.out, "attention")

@@ -354,20 +354,6 @@ def _model_step(model, suite: str, phase: str, mode: str, images, labels, keep, 
     return train_two_stage
 
 
-def add_speedups(rows: list[dict]) -> None:
-    """``speedup_vs_<provider>`` against the dense formulations of the same (suite, model, mode, kept)."""
-    def key(row):
-        return (row["suite"], row["model"], row["mode"], row["kept_target"])
-    timed = {(key(r), r["provider"]): r["median_ms"] for r in rows if r["status"] == "ok"}
-    for row in rows:
-        if row["status"] != "ok":
-            continue
-        for base in ("dense", "dense_mask"):
-            base_ms = timed.get((key(row), base))
-            if base_ms and base != row["provider"]:
-                row[f"speedup_vs_{base}"] = base_ms / row["median_ms"]
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -444,7 +430,8 @@ def main(argv=None) -> list[dict]:
         model_suites = [s for s in suites if s != "layer"]
         if model_suites:
             rows += run_model_suites(args, device, env, model_suites, rows)
-    add_speedups(rows)
+    # against the dense formulations of the same (suite, model, mode, kept fraction)
+    C.add_speedups(rows, ("suite", "model", "mode", "kept_target"), ("dense", "dense_mask"))
     C.write_results(rows, args.out, "model")
     if not args.no_plots:
         C.plot_time_vs_kept(rows, args.out, "model", group_keys=("suite", "mode"), panel_key="model")

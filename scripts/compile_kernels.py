@@ -2,7 +2,7 @@
 catches code-generation errors and reports, per kernel, shared memory, registers, spilled bytes and whether the dots
 became Hopper warp-group MMAs (wgmma) and the loads asynchronous copies (cp.async).
 
-Each kernel is compiled from a real launch: the family's launcher runs on CPU tensors laid out as timm's qkv
+Each kernel is compiled from a real launch: the family's launcher runs on CPU tensors laid out as a qkv
 projection lays them out (q, k, v strided views), with a stand-in that records the kernel and its arguments instead
 of running it. Each recorded argument is then specialised by Triton's own rule, as the JIT does on a GPU: an integer
 equal to 1 (the unit last stride) becomes a constant, and integers and pointers divisible by 16 are marked so. Without
@@ -65,19 +65,9 @@ class _Recorder:
         return _Grid()
 
 
-def _timm_qkv(tokens: tuple[int, ...], head_dim: int, dtype: torch.dtype, packed: bool):
-    """q, k, v as strided views of one qkv projection: ``(B, H, N, D)`` as timm's Attention permutes them, or
-    ``(T, H, D)`` rows of a packed projection."""
-    if packed:
-        qkv = torch.randn(*tokens, 3, HEADS, head_dim).to(dtype)
-        return qkv.unbind(-3)
-    batch, seq_len = tokens
-    qkv = torch.randn(batch, seq_len, 3, HEADS, head_dim).to(dtype).permute(2, 0, 3, 1, 4)
-    return qkv.unbind(0)
-
-
 def _masked_launches(fwd, bwd, seq_len, head_dim, dtype):
-    q, k, v = _timm_qkv((BATCH, seq_len), head_dim, dtype, packed=False)
+    # q, k, v (B, H, N, D): strided views of one projection, permuted as timm's Attention does.
+    q, k, v = torch.randn(BATCH, seq_len, 3, HEADS, head_dim).to(dtype).permute(2, 0, 3, 1, 4).unbind(0)
     keep = torch.rand(BATCH, seq_len) < 0.5
     keep[:, 0] = True
     record = _Recorder()
@@ -97,7 +87,7 @@ def _varlen_launches(fwd, bwd, seq_len, head_dim, dtype):
     lengths = torch.tensor([seq_len, max(1, seq_len // 3)])
     cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
     total = int(cu_seqlens[-1])
-    q, k, v = _timm_qkv((total,), head_dim, dtype, packed=True)
+    q, k, v = torch.randn(total, 3, HEADS, head_dim).to(dtype).unbind(1)  # (T, H, D) rows of a packed projection
     out = torch.empty(total, HEADS, head_dim, dtype=dtype)
     lse = torch.empty(HEADS, total)
     record = _Recorder()

@@ -224,3 +224,18 @@ def test_bench_model_cpu_tiny_smoke(tmp_path):
     assert model_rows
     for row in model_rows:  # ok once the model has landed, otherwise unavailable with the reason
         assert row["status"] == "ok" or "create_model" in row["reason"], row["reason"]
+
+
+def test_add_speedups_compares_within_a_configuration_only():
+    rows = [
+        {"n": 1, "provider": "ours", "status": "ok", "median_ms": 2.0},
+        {"n": 1, "provider": "peer", "status": "ok", "median_ms": 6.0},
+        {"n": 1, "provider": "broken", "status": "error", "median_ms": None},
+        {"n": 2, "provider": "ours", "status": "ok", "median_ms": 1.0},  # no timed peer at n=2
+        {"n": 2, "provider": "peer", "status": "oom", "median_ms": None},
+    ]
+    C.add_speedups(rows, ("n",), ("peer", "ours", "broken"), providers=("ours",))
+    assert rows[0]["speedup_vs_peer"] == 3.0 and "speedup_vs_ours" not in rows[0] and "speedup_vs_broken" not in rows[0]
+    assert not any(key.startswith("speedup") for row in rows[1:] for key in row)
+    C.add_speedups(rows, ("n",), ("ours",))  # every provider against one baseline
+    assert rows[1]["speedup_vs_ours"] == 2.0 / 6.0
