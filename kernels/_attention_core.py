@@ -8,10 +8,17 @@ in which blocks a program visits and how it addresses their rows (live-block lis
 family keeps its kernels, grids and autograd wiring, and calls the ``@triton.jit`` steps below on tiles it has loaded,
 with per-token validity masks that say which keys and queries are real (kept, or inside the sequence).
 
+Validity costs a select per score only where it is needed. Each loop visits first the blocks whose tokens are all
+valid (most of them once the kept tokens are contiguous: compacted images, packed sequences) with the select compiled
+out (``MASK_KEYS`` / ``MASK_QUERIES`` False), then the partly valid ones with it. The side a program owns needs no
+per-score select at all: row i of the output or of dQ depends on query i alone, row j of dK/dV on key j alone, so
+the kernels select zero for invalid rows once, when they store them. Invalid (query, key) pairs that a sum crosses
+get exactly zero weight through ``tl.where``, and the callers load rows outside their masks as zeros, so non-finite
+values there are never read. The softmax scale is folded into one fma per score, so it must be positive.
+
 Tile layouts: ``q``, ``do``, ``k``, ``v`` are ``(rows, BLOCK_D)``; ``kt``, ``vt`` are the key-side tiles transposed,
 ``(BLOCK_D, BLOCK_N)`` (a caller that loaded ``k`` passes ``tl.trans(k)``). Log-sum-exps and scores are in log2 units
-(natural-log values times :data:`LOG2E`). Invalid (query, key) pairs get exactly zero weight through ``tl.where``;
-the steps rely on the callers to load rows outside their masks as zeros, so non-finite values there are never read.
+(natural-log values times :data:`LOG2E`).
 
 The kernels call these steps by their own names (no ``import ... as``): torch.compile copies a ``triton_op``'s kernel
 source together with the ``@triton.jit`` functions and ``tl.constexpr`` globals it names, and looks them up by name.
@@ -67,64 +74,79 @@ def launch_in_op(kernel):
 if TRITON_AVAILABLE:
     # Kernels may read only constexpr globals; host code uses ``.value``.
     LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): natural-log units to log2 units
-    LN2 = tl.constexpr(0.6931471805599453)  # ln(2): log2 units back to natural-log units
 
     @triton.jit
-    def attn_fwd_step(q, kt, v, key_valid, m_i, l_i, acc, qk_scale_log2, INPUT_PRECISION: tl.constexpr):
+    def attn_fwd_step(q, kt, v, key_valid, m_i, l_i, acc, qk_scale_log2, MASK_KEYS: tl.constexpr,
+                      INPUT_PRECISION: tl.constexpr):
         """One key block of the online softmax (exp2 domain, fp32 state).
 
         Args: q ``(BLOCK_M, BLOCK_D)``, kt ``(BLOCK_D, BLOCK_N)``, v ``(BLOCK_N, BLOCK_D)``, key_valid ``(BLOCK_N,)``
-        bool (invalid keys get weight 0), running max ``m_i`` and sum ``l_i`` ``(BLOCK_M,)`` (log2 units), ``acc``
-        ``(BLOCK_M, BLOCK_D)`` unnormalised output, ``qk_scale_log2`` = softmax scale * log2(e). The caller makes
+        bool (invalid keys get weight 0; read only when ``MASK_KEYS``: a block whose keys are all valid skips the
+        per-score select), running max ``m_i`` and sum ``l_i`` ``(BLOCK_M,)`` (log2 units), ``acc``
+        ``(BLOCK_M, BLOCK_D)`` unnormalised output, ``qk_scale_log2`` = softmax scale * log2(e) > 0. The caller makes
         sure the running max is finite after the step (some key valid), or guards rows whose keys are all invalid.
 
         Returns: the updated ``m_i, l_i, acc``.
         """
-        scores = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale_log2
-        scores = tl.where(key_valid[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        p = tl.exp2(scores - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
+        scores = tl.dot(q, kt, input_precision=INPUT_PRECISION)
+        if MASK_KEYS:
+            scores = tl.where(key_valid[None, :], scores, float("-inf"))
+        # The scale is positive, so it is applied to the row max and folded into one fma per score.
+        m_new = tl.maximum(m_i, tl.max(scores, 1) * qk_scale_log2)
+        p = tl.math.exp2(tl.fma(scores, qk_scale_log2, -m_new[:, None]))
+        alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
         return m_new, l_i, acc
 
     @triton.jit
-    def attn_bwd_dkdv_step(k, v, q, do, lse_log2, delta, key_valid, query_valid, dk, dv, qk_scale_log2,
-                           INPUT_PRECISION: tl.constexpr):
+    def attn_bwd_dkdv_step(k, v, q, do, lse_log2, delta, query_valid, dk, dv, qk_scale_log2,
+                           MASK_QUERIES: tl.constexpr, INPUT_PRECISION: tl.constexpr):
         """Add one query block's contribution to the dK, dV of a key block (dK still unscaled by the softmax scale).
 
         Args: k, v ``(BLOCK_N, BLOCK_D)`` (the key block), q, do ``(BLOCK_M, BLOCK_D)`` (the query block and its
         output gradient), ``lse_log2`` ``(BLOCK_M,)`` log-sum-exp in log2 units and ``delta`` ``(BLOCK_M,)``
-        ``rowsum(dO * O)`` of those queries, key_valid ``(BLOCK_N,)`` and query_valid ``(BLOCK_M,)`` bool (a pair with
-        an invalid side contributes exactly zero), dk, dv ``(BLOCK_N, BLOCK_D)`` fp32 accumulators, ``qk_scale_log2``
-        = softmax scale * log2(e).
+        ``rowsum(dO * O)`` of those queries, query_valid ``(BLOCK_M,)`` bool (an invalid query contributes exactly
+        zero; read only when ``MASK_QUERIES``), dk, dv ``(BLOCK_N, BLOCK_D)`` fp32 accumulators, ``qk_scale_log2`` =
+        softmax scale * log2(e).
 
-        Returns: the updated ``dk, dv``.
+        Key validity is not applied here: row j of dK/dV depends on key j alone, so the caller selects zero for the
+        rows of invalid keys when it stores them, once per key block instead of once per score.
+
+        Returns: the updated ``dk, dv``, and this block's ``sum_i ds_ji`` ``(BLOCK_N,)`` fp32: the derivative of the
+        loss with respect to a multiplicative gate on key j (masked attention's gate gradient; unused, it compiles
+        away).
         """
         # Transposed scores (keys x queries) so that both products below need no further transpose of p or ds.
-        scores_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale_log2
-        p_t = tl.where(key_valid[:, None] & query_valid[None, :], tl.exp2(scores_t - lse_log2[None, :]), 0.0)
+        scores_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)
+        p_t = tl.math.exp2(tl.fma(scores_t, qk_scale_log2, -lse_log2[None, :]))
+        if MASK_QUERIES:
+            p_t = tl.where(query_valid[None, :], p_t, 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=INPUT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=INPUT_PRECISION)
-        return dk, dv
+        return dk, dv, tl.sum(ds_t, 1)
 
     @triton.jit
-    def attn_bwd_dq_step(q, do, kt, vt, lse_log2, delta, query_valid, key_valid, dq, qk_scale_log2,
+    def attn_bwd_dq_step(q, do, kt, vt, lse_log2, delta, key_valid, dq, qk_scale_log2, MASK_KEYS: tl.constexpr,
                          INPUT_PRECISION: tl.constexpr):
         """Add one key block's contribution to the dQ of a query block (still unscaled by the softmax scale).
 
         Args: q, do ``(BLOCK_M, BLOCK_D)`` (the query block and its output gradient), kt, vt ``(BLOCK_D, BLOCK_N)``
         (the key block, transposed), ``lse_log2`` and ``delta`` ``(BLOCK_M,)`` as in :func:`attn_bwd_dkdv_step`,
-        query_valid ``(BLOCK_M,)`` and key_valid ``(BLOCK_N,)`` bool, dq ``(BLOCK_M, BLOCK_D)`` fp32 accumulator,
+        key_valid ``(BLOCK_N,)`` bool (read only when ``MASK_KEYS``), dq ``(BLOCK_M, BLOCK_D)`` fp32 accumulator,
         ``qk_scale_log2`` = softmax scale * log2(e).
+
+        Query validity is not applied here: row i of dQ depends on query i alone, so the caller selects zero for the
+        rows of invalid queries when it stores them.
 
         Returns: the updated ``dq``.
         """
-        scores = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale_log2
-        p = tl.where(query_valid[:, None] & key_valid[None, :], tl.exp2(scores - lse_log2[:, None]), 0.0)
+        scores = tl.dot(q, kt, input_precision=INPUT_PRECISION)
+        p = tl.math.exp2(tl.fma(scores, qk_scale_log2, -lse_log2[:, None]))
+        if MASK_KEYS:
+            p = tl.where(key_valid[None, :], p, 0.0)
         dp = tl.dot(do, vt, input_precision=INPUT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=INPUT_PRECISION)

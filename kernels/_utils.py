@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -68,6 +69,17 @@ def check_same(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> Non
 def check_head_dim(name: str, head_dim: int) -> None:
     if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"{name}: head dim must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {head_dim}")
+
+
+def softmax_scale(scale: float | None, head_dim: int) -> float:
+    """The softmax scale, ``head_dim ** -0.5`` by default; the kernels fold it into one fma per score after the row
+    max, which needs it positive and finite."""
+    if scale is None:
+        return head_dim**-0.5
+    value = float(scale)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"scale: expected a positive finite float, got {scale!r}")
+    return value
 
 
 def unit_last_stride(x: torch.Tensor) -> torch.Tensor:

@@ -2,33 +2,39 @@
 
 Algorithm (FlashAttention-2 style, exp2 domain, fp32 accumulation):
     * Per image, the kept tokens define live blocks: a block of ``BLOCK`` consecutive tokens is live when it holds at
-      least one kept token. :func:`_live_blocks` builds, on the device and without a host synchronisation, the list
-      of live block indices of every image (live first, in order) and their count.
+      least one kept token, and full when every token of it is kept. :func:`_block_lists` builds, on the device and
+      without a host synchronisation, each image's list of block indices (full, then partly kept, then dead) and the
+      two counts.
     * Forward, one program per (query block, batch x head): a query block with no kept query writes zeros when
-      ``skip_dropped_queries`` and returns; otherwise it loops over the live key blocks only, with an online softmax.
-      Partly kept key blocks are masked per token: dropped keys are loaded as zeros (so NaN/Inf there is never read)
-      and their scores are set to -inf with ``tl.where``. The output is stored in a ``(B, N, H, D)`` memory layout,
-      so that timm's ``out.transpose(1, 2).reshape(B, N, C)`` is free. The log-sum-exp (base 2) is kept for the
-      backward; it is -inf for the rows that are not computed or have no kept key (their output is zero).
+      ``skip_dropped_queries`` and returns; otherwise it loops over the live key blocks only, with an online softmax:
+      first the full ones, without any per-token mask, then the partly kept ones, masked per token (dropped keys are
+      loaded as zeros, so NaN/Inf there is never read, and their scores are set to -inf with ``tl.where``). The
+      output is stored in a ``(B, N, H, D)`` memory layout, so that timm's ``out.transpose(1, 2).reshape(B, N, C)``
+      is free. The log-sum-exp (base 2) is kept for the backward; it is -inf for the rows that are not computed or
+      have no kept key (their output is zero).
     * Backward: ``delta_i = rowsum(dO_i * O_i)``; a dK/dV kernel per key block loops over the live query blocks (all
-      query blocks when dropped queries are computed); a dQ kernel per query block loops over the live key blocks.
-      Dead key blocks write zero dK/dV. No atomics, so the backward is deterministic.
+      query blocks when dropped queries are computed), full ones first; a dQ kernel per query block loops over the
+      live key blocks, full ones first. A program's own rows need no per-score mask (row j of dK/dV depends on key j
+      alone, row i of dQ on query i alone): the rows of dropped keys and of queries not computed are set to zero
+      when stored. Dead key blocks write zero dK/dV. No atomics, so the backward is deterministic.
     * After :func:`compaction_order` is applied to the token sequence (kept tokens first), the live blocks are the
-      first ``ceil(kept / BLOCK)`` ones and the work is proportional to (kept blocks)^2.
+      first ``ceil(kept / BLOCK)`` ones, all full but the last, and the work is proportional to (kept blocks)^2.
     * The per-block math of the three loops (online softmax step, dK/dV step, dQ step) is shared with varlen
       attention through :mod:`._attention_core`, with ``keep`` as the per-token validity mask; this module holds the
-      live-block indexing, the masked loads, the gate term, grids, configs and autograd wiring.
+      block lists, the masked loads, the gate term, grids, configs and autograd wiring.
 
 Gate gradient: when ``gate`` requires grad, the backward returns the derivative of the multiplicative key gate
-``out_i = sum_j g_j exp(s_ij) v_j / sum_j g_j exp(s_ij)`` at ``g = keep``, for every key, kept or dropped. For a
-dropped key this needs its real score, so the dK/dV kernel then visits ALL key blocks (dense over keys) and loads the
-real k/v of every key for the gate term only; dK/dV/dQ still use the masked (zeroed) k/v, so a NaN in a dropped key
-changes nothing but that key's own gate gradient. The per-head partial gate gradients ``(B, H, N)`` are summed over
-heads in torch (deterministic).
+``out_i = sum_j g_j exp(s_ij) v_j / sum_j g_j exp(s_ij)`` at ``g = keep``, for every key, kept or dropped. It equals
+``sum_i ds_ij`` computed from the real k/v of key j, the row sums of the dK/dV kernel's ``ds`` tile, which that kernel
+always computes from the real k/v of its own key block (whatever a dropped key holds stays in its own rows, zeroed
+on store). So the gate costs one row sum per block step, and for dropped keys the dK/dV kernel visits ALL key blocks
+(dense over keys); dQ still reads dropped keys as zeros, so a NaN in a dropped key changes nothing but that key's own
+gate gradient. The per-head partial gate gradients ``(B, H, N)`` are summed over heads in torch (deterministic).
 
 Limits:
     * Head dim 16..128 (any, not only powers of two: the kernels pad to the next power of two with masked loads).
     * fp32 inputs use IEEE-precision dots (no TF32); fp16/bf16 accumulate in fp32.
+    * The softmax scale must be positive: it is applied after the row max, folded into one fma per score.
     * The gate gradient of a dropped key computes ``exp(s_ij - lse_i)`` in fp32: a dropped key whose score exceeds
       the kept ones by more than ~88 (natural log units) overflows to inf where the float64 reference is finite.
     * Under the Triton interpreter (CPU) bf16 dots are not supported; use fp32 or fp16 there.
@@ -46,7 +52,7 @@ from . import reference
 from ._attention_core import check_interpreter_dtype, check_qkv, dot_precision, launch_directly, launch_in_op
 from ._autotune import tuned_config
 from ._backend import TRITON_AVAILABLE, resolve_backend
-from ._utils import check_tensor, empty, empty_like_strided, fmt_shape, unit_last_stride
+from ._utils import check_tensor, empty, empty_like_strided, fmt_shape, softmax_scale, unit_last_stride
 
 if TRITON_AVAILABLE:
     import triton
@@ -92,7 +98,7 @@ def masked_attention(
     Args:
         q, k, v: ``(B, H, N, D)``, fp16/bf16/fp32, any strides with a unit last dimension; ``16 <= D <= 128``.
         keep: ``(B, N)`` bool, True for kept tokens.
-        scale: softmax scale, default ``D ** -0.5``.
+        scale: softmax scale (positive), default ``D ** -0.5``.
         gate: optional ``(B, N)`` float equal to ``keep`` in value (a straight-through estimate); the forward is
             unchanged and the backward returns d(loss)/d(gate) for every key (dense over keys, see the module doc).
         skip_dropped_queries: dropped query rows are zero (zero gradient) instead of computed as SDPA does.
@@ -102,10 +108,10 @@ def masked_attention(
         ``(B, H, N, D)`` in the dtype of ``q`` (Triton backend: stored as ``(B, N, H, D)`` in memory).
     """
     _validate(q, k, v, keep, gate)
+    scale = softmax_scale(scale, q.shape[-1])
     if resolve_backend(backend, (q,)) == "torch":
         return _torch_masked_attention(q, k, v, keep, scale, gate, skip_dropped_queries)
     check_interpreter_dtype(q)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v = (unit_last_stride(t) for t in (q, k, v))
     if q.is_cuda and _OPS_REGISTERED:
         out, _ = torch.ops.faithful_vit.masked_attention_fwd(q, k, v, keep, gate, scale, skip_dropped_queries)
@@ -231,32 +237,39 @@ if TRITON_AVAILABLE and hasattr(torch.library, "triton_op") and hasattr(torch.li
 # ---- Launchers ---------------------------------------------------------------------------------------------------
 
 
-def _live_blocks(keep: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Compact per-image lists of the blocks of ``block`` tokens that hold at least one kept token.
+def _block_lists(keep: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image lists of the blocks of ``block`` tokens a loop visits: full blocks first, then partly kept ones.
 
-    All torch ops on the device, no ``.item()``: the kernels read the count and the list themselves.
+    All torch ops on the device, no ``.item()``: the kernels read the counts and the list themselves. A full block
+    (every token kept, none past N) is visited without per-score selects; after :func:`compaction_order` all live
+    blocks but the last of each image are full.
 
     Args:
         keep: ``(B, N)`` bool.
 
     Returns:
-        ``order`` ``(B, ceil(N / block))`` int32, the live block indices first (ascending), then the dead ones;
-        ``count`` ``(B,)`` int32, the number of live blocks.
+        ``order`` ``(B, ceil(N / block))`` int32: the full blocks, the partly kept ones, then the blocks without a
+        kept token, each group ascending; ``counts`` ``(B, 2)`` int32: the number of full blocks and of live (full or
+        partly kept) blocks.
     """
     batch, seq_len = keep.shape
     num_blocks = triton.cdiv(seq_len, block)
     padded = torch.nn.functional.pad(keep, (0, num_blocks * block - seq_len))
-    live = padded.view(batch, num_blocks, block).any(-1)
-    order = torch.argsort((~live).to(torch.int8), dim=1, stable=True).to(torch.int32)
-    return order, live.sum(1, dtype=torch.int32)
+    kept = padded.view(batch, num_blocks, block).sum(-1, dtype=torch.int32)
+    rank = (kept < block).to(torch.int8) + (kept == 0).to(torch.int8)  # 0 full, 1 partly kept, 2 dead
+    order = torch.argsort(rank, dim=1, stable=True).to(torch.int32)
+    counts = torch.stack(((rank == 0).sum(1), (rank < 2).sum(1)), 1).to(torch.int32)
+    return order, counts
 
 
-def _all_blocks(keep: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same as :func:`_live_blocks` but listing every block (for computed dropped queries)."""
+def _all_query_blocks(keep: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like :func:`_block_lists` for computed dropped queries: every query block, in order. A block counts as full
+    when it lies inside N and its image has a kept token (then every row of it has a finite log-sum-exp)."""
     batch, seq_len = keep.shape
     num_blocks = triton.cdiv(seq_len, block)
     order = torch.arange(num_blocks, dtype=torch.int32, device=keep.device).expand(batch, num_blocks)
-    return order, torch.full((batch,), num_blocks, dtype=torch.int32, device=keep.device)
+    full = keep.any(1).to(torch.int32) * (seq_len // block)
+    return order, torch.stack((full, torch.full_like(full, num_blocks)), 1)
 
 
 def _masked_attention_fwd(q, k, v, keep, scale, skip_dropped_queries, launch=launch_directly):
@@ -277,12 +290,12 @@ def _masked_attention_fwd(q, k, v, keep, scale, skip_dropped_queries, launch=lau
 def _launch_fwd(q, k, v, keep, scale, skip_dropped_queries, cfg, launch):
     batch, heads, seq_len, head_dim = q.shape
     keep_i8 = keep.to(torch.int8, memory_format=torch.contiguous_format)  # the kernels index keep rows densely
-    k_order, k_count = _live_blocks(keep, cfg["BLOCK_N"])
+    k_order, k_counts = _block_lists(keep, cfg["BLOCK_N"])
     out = empty_like_strided(q, (batch, heads, seq_len, head_dim), _BNHD)
     lse = empty(batch, heads, seq_len, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(seq_len, cfg["BLOCK_M"]), batch * heads)
     launch(_masked_attn_fwd_kernel)[grid](
-        q, k, v, keep_i8, k_order, k_count, out, lse,
+        q, k, v, keep_i8, k_order, k_counts, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), keep_i8.stride(0), k_order.stride(0),
         heads, seq_len, scale * LOG2E.value,
         HEAD_DIM=head_dim,
@@ -320,8 +333,8 @@ def _launch_bwd(grad_out, q, k, v, keep, out, lse, scale, skip_dropped_queries, 
     batch, heads, seq_len, head_dim = q.shape
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     keep_i8 = keep.to(torch.int8, memory_format=torch.contiguous_format)  # the kernels index keep rows densely
-    q_order, q_count = (_live_blocks if skip_dropped_queries else _all_blocks)(keep, block_m)
-    k_order, k_count = _live_blocks(keep, block_n)
+    q_order, q_counts = (_block_lists if skip_dropped_queries else _all_query_blocks)(keep, block_m)
+    k_order, k_counts = _block_lists(keep, block_n)
     block_d = triton.next_power_of_2(head_dim)
     precision = dot_precision(q.dtype)
     options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
@@ -335,7 +348,7 @@ def _launch_bwd(grad_out, q, k, v, keep, out, lse, scale, skip_dropped_queries, 
     dq, dk, dv = (empty_like_strided(q, (batch, heads, seq_len, head_dim), _BNHD) for _ in range(3))
     dgate_heads = empty(batch, heads, seq_len if gate_grad else 1, dtype=torch.float32, device=q.device)
     launch(_masked_attn_bwd_dkdv_kernel)[(triton.cdiv(seq_len, block_n), batch * heads)](
-        q, k, v, grad_out, keep_i8, q_order, q_count, lse, delta, dk, dv, dgate_heads,
+        q, k, v, grad_out, keep_i8, q_order, q_counts, lse, delta, dk, dv, dgate_heads,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
         keep_i8.stride(0), q_order.stride(0),
         heads, seq_len, scale, scale * LOG2E.value,
@@ -343,7 +356,7 @@ def _launch_bwd(grad_out, q, k, v, keep, out, lse, scale, skip_dropped_queries, 
         GATE_GRAD=gate_grad, DOT_PRECISION=precision, **options,
     )
     launch(_masked_attn_bwd_dq_kernel)[(triton.cdiv(seq_len, block_m), batch * heads)](
-        q, k, v, grad_out, keep_i8, k_order, k_count, lse, delta, dq,
+        q, k, v, grad_out, keep_i8, k_order, k_counts, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
         keep_i8.stride(0), k_order.stride(0),
         heads, seq_len, scale, scale * LOG2E.value,
@@ -367,7 +380,7 @@ def get_fwd_config(seq_len: int, head_dim: int, dtype: torch.dtype, device: torc
     if device.type != "cuda":  # the interpreter: the smallest blocks tl.dot accepts keep CPU tests fast
         return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
     if dtype == torch.float32:
-        block_m, block_n = (32, 64) if head_dim <= 64 else (16, 32)
+        block_m, block_n = (32, 64) if head_dim <= 64 else (16, 16)
         return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 8, "num_stages": 1}
     return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3 if head_dim <= 64 else 2}
 
@@ -375,14 +388,14 @@ def get_fwd_config(seq_len: int, head_dim: int, dtype: torch.dtype, device: torc
 def get_bwd_config(seq_len: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> dict[str, int]:
     """Block sizes and launch options of the backward kernels (``BLOCK_M`` query rows, ``BLOCK_N`` key rows).
 
-    Above head dim 64 the dK/dV accumulators need 8 warps (4 spill). fp32 at head dim 128: the gate-gradient variant
-    of dK/dV still spills ~0.7 KB per thread with every tile tried.
+    Above head dim 64 the dK/dV accumulators need 8 warps (4 spill). fp32 (exact FMA dots) takes 16 x 16 tiles on
+    8 warps, the only tile without a spill in any of its three kernels at head dim 64 (larger fp32 tiles spill
+    16-900 bytes in the dQ or dK/dV kernel); above head dim 64 its gate-gradient dK/dV still spills 420 bytes.
     """
     if device.type != "cuda":
         return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
     if dtype == torch.float32:
-        block_m, block_n = (32, 16) if head_dim <= 64 else (16, 32)
-        return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 8, "num_stages": 1}
+        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 8, "num_stages": 1}
     return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4 if head_dim <= 64 else 8, "num_stages": 2}
 
 
@@ -413,8 +426,30 @@ def bwd_candidates(head_dim: int, dtype: torch.dtype, device: torch.device) -> l
 if TRITON_AVAILABLE:
 
     @triton.jit
+    def _masked_fwd_key_blocks(
+        q, m_i, l_i, acc, K_bh, V_bh, KEEP_b, K_ORDER_b, start, stop, stride_kn, stride_vn, N, offs_d, in_d, qk_scale,
+        BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """The online softmax over the key blocks ``K_ORDER_b[start:stop]`` of one (image, head): full blocks
+        (``MASK_KEYS`` False, no per-token masks) or partly kept ones (dropped keys loaded as zeros, never read, and
+        given weight 0). ``K_bh``, ``V_bh``, ``KEEP_b``, ``K_ORDER_b`` point at this image (and head)."""
+        offs_block = tl.arange(0, BLOCK_N)
+        for i in range(start, stop):
+            offs_n = tl.load(K_ORDER_b + i) * BLOCK_N + offs_block
+            if MASK_KEYS:
+                keep_k = tl.load(KEEP_b + offs_n, mask=offs_n < N, other=0) != 0
+                kv_mask = keep_k[:, None] & in_d[None, :]
+            else:
+                keep_k = offs_n < N  # every key of a full block is kept; unused by the step
+                kv_mask = in_d[None, :]
+            k = tl.load(K_bh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(V_bh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+            m_i, l_i, acc = attn_fwd_step(q, tl.trans(k), v, keep_k, m_i, l_i, acc, qk_scale, MASK_KEYS, DOT_PRECISION)
+        return m_i, l_i, acc
+
+    @triton.jit
     def _masked_attn_fwd_kernel(
-        Q, K, V, KEEP, K_ORDER, K_COUNT, OUT, LSE,
+        Q, K, V, KEEP, K_ORDER, K_COUNTS, OUT, LSE,
         stride_qb, stride_qh, stride_qn, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
@@ -426,11 +461,12 @@ if TRITON_AVAILABLE:
     ):
         """Forward over the live key blocks of one query block of one (image, head).
 
-        Pointers: Q, K, V ``(B, H, N, D)`` (unit last stride); KEEP ``(B, N)`` int8; K_ORDER ``(B, NB)`` int32 live
-        key blocks first; K_COUNT ``(B,)`` int32 live key blocks; OUT ``(B, H, N, D)``; LSE ``(B, H, N)`` fp32
-        contiguous (base 2, -inf for rows not computed). Strides in (b, h, n, d) order; ``qk_scale`` is
-        ``scale * log2(e)``. Constexprs: HEAD_DIM (D), BLOCK_D (next power of two >= D), BLOCK_M / BLOCK_N (query /
-        key rows per block, also the block size of K_ORDER), SKIP_DROPPED_QUERIES, DOT_PRECISION.
+        Pointers: Q, K, V ``(B, H, N, D)`` (unit last stride: the d strides are 1); KEEP ``(B, N)`` int8; K_ORDER
+        ``(B, NB)`` int32 full, then partly kept key blocks; K_COUNTS ``(B, 2)`` int32 contiguous, full and live key
+        blocks; OUT ``(B, H, N, D)``; LSE ``(B, H, N)`` fp32 contiguous (base 2, -inf for rows not computed). Strides
+        in (b, h, n, d) order; ``qk_scale`` is ``scale * log2(e)``. Constexprs: HEAD_DIM (D), BLOCK_D (next power of
+        two >= D), BLOCK_M / BLOCK_N (query / key rows per block, also the block size of K_ORDER),
+        SKIP_DROPPED_QUERIES, DOT_PRECISION.
 
         Grid: ``(cdiv(N, BLOCK_M), B * H)``.
         """
@@ -457,20 +493,19 @@ if TRITON_AVAILABLE:
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        offs_block = tl.arange(0, BLOCK_N)
-        live_count = tl.load(K_COUNT + b)
-        for i in range(0, live_count):
-            key_block = tl.load(K_ORDER + b * stride_order_b + i)
-            offs_n = key_block * BLOCK_N + offs_block
-            keep_k = tl.load(KEEP + b * stride_keep_b + offs_n, mask=offs_n < N, other=0) != 0
-            # Dropped keys are never read (other=0), so NaN/Inf stored there cannot reach any output.
-            kv_mask = keep_k[:, None] & in_d[None, :]
-            k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                        mask=kv_mask, other=0.0)
-            v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                        mask=kv_mask, other=0.0)
-            # A live block has a kept key, so the running max is finite after the step: no guard is needed.
-            m_i, l_i, acc = attn_fwd_step(q, tl.trans(k), v, keep_k, m_i, l_i, acc, qk_scale, DOT_PRECISION)
+        full_count = tl.load(K_COUNTS + 2 * b)
+        live_count = tl.load(K_COUNTS + 2 * b + 1)
+        k_bh = K + b * stride_kb + h * stride_kh
+        v_bh = V + b * stride_vb + h * stride_vh
+        keep_b = KEEP + b * stride_keep_b
+        order_b = K_ORDER + b * stride_order_b
+        # Every visited block has a kept key, so the running max is finite after the first step: no guard is needed.
+        m_i, l_i, acc = _masked_fwd_key_blocks(q, m_i, l_i, acc, k_bh, v_bh, keep_b, order_b, 0, full_count,
+                                               stride_kn, stride_vn, N, offs_d, in_d, qk_scale,
+                                               BLOCK_N, False, DOT_PRECISION)
+        m_i, l_i, acc = _masked_fwd_key_blocks(q, m_i, l_i, acc, k_bh, v_bh, keep_b, order_b, full_count, live_count,
+                                               stride_kn, stride_vn, N, offs_d, in_d, qk_scale,
+                                               BLOCK_N, True, DOT_PRECISION)
 
         row_valid = in_m & (l_i > 0)
         if SKIP_DROPPED_QUERIES:
@@ -510,8 +545,41 @@ if TRITON_AVAILABLE:
         tl.store(DELTA + pid_bh * N + offs_m, tl.sum(o * do, 1), mask=offs_m < N)
 
     @triton.jit
+    def _masked_dkdv_query_blocks(
+        k, v, dk, dv, dgate, Q_bh, DO_bh, LSE_bh, DELTA_bh, Q_ORDER_b, start, stop,
+        stride_qn, stride_don, N, offs_d, in_d, qk_scale,
+        BLOCK_M: tl.constexpr, MASK_QUERIES: tl.constexpr, GATE_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """Accumulate dK, dV (and the gate term) of one key block over the query blocks ``Q_ORDER_b[start:stop]``:
+        full blocks (``MASK_QUERIES`` False: every row inside N with a finite log-sum-exp) or partly valid ones (rows
+        with lse = -inf, not computed or without a kept key, contribute exactly zero)."""
+        offs_block = tl.arange(0, BLOCK_M)
+        for i in range(start, stop):
+            offs_m = tl.load(Q_ORDER_b + i) * BLOCK_M + offs_block
+            if MASK_QUERIES:
+                in_m = offs_m < N
+                qd_mask = in_m[:, None] & in_d[None, :]
+                lse = tl.load(LSE_bh + offs_m, mask=in_m, other=float("-inf"))
+                delta = tl.load(DELTA_bh + offs_m, mask=in_m, other=0.0)
+                row_valid = lse != float("-inf")
+                lse = tl.where(row_valid, lse, 0.0)  # select, never multiply: these rows get weight 0 below
+            else:
+                qd_mask = in_d[None, :]
+                lse = tl.load(LSE_bh + offs_m)
+                delta = tl.load(DELTA_bh + offs_m)
+                row_valid = offs_m < N
+            q = tl.load(Q_bh + offs_m[:, None] * stride_qn + offs_d[None, :], mask=qd_mask, other=0.0)
+            do = tl.load(DO_bh + offs_m[:, None] * stride_don + offs_d[None, :], mask=qd_mask, other=0.0)
+            dk, dv, ds_sum = attn_bwd_dkdv_step(k, v, q, do, lse, delta, row_valid, dk, dv, qk_scale, MASK_QUERIES,
+                                                DOT_PRECISION)
+            if GATE_GRAD:
+                # d(loss)/d(gate_j) = sum_i p_ij (dp_ij - delta_i) = sum_i ds_ij, from the real k, v of key j.
+                dgate += ds_sum
+        return dk, dv, dgate
+
+    @triton.jit
     def _masked_attn_bwd_dkdv_kernel(
-        Q, K, V, DO, KEEP, Q_ORDER, Q_COUNT, LSE, DELTA, DK, DV, DGATE,
+        Q, K, V, DO, KEEP, Q_ORDER, Q_COUNTS, LSE, DELTA, DK, DV, DGATE,
         stride_qb, stride_qh, stride_qn, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
@@ -525,12 +593,13 @@ if TRITON_AVAILABLE:
     ):
         """dK, dV (and the per-head gate gradient) of one key block, looping over the listed query blocks.
 
-        Pointers: Q, K, V, DO ``(B, H, N, D)``; KEEP ``(B, N)`` int8; Q_ORDER ``(B, NBM)`` int32 query blocks to
-        visit first, Q_COUNT ``(B,)`` int32 how many; LSE, DELTA ``(B, H, N)`` fp32 contiguous; DK, DV
-        ``(B, H, N, D)``; DGATE ``(B, H, N)`` fp32 contiguous (written only when GATE_GRAD). Strides in (b, h, n, d)
-        order; ``sm_scale`` is the softmax scale, ``qk_scale = sm_scale * log2(e)``. Constexprs: HEAD_DIM, BLOCK_D,
-        BLOCK_M (query rows per visited block, the block size of Q_ORDER), BLOCK_N (key rows of this program),
-        GATE_GRAD (also visit dead key blocks and compute the gate term from the real k/v), DOT_PRECISION.
+        Pointers: Q, K, V, DO ``(B, H, N, D)`` (unit last stride); KEEP ``(B, N)`` int8; Q_ORDER ``(B, NBM)`` int32
+        query blocks to visit, full ones first, Q_COUNTS ``(B, 2)`` int32 contiguous, how many are full and how many
+        in all; LSE, DELTA ``(B, H, N)`` fp32 contiguous; DK, DV ``(B, H, N, D)``; DGATE ``(B, H, N)`` fp32 contiguous
+        (written only when GATE_GRAD). Strides in (b, h, n, d) order; ``sm_scale`` is the softmax scale,
+        ``qk_scale = sm_scale * log2(e)``. Constexprs: HEAD_DIM, BLOCK_D, BLOCK_M (query rows per visited block, the
+        block size of Q_ORDER), BLOCK_N (key rows of this program), GATE_GRAD (also visit dead key blocks and compute
+        the gate term from the real k/v), DOT_PRECISION.
 
         Grid: ``(cdiv(N, BLOCK_N), B * H)``.
         """
@@ -552,51 +621,61 @@ if TRITON_AVAILABLE:
                 tl.store(dv_ptrs, tl.zeros((BLOCK_N, BLOCK_D), dtype=DV.dtype.element_ty), mask=out_mask)
                 return
 
-        k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-        v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
-        kv_mask = keep_k[:, None] & in_d[None, :]
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-        if GATE_GRAD:
-            # The gate term of a dropped key needs its real score; these loads feed that term only.
-            k_real = tl.load(k_ptrs, mask=out_mask, other=0.0)
-            v_real = tl.load(v_ptrs, mask=out_mask, other=0.0)
-            dgate = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        # The real k, v of every key, dropped ones included: row j of dK/dV depends on key j alone, so whatever a
+        # dropped key holds (even NaN) stays in its own rows, which the store below replaces with zeros; the gate term
+        # of a dropped key needs its real score.
+        k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=out_mask, other=0.0)
+        v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=out_mask, other=0.0)
+        dgate = tl.zeros((BLOCK_N,), dtype=tl.float32)
         dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-        offs_block = tl.arange(0, BLOCK_M)
-        query_count = tl.load(Q_COUNT + b)
-        for i in range(0, query_count):
-            query_block = tl.load(Q_ORDER + b * stride_order_b + i)
-            offs_m = query_block * BLOCK_M + offs_block
-            in_m = offs_m < N
-            qd_mask = in_m[:, None] & in_d[None, :]
-            q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                        mask=qd_mask, other=0.0)
-            do = tl.load(
-                DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
-                mask=qd_mask, other=0.0)
-            lse = tl.load(LSE + pid_bh * N + offs_m, mask=in_m, other=float("-inf"))
-            delta = tl.load(DELTA + pid_bh * N + offs_m, mask=in_m, other=0.0)
-            # Rows with lse = -inf (not computed, or no kept key) contribute nothing; select, never multiply.
-            row_valid = lse != float("-inf")
-            lse = tl.where(row_valid, lse, 0.0)
-            dk, dv = attn_bwd_dkdv_step(k, v, q, do, lse, delta, keep_k, row_valid, dk, dv, qk_scale, DOT_PRECISION)
-            if GATE_GRAD:
-                # Transposed tiles like the step's: rows are keys, columns are queries.
-                s_real = tl.dot(k_real, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
-                dp_real = tl.dot(v_real, tl.trans(do), input_precision=DOT_PRECISION)
-                term = tl.math.exp2(s_real - lse[None, :]) * (dp_real - delta[None, :])
-                dgate += tl.sum(tl.where(row_valid[None, :], term, 0.0), 1)
+        full_count = tl.load(Q_COUNTS + 2 * b)
+        query_count = tl.load(Q_COUNTS + 2 * b + 1)
+        q_bh = Q + b * stride_qb + h * stride_qh
+        do_bh = DO + b * stride_dob + h * stride_doh
+        order_b = Q_ORDER + b * stride_order_b
+        lse_bh = LSE + pid_bh * N
+        delta_bh = DELTA + pid_bh * N
+        dk, dv, dgate = _masked_dkdv_query_blocks(k, v, dk, dv, dgate, q_bh, do_bh, lse_bh, delta_bh, order_b, 0,
+                                                  full_count, stride_qn, stride_don, N, offs_d, in_d, qk_scale,
+                                                  BLOCK_M, False, GATE_GRAD, DOT_PRECISION)
+        dk, dv, dgate = _masked_dkdv_query_blocks(k, v, dk, dv, dgate, q_bh, do_bh, lse_bh, delta_bh, order_b,
+                                                  full_count, query_count, stride_qn, stride_don, N, offs_d, in_d,
+                                                  qk_scale, BLOCK_M, True, GATE_GRAD, DOT_PRECISION)
 
-        tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=out_mask)
-        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=out_mask)
+        # Rows of dropped keys hold garbage of their own only: select zero.
+        tl.store(dk_ptrs, tl.where(keep_k[:, None], dk * sm_scale, 0.0).to(DK.dtype.element_ty), mask=out_mask)
+        tl.store(dv_ptrs, tl.where(keep_k[:, None], dv, 0.0).to(DV.dtype.element_ty), mask=out_mask)
         if GATE_GRAD:
             tl.store(DGATE + pid_bh * N + offs_n, dgate, mask=in_n)
 
     @triton.jit
+    def _masked_dq_key_blocks(
+        q, do, lse, delta, dq, K_bh, V_bh, KEEP_b, K_ORDER_b, start, stop, stride_kn, stride_vn, N, offs_d, in_d,
+        qk_scale, BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """Accumulate dQ of one query block over the key blocks ``K_ORDER_b[start:stop]``: full blocks (``MASK_KEYS``
+        False) or partly kept ones (dropped keys loaded as zeros and given weight 0)."""
+        offs_block = tl.arange(0, BLOCK_N)
+        for i in range(start, stop):
+            offs_n = tl.load(K_ORDER_b + i) * BLOCK_N + offs_block
+            if MASK_KEYS:
+                keep_k = tl.load(KEEP_b + offs_n, mask=offs_n < N, other=0) != 0
+                kv_mask = keep_k[:, None] & in_d[None, :]
+            else:
+                keep_k = offs_n < N  # every key of a full block is kept; unused by the step
+                kv_mask = in_d[None, :]
+            k = tl.load(K_bh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(V_bh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+            dq = attn_bwd_dq_step(q, do, tl.trans(k), tl.trans(v), lse, delta, keep_k, dq, qk_scale, MASK_KEYS,
+                                  DOT_PRECISION)
+        return dq
+
+    @triton.jit
     def _masked_attn_bwd_dq_kernel(
-        Q, K, V, DO, KEEP, K_ORDER, K_COUNT, LSE, DELTA, DQ,
+        Q, K, V, DO, KEEP, K_ORDER, K_COUNTS, LSE, DELTA, DQ,
         stride_qb, stride_qh, stride_qn, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
@@ -609,11 +688,11 @@ if TRITON_AVAILABLE:
     ):
         """dQ of one query block, looping over the live key blocks.
 
-        Pointers: Q, K, V, DO ``(B, H, N, D)``; KEEP ``(B, N)`` int8; K_ORDER ``(B, NBN)`` int32 live key blocks
-        first, K_COUNT ``(B,)`` int32 how many; LSE, DELTA ``(B, H, N)`` fp32 contiguous; DQ ``(B, H, N, D)``.
-        Strides in (b, h, n, d) order; ``sm_scale`` is the softmax scale, ``qk_scale = sm_scale * log2(e)``.
-        Constexprs: HEAD_DIM, BLOCK_D, BLOCK_M (query rows of this program), BLOCK_N (key rows per visited block,
-        the block size of K_ORDER), DOT_PRECISION.
+        Pointers: Q, K, V, DO ``(B, H, N, D)`` (unit last stride); KEEP ``(B, N)`` int8; K_ORDER ``(B, NBN)`` int32
+        full, then partly kept key blocks, K_COUNTS ``(B, 2)`` int32 contiguous, how many are full and live; LSE,
+        DELTA ``(B, H, N)`` fp32 contiguous; DQ ``(B, H, N, D)``. Strides in (b, h, n, d) order; ``sm_scale`` is the
+        softmax scale, ``qk_scale = sm_scale * log2(e)``. Constexprs: HEAD_DIM, BLOCK_D, BLOCK_M (query rows of this
+        program), BLOCK_N (key rows per visited block, the block size of K_ORDER), DOT_PRECISION.
 
         Grid: ``(cdiv(N, BLOCK_M), B * H)``.
         """
@@ -641,17 +720,15 @@ if TRITON_AVAILABLE:
                      mask=qd_mask, other=0.0)
         delta = tl.load(DELTA + pid_bh * N + offs_m, mask=in_m, other=0.0)
         dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        offs_block = tl.arange(0, BLOCK_N)
-        live_count = tl.load(K_COUNT + b)
-        for i in range(0, live_count):
-            key_block = tl.load(K_ORDER + b * stride_order_b + i)
-            offs_n = key_block * BLOCK_N + offs_block
-            keep_k = tl.load(KEEP + b * stride_keep_b + offs_n, mask=offs_n < N, other=0) != 0
-            kv_mask = keep_k[:, None] & in_d[None, :]
-            k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                        mask=kv_mask, other=0.0)
-            v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                        mask=kv_mask, other=0.0)
-            dq = attn_bwd_dq_step(q, do, tl.trans(k), tl.trans(v), lse, delta, row_valid, keep_k, dq, qk_scale,
-                                  DOT_PRECISION)
-        tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=qd_mask)
+        full_count = tl.load(K_COUNTS + 2 * b)
+        live_count = tl.load(K_COUNTS + 2 * b + 1)
+        k_bh = K + b * stride_kb + h * stride_kh
+        v_bh = V + b * stride_vb + h * stride_vh
+        keep_b = KEEP + b * stride_keep_b
+        order_b = K_ORDER + b * stride_order_b
+        dq = _masked_dq_key_blocks(q, do, lse, delta, dq, k_bh, v_bh, keep_b, order_b, 0, full_count, stride_kn,
+                                   stride_vn, N, offs_d, in_d, qk_scale, BLOCK_N, False, DOT_PRECISION)
+        dq = _masked_dq_key_blocks(q, do, lse, delta, dq, k_bh, v_bh, keep_b, order_b, full_count, live_count,
+                                   stride_kn, stride_vn, N, offs_d, in_d, qk_scale, BLOCK_N, True, DOT_PRECISION)
+        # Rows not computed (lse = -inf) hold garbage of their own only: select zero.
+        tl.store(dq_ptrs, tl.where(row_valid[:, None], dq * sm_scale, 0.0).to(DQ.dtype.element_ty), mask=qd_mask)

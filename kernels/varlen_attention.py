@@ -3,10 +3,15 @@
 Algorithm: FlashAttention-2 style tiling over a ragged batch. The rows of all sequences lie back to back in
 ``(T, H, D)`` tensors; ``cu_seqlens`` gives the first row of every sequence. One program owns ``BLOCK_M`` query rows
 of one (sequence, head) pair, walks the key blocks of the same sequence only, and keeps an online softmax in fp32 in
-the exp2 domain. It stores the output and the natural-log log-sum-exp per row (fp32, ``(H, T)``) for the backward.
+the exp2 domain. It stores the output and the log-sum-exp per row (fp32, ``(H, T)``, base 2 of the scores scaled by
+``scale * log2(e)``) for the backward.
 
 Backward (no atomics): a preprocess computes ``delta = rowsum(dO * O)``; one kernel owns a key block and walks the
 query blocks of its sequence to accumulate dK and dV; another owns a query block and walks the key blocks for dQ.
+
+Every walk visits the blocks that lie inside the sequence first, without any per-token mask, and then its ragged last
+block, masked. Rows a program owns past the end of its sequence are loaded as zeros and never stored, so they need no
+mask at all. The softmax scale must be positive (it is folded into one fma per score).
 
 Cost: projections and MLP around it scale with the kept rows ``T``; attention scales with ``sum_b len_b ** 2``. Every
 sequence's programs past its own length exit at once, so the grid is sized by ``max_seqlen`` (a host int, no sync).
@@ -40,13 +45,13 @@ from . import reference
 from ._attention_core import check_interpreter_dtype, check_qkv, dot_precision, launch_directly, launch_in_op
 from ._autotune import tuned_config
 from ._backend import TRITON_AVAILABLE, resolve_backend
-from ._utils import check_tensor, empty, fmt_shape, unit_last_stride
+from ._utils import check_tensor, empty, fmt_shape, softmax_scale, unit_last_stride
 
 if TRITON_AVAILABLE:
     import triton
     import triton.language as tl
 
-    from ._attention_core import LN2, LOG2E, attn_bwd_dkdv_step, attn_bwd_dq_step, attn_fwd_step
+    from ._attention_core import LOG2E, attn_bwd_dkdv_step, attn_bwd_dq_step, attn_fwd_step
 
 __all__ = ["VarlenAttentionFunction", "get_bwd_config", "get_fwd_config", "varlen_attention"]
 
@@ -91,7 +96,7 @@ def varlen_attention(
         q, k, v: ``(T, H, D)``, fp16/bf16/fp32, strided views of a packed qkv projection allowed; ``16 <= D <= 128``.
         cu_seqlens: ``(B + 1,)`` int32 offsets; sequences of length 0 and 1 are allowed.
         max_seqlen: upper bound on the sequence lengths (a Python int, so no host sync is needed).
-        scale: softmax scale, default ``D ** -0.5``.
+        scale: softmax scale (positive), default ``D ** -0.5``.
         check_cu_seqlens: validate ``cu_seqlens`` on the host (one sync); pass False for offsets you built.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
 
@@ -99,10 +104,10 @@ def varlen_attention(
         ``(T, H, D)`` in the dtype of ``q``, contiguous.
     """
     _validate(q, k, v, cu_seqlens, max_seqlen, check_cu_seqlens)
+    scale = softmax_scale(scale, q.shape[-1])
     if resolve_backend(backend, (q,)) == "torch":
         return reference.varlen_attention_ref(q, k, v, cu_seqlens, scale=scale, upcast=False)
     check_interpreter_dtype(q)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v = (unit_last_stride(t) for t in (q, k, v))
     if q.is_cuda and _OPS_REGISTERED:
         out, _ = torch.ops.faithful_vit.varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale)
@@ -172,7 +177,7 @@ if TRITON_AVAILABLE and hasattr(torch.library, "triton_op") and hasattr(torch.li
 
 
 def _varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale, launch=launch_directly):
-    """Returns ``out`` ``(T, H, D)`` and the natural-log ``lse`` ``(H, T)`` fp32."""
+    """Returns ``out`` ``(T, H, D)`` and ``lse`` ``(H, T)`` fp32 (base 2, of scores scaled by ``scale * log2(e)``)."""
     total, num_heads, head_dim = q.shape
     batch = cu_seqlens.shape[0] - 1
     out = empty(total, num_heads, head_dim, dtype=q.dtype, device=q.device)
@@ -289,7 +294,7 @@ def get_bwd_config(max_seqlen: int, head_dim: int, dtype: torch.dtype) -> dict[s
     ``BLOCK_PRE`` rows per preprocess program. Override by reassigning. Above head dim 64, 8 warps hold the dK/dV
     accumulators without spilling."""
     if dtype == torch.float32:
-        block_m, block_n, num_warps, num_stages = (32, 32, 8, 1) if head_dim <= 64 else (16, 64, 8, 1)
+        block_m, block_n, num_warps, num_stages = (32, 32, 8, 1) if head_dim <= 64 else (32, 16, 8, 1)
     else:
         block_m, block_n, num_warps, num_stages = 64, 64, 4 if head_dim <= 64 else 8, 2
     return {"BLOCK_M": _short_tile(max_seqlen, block_m), "BLOCK_N": _short_tile(max_seqlen, block_n),
@@ -331,6 +336,29 @@ def bwd_candidates(max_seqlen: int, head_dim: int, dtype: torch.dtype, device: t
 if TRITON_AVAILABLE:
 
     @triton.jit
+    def _varlen_fwd_key_blocks(
+        q, m_i, l_i, acc, K_seq, V_seq, start, stop, seq_len, stride_kt, stride_vt, offs_d, mask_d, qk_scale_log2,
+        BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    ):
+        """The online softmax over the keys ``start:stop`` of one (sequence, head) in blocks of ``BLOCK_N``:
+        blocks inside the sequence (``MASK_KEYS`` False, no per-token masks) or its ragged last block (keys past the
+        end loaded as zeros and given weight 0). ``K_seq``, ``V_seq`` point at the sequence's first row (and head)."""
+        offs_n = tl.arange(0, BLOCK_N)
+        for start_n in range(start, stop, BLOCK_N):
+            cols = start_n + offs_n
+            mask_n = cols < seq_len
+            if MASK_KEYS:
+                kt_mask = mask_n[None, :] & mask_d[:, None]
+                v_mask = mask_n[:, None] & mask_d[None, :]
+            else:
+                kt_mask = mask_d[:, None]
+                v_mask = mask_d[None, :]
+            kt = tl.load(K_seq + cols[None, :] * stride_kt + offs_d[:, None], mask=kt_mask, other=0.0)
+            v = tl.load(V_seq + cols[:, None] * stride_vt + offs_d[None, :], mask=v_mask, other=0.0)
+            m_i, l_i, acc = attn_fwd_step(q, kt, v, mask_n, m_i, l_i, acc, qk_scale_log2, MASK_KEYS, INPUT_PRECISION)
+        return m_i, l_i, acc
+
+    @triton.jit
     def _varlen_attn_fwd_kernel(
         Q, K, V, Out, Lse, CuSeqlens,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
@@ -341,7 +369,7 @@ if TRITON_AVAILABLE:
         """Output and log-sum-exp of ``BLOCK_M`` query rows of one (sequence, head) pair.
 
         Pointers: Q, K, V ``(T, H, D)`` with strides ``stride_*t``, ``stride_*h`` and unit stride on D; Out likewise;
-        Lse ``(H, T)`` fp32 (natural log) with row stride ``stride_lse_h``; CuSeqlens ``(B + 1,)`` int32.
+        Lse ``(H, T)`` fp32 (base 2) with row stride ``stride_lse_h``; CuSeqlens ``(B + 1,)`` int32.
         Scalars: ``qk_scale_log2`` = softmax scale * log2(e).
         Constexprs: HEAD_DIM (D), BLOCK_D (next power of two >= D), INPUT_PRECISION of the dots, BLOCK_M, BLOCK_N.
         Grid: ``(cdiv(max_seqlen, BLOCK_M), B, H)``.
@@ -355,7 +383,6 @@ if TRITON_AVAILABLE:
             return
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         mask_d = offs_d < HEAD_DIM
         mask_m = offs_m < seq_len
@@ -368,20 +395,20 @@ if TRITON_AVAILABLE:
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for start_n in range(0, seq_len, BLOCK_N):
-            cols = start_n + offs_n
-            mask_n = cols < seq_len
-            rows_n = (seq_start + cols).to(tl.int64)
-            kt = tl.load(K + rows_n[None, :] * stride_kt + head * stride_kh + offs_d[:, None],
-                         mask=mask_n[None, :] & mask_d[:, None], other=0.0)
-            v = tl.load(V + rows_n[:, None] * stride_vt + head * stride_vh + offs_d[None, :],
-                        mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-            m_i, l_i, acc = attn_fwd_step(q, kt, v, mask_n, m_i, l_i, acc, qk_scale_log2, INPUT_PRECISION)
+        k_seq = K + seq_start.to(tl.int64) * stride_kt + head * stride_kh
+        v_seq = V + seq_start.to(tl.int64) * stride_vt + head * stride_vh
+        full_end = seq_len - seq_len % BLOCK_N
+        m_i, l_i, acc = _varlen_fwd_key_blocks(q, m_i, l_i, acc, k_seq, v_seq, 0, full_end, seq_len, stride_kt,
+                                               stride_vt, offs_d, mask_d, qk_scale_log2, BLOCK_N, False,
+                                               INPUT_PRECISION)
+        m_i, l_i, acc = _varlen_fwd_key_blocks(q, m_i, l_i, acc, k_seq, v_seq, full_end, seq_len, seq_len, stride_kt,
+                                               stride_vt, offs_d, mask_d, qk_scale_log2, BLOCK_N, True,
+                                               INPUT_PRECISION)
 
         acc = acc / l_i[:, None]
         tl.store(Out + rows_m[:, None] * stride_ot + head * stride_oh + offs_d[None, :], acc.to(Out.dtype.element_ty),
                  mask=mask_m[:, None] & mask_d[None, :])
-        lse = (m_i + tl.log2(l_i)) * LN2  # back to natural log
+        lse = m_i + tl.log2(l_i)
         tl.store(Lse + head * stride_lse_h + rows_m, lse, mask=mask_m)
 
 
@@ -409,6 +436,33 @@ if TRITON_AVAILABLE:
 
 
     @triton.jit
+    def _varlen_dkdv_query_blocks(
+        k, v, dk, dv, Q_seq, DOut_seq, Lse_seq, Delta_seq, start, stop, seq_len, stride_qt, stride_dot, offs_d, mask_d,
+        qk_scale_log2, BLOCK_M: tl.constexpr, MASK_QUERIES: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    ):
+        """Accumulate dK, dV of one key block over the queries ``start:stop`` of its sequence in blocks of
+        ``BLOCK_M``: blocks inside the sequence (``MASK_QUERIES`` False) or its ragged last block (queries past the
+        end contribute exactly zero). ``Q_seq``, ``DOut_seq`` point at the sequence's first row (and head),
+        ``Lse_seq``, ``Delta_seq`` at its first entry of the head's row."""
+        offs_m = tl.arange(0, BLOCK_M)
+        for start_m in range(start, stop, BLOCK_M):
+            cols = start_m + offs_m
+            mask_m = cols < seq_len
+            if MASK_QUERIES:
+                qd_mask = mask_m[:, None] & mask_d[None, :]
+                lse = tl.load(Lse_seq + cols, mask=mask_m, other=0.0)
+                delta = tl.load(Delta_seq + cols, mask=mask_m, other=0.0)
+            else:
+                qd_mask = mask_d[None, :]
+                lse = tl.load(Lse_seq + cols)
+                delta = tl.load(Delta_seq + cols)
+            q = tl.load(Q_seq + cols[:, None] * stride_qt + offs_d[None, :], mask=qd_mask, other=0.0)
+            do = tl.load(DOut_seq + cols[:, None] * stride_dot + offs_d[None, :], mask=qd_mask, other=0.0)
+            dk, dv, _ = attn_bwd_dkdv_step(k, v, q, do, lse, delta, mask_m, dk, dv, qk_scale_log2, MASK_QUERIES,
+                                           INPUT_PRECISION)
+        return dk, dv
+
+    @triton.jit
     def _varlen_attn_bwd_dkdv_kernel(
         Q, K, V, DOut, Lse, Delta, DK, DV, CuSeqlens,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_lse_h,
@@ -419,7 +473,7 @@ if TRITON_AVAILABLE:
         """dK and dV of ``BLOCK_N`` key rows of one (sequence, head) pair, looping over the sequence's query blocks.
 
         Pointers: Q, K, V, DOut ``(T, H, D)`` with strides ``stride_*t``, ``stride_*h`` and unit stride on D;
-        Lse (natural log) and Delta ``(H, T)`` fp32 sharing row stride ``stride_lse_h``; DK, DV ``(T, H, D)`` sharing
+        Lse (base 2) and Delta ``(H, T)`` fp32 sharing row stride ``stride_lse_h``; DK, DV ``(T, H, D)`` sharing
         strides ``stride_dkt``, ``stride_dkh``; CuSeqlens ``(B + 1,)`` int32. Scalars: softmax ``scale``.
         Constexprs: HEAD_DIM, BLOCK_D (next power of two >= D), INPUT_PRECISION of the dots, BLOCK_M, BLOCK_N.
         Grid: ``(cdiv(max_seqlen, BLOCK_N), B, H)``.
@@ -434,7 +488,6 @@ if TRITON_AVAILABLE:
 
         qk_scale_log2 = scale * LOG2E
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_m = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         mask_d = offs_d < HEAD_DIM
         mask_n = offs_n < seq_len
@@ -445,17 +498,19 @@ if TRITON_AVAILABLE:
 
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        for start_m in range(0, seq_len, BLOCK_M):
-            cols = start_m + offs_m
-            mask_m = cols < seq_len
-            rows_m = (seq_start + cols).to(tl.int64)
-            mask_md = mask_m[:, None] & mask_d[None, :]
-            q = tl.load(Q + rows_m[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=mask_md, other=0.0)
-            do = tl.load(DOut + rows_m[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=mask_md,
-                         other=0.0)
-            lse = tl.load(Lse + head * stride_lse_h + rows_m, mask=mask_m, other=0.0) * LOG2E
-            delta = tl.load(Delta + head * stride_lse_h + rows_m, mask=mask_m, other=0.0)
-            dk, dv = attn_bwd_dkdv_step(k, v, q, do, lse, delta, mask_n, mask_m, dk, dv, qk_scale_log2, INPUT_PRECISION)
+        # Key rows past the end (zero k, v) accumulate garbage of their own only; the store below skips them.
+        start = seq_start.to(tl.int64)
+        q_seq = Q + start * stride_qt + head * stride_qh
+        do_seq = DOut + start * stride_dot + head * stride_doh
+        lse_seq = Lse + head * stride_lse_h + start
+        delta_seq = Delta + head * stride_lse_h + start
+        full_end = seq_len - seq_len % BLOCK_M
+        dk, dv = _varlen_dkdv_query_blocks(k, v, dk, dv, q_seq, do_seq, lse_seq, delta_seq, 0, full_end, seq_len,
+                                           stride_qt, stride_dot, offs_d, mask_d, qk_scale_log2, BLOCK_M, False,
+                                           INPUT_PRECISION)
+        dk, dv = _varlen_dkdv_query_blocks(k, v, dk, dv, q_seq, do_seq, lse_seq, delta_seq, full_end, seq_len, seq_len,
+                                           stride_qt, stride_dot, offs_d, mask_d, qk_scale_log2, BLOCK_M, True,
+                                           INPUT_PRECISION)
 
         dk *= scale
         tl.store(DK + rows_n[:, None] * stride_dkt + head * stride_dkh + offs_d[None, :], dk.to(DK.dtype.element_ty),
@@ -463,6 +518,27 @@ if TRITON_AVAILABLE:
         tl.store(DV + rows_n[:, None] * stride_dkt + head * stride_dkh + offs_d[None, :], dv.to(DV.dtype.element_ty),
                  mask=mask_nd)
 
+
+    @triton.jit
+    def _varlen_dq_key_blocks(
+        q, do, lse, delta, dq, K_seq, V_seq, start, stop, seq_len, stride_kt, stride_vt, offs_d, mask_d, qk_scale_log2,
+        BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    ):
+        """Accumulate dQ of one query block over the keys ``start:stop`` of its sequence in blocks of ``BLOCK_N``:
+        blocks inside the sequence (``MASK_KEYS`` False) or its ragged last block (keys past the end loaded as zeros
+        and given weight 0)."""
+        offs_n = tl.arange(0, BLOCK_N)
+        for start_n in range(start, stop, BLOCK_N):
+            cols = start_n + offs_n
+            mask_n = cols < seq_len
+            if MASK_KEYS:
+                kt_mask = mask_n[None, :] & mask_d[:, None]
+            else:
+                kt_mask = mask_d[:, None]
+            kt = tl.load(K_seq + cols[None, :] * stride_kt + offs_d[:, None], mask=kt_mask, other=0.0)
+            vt = tl.load(V_seq + cols[None, :] * stride_vt + offs_d[:, None], mask=kt_mask, other=0.0)
+            dq = attn_bwd_dq_step(q, do, kt, vt, lse, delta, mask_n, dq, qk_scale_log2, MASK_KEYS, INPUT_PRECISION)
+        return dq
 
     @triton.jit
     def _varlen_attn_bwd_dq_kernel(
@@ -475,7 +551,7 @@ if TRITON_AVAILABLE:
         """dQ of ``BLOCK_M`` query rows of one (sequence, head) pair, looping over the sequence's key blocks.
 
         Pointers: Q, K, V, DOut ``(T, H, D)`` with strides ``stride_*t``, ``stride_*h`` and unit stride on D;
-        Lse (natural log) and Delta ``(H, T)`` fp32 sharing row stride ``stride_lse_h``; DQ ``(T, H, D)`` with strides
+        Lse (base 2) and Delta ``(H, T)`` fp32 sharing row stride ``stride_lse_h``; DQ ``(T, H, D)`` with strides
         ``stride_dqt``, ``stride_dqh``; CuSeqlens ``(B + 1,)`` int32. Scalars: softmax ``scale``.
         Constexprs: HEAD_DIM, BLOCK_D (next power of two >= D), INPUT_PRECISION of the dots, BLOCK_M, BLOCK_N.
         Grid: ``(cdiv(max_seqlen, BLOCK_M), B, H)``.
@@ -490,7 +566,6 @@ if TRITON_AVAILABLE:
 
         qk_scale_log2 = scale * LOG2E
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         mask_d = offs_d < HEAD_DIM
         mask_m = offs_m < seq_len
@@ -498,19 +573,18 @@ if TRITON_AVAILABLE:
         mask_md = mask_m[:, None] & mask_d[None, :]
         q = tl.load(Q + rows_m[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=mask_md, other=0.0)
         do = tl.load(DOut + rows_m[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=mask_md, other=0.0)
-        lse = tl.load(Lse + head * stride_lse_h + rows_m, mask=mask_m, other=0.0) * LOG2E
+        lse = tl.load(Lse + head * stride_lse_h + rows_m, mask=mask_m, other=0.0)
         delta = tl.load(Delta + head * stride_lse_h + rows_m, mask=mask_m, other=0.0)
 
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for start_n in range(0, seq_len, BLOCK_N):
-            cols = start_n + offs_n
-            mask_n = cols < seq_len
-            rows_n = (seq_start + cols).to(tl.int64)
-            kt = tl.load(K + rows_n[None, :] * stride_kt + head * stride_kh + offs_d[:, None],
-                         mask=mask_n[None, :] & mask_d[:, None], other=0.0)
-            vt = tl.load(V + rows_n[None, :] * stride_vt + head * stride_vh + offs_d[:, None],
-                         mask=mask_n[None, :] & mask_d[:, None], other=0.0)
-            dq = attn_bwd_dq_step(q, do, kt, vt, lse, delta, mask_m, mask_n, dq, qk_scale_log2, INPUT_PRECISION)
+        # Query rows past the end (zero q, do) accumulate garbage of their own only; the store below skips them.
+        k_seq = K + seq_start.to(tl.int64) * stride_kt + head * stride_kh
+        v_seq = V + seq_start.to(tl.int64) * stride_vt + head * stride_vh
+        full_end = seq_len - seq_len % BLOCK_N
+        dq = _varlen_dq_key_blocks(q, do, lse, delta, dq, k_seq, v_seq, 0, full_end, seq_len, stride_kt, stride_vt,
+                                   offs_d, mask_d, qk_scale_log2, BLOCK_N, False, INPUT_PRECISION)
+        dq = _varlen_dq_key_blocks(q, do, lse, delta, dq, k_seq, v_seq, full_end, seq_len, seq_len, stride_kt,
+                                   stride_vt, offs_d, mask_d, qk_scale_log2, BLOCK_N, True, INPUT_PRECISION)
 
         dq *= scale
         tl.store(DQ + rows_m[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :], dq.to(DQ.dtype.element_ty),

@@ -15,9 +15,12 @@ With ``--inductor-source`` each kernel is compiled from the source that torch.co
 (Inductor copies the kernel with the ``@triton.jit`` functions and ``tl.constexpr`` globals it names into a new
 module), which checks that the kernels stay self-contained by name.
 
+With ``--sass`` it also prints the SASS instructions per iteration of each loop that does attention math: a static
+proxy for the cost of one block step (not a timing).
+
 Usage: ``python scripts/compile_kernels.py [--family masked varlen] [--arch 90] [--dtype fp16 bf16 fp32]
-[--head-dim 64 80 128] [--seq-len 197] [--candidates] [--check] [--inductor-source]`` (a few seconds per kernel on a
-small CPU; run it without ``TRITON_INTERPRET``).
+[--head-dim 64 80 128] [--seq-len 197] [--candidates] [--check] [--inductor-source] [--sass]`` (a few seconds per
+kernel on a small CPU; run it without ``TRITON_INTERPRET``).
 """
 
 import argparse
@@ -164,6 +167,30 @@ def _resources(compiled, arch: int) -> dict:
     }
 
 
+def _loop_sizes(compiled, arch: int) -> list[int]:
+    """SASS instructions per iteration of each loop that does attention math (has an MMA or an exp2), largest first:
+    a static proxy for the cost of a block step. Disassembles the cubin with the nvdisasm beside Triton's ptxas."""
+    nvdisasm = Path(get_ptxas(arch).path).with_name("nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        sass = subprocess.run([str(nvdisasm), "-c", cubin.name], capture_output=True, text=True, check=True).stdout
+    instructions, labels = [], {}
+    for line in sass.splitlines():
+        if label := re.match(r"(\.L_x_\d+):", line):
+            labels[label.group(1)] = len(instructions)
+        elif instruction := re.match(r"\s*/\*[0-9a-f]+\*/\s+([^;]*);", line):
+            instructions.append(instruction.group(1))
+    sizes = []
+    for end, text in enumerate(instructions):  # a loop: a branch back to an earlier label
+        target = re.search(r"BRA\b.*?(\.L_x_\d+)", text)
+        if target and labels.get(target.group(1), end + 1) <= end:
+            body = instructions[labels[target.group(1)]:end + 1]
+            if any(re.search(r"\b(HGMMA|HMMA|MUFU\.EX2)\b", op) for op in body):
+                sizes.append(len(body))
+    return sorted(sizes, reverse=True)
+
+
 def _inductor_copy(kernel):
     """The kernel as torch.compile launches it: rebuilt from Inductor's copy of its source and dependencies."""
     from torch._inductor.codegen.wrapper import user_defined_triton_kernel_transitive_closure_source_code
@@ -209,6 +236,8 @@ def main() -> int:
                         help="compile these configs (BLOCK_M,BLOCK_N,num_warps,num_stages) instead of the defaults")
     parser.add_argument("--check", action="store_true", help="exit 1 if a kernel spills or exceeds sm_90 shared memory")
     parser.add_argument("--inductor-source", action="store_true", help="compile Inductor's copy of each kernel")
+    parser.add_argument("--sass", action="store_true",
+                        help="also print the SASS instructions per iteration of each attention loop (nvdisasm)")
     args = parser.parse_args()
     configs = [dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), map(int, text.split(","))))
                for text in args.config]
@@ -224,7 +253,8 @@ def main() -> int:
         if key in seen:
             continue
         seen.add(key)
-        res = _resources(triton.compile(source, target=target, options=options), args.arch)
+        compiled = triton.compile(source, target=target, options=options)
+        res = _resources(compiled, args.arch)
         label = f"sm_{args.arch} {what} {_label(kernel, constexprs, options)}"
         notes = [note for note, bad in ((f"SPILLS {res['spilled']} B", res["spilled"] > 0),
                                         ("OVER the sm_90 shared-memory limit", res["shared"] > SM90_SHARED_LIMIT))
@@ -232,8 +262,10 @@ def main() -> int:
         if notes:
             problems.append(label)
         units = "".join(f", {unit}" for unit, used in (("wgmma", res["wgmma"]), ("cp.async", res["cp_async"])) if used)
+        sizes = _loop_sizes(compiled, args.arch) if args.sass else []
+        loops = f", loops {'/'.join(map(str, sizes))} instr" if sizes else ""
         print(f"{label}: shared {res['shared']} B, {res['registers']} registers, {res['spilled']} B spilled{units}"
-              f"{'  <-- ' + ', '.join(notes) if notes else ''}", flush=True)
+              f"{loops}{'  <-- ' + ', '.join(notes) if notes else ''}", flush=True)
     print(f"{len(seen)} kernels compiled; {len(problems)} with spills or over the shared-memory limit", flush=True)
     return 1 if args.check and problems else 0
 

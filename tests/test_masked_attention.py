@@ -154,6 +154,7 @@ def test_dropped_keys_have_exactly_zero_influence():
     q, k, v, _ = _qkv(batch, heads, seq_len, head_dim, torch.float32)
     keep = _random_keep(batch, seq_len)
     keep[0, 16:32] = False  # a whole dead block, besides the partly kept ones
+    keep[1, :32] = True  # two full blocks
     dropped = ~keep[:, None, :, None]
     poisoned_k = k.detach().masked_fill(dropped, float("nan"))
     poisoned_v = v.detach().masked_fill(dropped, float("inf"))
@@ -178,6 +179,20 @@ def test_image_without_kept_token_gives_zeros(skip):
     out, (dq, dk, dv, dgate) = got
     for t in (out[1], dq[1], dk[1], dv[1], dgate[1]):
         assert torch.equal(t, torch.zeros_like(t))
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_full_partly_kept_and_dead_blocks_together(skip):
+    """Full blocks take the loops without per-token masks; mix them with partly kept and dead blocks (the
+    interpreter's blocks are 16 tokens) and with the ragged last block of N = 50."""
+    q, k, v, _ = _qkv(3, 2, 50, 16, torch.float32)
+    keep = torch.zeros(3, 50, dtype=torch.bool, device=DEVICE)
+    keep[0, :35] = True  # compacted: two full blocks, then a partly kept one, then a dead one
+    keep[1] = True
+    keep[1, 20] = False  # full, partly kept, full, ragged last
+    keep[2, 16:32] = True
+    keep[2, 40] = True  # dead, full, partly kept, dead
+    _check(q, k, v, keep, skip=skip)
 
 
 def test_one_kept_token_and_every_token_kept():
@@ -244,24 +259,41 @@ def test_compaction_order_is_a_stable_kept_first_partition():
 
 
 @pytest.mark.parametrize("block", [16, 64])
-def test_live_block_lists_match_a_python_loop(block):
-    keep = _random_keep(4, 150, frac=0.05)
+def test_block_lists_match_a_python_loop(block):
+    keep = _random_keep(5, 150, frac=0.05)
     keep[1] = False
-    order, count = impl._live_blocks(keep, block)
+    keep[2, : 2 * block] = True  # two full blocks
+    keep[3] = True  # every block full but the last (150 is not a multiple of the block)
+    order, counts = impl._block_lists(keep, block)
     num_blocks = math.ceil(150 / block)
-    assert order.shape == (4, num_blocks) and order.dtype == count.dtype == torch.int32
-    for b in range(4):
-        live = [i for i in range(num_blocks) if keep[b, i * block:(i + 1) * block].any()]
-        dead = [i for i in range(num_blocks) if i not in live]
-        assert count[b].item() == len(live)
-        assert order[b].tolist() == live + dead
+    assert order.shape == (5, num_blocks) and counts.shape == (5, 2) and order.dtype == counts.dtype == torch.int32
+    for b in range(5):
+        kept = [keep[b, i * block:(i + 1) * block].sum().item() for i in range(num_blocks)]
+        full = [i for i in range(num_blocks) if kept[i] == block]
+        partial = [i for i in range(num_blocks) if 0 < kept[i] < block]
+        dead = [i for i in range(num_blocks) if kept[i] == 0]
+        assert counts[b].tolist() == [len(full), len(full) + len(partial)]
+        assert order[b].tolist() == full + partial + dead
+    assert counts[3, 0].item() == 150 // block
+
+
+def test_query_lists_for_computed_dropped_queries():
+    keep = _random_keep(3, 40, frac=0.3)
+    keep[:, 0] = True
+    keep[1] = False
+    order, counts = impl._all_query_blocks(keep, 16)
+    assert order.tolist() == [[0, 1, 2]] * 3
+    # Blocks inside N are full when the image has a kept token; an image without one has every row invalid.
+    assert counts.tolist() == [[2, 3], [0, 3], [2, 3]]
 
 
 def test_compaction_leaves_only_the_needed_live_blocks():
     keep = _random_keep(3, 197, frac=0.3)
     order, _ = compaction_order(keep)
-    _, count = impl._live_blocks(keep.gather(1, order), 16)
-    assert count.tolist() == [math.ceil(n / 16) for n in keep.sum(1).tolist()]
+    _, counts = impl._block_lists(keep.gather(1, order), 16)
+    kept = keep.sum(1).tolist()
+    assert counts[:, 1].tolist() == [math.ceil(n / 16) for n in kept]
+    assert counts[:, 0].tolist() == [n // 16 for n in kept]  # all full but the last
 
 
 # ---- Registration, backends, configs ----------------------------------------------------------------------------
@@ -349,13 +381,17 @@ def _good():
         (lambda a: {**a, "gate": torch.ones(2, 5)}, ValueError, r"gate: expected shape"),
         (lambda a: {k: torch.randn(2, 2, 8, 136) for k in "qkv"} | {"keep": a["keep"]}, ValueError, r"head dim"),
         (lambda a: {k: torch.randn(2, 2, 8, 8) for k in "qkv"} | {"keep": a["keep"]}, ValueError, r"head dim"),
+        (lambda a: {**a, "scale": -0.25}, ValueError, r"scale: expected a positive finite float, got -0.25"),
+        (lambda a: {**a, "scale": float("inf")}, ValueError, r"scale: expected a positive finite float, got inf"),
     ],
 )
-def test_bad_input_raises_a_clear_error(change, error, match):
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_bad_input_raises_a_clear_error(change, error, match, backend):
     q, k, v, keep = _good()
     args = change({"q": q, "k": k, "v": v, "keep": keep})
     with pytest.raises(error, match=match):
-        masked_attention(args["q"], args["k"], args["v"], args["keep"], gate=args.get("gate"), backend="triton")
+        masked_attention(args["q"], args["k"], args["v"], args["keep"], gate=args.get("gate"),
+                         scale=args.get("scale"), backend=backend)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU for a second device")
