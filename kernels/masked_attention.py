@@ -389,8 +389,7 @@ def get_bwd_config(seq_len: int, head_dim: int, dtype: torch.dtype, device: torc
     """Block sizes and launch options of the backward kernels (``BLOCK_M`` query rows, ``BLOCK_N`` key rows).
 
     Above head dim 64 the dK/dV accumulators need 8 warps (4 spill). fp32 (exact FMA dots) takes 16 x 16 tiles on
-    8 warps, the only tile without a spill in any of its three kernels at head dim 64 (larger fp32 tiles spill
-    16-900 bytes in the dQ or dK/dV kernel); above head dim 64 its gate-gradient dK/dV still spills 420 bytes.
+    8 warps: the larger fp32 tiles tried spill in the dQ or the dK/dV kernel.
     """
     if device.type != "cuda":
         return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
