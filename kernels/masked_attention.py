@@ -237,39 +237,39 @@ if TRITON_AVAILABLE and hasattr(torch.library, "triton_op") and hasattr(torch.li
 # ---- Launchers ---------------------------------------------------------------------------------------------------
 
 
-def _block_lists(keep: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _keep_bytes(keep: torch.Tensor) -> torch.Tensor:
+    """``keep`` as int8 bytes the kernels index densely along N: a free view of a bool tensor with unit last stride."""
+    return (keep if keep.stride(1) == 1 else keep.contiguous()).view(torch.int8)
+
+
+def _block_lists(keep_bytes: torch.Tensor, block: int, *, every_block: bool = False,
+                 launch=launch_directly) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image lists of the blocks of ``block`` tokens a loop visits: full blocks first, then partly kept ones.
 
-    All torch ops on the device, no ``.item()``: the kernels read the counts and the list themselves. A full block
-    (every token kept, none past N) is visited without per-score selects; after :func:`compaction_order` all live
-    blocks but the last of each image are full.
+    One small kernel launch on the device, no host synchronisation: the attention kernels read the counts and the list
+    themselves. A full block (every token kept, none past N) is visited without per-token masks; after
+    :func:`compaction_order` all live blocks but the last of each image are full.
 
     Args:
-        keep: ``(B, N)`` bool.
+        keep_bytes: ``(B, N)`` int8 (:func:`_keep_bytes`), nonzero for kept tokens.
+        every_block: list every block in order, for computed dropped queries; a block then counts as full when it
+            lies inside N and its image has a kept token (every row of it has a finite log-sum-exp).
 
     Returns:
         ``order`` ``(B, ceil(N / block))`` int32: the full blocks, the partly kept ones, then the blocks without a
-        kept token, each group ascending; ``counts`` ``(B, 2)`` int32: the number of full blocks and of live (full or
-        partly kept) blocks.
+        kept token, each group ascending; ``counts`` ``(B, 2)`` int32: the number of full blocks and of blocks to
+        visit (live ones, or all with ``every_block``).
     """
-    batch, seq_len = keep.shape
+    batch, seq_len = keep_bytes.shape
     num_blocks = triton.cdiv(seq_len, block)
-    padded = torch.nn.functional.pad(keep, (0, num_blocks * block - seq_len))
-    kept = padded.view(batch, num_blocks, block).sum(-1, dtype=torch.int32)
-    rank = (kept < block).to(torch.int8) + (kept == 0).to(torch.int8)  # 0 full, 1 partly kept, 2 dead
-    order = torch.argsort(rank, dim=1, stable=True).to(torch.int32)
-    counts = torch.stack(((rank == 0).sum(1), (rank < 2).sum(1)), 1).to(torch.int32)
+    order = empty(batch, num_blocks, dtype=torch.int32, device=keep_bytes.device)
+    counts = empty(batch, 2, dtype=torch.int32, device=keep_bytes.device)
+    chunk = max(1, min(triton.next_power_of_2(num_blocks), 4096 // block))  # blocks per step: <= 4096 tokens
+    launch(_block_lists_kernel)[(batch,)](
+        keep_bytes, order, counts, seq_len, num_blocks, keep_bytes.stride(0), order.stride(0),
+        BLOCK=block, CHUNK=chunk, EVERY_BLOCK=every_block,
+    )
     return order, counts
-
-
-def _all_query_blocks(keep: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Like :func:`_block_lists` for computed dropped queries: every query block, in order. A block counts as full
-    when it lies inside N and its image has a kept token (then every row of it has a finite log-sum-exp)."""
-    batch, seq_len = keep.shape
-    num_blocks = triton.cdiv(seq_len, block)
-    order = torch.arange(num_blocks, dtype=torch.int32, device=keep.device).expand(batch, num_blocks)
-    full = keep.any(1).to(torch.int32) * (seq_len // block)
-    return order, torch.stack((full, torch.full_like(full, num_blocks)), 1)
 
 
 def _masked_attention_fwd(q, k, v, keep, scale, skip_dropped_queries, launch=launch_directly):
@@ -289,8 +289,8 @@ def _masked_attention_fwd(q, k, v, keep, scale, skip_dropped_queries, launch=lau
 
 def _launch_fwd(q, k, v, keep, scale, skip_dropped_queries, cfg, launch):
     batch, heads, seq_len, head_dim = q.shape
-    keep_i8 = keep.to(torch.int8, memory_format=torch.contiguous_format)  # the kernels index keep rows densely
-    k_order, k_counts = _block_lists(keep, cfg["BLOCK_N"])
+    keep_i8 = _keep_bytes(keep)
+    k_order, k_counts = _block_lists(keep_i8, cfg["BLOCK_N"], launch=launch)
     out = empty_like_strided(q, (batch, heads, seq_len, head_dim), _BNHD)
     lse = empty(batch, heads, seq_len, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(seq_len, cfg["BLOCK_M"]), batch * heads)
@@ -332,9 +332,9 @@ def _masked_attention_bwd(
 def _launch_bwd(grad_out, q, k, v, keep, out, lse, scale, skip_dropped_queries, gate_grad, cfg, launch):
     batch, heads, seq_len, head_dim = q.shape
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    keep_i8 = keep.to(torch.int8, memory_format=torch.contiguous_format)  # the kernels index keep rows densely
-    q_order, q_counts = (_block_lists if skip_dropped_queries else _all_query_blocks)(keep, block_m)
-    k_order, k_counts = _block_lists(keep, block_n)
+    keep_i8 = _keep_bytes(keep)
+    q_order, q_counts = _block_lists(keep_i8, block_m, every_block=not skip_dropped_queries, launch=launch)
+    k_order, k_counts = _block_lists(keep_i8, block_n, launch=launch)
     block_d = triton.next_power_of_2(head_dim)
     precision = dot_precision(q.dtype)
     options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
@@ -423,6 +423,58 @@ def bwd_candidates(head_dim: int, dtype: torch.dtype, device: torch.device) -> l
 # ---- Kernels -----------------------------------------------------------------------------------------------------
 
 if TRITON_AVAILABLE:
+
+    @triton.jit
+    def _block_lists_kernel(
+        KEEP, ORDER, COUNTS, N, NUM_BLOCKS, stride_keep_b, stride_order_b,
+        BLOCK: tl.constexpr, CHUNK: tl.constexpr, EVERY_BLOCK: tl.constexpr,
+    ):
+        """The block lists of one image (see :func:`_block_lists`), a stable partition computed in two passes over
+        ``CHUNK`` blocks at a time: the first counts full and live blocks, the second places each block.
+
+        Pointers: KEEP ``(B, N)`` int8 with unit stride along N; ORDER ``(B, NUM_BLOCKS)`` int32; COUNTS ``(B, 2)``
+        int32 contiguous. Constexprs: BLOCK (tokens per block), CHUNK (blocks per step, a power of two), EVERY_BLOCK.
+
+        Grid: ``(B,)``.
+        """
+        b = tl.program_id(0).to(tl.int64)
+        offs_block = tl.arange(0, CHUNK)
+        offs_token = tl.arange(0, BLOCK)
+        n_full = 0
+        n_live = 0
+        for first in range(0, NUM_BLOCKS, CHUNK):
+            tokens = (first + offs_block)[:, None] * BLOCK + offs_token[None, :]
+            kept = tl.sum((tl.load(KEEP + b * stride_keep_b + tokens, mask=tokens < N, other=0) != 0).to(tl.int32), 1)
+            n_full += tl.sum((kept == BLOCK).to(tl.int32), 0)
+            n_live += tl.sum((kept > 0).to(tl.int32), 0)
+        if EVERY_BLOCK:
+            for first in range(0, NUM_BLOCKS, CHUNK):
+                blocks = first + offs_block
+                tl.store(ORDER + b * stride_order_b + blocks, blocks, mask=blocks < NUM_BLOCKS)
+            n_full = tl.where(n_live > 0, N // BLOCK, 0)
+            n_live = NUM_BLOCKS
+        else:
+            next_full = 0
+            next_partial = n_full
+            next_dead = n_live
+            for first in range(0, NUM_BLOCKS, CHUNK):
+                blocks = first + offs_block
+                tokens = blocks[:, None] * BLOCK + offs_token[None, :]
+                kept = tl.sum((tl.load(KEEP + b * stride_keep_b + tokens, mask=tokens < N, other=0) != 0).to(tl.int32),
+                              1)
+                in_range = blocks < NUM_BLOCKS
+                full = ((kept == BLOCK) & in_range).to(tl.int32)
+                partial = ((kept > 0) & (kept < BLOCK) & in_range).to(tl.int32)
+                dead = ((kept == 0) & in_range).to(tl.int32)
+                position = tl.where(full != 0, next_full + tl.cumsum(full, 0) - 1,
+                                    tl.where(partial != 0, next_partial + tl.cumsum(partial, 0) - 1,
+                                             next_dead + tl.cumsum(dead, 0) - 1))
+                tl.store(ORDER + b * stride_order_b + position, blocks, mask=in_range)
+                next_full += tl.sum(full, 0)
+                next_partial += tl.sum(partial, 0)
+                next_dead += tl.sum(dead, 0)
+        tl.store(COUNTS + 2 * b, n_full)
+        tl.store(COUNTS + 2 * b + 1, n_live)
 
     @triton.jit
     def _masked_fwd_key_blocks(
@@ -566,7 +618,7 @@ if TRITON_AVAILABLE:
                 qd_mask = in_d[None, :]
                 lse = tl.load(LSE_bh + offs_m)
                 delta = tl.load(DELTA_bh + offs_m)
-                row_valid = offs_m < N
+                row_valid = offs_m < N  # every row of a full block is valid; unused by the step
             q = tl.load(Q_bh + offs_m[:, None] * stride_qn + offs_d[None, :], mask=qd_mask, other=0.0)
             do = tl.load(DO_bh + offs_m[:, None] * stride_don + offs_d[None, :], mask=qd_mask, other=0.0)
             dk, dv, ds_sum = attn_bwd_dkdv_step(k, v, q, do, lse, delta, row_valid, dk, dv, qk_scale, MASK_QUERIES,

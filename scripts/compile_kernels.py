@@ -81,8 +81,8 @@ def _masked_launches(fwd, bwd, seq_len, head_dim, dtype):
     else:
         masked._launch_fwd(q, k, v, keep, scale, False, fwd, record)
     if bwd is not None:
-        for gate_grad in (False, True):
-            masked._launch_bwd(torch.randn_like(out), q, k, v, keep, out, lse, scale, True, gate_grad, bwd, record)
+        for skip, gate_grad in ((True, False), (True, True), (False, False)):
+            masked._launch_bwd(torch.randn_like(out), q, k, v, keep, out, lse, scale, skip, gate_grad, bwd, record)
     return record.launches
 
 
@@ -206,8 +206,8 @@ def _inductor_copy(kernel):
 
 def _label(kernel, constexprs, options) -> str:
     name = kernel.__name__.strip("_").removesuffix("_kernel")
-    tiles = "x".join(str(constexprs[t]) for t in ("BLOCK_M", "BLOCK_N") if t in constexprs)
-    flags = " ".join(f"{flag}={constexprs[flag]}" for flag in ("SKIP_DROPPED_QUERIES", "GATE_GRAD")
+    tiles = "x".join(str(constexprs[t]) for t in ("BLOCK_M", "BLOCK_N", "BLOCK") if t in constexprs)
+    flags = " ".join(f"{flag}={constexprs[flag]}" for flag in ("SKIP_DROPPED_QUERIES", "GATE_GRAD", "EVERY_BLOCK")
                      if flag in constexprs)
     launch = " ".join(f"{key[4]}{value}" for key, value in options.items())  # num_warps -> w4, num_stages -> s3
     return " ".join(part for part in (name, f"[{tiles} {launch}]".replace(" ]", "]"), flags) if part)

@@ -258,14 +258,15 @@ def test_compaction_order_is_a_stable_kept_first_partition():
     assert torch.equal(positions.gather(1, order).gather(1, inverse), positions)
 
 
-@pytest.mark.parametrize("block", [16, 64])
-def test_block_lists_match_a_python_loop(block):
-    keep = _random_keep(5, 150, frac=0.05)
+@pytest.mark.parametrize(("seq_len", "block"), [(150, 16), (150, 64), (4100, 16)])  # 4100: the kernel's 2 chunks
+def test_block_lists_match_a_python_loop(seq_len, block):
+    keep = _random_keep(5, seq_len, frac=0.05)
     keep[1] = False
     keep[2, : 2 * block] = True  # two full blocks
-    keep[3] = True  # every block full but the last (150 is not a multiple of the block)
-    order, counts = impl._block_lists(keep, block)
-    num_blocks = math.ceil(150 / block)
+    keep[3] = True  # every block full but the last (N is not a multiple of the block)
+    keep[4, seq_len // 2:] = True
+    order, counts = impl._block_lists(impl._keep_bytes(keep), block)
+    num_blocks = math.ceil(seq_len / block)
     assert order.shape == (5, num_blocks) and counts.shape == (5, 2) and order.dtype == counts.dtype == torch.int32
     for b in range(5):
         kept = [keep[b, i * block:(i + 1) * block].sum().item() for i in range(num_blocks)]
@@ -274,14 +275,14 @@ def test_block_lists_match_a_python_loop(block):
         dead = [i for i in range(num_blocks) if kept[i] == 0]
         assert counts[b].tolist() == [len(full), len(full) + len(partial)]
         assert order[b].tolist() == full + partial + dead
-    assert counts[3, 0].item() == 150 // block
+    assert counts[3, 0].item() == seq_len // block
 
 
 def test_query_lists_for_computed_dropped_queries():
     keep = _random_keep(3, 40, frac=0.3)
     keep[:, 0] = True
     keep[1] = False
-    order, counts = impl._all_query_blocks(keep, 16)
+    order, counts = impl._block_lists(impl._keep_bytes(keep), 16, every_block=True)
     assert order.tolist() == [[0, 1, 2]] * 3
     # Blocks inside N are full when the image has a kept token; an image without one has every row invalid.
     assert counts.tolist() == [[2, 3], [0, 3], [2, 3]]
@@ -290,7 +291,7 @@ def test_query_lists_for_computed_dropped_queries():
 def test_compaction_leaves_only_the_needed_live_blocks():
     keep = _random_keep(3, 197, frac=0.3)
     order, _ = compaction_order(keep)
-    _, counts = impl._block_lists(keep.gather(1, order), 16)
+    _, counts = impl._block_lists(impl._keep_bytes(keep.gather(1, order)), 16)
     kept = keep.sum(1).tolist()
     assert counts[:, 1].tolist() == [math.ceil(n / 16) for n in kept]
     assert counts[:, 0].tolist() == [n // 16 for n in kept]  # all full but the last
