@@ -477,6 +477,23 @@ if TRITON_AVAILABLE:
         tl.store(COUNTS + 2 * b + 1, n_live)
 
     @triton.jit
+    def _masked_key_block(K_bh, V_bh, KEEP_b, K_ORDER_b, i, stride_kn, stride_vn, N, offs_d, in_d,
+                          BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr):
+        """Load key block ``K_ORDER_b[i]`` of one (image, head): k, v ``(BLOCK_N, BLOCK_D)`` and which keys are kept.
+        A full block (``MASK_KEYS`` False) loads without per-token masks; a partly kept one loads dropped keys as
+        zeros, so NaN/Inf stored there is never read."""
+        offs_n = tl.load(K_ORDER_b + i) * BLOCK_N + tl.arange(0, BLOCK_N)
+        if MASK_KEYS:
+            keep_k = tl.load(KEEP_b + offs_n, mask=offs_n < N, other=0) != 0
+            kv_mask = keep_k[:, None] & in_d[None, :]
+        else:
+            keep_k = offs_n < N  # every key of a full block is kept; unused by the steps
+            kv_mask = in_d[None, :]
+        k = tl.load(K_bh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V_bh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        return k, v, keep_k
+
+    @triton.jit
     def _masked_fwd_key_blocks(
         q, m_i, l_i, acc, K_bh, V_bh, KEEP_b, K_ORDER_b, start, stop, stride_kn, stride_vn, N, offs_d, in_d, qk_scale,
         BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -484,17 +501,9 @@ if TRITON_AVAILABLE:
         """The online softmax over the key blocks ``K_ORDER_b[start:stop]`` of one (image, head): full blocks
         (``MASK_KEYS`` False, no per-token masks) or partly kept ones (dropped keys loaded as zeros, never read, and
         given weight 0). ``K_bh``, ``V_bh``, ``KEEP_b``, ``K_ORDER_b`` point at this image (and head)."""
-        offs_block = tl.arange(0, BLOCK_N)
         for i in range(start, stop):
-            offs_n = tl.load(K_ORDER_b + i) * BLOCK_N + offs_block
-            if MASK_KEYS:
-                keep_k = tl.load(KEEP_b + offs_n, mask=offs_n < N, other=0) != 0
-                kv_mask = keep_k[:, None] & in_d[None, :]
-            else:
-                keep_k = offs_n < N  # every key of a full block is kept; unused by the step
-                kv_mask = in_d[None, :]
-            k = tl.load(K_bh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(V_bh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+            k, v, keep_k = _masked_key_block(K_bh, V_bh, KEEP_b, K_ORDER_b, i, stride_kn, stride_vn, N, offs_d, in_d,
+                                             BLOCK_N, MASK_KEYS)
             m_i, l_i, acc = attn_fwd_step(q, tl.trans(k), v, keep_k, m_i, l_i, acc, qk_scale, MASK_KEYS, DOT_PRECISION)
         return m_i, l_i, acc
 
@@ -709,17 +718,9 @@ if TRITON_AVAILABLE:
     ):
         """Accumulate dQ of one query block over the key blocks ``K_ORDER_b[start:stop]``: full blocks (``MASK_KEYS``
         False) or partly kept ones (dropped keys loaded as zeros and given weight 0)."""
-        offs_block = tl.arange(0, BLOCK_N)
         for i in range(start, stop):
-            offs_n = tl.load(K_ORDER_b + i) * BLOCK_N + offs_block
-            if MASK_KEYS:
-                keep_k = tl.load(KEEP_b + offs_n, mask=offs_n < N, other=0) != 0
-                kv_mask = keep_k[:, None] & in_d[None, :]
-            else:
-                keep_k = offs_n < N  # every key of a full block is kept; unused by the step
-                kv_mask = in_d[None, :]
-            k = tl.load(K_bh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(V_bh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+            k, v, keep_k = _masked_key_block(K_bh, V_bh, KEEP_b, K_ORDER_b, i, stride_kn, stride_vn, N, offs_d, in_d,
+                                             BLOCK_N, MASK_KEYS)
             dq = attn_bwd_dq_step(q, do, tl.trans(k), tl.trans(v), lse, delta, keep_k, dq, qk_scale, MASK_KEYS,
                                   DOT_PRECISION)
         return dq
