@@ -95,7 +95,7 @@ def faithful_tiny() -> FaithfulViTConfig:
       worst-group 32.5%, mask IoU 0.31); the prior alone leaves stray background patches, which stage 2 exploits
       (seed 0: worst-group 18.4%). With the opening, a target of 0.25 gives masks as large as the any-pixel oracle's
       that still let some place texture through (3 seeds: worst-group 38.3%); 0.15 gives masks the size of the
-      ground-truth patches (kept 0.12 vs 0.105), chosen on validation worst-group accuracy (4 seeds: 67% vs 36%;
+      ground-truth patches (kept 0.12 vs 0.105), chosen on validation worst-group accuracy (4 seeds: 66% vs 36%;
       test 68%, with one seed of four at 47%).
     """
     return FaithfulViTConfig(

@@ -334,7 +334,10 @@ def _launch_bwd(grad_out, q, k, v, keep, out, lse, scale, skip_dropped_queries, 
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     keep_i8 = _keep_bytes(keep)
     q_order, q_counts = _block_lists(keep_i8, block_m, every_block=not skip_dropped_queries, launch=launch)
-    k_order, k_counts = _block_lists(keep_i8, block_n, launch=launch)
+    if skip_dropped_queries and block_n == block_m:  # the key lists are the query lists
+        k_order, k_counts = q_order, q_counts
+    else:
+        k_order, k_counts = _block_lists(keep_i8, block_n, launch=launch)
     block_d = triton.next_power_of_2(head_dim)
     precision = dot_precision(q.dtype)
     options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
@@ -425,6 +428,12 @@ def bwd_candidates(head_dim: int, dtype: torch.dtype, device: torch.device) -> l
 if TRITON_AVAILABLE:
 
     @triton.jit
+    def _kept_per_block(KEEP_b, blocks, N, BLOCK: tl.constexpr):
+        """Kept tokens in each of ``blocks`` (block indices) of one image; tokens past N count as dropped."""
+        tokens = blocks[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+        return tl.sum((tl.load(KEEP_b + tokens, mask=tokens < N, other=0) != 0).to(tl.int32), 1)
+
+    @triton.jit
     def _block_lists_kernel(
         KEEP, ORDER, COUNTS, N, NUM_BLOCKS, stride_keep_b, stride_order_b,
         BLOCK: tl.constexpr, CHUNK: tl.constexpr, EVERY_BLOCK: tl.constexpr,
@@ -438,13 +447,12 @@ if TRITON_AVAILABLE:
         Grid: ``(B,)``.
         """
         b = tl.program_id(0).to(tl.int64)
+        keep_b = KEEP + b * stride_keep_b
         offs_block = tl.arange(0, CHUNK)
-        offs_token = tl.arange(0, BLOCK)
         n_full = 0
         n_live = 0
         for first in range(0, NUM_BLOCKS, CHUNK):
-            tokens = (first + offs_block)[:, None] * BLOCK + offs_token[None, :]
-            kept = tl.sum((tl.load(KEEP + b * stride_keep_b + tokens, mask=tokens < N, other=0) != 0).to(tl.int32), 1)
+            kept = _kept_per_block(keep_b, first + offs_block, N, BLOCK)
             n_full += tl.sum((kept == BLOCK).to(tl.int32), 0)
             n_live += tl.sum((kept > 0).to(tl.int32), 0)
         if EVERY_BLOCK:
@@ -459,9 +467,7 @@ if TRITON_AVAILABLE:
             next_dead = n_live
             for first in range(0, NUM_BLOCKS, CHUNK):
                 blocks = first + offs_block
-                tokens = blocks[:, None] * BLOCK + offs_token[None, :]
-                kept = tl.sum((tl.load(KEEP + b * stride_keep_b + tokens, mask=tokens < N, other=0) != 0).to(tl.int32),
-                              1)
+                kept = _kept_per_block(keep_b, blocks, N, BLOCK)
                 in_range = blocks < NUM_BLOCKS
                 full = ((kept == BLOCK) & in_range).to(tl.int32)
                 partial = ((kept > 0) & (kept < BLOCK) & in_range).to(tl.int32)
