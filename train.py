@@ -54,76 +54,161 @@ class ParseKwargs(argparse.Action):
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_argument_group("Data")
-    group.add_argument("--data", default="synthetic", choices=DATASETS, help="dataset: synthetic (the built-in "
-                       "benchmark, generated and cached on first use), waterbirds_lite (built offline by "
-                       "scripts/setup_waterbirds_lite.sh), or one in --data-dir: waterbirds (metadata.csv), cub "
-                       "(CUB-200-2011), metashift (DISC layout), imagefolder (<dir>/{train,val,test}/<class>/*) "
-                       "(default: %(default)s)")
-    group.add_argument("--data-dir", default=None, help="dataset folder (required for waterbirds, cub, metashift, "
-                       "imagefolder)")
-    group.add_argument("--mask-dir", default=None, help="CUB segmentations folder: ground-truth masks for mask "
-                       "metrics and the oracle (waterbirds, cub)")
-    group.add_argument("--data-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
-                       help="generator settings of synthetic/waterbirds_lite, e.g. n_train=600 image_size=32")
-    group.add_argument("--img-size", type=int, default=None, help="image side for folder datasets (default: the "
-                       "two-stage preset's)")
+    group.add_argument(
+        "--data",
+        default="synthetic",
+        choices=DATASETS,
+        help="dataset: synthetic (the built-in "
+        "benchmark, generated and cached on first use), waterbirds_lite (built offline by "
+        "scripts/setup_waterbirds_lite.sh), or one in --data-dir: waterbirds (metadata.csv), cub "
+        "(CUB-200-2011), metashift (DISC layout), imagefolder (<dir>/{train,val,test}/<class>/*) "
+        "(default: %(default)s)",
+    )
+    group.add_argument(
+        "--data-dir", default=None, help="dataset folder (required for waterbirds, cub, metashift, imagefolder)"
+    )
+    group.add_argument(
+        "--mask-dir",
+        default=None,
+        help="CUB segmentations folder: ground-truth masks for mask metrics and the oracle (waterbirds, cub)",
+    )
+    group.add_argument(
+        "--data-kwargs",
+        nargs="*",
+        default={},
+        action=ParseKwargs,
+        metavar="KEY=VALUE",
+        help="generator settings of synthetic/waterbirds_lite, e.g. n_train=600 image_size=32",
+    )
+    group.add_argument(
+        "--img-size", type=int, default=None, help="image side for folder datasets (default: the two-stage preset's)"
+    )
     group.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default: %(default)s)")
     group = parser.add_argument_group("Model")
-    group.add_argument("--model", default=DEFAULT_MODELS, help="comma-separated models to train: two-stage presets "
-                       "(see faithful_vit.list_models()), 'baseline' (full-image ViT of stage-2 size) and 'oracle' "
-                       "(stage 2 given the ground-truth patch mask) (default: %(default)s)")
-    group.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
-                       help="overrides of the two-stage preset's config, e.g. num_parts=4 mask_morphology=open")
-    group.add_argument("--reference-model", default=None, help="two-stage preset whose stage 2 sets the size of "
-                       "baseline and oracle (default: the first preset in --model, else faithful_tiny)")
-    group.add_argument("--oracle-threshold", type=float, default=0.5, help="the oracle keeps a patch when its "
-                       "ground-truth foreground fraction exceeds this (default: %(default)s)")
-    group.add_argument("--pretrained-file", default=None, help="local ViT weights (.safetensors/.pth) for the "
-                       "two-stage backbones; nothing is ever downloaded")
+    group.add_argument(
+        "--model",
+        default=DEFAULT_MODELS,
+        help="comma-separated models to train: two-stage presets "
+        "(see faithful_vit.list_models()), 'baseline' (full-image ViT of stage-2 size) and 'oracle' "
+        "(stage 2 given the ground-truth patch mask) (default: %(default)s)",
+    )
+    group.add_argument(
+        "--model-kwargs",
+        nargs="*",
+        default={},
+        action=ParseKwargs,
+        metavar="KEY=VALUE",
+        help="overrides of the two-stage preset's config, e.g. num_parts=4 mask_morphology=open",
+    )
+    group.add_argument(
+        "--reference-model",
+        default=None,
+        help="two-stage preset whose stage 2 sets the size of "
+        "baseline and oracle (default: the first preset in --model, else faithful_tiny)",
+    )
+    group.add_argument(
+        "--oracle-threshold",
+        type=float,
+        default=0.5,
+        help="the oracle keeps a patch when its ground-truth foreground fraction exceeds this (default: %(default)s)",
+    )
+    group.add_argument(
+        "--pretrained-file",
+        default=None,
+        help="local ViT weights (.safetensors/.pth) for the two-stage backbones; nothing is ever downloaded",
+    )
     group = parser.add_argument_group("Optimizer")
     group.add_argument("--batch-size", type=int, default=64, help="batch size per process (default: %(default)s)")
     group.add_argument("--eval-batch-size", type=int, default=256, help="evaluation batch size (default: %(default)s)")
-    group.add_argument("--lr", type=float, default=1e-3, help="base learning rate of AdamW; the two-stage model "
-                       "scales it per parameter group (paper section 7.1) (default: %(default)s)")
+    group.add_argument(
+        "--lr",
+        type=float,
+        default=1e-3,
+        help="base learning rate of AdamW; the two-stage model "
+        "scales it per parameter group (paper section 7.1) (default: %(default)s)",
+    )
     group.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default: %(default)s)")
-    group.add_argument("--wd-normalized", action="store_true", help="normalised weight decay (paper section 7.2): "
-                       "weight-decay * sqrt(1 / total steps)")
-    group.add_argument("--clip-grad", type=float, default=2.0, help="global gradient-norm clip; 0 disables "
-                       "(default: %(default)s)")
+    group.add_argument(
+        "--wd-normalized",
+        action="store_true",
+        help="normalised weight decay (paper section 7.2): weight-decay * sqrt(1 / total steps)",
+    )
+    group.add_argument(
+        "--clip-grad", type=float, default=2.0, help="global gradient-norm clip; 0 disables (default: %(default)s)"
+    )
     group = parser.add_argument_group("Schedule")
     group.add_argument("--epochs", type=int, default=10, help="training epochs (default: %(default)s)")
-    group.add_argument("--sched", choices=("cosine", "constant"), default="cosine", help="LR schedule, to 0 with "
-                       "no restart (default: %(default)s)")
-    group.add_argument("--sched-unit", choices=("epoch", "step"), default="step", help="update the LR every step, "
-                       "or once per epoch as the paper does (default: %(default)s)")
-    group.add_argument("--warmup-epochs", type=float, default=1.0, help="linear LR warm-up; the paper fine-tunes a "
-                       "pretrained backbone without one (0), training from scratch needs it (default: %(default)s)")
+    group.add_argument(
+        "--sched",
+        choices=("cosine", "constant"),
+        default="cosine",
+        help="LR schedule, to 0 with no restart (default: %(default)s)",
+    )
+    group.add_argument(
+        "--sched-unit",
+        choices=("epoch", "step"),
+        default="step",
+        help="update the LR every step, or once per epoch as the paper does (default: %(default)s)",
+    )
+    group.add_argument(
+        "--warmup-epochs",
+        type=float,
+        default=1.0,
+        help="linear LR warm-up; the paper fine-tunes a "
+        "pretrained backbone without one (0), training from scratch needs it (default: %(default)s)",
+    )
     group.add_argument("--min-lr", type=float, default=0.0, help="LR at the end of the cosine (default: %(default)s)")
     group = parser.add_argument_group("Device")
     group.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda (default: %(default)s)")
-    group.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA; "
-                       "ignored on CPU (default: on)")
-    group.add_argument("--attn-impl", choices=("auto", "triton", "torch"), default=None, help="attention kernels: "
-                       "our Triton kernels, the PyTorch reference, or auto (Triton where it can run) "
-                       "(default: $FAITHFUL_VIT_BACKEND, else auto)")
+    group.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="bf16 autocast on CUDA; ignored on CPU (default: on)",
+    )
+    group.add_argument(
+        "--attn-impl",
+        choices=("auto", "triton", "torch"),
+        default=None,
+        help="attention kernels: "
+        "our Triton kernels, the PyTorch reference, or auto (Triton where it can run) "
+        "(default: $FAITHFUL_VIT_BACKEND, else auto)",
+    )
     group.add_argument("--compile", action="store_true", help="torch.compile the model for training")
     group.add_argument("--channels-last", action="store_true", help="channels-last images and weights")
     group = parser.add_argument_group("Checkpointing")
     group.add_argument("--output", default="runs", help="parent folder of run folders (default: %(default)s)")
     group.add_argument("--experiment", default=None, help="run folder name (default: a UTC timestamp)")
-    group.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR with its "
-                       "args.yaml (flags given here override it); finished models are not retrained")
-    group.add_argument("--checkpoint-every", type=int, default=100, help="also checkpoint every N steps; 0: only at "
-                       "epoch ends (default: %(default)s)")
+    group.add_argument(
+        "--resume",
+        default=None,
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR with its "
+        "args.yaml (flags given here override it); finished models are not retrained",
+    )
+    group.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=100,
+        help="also checkpoint every N steps; 0: only at epoch ends (default: %(default)s)",
+    )
     group = parser.add_argument_group("Misc")
     group.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    group.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2; overrides --seed and "
-                       "reports mean and std over seeds")
-    group.add_argument("--log-interval", type=int, default=20, help="steps between loss read-outs (the only host "
-                       "synchronisations in training) (default: %(default)s)")
+    group.add_argument(
+        "--seeds",
+        default=None,
+        help="comma-separated seeds, e.g. 0,1,2; overrides --seed and reports mean and std over seeds",
+    )
+    group.add_argument(
+        "--log-interval",
+        type=int,
+        default=20,
+        help="steps between loss read-outs (the only host synchronisations in training) (default: %(default)s)",
+    )
     group.add_argument("--no-progress", action="store_true", help="no progress bars (they are off without a TTY)")
-    group.add_argument("--num-figure-samples", type=int, default=6, help="images in the mask figures "
-                       "(default: %(default)s)")
+    group.add_argument(
+        "--num-figure-samples", type=int, default=6, help="images in the mask figures (default: %(default)s)"
+    )
     return parser
 
 
@@ -161,11 +246,14 @@ def build_datasets(args) -> tuple[list, int]:
     splits = ("train", "val", "test")
     try:
         if args.data in ("synthetic", "waterbirds_lite"):
-            module, name = (synthetic, "SpuriousShapes") if args.data == "synthetic" else (waterbirds_lite,
-                                                                                           "WaterbirdsLite")
+            module, name = (
+                (synthetic, "SpuriousShapes") if args.data == "synthetic" else (waterbirds_lite, "WaterbirdsLite")
+            )
             config = getattr(module, f"{name}Config")(**args.data_kwargs)
-            built = [getattr(module, name)(split, config=config, transform=transforms.synthetic_transforms(
-                split == "train")) for split in splits]
+            built = [
+                getattr(module, name)(split, config=config, transform=transforms.synthetic_transforms(split == "train"))
+                for split in splits
+            ]
             return built, config.image_size
         if args.data_dir is None or not Path(args.data_dir).is_dir():
             raise UsageError(f"--data-dir: dataset folder not found: {args.data_dir}")
@@ -212,8 +300,10 @@ def _check_models(args) -> list[str]:
     presets = faithful_vit.list_models()
     unknown = [name for name in names if name not in presets and name not in COMPARISON_MODELS]
     if not names or unknown:
-        raise UsageError(f"--model: unknown model {unknown or args.model!r}; expected a comma list of "
-                         f"{presets + list(COMPARISON_MODELS)}")
+        raise UsageError(
+            f"--model: unknown model {unknown or args.model!r}; expected a comma list of "
+            f"{presets + list(COMPARISON_MODELS)}"
+        )
     if args.reference_model is None:
         args.reference_model = next((name for name in names if name in presets), "faithful_tiny")
     if args.reference_model not in presets:
@@ -232,21 +322,40 @@ def run(args, args_text: str) -> dict:
     (train_set, val_set, test_set), image_size = build_datasets(args)
     group_names, num_classes = list(train_set.group_names), train_set.num_classes
     if "oracle" in names and len(test_set) and test_set[0].fg_mask is None:
-        raise UsageError(f"--model oracle: needs ground-truth masks, which --data {args.data} does not have here "
-                         "(--mask-dir for waterbirds/cub)")
+        raise UsageError(
+            f"--model oracle: needs ground-truth masks, which --data {args.data} does not have here "
+            "(--mask-dir for waterbirds/cub)"
+        )
     dist_info = engine.setup_distributed(args.device)
-    run_dir = Path(args.resume) if args.resume else Path(args.output) / (
-        args.experiment or time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
+    run_dir = (
+        Path(args.resume)
+        if args.resume
+        else Path(args.output) / (args.experiment or time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
+    )
     if dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "args.yaml").write_text(args_text)
     cfg = engine.TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, lr=args.lr,
-        weight_decay=args.weight_decay, wd_normalized=args.wd_normalized, clip_grad=args.clip_grad or None,
-        sched=args.sched, sched_unit=args.sched_unit, warmup_epochs=args.warmup_epochs, min_lr=args.min_lr,
-        amp=args.amp, channels_last=args.channels_last, compile=args.compile, num_workers=args.num_workers,
-        log_interval=args.log_interval, checkpoint_every=args.checkpoint_every, progress=not args.no_progress,
-        patch_threshold=args.oracle_threshold)
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        eval_batch_size=args.eval_batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        wd_normalized=args.wd_normalized,
+        clip_grad=args.clip_grad or None,
+        sched=args.sched,
+        sched_unit=args.sched_unit,
+        warmup_epochs=args.warmup_epochs,
+        min_lr=args.min_lr,
+        amp=args.amp,
+        channels_last=args.channels_last,
+        compile=args.compile,
+        num_workers=args.num_workers,
+        log_interval=args.log_interval,
+        checkpoint_every=args.checkpoint_every,
+        progress=not args.no_progress,
+        patch_threshold=args.oracle_threshold,
+    )
     figure_indices = list(range(min(args.num_figure_samples, len(test_set))))
     results, histories = {name: [] for name in names}, {}
     for seed in seeds:
@@ -255,36 +364,56 @@ def run(args, args_text: str) -> dict:
             done = model_dir / "test_metrics.json"
             if done.exists():  # finished before a --resume
                 results[name].append(json.loads(done.read_text()))
-                histories[f"{name}/seed{seed}"] = [json.loads(line) for line in
-                                                   (model_dir / "metrics.jsonl").read_text().splitlines()]
+                histories[f"{name}/seed{seed}"] = [
+                    json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()
+                ]
                 continue
             engine.seed_everything(seed)
             model = build_model(name, args, num_classes, image_size)
-            trainer = engine.Trainer(model, train_set, val_set, num_groups=len(group_names),
-                                     cfg=engine.TrainConfig(**{**vars(cfg), "seed": seed}), run_dir=model_dir,
-                                     dist_info=dist_info, name=f"{name}/seed{seed}")
+            trainer = engine.Trainer(
+                model,
+                train_set,
+                val_set,
+                num_groups=len(group_names),
+                cfg=engine.TrainConfig(**{**vars(cfg), "seed": seed}),
+                run_dir=model_dir,
+                dist_info=dist_info,
+                name=f"{name}/seed{seed}",
+            )
             start = time.perf_counter()
             histories[f"{name}/seed{seed}"] = trainer.fit(resume=args.resume is not None)
-            test = {"model": name, "seed": seed, **trainer.test(test_set),
-                    "train_seconds": time.perf_counter() - start}
+            test = {"model": name, "seed": seed, **trainer.test(test_set), "train_seconds": time.perf_counter() - start}
             results[name].append(test)
             if dist_info.is_main:
                 done.write_text(json.dumps(test, indent=2))
                 samples = engine.predict_samples(trainer.module, test_set, figure_indices, dist_info.device)
-                viz.plot_masks(samples["images"], run_dir / "figures" / f"masks_{name}_seed{seed}.png",
-                               fg_masks=samples["fg_masks"], keep=samples["keep"], part_maps=samples["part_maps"],
-                               patch_size=samples["patch_size"], title=f"{name} (seed {seed}, test images)")
+                viz.plot_masks(
+                    samples["images"],
+                    run_dir / "figures" / f"masks_{name}_seed{seed}.png",
+                    fg_masks=samples["fg_masks"],
+                    keep=samples["keep"],
+                    part_maps=samples["part_maps"],
+                    patch_size=samples["patch_size"],
+                    title=f"{name} (seed {seed}, test images)",
+                )
             del trainer, model
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-    summary = {"data": args.data, "split": "test", "group_names": group_names, "seeds": seeds,
-               "selection": "best validation worst-group accuracy (ties: validation accuracy)",
-               "models": {name: metrics.summarize_seeds(per_seed) for name, per_seed in results.items()}}
+    summary = {
+        "data": args.data,
+        "split": "test",
+        "group_names": group_names,
+        "seeds": seeds,
+        "selection": "best validation worst-group accuracy (ties: validation accuracy)",
+        "models": {name: metrics.summarize_seeds(per_seed) for name, per_seed in results.items()},
+    }
     if dist_info.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         viz.plot_training_curves(histories, run_dir / "figures" / "training_curves.png")
-        print(f"\n{args.data} test split, {len(seeds)} seed(s), checkpoints chosen on validation worst-group "
-              f"accuracy:\n{metrics.format_table(summary['models'])}\nrun folder: {run_dir}")
+        print(
+            f"\n{args.data} test split, {len(seeds)} seed(s), checkpoints chosen on validation worst-group "
+            f"accuracy:\n{metrics.format_table(summary['models'])}\nrun folder: {run_dir}"
+        )
     engine.cleanup_distributed()
     return summary
 

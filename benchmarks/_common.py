@@ -34,13 +34,46 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # The columns every row has, in the order the CSV shows them; anything else a benchmark adds follows.
 CORE_COLUMNS = (
-    "bench", "suite", "provider", "mode", "status", "reason", "model", "n", "head_dim", "heads", "batch", "dtype",
-    "kept_target", "kept_actual", "median_ms", "p20_ms", "p80_ms", "iters", "setup_ms", "useful_tflops",
-    "dense_equiv_tflops", "images_per_s", "peak_mem_mib", "max_abs_err",
+    "bench",
+    "suite",
+    "provider",
+    "mode",
+    "status",
+    "reason",
+    "model",
+    "n",
+    "head_dim",
+    "heads",
+    "batch",
+    "dtype",
+    "kept_target",
+    "kept_actual",
+    "median_ms",
+    "p20_ms",
+    "p80_ms",
+    "iters",
+    "setup_ms",
+    "useful_tflops",
+    "dense_equiv_tflops",
+    "images_per_s",
+    "peak_mem_mib",
+    "max_abs_err",
 )
 ENV_COLUMNS = (
-    "device_name", "device_type", "torch", "triton", "timm", "xformers", "cuda", "python", "commit", "commit_dirty",
-    "date_utc", "cpu_threads", "triton_interpret", "autotune",
+    "device_name",
+    "device_type",
+    "torch",
+    "triton",
+    "timm",
+    "xformers",
+    "cuda",
+    "python",
+    "commit",
+    "commit_dirty",
+    "date_utc",
+    "cpu_threads",
+    "triton_interpret",
+    "autotune",
 )
 
 
@@ -65,8 +98,9 @@ def _version(distribution: str) -> str | None:
 
 def _git(*args: str) -> str:
     try:
-        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
 
@@ -97,8 +131,11 @@ def environment(device: torch.device) -> dict:
 
 
 def add_autotune_argument(parser) -> None:
-    parser.add_argument("--autotune", action="store_true",
-                        help="autotune our kernels' launch configs (first call per shape, during warm-up)")
+    parser.add_argument(
+        "--autotune",
+        action="store_true",
+        help="autotune our kernels' launch configs (first call per shape, during warm-up)",
+    )
 
 
 def apply_autotune(args) -> None:
@@ -134,8 +171,15 @@ def _quantile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
-def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 5, min_iters: int = 10,
-            max_iters: int = 200, budget_s: float = 0.5) -> Timing:
+def measure(
+    fn: Callable[[], object],
+    device: torch.device,
+    *,
+    warmup: int = 5,
+    min_iters: int = 10,
+    max_iters: int = 200,
+    budget_s: float = 0.5,
+) -> Timing:
     """Median/p20/p80 milliseconds of ``fn()``, each call timed on its own.
 
     Calls ``fn`` ``warmup`` times, estimates one call's cost, then times ``clamp(budget_s / cost, min_iters,
@@ -173,8 +217,9 @@ def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 5, 
     return Timing(_quantile(times, 0.5), _quantile(times, 0.2), _quantile(times, 0.8), iters)
 
 
-def measure_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, *, warmup: int = 1,
-                        rounds: int = 5) -> dict[str, Timing | Exception]:
+def measure_interleaved(
+    fns: dict[str, Callable[[], object]], device: torch.device, *, warmup: int = 1, rounds: int = 5
+) -> dict[str, Timing | Exception]:
     """Time several callables round-robin: each round calls every one once, ``rounds`` rounds.
 
     For a shared, noisy machine (the CPU variant): load changes then hit every candidate alike instead of whichever
@@ -285,10 +330,10 @@ def with_prefix(patch_keep: torch.Tensor, num_prefix: int) -> torch.Tensor:
 
 # ViT token layouts the issue names: N -> (prefix tokens, patch grid).
 TOKEN_LAYOUTS = {
-    197: (1, (14, 14)),     # ViT-B/16 or S/16 at 224: CLS + 14x14
-    261: (5, (16, 16)),     # ViT-B/14 at 224 with 4 registers: CLS + 4 reg + 16x16
-    577: (1, (24, 24)),     # ViT-B/16 at 384
-    1374: (5, (37, 37)),    # ViT-B/14 at 518 with 4 registers (the paper's DINOv2 backbone)
+    197: (1, (14, 14)),  # ViT-B/16 or S/16 at 224: CLS + 14x14
+    261: (5, (16, 16)),  # ViT-B/14 at 224 with 4 registers: CLS + 4 reg + 16x16
+    577: (1, (24, 24)),  # ViT-B/16 at 384
+    1374: (5, (37, 37)),  # ViT-B/14 at 518 with 4 registers (the paper's DINOv2 backbone)
 }
 
 
@@ -321,8 +366,9 @@ def import_available(module: str, attr: str | None = None) -> Availability:
 
 
 # ------------------------------------------------------------------------------------------------------- results
-def add_speedups(rows: list[dict], config_fields: Sequence[str], baselines: Sequence[str],
-                 providers: Iterable[str] | None = None) -> None:
+def add_speedups(
+    rows: list[dict], config_fields: Sequence[str], baselines: Sequence[str], providers: Iterable[str] | None = None
+) -> None:
     """``speedup_vs_<baseline>`` = baseline median / row median, for every timed row (of ``providers``, or all) with a
     timed baseline in the same configuration (the rows agreeing on ``config_fields``)."""
     wanted = None if providers is None else set(providers)
@@ -346,8 +392,10 @@ def write_results(rows: list[dict], out_dir: Path, name: str) -> tuple[Path, Pat
     json_path, csv_path = out_dir / f"{name}.json", out_dir / f"{name}.csv"
     json_path.write_text(json.dumps(rows, indent=1, default=_json_default) + "\n")
     if tuned_configs():  # --autotune: what each kernel family picked, per shape bucket
-        tuned = [{"family": family, "key": str(key), "device": device, "config": cfg}
-                 for (family, key, _, device), cfg in tuned_configs().items()]
+        tuned = [
+            {"family": family, "key": str(key), "device": device, "config": cfg}
+            for (family, key, _, device), cfg in tuned_configs().items()
+        ]
         (out_dir / f"{name}_autotune.json").write_text(json.dumps(tuned, indent=1) + "\n")
     extra = sorted({key for row in rows for key in row} - set(CORE_COLUMNS) - set(ENV_COLUMNS))
     columns = [*CORE_COLUMNS, *extra, *ENV_COLUMNS]
@@ -387,6 +435,7 @@ def base_row(env: dict, **fields: object) -> dict:
 
 def format_table(rows: list[dict], columns: Sequence[str]) -> str:
     """Plain fixed-width text table (for the end of a run's output)."""
+
     def fmt(value: object) -> str:
         if isinstance(value, float):
             return f"{value:.4g}"
@@ -400,8 +449,15 @@ def format_table(rows: list[dict], columns: Sequence[str]) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------- plots
-def plot_time_vs_kept(rows: list[dict], out_dir: Path, stem: str, *, group_keys: Sequence[str] = ("head_dim", "mode"),
-                      panel_key: str = "n", line_key: str = "provider") -> list[Path]:
+def plot_time_vs_kept(
+    rows: list[dict],
+    out_dir: Path,
+    stem: str,
+    *,
+    group_keys: Sequence[str] = ("head_dim", "mode"),
+    panel_key: str = "n",
+    line_key: str = "provider",
+) -> list[Path]:
     """One PNG per ``group_keys`` value, one panel per ``panel_key`` value, time (ms) versus kept fraction, one line
     per ``line_key``. Rows without a time (unavailable, failed) are left out of the plot; the table still has them.
     """
@@ -434,8 +490,11 @@ def plot_time_vs_kept(rows: list[dict], out_dir: Path, stem: str, *, group_keys:
         axes[0][-1].legend(fontsize=7, loc="best")
         env = group[0]
         title = ", ".join(f"{k}={v}" for k, v in zip(group_keys, key))
-        fig.suptitle(f"{stem}: {title}\n{env.get('device_name')} | torch {env.get('torch')} | "
-                     f"commit {env.get('commit')} | {env.get('date_utc')}", fontsize=8)
+        fig.suptitle(
+            f"{stem}: {title}\n{env.get('device_name')} | torch {env.get('torch')} | "
+            f"commit {env.get('commit')} | {env.get('date_utc')}",
+            fontsize=8,
+        )
         fig.tight_layout()
         path = out_dir / f"{stem}_{safe_name('_'.join(f'{k}{v}' for k, v in zip(group_keys, key)))}.png"
         fig.savefig(path, dpi=110)

@@ -83,8 +83,18 @@ class Case:
         return batch, seq_len, heads, head_dim
 
 
-def make_case(batch: int, seq_len: int, heads: int, head_dim: int, kept: float, dtype: torch.dtype,
-              device: torch.device, seed: int, backend: str, with_grad: bool) -> Case:
+def make_case(
+    batch: int,
+    seq_len: int,
+    heads: int,
+    head_dim: int,
+    kept: float,
+    dtype: torch.dtype,
+    device: torch.device,
+    seed: int,
+    backend: str,
+    with_grad: bool,
+) -> Case:
     gen = torch.Generator().manual_seed(seed)
     num_prefix, grid = C.token_layout(seq_len)
     keep = C.with_prefix(C.blob_keep(batch, grid, kept, gen), num_prefix).to(device)
@@ -136,14 +146,17 @@ def build_provider(name: str, case: Case, device: torch.device, flex_block: int)
     packed_to_dense = lambda out: _scatter(case, out)  # noqa: E731
 
     if name == "ours_masked":
+
         def run():
             return _bhnd(K.masked_attention(_bhnd(q), _bhnd(k), _bhnd(v), case.keep, backend=case.backend))
+
         return Built(run, case.grad_out, (case.qkv,), identity)
 
     if name == "ours_masked_compact":
         order_holder = {}
-        setup_ms = C.timed_once_ms(lambda: order_holder.update(zip(("order", "inverse"),
-                                                                   K.compaction_order(case.keep))), device)
+        setup_ms = C.timed_once_ms(
+            lambda: order_holder.update(zip(("order", "inverse"), K.compaction_order(case.keep))), device
+        )
         order, inverse = order_holder["order"], order_holder["inverse"]
         gather_index = order[:, :, None, None, None].expand_as(case.qkv)
         compact = case.qkv.detach().gather(1, gather_index).requires_grad_(case.qkv.requires_grad)
@@ -156,27 +169,39 @@ def build_provider(name: str, case: Case, device: torch.device, flex_block: int)
 
         def to_dense(out):
             return out.gather(1, inverse[:, :, None, None].expand_as(out))
+
         return Built(run, grad_c, (compact,), to_dense, setup_ms=setup_ms)
 
     if name in ("ours_varlen", "ours_varlen_core"):
+
         def attend(packed_qkv):
             a, b, c = packed_qkv.unbind(1)
-            return K.varlen_attention(a, b, c, case.cu_seqlens, case.max_seqlen, check_cu_seqlens=False,
-                                      backend=case.backend)
+            return K.varlen_attention(
+                a, b, c, case.cu_seqlens, case.max_seqlen, check_cu_seqlens=False, backend=case.backend
+            )
+
         if name == "ours_varlen_core":
             return Built(lambda: attend(case.packed), case.grad_packed, (case.packed,), packed_to_dense)
         batch, seq_len, _, heads, head_dim = case.qkv.shape
 
         def gather():
             return case.qkv.reshape(batch * seq_len, 3, heads, head_dim).index_select(0, case.index)
-        gather_scatter = C.measure(lambda: _scatter(case, gather()[:, 0]), device, warmup=2, min_iters=5,
-                                   max_iters=50, budget_s=0.1)
-        return Built(lambda: _scatter(case, attend(gather())), case.grad_out, (case.qkv,), identity,
-                     extra={"gather_scatter_ms": gather_scatter.median_ms})
+
+        gather_scatter = C.measure(
+            lambda: _scatter(case, gather()[:, 0]), device, warmup=2, min_iters=5, max_iters=50, budget_s=0.1
+        )
+        return Built(
+            lambda: _scatter(case, attend(gather())),
+            case.grad_out,
+            (case.qkv,),
+            identity,
+            extra={"gather_scatter_ms": gather_scatter.median_ms},
+        )
 
     if name == "sdpa_flash_dense":
         if device.type == "cuda":
             from torch.nn.attention import SDPBackend, sdpa_kernel
+
             context = lambda: sdpa_kernel([SDPBackend.FLASH_ATTENTION])  # noqa: E731
         else:  # no flash backend on the CPU: SDPA picks its CPU kernel (smoke runs only)
             context = contextlib.nullcontext
@@ -184,15 +209,21 @@ def build_provider(name: str, case: Case, device: torch.device, flex_block: int)
         def run():
             with context():
                 return _bhnd(F.scaled_dot_product_attention(_bhnd(q), _bhnd(k), _bhnd(v)))
+
         return Built(run, case.grad_out, (case.qkv,), identity, exact=False)
 
     if name == "sdpa_bool_mask":
         mask = case.keep[:, None, None, :]
-        return Built(lambda: _bhnd(F.scaled_dot_product_attention(_bhnd(q), _bhnd(k), _bhnd(v), attn_mask=mask)),
-                     case.grad_out, (case.qkv,), identity)
+        return Built(
+            lambda: _bhnd(F.scaled_dot_product_attention(_bhnd(q), _bhnd(k), _bhnd(v), attn_mask=mask)),
+            case.grad_out,
+            (case.qkv,),
+            identity,
+        )
 
     if name in ("flex", "flex_incl_build"):
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
         keep = case.keep
         batch, seq_len, _, _ = case.shape
 
@@ -201,6 +232,7 @@ def build_provider(name: str, case: Case, device: torch.device, flex_block: int)
 
         def build_mask():
             return create_block_mask(mask_mod, batch, None, seq_len, seq_len, device=device, BLOCK_SIZE=flex_block)
+
         attend = _compiled_flex(flex_attention) if device.type == "cuda" else flex_attention
         build_mask()  # first build traces mask_mod; the timed builds below are the steady-state cost
         holder = {}
@@ -210,35 +242,49 @@ def build_provider(name: str, case: Case, device: torch.device, flex_block: int)
         fq, fk, fv = qkv_bhnd.unbind(0)
         grad_bhnd = _bhnd(case.grad_out).contiguous()
         if name == "flex":
-            return Built(lambda: attend(fq, fk, fv, block_mask=holder["mask"]), grad_bhnd, (qkv_bhnd,), _bhnd,
-                         setup_ms=setup_ms)
-        return Built(lambda: attend(fq, fk, fv, block_mask=build_mask()), grad_bhnd, (qkv_bhnd,), _bhnd,
-                     setup_ms=setup_ms)
+            return Built(
+                lambda: attend(fq, fk, fv, block_mask=holder["mask"]), grad_bhnd, (qkv_bhnd,), _bhnd, setup_ms=setup_ms
+            )
+        return Built(
+            lambda: attend(fq, fk, fv, block_mask=build_mask()), grad_bhnd, (qkv_bhnd,), _bhnd, setup_ms=setup_ms
+        )
 
     if name == "xformers":
         import xformers.ops as xops
         from xformers.ops import fmha
+
         holder = {}
         setup_ms = C.timed_once_ms(
-            lambda: holder.update(bias=fmha.attn_bias.BlockDiagonalMask.from_seqlens(case.counts)), device)
-        return Built(lambda: xops.memory_efficient_attention(pq[None], pk[None], pv[None],
-                                                             attn_bias=holder["bias"])[0],
-                     case.grad_packed, (case.packed,), packed_to_dense, setup_ms=setup_ms)
+            lambda: holder.update(bias=fmha.attn_bias.BlockDiagonalMask.from_seqlens(case.counts)), device
+        )
+        return Built(
+            lambda: xops.memory_efficient_attention(pq[None], pk[None], pv[None], attn_bias=holder["bias"])[0],
+            case.grad_packed,
+            (case.packed,),
+            packed_to_dense,
+            setup_ms=setup_ms,
+        )
 
     if name == "torch_varlen":
         from torch.nn.attention.varlen import varlen_attn
-        return Built(lambda: varlen_attn(pq, pk, pv, case.cu_seqlens, case.cu_seqlens, case.max_seqlen,
-                                         case.max_seqlen),
-                     case.grad_packed, (case.packed,), packed_to_dense)
+
+        return Built(
+            lambda: varlen_attn(pq, pk, pv, case.cu_seqlens, case.cu_seqlens, case.max_seqlen, case.max_seqlen),
+            case.grad_packed,
+            (case.packed,),
+            packed_to_dense,
+        )
 
     if name == "nested_sdpa":
         offsets = case.cu_seqlens.long()
 
         def run():
-            nq, nk, nv = (torch.nested.nested_tensor_from_jagged(t, offsets, max_seqlen=case.max_seqlen)
-                          for t in (pq, pk, pv))
+            nq, nk, nv = (
+                torch.nested.nested_tensor_from_jagged(t, offsets, max_seqlen=case.max_seqlen) for t in (pq, pk, pv)
+            )
             out = F.scaled_dot_product_attention(nq.transpose(1, 2), nk.transpose(1, 2), nv.transpose(1, 2))
             return out.transpose(1, 2).values()
+
         return Built(run, case.grad_packed, (case.packed,), packed_to_dense)
 
     raise ValueError(f"provider: expected one of {PROVIDERS}, got {name!r}")
@@ -296,22 +342,26 @@ def run_provider(name: str, case: Case, mode: str, device: torch.device, args) -
     try:
         built = build_provider(name, case, device, args.flex_block)
         if mode == "fwd":
+
             def step():
                 with torch.no_grad():
                     return built.run()
         else:
+
             def step():
                 for leaf in built.leaves:
                     leaf.grad = None
                 out = built.run()
                 out.backward(built.grad)
                 return out
+
         err = None
         if built.exact:
             with torch.no_grad():
                 err = reference_error(case, built.to_dense(built.run()))
-        timing = C.measure(step, device, warmup=args.warmup, min_iters=args.min_iters, max_iters=args.max_iters,
-                           budget_s=args.budget_s)
+        timing = C.measure(
+            step, device, warmup=args.warmup, min_iters=args.min_iters, max_iters=args.max_iters, budget_s=args.budget_s
+        )
     except NotImplementedError as exc:
         return {"status": "unavailable", "reason": f"NotImplementedError: {exc}"[:300]}
     except torch.cuda.OutOfMemoryError as exc:
@@ -321,8 +371,16 @@ def run_provider(name: str, case: Case, mode: str, device: torch.device, args) -
     finally:
         for leaf in (case.qkv, case.packed):
             leaf.grad = None
-    fields = {"status": "ok", "reason": "", "median_ms": timing.median_ms, "p20_ms": timing.p20_ms,
-              "p80_ms": timing.p80_ms, "iters": timing.iters, "setup_ms": built.setup_ms, "max_abs_err": err}
+    fields = {
+        "status": "ok",
+        "reason": "",
+        "median_ms": timing.median_ms,
+        "p20_ms": timing.p20_ms,
+        "p80_ms": timing.p80_ms,
+        "iters": timing.iters,
+        "setup_ms": built.setup_ms,
+        "max_abs_err": err,
+    }
     fields.update(built.extra or {})
     if device.type == "cuda":
         fields["peak_mem_mib"] = (torch.cuda.max_memory_allocated(device) - base_mem) / 2**20
@@ -330,10 +388,14 @@ def run_provider(name: str, case: Case, mode: str, device: torch.device, args) -
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", default="1374,197,577,261",
-                        help="sequence lengths N (comma list; the target sizes first, so a run cut short has them)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--n",
+        default="1374,197,577,261",
+        help="sequence lengths N (comma list; the target sizes first, so a run cut short has them)",
+    )
     parser.add_argument("--head-dim", default="64", help="head dims (comma list, e.g. 64,128)")
     parser.add_argument("--kept", default="1.0,0.75,0.5,0.25,0.1", help="target kept fractions (comma list)")
     parser.add_argument("--mode", default="fwd,fwd+bwd", help="fwd and/or fwd+bwd")
@@ -343,16 +405,22 @@ def parse_args(argv=None):
     parser.add_argument("--tokens", type=int, default=32768, help="batch = max(1, tokens // N)")
     parser.add_argument("--backend", default="triton", help="backend of our providers: triton | torch")
     parser.add_argument("--flex-block", type=int, default=128, help="FlexAttention BLOCK_SIZE")
-    parser.add_argument("--flex-n", default="197,1374",
-                        help="N values at which Flex runs (each N costs a compilation of about a minute); 'all'")
+    parser.add_argument(
+        "--flex-n",
+        default="197,1374",
+        help="N values at which Flex runs (each N costs a compilation of about a minute); 'all'",
+    )
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--min-iters", type=int, default=10)
     parser.add_argument("--max-iters", type=int, default=100)
     parser.add_argument("--budget-s", type=float, default=0.2, help="timing budget per measurement (seconds)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="fewer iterations (GPU session on a tight budget)")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny shapes (B=1-2, H=2, D=16, N=37/65), each provider once: checks that it runs")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny shapes (B=1-2, H=2, D=16, N=37/65), each provider once: checks that it runs",
+    )
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", type=Path, default=C.RESULTS_DIR / "latest", help="output folder")
     parser.add_argument("--no-plots", action="store_true")
@@ -360,8 +428,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.smoke:  # tiny shapes unless given explicitly
         args.flex_n = "all"
-        for name, value in (("n", "37,65"), ("head_dim", "16"), ("kept", "1.0,0.5,0.1"), ("width", 32),
-                            ("tokens", 74)):
+        for name, value in (("n", "37,65"), ("head_dim", "16"), ("kept", "1.0,0.5,0.1"), ("width", 32), ("tokens", 74)):
             if getattr(args, name) == parser.get_default(name):
                 setattr(args, name, value)
         args.warmup, args.min_iters, args.max_iters, args.budget_s = 0, 1, 1, 0.0
@@ -380,8 +447,11 @@ def main(argv=None) -> list[dict]:
     if unknown:
         raise SystemExit(f"--providers: unknown {unknown}; expected a subset of {PROVIDERS}")
     env = C.environment(device)
-    print(f"# {env['device_name']} | torch {env['torch']} | triton {env['triton']} | xformers {env['xformers']} | "
-          f"commit {env['commit']} | dtype {dtype} | TRITON_INTERPRET={env['triton_interpret']}", flush=True)
+    print(
+        f"# {env['device_name']} | torch {env['torch']} | triton {env['triton']} | xformers {env['xformers']} | "
+        f"commit {env['commit']} | dtype {dtype} | TRITON_INTERPRET={env['triton_interpret']}",
+        flush=True,
+    )
     rows = []
     for head_dim in map(int, args.head_dim.split(",")):
         heads = max(1, args.width // head_dim)
@@ -390,9 +460,19 @@ def main(argv=None) -> list[dict]:
             reused: dict[tuple[str, str], dict] = {}
             for kept in map(float, args.kept.split(",")):
                 for mode in args.mode.split(","):
-                    case = make_case(batch, seq_len, heads, head_dim, kept, dtype, device, args.seed, args.backend,
-                                     with_grad=mode != "fwd")
-                    kept_actual = float(case.keep[:, C.token_layout(seq_len)[0]:].float().mean())
+                    case = make_case(
+                        batch,
+                        seq_len,
+                        heads,
+                        head_dim,
+                        kept,
+                        dtype,
+                        device,
+                        args.seed,
+                        args.backend,
+                        with_grad=mode != "fwd",
+                    )
+                    kept_actual = float(case.keep[:, C.token_layout(seq_len)[0] :].float().mean())
                     useful = C.attention_flops(case.counts, case.counts, heads, head_dim, mode)
                     dense = C.attention_flops([seq_len] * batch, [seq_len] * batch, heads, head_dim, mode)
                     for name in providers:
@@ -402,18 +482,35 @@ def main(argv=None) -> list[dict]:
                             fields = run_provider(name, case, mode, device, args)
                             if name in MASK_INDEPENDENT:
                                 reused[(name, mode)] = fields
-                        row = C.base_row(env, bench="attention", suite="kernel", provider=name, mode=mode,
-                                         n=seq_len, head_dim=head_dim, heads=heads, batch=batch,
-                                         dtype=str(dtype).removeprefix("torch."), kept_target=kept,
-                                         kept_actual=kept_actual, backend=args.backend, **fields)
+                        row = C.base_row(
+                            env,
+                            bench="attention",
+                            suite="kernel",
+                            provider=name,
+                            mode=mode,
+                            n=seq_len,
+                            head_dim=head_dim,
+                            heads=heads,
+                            batch=batch,
+                            dtype=str(dtype).removeprefix("torch."),
+                            kept_target=kept,
+                            kept_actual=kept_actual,
+                            backend=args.backend,
+                            **fields,
+                        )
                         if row["status"] == "ok":
                             row["useful_tflops"] = C.tflops(useful, row["median_ms"])
                             row["dense_equiv_tflops"] = C.tflops(dense, row["median_ms"])
                         rows.append(row)
-                        status = f"{row['median_ms']:.4f} ms" if row["status"] == "ok" else \
-                            f"{row['status']}: {row['reason'][:100]}"
-                        print(f"D={head_dim} N={seq_len} B={batch} H={heads} kept={kept} {mode:8s} {name:20s} "
-                              f"{status}", flush=True)
+                        status = (
+                            f"{row['median_ms']:.4f} ms"
+                            if row["status"] == "ok"
+                            else f"{row['status']}: {row['reason'][:100]}"
+                        )
+                        print(
+                            f"D={head_dim} N={seq_len} B={batch} H={heads} kept={kept} {mode:8s} {name:20s} {status}",
+                            flush=True,
+                        )
                     del case
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
@@ -423,8 +520,12 @@ def main(argv=None) -> list[dict]:
     C.write_results(rows, args.out, "attention")
     if not args.no_plots:
         C.plot_time_vs_kept(rows, args.out, "attention")
-    print(C.format_table([r for r in rows if r["status"] == "ok"],
-                         ("n", "head_dim", "mode", "kept_target", "provider", "median_ms", "useful_tflops")))
+    print(
+        C.format_table(
+            [r for r in rows if r["status"] == "ok"],
+            ("n", "head_dim", "mode", "kept_target", "provider", "median_ms", "useful_tflops"),
+        )
+    )
     missing = sorted({(r["provider"], r["status"], r["reason"]) for r in rows if r["status"] != "ok"})
     for provider, status, reason in missing:
         print(f"NOT MEASURED {provider}: {status}: {reason}")

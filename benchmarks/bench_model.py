@@ -100,16 +100,18 @@ def block_masked(block: nn.Module, x: torch.Tensor, keep: torch.Tensor, backend:
     return _finish_block(block, x, out.transpose(1, 2).reshape(batch, seq_len, -1))
 
 
-def block_packed(block: nn.Module, rows: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                 backend: str) -> torch.Tensor:
+def block_packed(
+    block: nn.Module, rows: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, backend: str
+) -> torch.Tensor:
     """timm ``Block.forward`` on packed kept rows ``(T, C)`` with :func:`varlen_attention` (rows in and out)."""
     q, k, v = _attention_projections(block.attn, block.norm1(rows), heads_first=False)
     out = K.varlen_attention(q, k, v, cu_seqlens, max_seqlen, check_cu_seqlens=False, backend=backend)
     return _finish_block(block, rows, out.reshape(rows.shape[0], -1))
 
 
-def layer_forward(block: nn.Module, x: torch.Tensor, keep: torch.Tensor, formulation: str,
-                  backend: str) -> torch.Tensor:
+def layer_forward(
+    block: nn.Module, x: torch.Tensor, keep: torch.Tensor, formulation: str, backend: str
+) -> torch.Tensor:
     """One block over ``(B, N, C)`` tokens in ``formulation``; ``keep`` ``(B, N)`` includes the prefix tokens."""
     if formulation == "dense":
         return block(x)
@@ -149,8 +151,14 @@ def _failure(exc: Exception) -> dict:
 
 
 def _timing_fields(timing: C.Timing) -> dict:
-    return {"status": "ok", "reason": "", "median_ms": timing.median_ms, "p20_ms": timing.p20_ms,
-            "p80_ms": timing.p80_ms, "iters": timing.iters}
+    return {
+        "status": "ok",
+        "reason": "",
+        "median_ms": timing.median_ms,
+        "p20_ms": timing.p20_ms,
+        "p80_ms": timing.p80_ms,
+        "iters": timing.iters,
+    }
 
 
 def _measure_group(steps: dict[str, Callable[[], object]], device: torch.device, args) -> dict[str, dict]:
@@ -169,8 +177,14 @@ def _measure_group(steps: dict[str, Callable[[], object]], device: torch.device,
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         try:
-            timing = C.measure(fn, device, warmup=args.warmup, min_iters=args.min_iters, max_iters=args.max_iters,
-                               budget_s=args.budget_s)
+            timing = C.measure(
+                fn,
+                device,
+                warmup=args.warmup,
+                min_iters=args.min_iters,
+                max_iters=args.max_iters,
+                budget_s=args.budget_s,
+            )
         except Exception as exc:  # noqa: BLE001 - reported in the row, never dropped
             fields[name] = _failure(exc)
             continue
@@ -184,8 +198,11 @@ def _print_row(row: dict) -> None:
     result = f"{row['median_ms']:.3f} ms" if row["status"] == "ok" else f"{row['status']}: {row['reason'][:110]}"
     if row.get("images_per_s"):
         result += f"  {row['images_per_s']:.1f} img/s"
-    print(f"{row['suite']:9s} {row['model']:12s} {row['mode']:8s} kept={row['kept_target']} "
-          f"{row['provider']:10s} {result}", flush=True)
+    print(
+        f"{row['suite']:9s} {row['model']:12s} {row['mode']:8s} kept={row['kept_target']} "
+        f"{row['provider']:10s} {result}",
+        flush=True,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- the suites
@@ -193,9 +210,11 @@ def _layer_step(block, x, keep, grad, formulation: str, mode: str, device, args)
     """The callable timed for one layer formulation: a no-grad forward, or forward + backward into the block's
     parameters and ``x`` (whose ``requires_grad`` this sets)."""
     if mode == "fwd":
+
         def forward():
             with torch.no_grad(), _autocast(device, args.amp):
                 return layer_forward(block, x, keep, formulation, args.backend)
+
         return forward
     x.requires_grad_(True)
 
@@ -205,6 +224,7 @@ def _layer_step(block, x, keep, grad, formulation: str, mode: str, device, args)
         with _autocast(device, args.amp):
             out = layer_forward(block, x, keep, formulation, args.backend)
         out.backward(grad)
+
     return forward_backward
 
 
@@ -228,17 +248,30 @@ def run_layer_suite(args, device: torch.device, env: dict) -> list[dict]:
                 x.requires_grad_(False)
                 x.grad = None
                 for formulation, fields in measured.items():
-                    row = C.base_row(env, bench="model", suite="layer", model=model_name, provider=formulation,
-                                     mode=mode, n=cfg.seq_len, head_dim=cfg.width // cfg.heads, heads=cfg.heads,
-                                     batch=batch, dtype="bf16-autocast" if args.amp and device.type == "cuda"
-                                     else "float32", kept_target=kept,
-                                     kept_actual=float(keep[:, num_prefix:].float().mean()), backend=args.backend,
-                                     **fields)
+                    row = C.base_row(
+                        env,
+                        bench="model",
+                        suite="layer",
+                        model=model_name,
+                        provider=formulation,
+                        mode=mode,
+                        n=cfg.seq_len,
+                        head_dim=cfg.width // cfg.heads,
+                        heads=cfg.heads,
+                        batch=batch,
+                        dtype="bf16-autocast" if args.amp and device.type == "cuda" else "float32",
+                        kept_target=kept,
+                        kept_actual=float(keep[:, num_prefix:].float().mean()),
+                        backend=args.backend,
+                        **fields,
+                    )
                     if row["status"] == "ok":
-                        row["useful_tflops"] = C.tflops(C.vit_block_flops(counts, cfg.width, cfg.heads, mode),
-                                                        row["median_ms"])
+                        row["useful_tflops"] = C.tflops(
+                            C.vit_block_flops(counts, cfg.width, cfg.heads, mode), row["median_ms"]
+                        )
                         row["dense_equiv_tflops"] = C.tflops(
-                            C.vit_block_flops([cfg.seq_len] * batch, cfg.width, cfg.heads, mode), row["median_ms"])
+                            C.vit_block_flops([cfg.seq_len] * batch, cfg.width, cfg.heads, mode), row["median_ms"]
+                        )
                     rows.append(row)
                     _print_row(row)
         del block
@@ -279,14 +312,28 @@ def run_model_suites(args, device: torch.device, env: dict, suites: list[str], p
             model = _create_model(preset, device, args.backend)
         except Exception as exc:  # noqa: BLE001 - a missing preset or model API is a reported row
             for suite in suites:
-                rows.append(C.base_row(env, bench="model", suite=suite, model=model_name, provider="all",
-                                       mode="all", status="unavailable",
-                                       reason=f"create_model({preset!r}): {type(exc).__name__}: {exc}"[:300]))
+                rows.append(
+                    C.base_row(
+                        env,
+                        bench="model",
+                        suite=suite,
+                        model=model_name,
+                        provider="all",
+                        mode="all",
+                        status="unavailable",
+                        reason=f"create_model({preset!r}): {type(exc).__name__}: {exc}"[:300],
+                    )
+                )
                 _print_row(rows[-1])
             continue
         batch = args.batch or MODEL_BATCH.get(model_name, 16)
-        images = torch.randn(batch, model.cfg.in_chans, model.cfg.img_size, model.cfg.img_size,
-                             generator=torch.Generator().manual_seed(args.seed)).to(device)
+        images = torch.randn(
+            batch,
+            model.cfg.in_chans,
+            model.cfg.img_size,
+            model.cfg.img_size,
+            generator=torch.Generator().manual_seed(args.seed),
+        ).to(device)
         labels = torch.randint(0, model.num_classes, (batch,), generator=torch.Generator().manual_seed(1)).to(device)
         keep_holder: dict = {}
         _force_keep(model, keep_holder)
@@ -296,18 +343,31 @@ def run_model_suites(args, device: torch.device, env: dict, suites: list[str], p
             keep_holder["keep"] = C.blob_keep(batch, model.grid_size, kept, gen).to(device)
             for suite in suites:
                 for phase in ("infer", "train"):
-                    steps = {mode: _model_step(model, suite, phase, mode, images, labels, keep_holder["keep"], device,
-                                               args) for mode in STAGE2_MODES}
+                    steps = {
+                        mode: _model_step(model, suite, phase, mode, images, labels, keep_holder["keep"], device, args)
+                        for mode in STAGE2_MODES
+                    }
                     measured = _measure_group(steps, device, args)
                     model.zero_grad(set_to_none=True)
                     for mode, fields in measured.items():
-                        row = C.base_row(env, bench="model", suite=suite, model=model_name, preset=preset,
-                                         provider=mode, mode=phase, n=seq_len, batch=batch,
-                                         heads=model.stage2.blocks[0].attn.num_heads,
-                                         head_dim=model.stage2.blocks[0].attn.head_dim,
-                                         dtype="bf16-autocast" if args.amp and device.type == "cuda" else "float32",
-                                         kept_target=kept, kept_actual=float(keep_holder["keep"].float().mean()),
-                                         backend=args.backend, **fields)
+                        row = C.base_row(
+                            env,
+                            bench="model",
+                            suite=suite,
+                            model=model_name,
+                            preset=preset,
+                            provider=mode,
+                            mode=phase,
+                            n=seq_len,
+                            batch=batch,
+                            heads=model.stage2.blocks[0].attn.num_heads,
+                            head_dim=model.stage2.blocks[0].attn.head_dim,
+                            dtype="bf16-autocast" if args.amp and device.type == "cuda" else "float32",
+                            kept_target=kept,
+                            kept_actual=float(keep_holder["keep"].float().mean()),
+                            backend=args.backend,
+                            **fields,
+                        )
                         if row["status"] == "ok":
                             row["images_per_s"] = batch / (row["median_ms"] * 1e-3)
                         rows.append(row)
@@ -320,12 +380,14 @@ def run_model_suites(args, device: torch.device, env: dict, suites: list[str], p
 def _model_step(model, suite: str, phase: str, mode: str, images, labels, keep, device, args) -> Callable[[], None]:
     """The callable timed for one (suite, phase, mode); optimizers are built here, outside the timing."""
     if phase == "infer":
+
         def infer():
             model.eval()
             with torch.no_grad(), _autocast(device, args.amp):
                 if suite == "stage2":
                     return model.forward_stage2(images, keep, mode=mode)
                 return model(images, mode=mode).stage2_logits
+
         return infer
     fused = device.type == "cuda"
     if suite == "stage2":
@@ -340,6 +402,7 @@ def _model_step(model, suite: str, phase: str, mode: str, images, labels, keep, 
                 logits = model.forward_stage2(images, keep, mode=mode)
             F.cross_entropy(logits.float(), labels).backward()
             optimizer.step()
+
         return train_stage2
     optimizer = torch.optim.AdamW(model.param_groups(lr=1e-5, weight_decay=0.05), fused=fused)
 
@@ -351,15 +414,20 @@ def _model_step(model, suite: str, phase: str, mode: str, images, labels, keep, 
             losses = model.compute_losses(out, images, labels)
         losses["total"].float().backward()
         optimizer.step()
+
     return train_two_stage
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--suites", default="layer,stage2,two_stage")
-    parser.add_argument("--models", default="vit_b14_518,vit_s16_224",
-                        help=f"model suites: keys of {sorted(MODEL_PRESETS)} or faithful_vit preset names")
+    parser.add_argument(
+        "--models",
+        default="vit_b14_518,vit_s16_224",
+        help=f"model suites: keys of {sorted(MODEL_PRESETS)} or faithful_vit preset names",
+    )
     parser.add_argument("--kept", default="0.75,0.5,0.25", help="kept fractions of the model suites")
     parser.add_argument("--batch", type=int, default=None, help=f"model-suite batch (default {MODEL_BATCH})")
     parser.add_argument("--layer-models", default="vit_b14_518,vit_b16_224", help=f"keys of {sorted(LAYER_CONFIGS)}")
@@ -373,12 +441,19 @@ def parse_args(argv=None):
     parser.add_argument("--max-iters", type=int, default=50)
     parser.add_argument("--budget-s", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
-                        help="time the formulations round-robin (default on the CPU, a shared machine)")
+    parser.add_argument(
+        "--interleave",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="time the formulations round-robin (default on the CPU, a shared machine)",
+    )
     parser.add_argument("--rounds", type=int, default=7, help="rounds of --interleave")
     parser.add_argument("--quick", action="store_true", help="fewer iterations")
-    parser.add_argument("--cpu-tiny", action="store_true",
-                        help="CPU, faithful_tiny preset and a ViT-S/16 layer, reference attention (a few minutes)")
+    parser.add_argument(
+        "--cpu-tiny",
+        action="store_true",
+        help="CPU, faithful_tiny preset and a ViT-S/16 layer, reference attention (a few minutes)",
+    )
     parser.add_argument("--smoke", action="store_true", help="with --cpu-tiny: one timed call each (seconds)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", type=Path, default=C.RESULTS_DIR / "latest")
@@ -395,8 +470,9 @@ def parse_args(argv=None):
     if args.smoke:
         args.rounds = 1
         args.kept, args.layer_kept = "0.5", "0.5"
-        args.layer_models = "vit_s16_224" if args.layer_models == parser.get_default("layer_models") else \
-            args.layer_models
+        args.layer_models = (
+            "vit_s16_224" if args.layer_models == parser.get_default("layer_models") else args.layer_models
+        )
         args.batch, args.layer_batch = min(args.batch or 4, 4), 2
         args.warmup, args.min_iters, args.max_iters, args.budget_s = 0, 1, 1, 0.0
     return args
@@ -412,11 +488,17 @@ def main(argv=None) -> list[dict]:
     if device.type == "cpu":
         torch.manual_seed(args.seed)
     env = C.environment(device)
-    print(f"# {env['device_name']} | torch {env['torch']} | triton {env['triton']} | timm {env['timm']} | "
-          f"commit {env['commit']} | backend {args.backend} | threads {env['cpu_threads']}", flush=True)
+    print(
+        f"# {env['device_name']} | torch {env['torch']} | triton {env['triton']} | timm {env['timm']} | "
+        f"commit {env['commit']} | backend {args.backend} | threads {env['cpu_threads']}",
+        flush=True,
+    )
     if args.backend == "torch":
-        print("# NOTE: our kernels run through their PyTorch reference backend here (masked = dense einsum, packed = "
-              "per-image loop): these numbers show how work scales with kept tokens, not kernel speed.", flush=True)
+        print(
+            "# NOTE: our kernels run through their PyTorch reference backend here (masked = dense einsum, packed = "
+            "per-image loop): these numbers show how work scales with kept tokens, not kernel speed.",
+            flush=True,
+        )
     suites = [s for s in args.suites.split(",") if s]
     unknown = sorted(set(suites) - {"layer", "stage2", "two_stage"})
     if unknown:
@@ -435,13 +517,28 @@ def main(argv=None) -> list[dict]:
     C.write_results(rows, args.out, "model")
     if not args.no_plots:
         C.plot_time_vs_kept(rows, args.out, "model", group_keys=("suite", "mode"), panel_key="model")
-    print(C.format_table([r for r in rows if r["status"] == "ok"],
-                         ("suite", "model", "mode", "kept_target", "provider", "median_ms", "images_per_s",
-                          "peak_mem_mib", "speedup_vs_dense")))
+    print(
+        C.format_table(
+            [r for r in rows if r["status"] == "ok"],
+            (
+                "suite",
+                "model",
+                "mode",
+                "kept_target",
+                "provider",
+                "median_ms",
+                "images_per_s",
+                "peak_mem_mib",
+                "speedup_vs_dense",
+            ),
+        )
+    )
     for row in rows:
         if row["status"] != "ok":
-            print(f"NOT MEASURED {row['suite']} {row['model']} {row['provider']} {row['mode']}: {row['status']}: "
-                  f"{row['reason']}")
+            print(
+                f"NOT MEASURED {row['suite']} {row['model']} {row['provider']} {row['mode']}: {row['status']}: "
+                f"{row['reason']}"
+            )
     print(f"wrote {args.out / 'model.json'}")
     return rows
 

@@ -109,8 +109,15 @@ def leak_stats(data, visibility: torch.Tensor, patch: int, rule: str) -> dict:
 def train_one(rule: str, train, val, test, vis_test, args, num_groups: int) -> dict:
     torch.manual_seed(args.seed)
     model = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=args.image_size, patch_size=args.patch,
-        embed_dim=args.embed_dim, depth=args.depth, num_heads=args.heads, mlp_ratio=args.mlp_ratio, num_classes=2,
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=args.image_size,
+        patch_size=args.patch,
+        embed_dim=args.embed_dim,
+        depth=args.depth,
+        num_heads=args.heads,
+        mlp_ratio=args.mlp_ratio,
+        num_classes=2,
     )
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     n = len(train.labels)
@@ -142,16 +149,25 @@ def train_one(rule: str, train, val, test, vis_test, args, num_groups: int) -> d
             opt.step()
             sched.step()
         val_metrics = evaluate(model, val, args.patch, rule, num_groups)
-        history.append({"epoch": epoch, "loss": loss.item(), "val_wga": val_metrics["wga"],
-                        "val_avg": val_metrics["avg_acc"]})
-        print(f"  [{rule}] epoch {epoch} loss {loss.item():.3f} val avg {val_metrics['avg_acc']:.3f} "
-              f"wga {val_metrics['wga']:.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+        history.append(
+            {"epoch": epoch, "loss": loss.item(), "val_wga": val_metrics["wga"], "val_avg": val_metrics["avg_acc"]}
+        )
+        print(
+            f"  [{rule}] epoch {epoch} loss {loss.item():.3f} val avg {val_metrics['avg_acc']:.3f} "
+            f"wga {val_metrics['wga']:.3f} ({time.perf_counter() - t0:.0f}s)",
+            flush=True,
+        )
     train_s = time.perf_counter() - t0
     # Process CPU time is what the run costs on an idle core; wall time also counts other jobs on a shared machine.
     train_cpu_s = time.process_time() - cpu0
-    return {"model": rule, "train_s": train_s, "train_cpu_s": train_cpu_s,
-            "test": evaluate(model, test, args.patch, rule, num_groups), "history": history,
-            **leak_stats(test, vis_test, args.patch, rule)}
+    return {
+        "model": rule,
+        "train_s": train_s,
+        "train_cpu_s": train_cpu_s,
+        "test": evaluate(model, test, args.patch, rule, num_groups),
+        "history": history,
+        **leak_stats(test, vis_test, args.patch, rule),
+    }
 
 
 def main() -> None:
@@ -170,8 +186,12 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--dataset", default="spurious_shapes", choices=["spurious_shapes", "waterbirds_lite"],
-                   help="waterbirds_lite needs `bash scripts/setup_waterbirds_lite.sh` first")
+    p.add_argument(
+        "--dataset",
+        default="spurious_shapes",
+        choices=["spurious_shapes", "waterbirds_lite"],
+        help="waterbirds_lite needs `bash scripts/setup_waterbirds_lite.sh` first",
+    )
     p.add_argument("--clear-margin", type=float, default=None, help="override the benchmark's clear margin (px)")
     p.add_argument("--n-train", type=int, default=None)
     p.add_argument("--json", default=None, help="write the results here")
@@ -201,18 +221,27 @@ def main() -> None:
     for rule in args.models:
         r = train_one(rule, train, val, test, vis_test, args, splits["train"].num_groups)
         t = r["test"]
-        print(f"{rule:12s} avg {t['avg_acc']:.3f} wga {t['wga']:.3f} groups "
-              f"{' / '.join(f'{a:.2f}' for a in t['group_acc'])} kept {r['kept_frac']:.3f} "
-              f"patch-iou {r['patch_iou']:.3f} "
-              f"non-object-in-kept {r['non_object_in_kept']:.3f} place-cue-in-kept {r['place_cue_in_kept']:.4f} "
-              f"train {r['train_s']:.0f}s wall, {r['train_cpu_s']:.0f}s cpu", flush=True)
+        print(
+            f"{rule:12s} avg {t['avg_acc']:.3f} wga {t['wga']:.3f} groups "
+            f"{' / '.join(f'{a:.2f}' for a in t['group_acc'])} kept {r['kept_frac']:.3f} "
+            f"patch-iou {r['patch_iou']:.3f} "
+            f"non-object-in-kept {r['non_object_in_kept']:.3f} place-cue-in-kept {r['place_cue_in_kept']:.4f} "
+            f"train {r['train_s']:.0f}s wall, {r['train_cpu_s']:.0f}s cpu",
+            flush=True,
+        )
         results.append(r)
     if args.json:
         meta = {
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "torch": torch.__version__, "timm": timm.__version__, "threads": args.threads,
-            "cpu": cpu_name(), "logical_cpus": os.cpu_count(), "platform": platform.platform(),
-            "args": vars(args), "dataset": args.dataset, "benchmark_config": dataclasses.asdict(cfg),
+            "torch": torch.__version__,
+            "timm": timm.__version__,
+            "threads": args.threads,
+            "cpu": cpu_name(),
+            "logical_cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "args": vars(args),
+            "dataset": args.dataset,
+            "benchmark_config": dataclasses.asdict(cfg),
             "group_names": names,
             "data_seconds": data_s,
         }

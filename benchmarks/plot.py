@@ -21,8 +21,9 @@ def plot_folder(folder: Path) -> list[Path]:
     if (folder / "attention.json").exists():
         paths += C.plot_time_vs_kept(C.load_results(folder / "attention.json"), folder, "attention")
     if (folder / "model.json").exists():
-        paths += C.plot_time_vs_kept(C.load_results(folder / "model.json"), folder, "model",
-                                     group_keys=("suite", "mode"), panel_key="model")
+        paths += C.plot_time_vs_kept(
+            C.load_results(folder / "model.json"), folder, "model", group_keys=("suite", "mode"), panel_key="model"
+        )
     return paths
 
 

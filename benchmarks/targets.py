@@ -30,18 +30,30 @@ HEAD_DIM = 64
 
 
 def _index(rows: list[dict]) -> dict:
-    return {(r.get("suite"), r.get("model"), r.get("provider"), r.get("mode"), r.get("n"), r.get("head_dim"),
-             r.get("kept_target")): r for r in rows}
+    return {
+        (
+            r.get("suite"),
+            r.get("model"),
+            r.get("provider"),
+            r.get("mode"),
+            r.get("n"),
+            r.get("head_dim"),
+            r.get("kept_target"),
+        ): r
+        for r in rows
+    }
 
 
-def _ms(index: dict, provider: str, mode: str, n: int, kept: float, *, suite="kernel", model=None,
-        head_dim=HEAD_DIM) -> float | None:
+def _ms(
+    index: dict, provider: str, mode: str, n: int, kept: float, *, suite="kernel", model=None, head_dim=HEAD_DIM
+) -> float | None:
     row = index.get((suite, model, provider, mode, n, head_dim, kept))
     return row["median_ms"] if row and row.get("status") == "ok" else None
 
 
-def _check(target: str, config: str, measured: float | None, threshold: float, higher_is_better: bool,
-           note: str = "") -> dict:
+def _check(
+    target: str, config: str, measured: float | None, threshold: float, higher_is_better: bool, note: str = ""
+) -> dict:
     if measured is None:
         verdict = "NO DATA"
     elif higher_is_better:
@@ -49,8 +61,14 @@ def _check(target: str, config: str, measured: float | None, threshold: float, h
     else:
         verdict = "PASS" if measured <= threshold else "MISS"
     sign = ">=" if higher_is_better else "<="
-    return {"target": target, "config": config, "measured": measured, "required": f"{sign} {threshold:g}",
-            "verdict": verdict, "note": note}
+    return {
+        "target": target,
+        "config": config,
+        "measured": measured,
+        "required": f"{sign} {threshold:g}",
+        "verdict": verdict,
+        "note": note,
+    }
 
 
 def _ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -65,21 +83,47 @@ def attention_checks(rows: list[dict]) -> list[dict]:
         for mode in ("fwd", "fwd+bwd"):
             flash = _ms(index, "sdpa_flash_dense", mode, n, 1.0)
             for ours in ours_all:
-                checks.append(_check("T0 kept=1 vs SDPA-flash (time ratio)", f"N={n} {mode} {ours}",
-                                     _ratio(_ms(index, ours, mode, n, 1.0), flash), 1.1, False))
+                checks.append(
+                    _check(
+                        "T0 kept=1 vs SDPA-flash (time ratio)",
+                        f"N={n} {mode} {ours}",
+                        _ratio(_ms(index, ours, mode, n, 1.0), flash),
+                        1.1,
+                        False,
+                    )
+                )
     for kept, need in ((0.5, 2.5), (0.25, 4.0)):
         mask_ms = _ms(index, "sdpa_bool_mask", "fwd+bwd", 1374, kept)
         for ours in ours_all:
-            checks.append(_check("T1 speedup vs SDPA bool mask", f"N=1374 fwd+bwd kept={kept} {ours}",
-                                 _ratio(mask_ms, _ms(index, ours, "fwd+bwd", 1374, kept)), need, True))
-    flex_rows = sorted({(r["n"], r["kept_target"]) for r in rows
-                        if r.get("provider") == "flex_incl_build" and r.get("head_dim") == HEAD_DIM
-                        and r.get("kept_target", 1.0) < 1.0})
+            checks.append(
+                _check(
+                    "T1 speedup vs SDPA bool mask",
+                    f"N=1374 fwd+bwd kept={kept} {ours}",
+                    _ratio(mask_ms, _ms(index, ours, "fwd+bwd", 1374, kept)),
+                    need,
+                    True,
+                )
+            )
+    flex_rows = sorted(
+        {
+            (r["n"], r["kept_target"])
+            for r in rows
+            if r.get("provider") == "flex_incl_build"
+            and r.get("head_dim") == HEAD_DIM
+            and r.get("kept_target", 1.0) < 1.0
+        }
+    )
     for n, kept in flex_rows or [(1374, 0.5)]:
         for ours in ("ours_masked", "ours_masked_compact"):
-            checks.append(_check("T4 speedup vs Flex incl. build", f"N={n} fwd+bwd kept={kept} {ours}",
-                                 _ratio(_ms(index, "flex_incl_build", "fwd+bwd", n, kept),
-                                        _ms(index, ours, "fwd+bwd", n, kept)), 1.2, True))
+            checks.append(
+                _check(
+                    "T4 speedup vs Flex incl. build",
+                    f"N={n} fwd+bwd kept={kept} {ours}",
+                    _ratio(_ms(index, "flex_incl_build", "fwd+bwd", n, kept), _ms(index, ours, "fwd+bwd", n, kept)),
+                    1.2,
+                    True,
+                )
+            )
     for mode in ("fwd", "fwd+bwd"):
         flash = _ms(index, "sdpa_flash_dense", mode, 1374, 1.0)
         for kept in (0.75, 0.5, 0.25, 0.1):
@@ -90,31 +134,58 @@ def attention_checks(rows: list[dict]) -> list[dict]:
             for ours in ("ours_varlen_core", "ours_masked_compact"):
                 ratio = _ratio(_ms(index, ours, mode, 1374, kept), flash)
                 measured = ratio * pairs if ratio is not None and pairs else None
-                checks.append(_check("T5 kept-token time / (r2 x dense flash time)",
-                                     f"N=1374 {mode} kept={kept} {ours}", measured, 1.25, False,
-                                     note="r2 = kept pairs / N^2 pairs"))
-    configs = sorted({(r["n"], r["mode"], r["kept_target"]) for r in rows
-                      if r.get("provider") == "xformers" and r.get("head_dim") == HEAD_DIM})
+                checks.append(
+                    _check(
+                        "T5 kept-token time / (r2 x dense flash time)",
+                        f"N=1374 {mode} kept={kept} {ours}",
+                        measured,
+                        1.25,
+                        False,
+                        note="r2 = kept pairs / N^2 pairs",
+                    )
+                )
+    configs = sorted(
+        {
+            (r["n"], r["mode"], r["kept_target"])
+            for r in rows
+            if r.get("provider") == "xformers" and r.get("head_dim") == HEAD_DIM
+        }
+    )
     for n, mode, kept in configs or [(1374, "fwd+bwd", 0.5)]:
-        checks.append(_check("XF ours_varlen_core time / xformers time", f"N={n} {mode} kept={kept}",
-                             _ratio(_ms(index, "ours_varlen_core", mode, n, kept),
-                                    _ms(index, "xformers", mode, n, kept)), 1.1, False))
+        checks.append(
+            _check(
+                "XF ours_varlen_core time / xformers time",
+                f"N={n} {mode} kept={kept}",
+                _ratio(_ms(index, "ours_varlen_core", mode, n, kept), _ms(index, "xformers", mode, n, kept)),
+                1.1,
+                False,
+            )
+        )
     return checks
 
 
 def layer_checks(rows: list[dict]) -> list[dict]:
     index = _index(rows)
     checks = []
-    wanted = {"vit_b14_518": (1374, ((0.7, 1.35), (0.5, 1.9), (0.25, 3.5))),
-              "vit_b16_224": (197, ((0.7, 1.3), (0.5, 1.75), (0.25, 3.0)))}
+    wanted = {
+        "vit_b14_518": (1374, ((0.7, 1.35), (0.5, 1.9), (0.25, 3.5))),
+        "vit_b16_224": (197, ((0.7, 1.3), (0.5, 1.75), (0.25, 3.0))),
+    }
     for model, (n, levels) in wanted.items():
         for kept, need in levels:
             dense = _ms(index, "dense", "fwd+bwd", n, kept, suite="layer", model=model, head_dim=64)
             for provider in ("packed", "masked_compact", "masked"):
                 ours = _ms(index, provider, "fwd+bwd", n, kept, suite="layer", model=model, head_dim=64)
-                checks.append(_check("T6 layer fwd+bwd speedup vs dense", f"{model} kept={kept} {provider}",
-                                     _ratio(dense, ours), need, True,
-                                     note="the target is for the packed path; masked shown for reference"))
+                checks.append(
+                    _check(
+                        "T6 layer fwd+bwd speedup vs dense",
+                        f"{model} kept={kept} {provider}",
+                        _ratio(dense, ours),
+                        need,
+                        True,
+                        note="the target is for the packed path; masked shown for reference",
+                    )
+                )
     return checks
 
 
@@ -135,8 +206,10 @@ def render(checks: list[dict], env: dict | None) -> str:
     counts = {v: sum(c["verdict"] == v for c in checks) for v in ("PASS", "MISS", "NO DATA")}
     header = ""
     if env:
-        header = (f"Measured on {env.get('device_name')}, torch {env.get('torch')}, triton {env.get('triton')}, "
-                  f"commit {env.get('commit')}, {env.get('date_utc')}.\n\n")
+        header = (
+            f"Measured on {env.get('device_name')}, torch {env.get('torch')}, triton {env.get('triton')}, "
+            f"commit {env.get('commit')}, {env.get('date_utc')}.\n\n"
+        )
     summary = f"PASS {counts['PASS']}, MISS {counts['MISS']}, NO DATA {counts['NO DATA']}"
     return header + "\n".join(lines) + f"\n\n{summary}\n"
 

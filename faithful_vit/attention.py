@@ -85,8 +85,9 @@ class MaskedAttention(nn.Module):
                 raise ValueError(f"dim: expected a multiple of num_heads={num_heads}, got {dim}")
             head_dim = dim // num_heads
         if (qk_norm or scale_norm) and norm_layer is None:
-            raise ValueError("norm_layer: expected a normalisation layer class when qk_norm or scale_norm is True, "
-                             "got None")
+            raise ValueError(
+                "norm_layer: expected a normalisation layer class when qk_norm or scale_norm is True, got None"
+            )
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.attn_dim = num_heads * head_dim
@@ -126,8 +127,9 @@ class MaskedAttention(nn.Module):
             A :class:`MaskedAttention` whose state dict equals ``attn``'s.
         """
         if type(attn) is not Attention:
-            raise TypeError(f"attn: expected timm.layers.Attention, got {type(attn).__module__}."
-                            f"{type(attn).__qualname__}")
+            raise TypeError(
+                f"attn: expected timm.layers.Attention, got {type(attn).__module__}.{type(attn).__qualname__}"
+            )
         # Built on the meta device (no memory), then given attn's own submodules in timm's registration order.
         module = cls(
             attn.qkv.in_features,
@@ -173,15 +175,23 @@ class MaskedAttention(nn.Module):
         """
         if isinstance(x, PackedTokens):
             if attn_mask is not None or is_causal or key_gate is not None:
-                raise ValueError("attn_mask, is_causal, key_gate: packed input carries its own sequence layout; "
-                                 "expected None/False/None")
+                raise ValueError(
+                    "attn_mask, is_causal, key_gate: packed input carries its own sequence layout; "
+                    "expected None/False/None"
+                )
             self._check_no_attn_dropout("packed input")
             rows = x.data
             qkv = self.qkv(rows).reshape(rows.shape[0], 3, self.num_heads, self.head_dim)
             q, k, v = qkv.unbind(1)  # (T, H, D) each
             out = varlen_attention(
-                self.q_norm(q), self.k_norm(k), v, x.cu_seqlens, x.max_seqlen,
-                scale=self.scale, check_cu_seqlens=False, backend=self.backend,
+                self.q_norm(q),
+                self.k_norm(k),
+                v,
+                x.cu_seqlens,
+                x.max_seqlen,
+                scale=self.scale,
+                check_cu_seqlens=False,
+                backend=self.backend,
             )
             return x.with_data(self._project(out.reshape(rows.shape[0], self.attn_dim), rows))
 
@@ -192,15 +202,26 @@ class MaskedAttention(nn.Module):
         if attn_mask is not None and not is_causal and _is_key_mask(attn_mask, batch, seq_len):
             self._check_no_attn_dropout("a key mask")
             out = masked_attention(
-                q, k, v, attn_mask.reshape(batch, seq_len),
-                scale=self.scale, gate=key_gate, skip_dropped_queries=skip_dropped_queries, backend=self.backend,
+                q,
+                k,
+                v,
+                attn_mask.reshape(batch, seq_len),
+                scale=self.scale,
+                gate=key_gate,
+                skip_dropped_queries=skip_dropped_queries,
+                backend=self.backend,
             )
         else:
             if key_gate is not None:
                 raise ValueError("key_gate: expected None unless attn_mask is a (B, N) or (B, 1, 1, N) bool key mask")
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0,
-                is_causal=is_causal, scale=self.scale,
+                q,
+                k,
+                v,
+                attn_mask=attn_mask,
+                dropout_p=self.attn_drop.p if self.training else 0.0,
+                is_causal=is_causal,
+                scale=self.scale,
             )
         return self._project(out.transpose(1, 2).reshape(batch, seq_len, self.attn_dim), x)
 

@@ -64,8 +64,9 @@ class AuditReport:
 
     def summary(self) -> str:
         """One line per mode: worst logit change and worst gradient over images and corruptions."""
-        lines = [f"audit {'PASSED' if self.passed else 'FAILED'}; dropped patches per image: "
-                 f"{self.dropped_patches.tolist()}"]
+        lines = [
+            f"audit {'PASSED' if self.passed else 'FAILED'}; dropped patches per image: {self.dropped_patches.tolist()}"
+        ]
         for mode in self.modes:
             change = max(v.max().item() for v in self.logit_change[mode].values())
             grad = max(v.max().item() for v in self.dropped_gradient[mode].values())
@@ -186,7 +187,9 @@ def audit(
     finally:
         model.train(was_training)
     passed = all(
-        bool((values == 0).all()) for table in (logit_change, dropped_gradient)
-        for by_corruption in table.values() for values in by_corruption.values()
+        bool((values == 0).all())
+        for table in (logit_change, dropped_gradient)
+        for by_corruption in table.values()
+        for values in by_corruption.values()
     )
     return AuditReport(tuple(modes), (~keep).sum(dim=1).cpu(), logit_change, dropped_gradient, passed)

@@ -105,8 +105,9 @@ class FullImageViT(nn.Module):
         """Classify ``images`` ``[B, 3, H, W]`` from all patches."""
         return ClassifierOutput(logits=self.vit(images), kept_fraction=images.new_ones(()))
 
-    def compute_losses(self, out: ClassifierOutput, images: torch.Tensor, labels: torch.Tensor
-                       ) -> dict[str, torch.Tensor]:
+    def compute_losses(
+        self, out: ClassifierOutput, images: torch.Tensor, labels: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """Cross-entropy on the logits; ``images`` is unused (the two-stage model needs it for equivariance)."""
         ce = F.cross_entropy(out.logits.float(), labels)
         return {"total": ce, "ce": ce}
@@ -133,8 +134,9 @@ class OracleMaskViT(FullImageViT):
 
     uses_ground_truth_mask = True
 
-    def __init__(self, num_classes: int, threshold: float = 0.5, head_lr_factor: float = 1.0, mode: str = "packed",
-                 **vit_kwargs):
+    def __init__(
+        self, num_classes: int, threshold: float = 0.5, head_lr_factor: float = 1.0, mode: str = "packed", **vit_kwargs
+    ):
         super().__init__(num_classes, head_lr_factor=head_lr_factor, **vit_kwargs)
         self.threshold, self.mode = threshold, mode
         sparsify(self.vit)

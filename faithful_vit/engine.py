@@ -124,8 +124,16 @@ class EpochSampler(Sampler[int]):
             shards are uneven and no sample is seen twice (evaluation).
     """
 
-    def __init__(self, num_samples: int, *, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 drop_last: bool = False):
+    def __init__(
+        self,
+        num_samples: int,
+        *,
+        shuffle: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+    ):
         self.num_samples, self.shuffle, self.seed = num_samples, shuffle, seed
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.epoch, self.start = 0, 0
@@ -203,13 +211,26 @@ def collate_skipping_corrupt(samples: list) -> tuple[tuple[torch.Tensor, ...], i
     return fields, skipped
 
 
-def make_loader(dataset: SeededSamples, sampler: EpochSampler, batch_size: int, num_workers: int,
-                drop_last: bool, device: torch.device) -> DataLoader:
+def make_loader(
+    dataset: SeededSamples,
+    sampler: EpochSampler,
+    batch_size: int,
+    num_workers: int,
+    drop_last: bool,
+    device: torch.device,
+) -> DataLoader:
     """A DataLoader whose iterator creation does not consume the global RNG (it has its own generator)."""
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      collate_fn=collate_skipping_corrupt, drop_last=drop_last,
-                      pin_memory=device.type == "cuda", persistent_workers=False,
-                      generator=torch.Generator().manual_seed(0))
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_skipping_corrupt,
+        drop_last=drop_last,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        generator=torch.Generator().manual_seed(0),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -348,8 +369,9 @@ def _to_device(fields: tuple[torch.Tensor, ...], device: torch.device, channels_
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: Dataset, *, num_groups: int, cfg: TrainConfig, dist_info: DistInfo,
-             desc: str = "eval") -> dict:
+def evaluate(
+    model: nn.Module, dataset: Dataset, *, num_groups: int, cfg: TrainConfig, dist_info: DistInfo, desc: str = "eval"
+) -> dict:
     """Accuracy, group accuracies and mask metrics of ``model`` on ``dataset`` (sharded over ranks, all-reduced).
 
     Returns:
@@ -362,8 +384,14 @@ def evaluate(model: nn.Module, dataset: Dataset, *, num_groups: int, cfg: TrainC
     was_training = module.training
     module.eval()
     sampler = EpochSampler(len(dataset), shuffle=False, rank=dist_info.rank, world_size=dist_info.world_size)
-    loader = make_loader(SeededSamples(dataset, cfg.seed), sampler, cfg.eval_batch_size, cfg.num_workers,
-                         drop_last=False, device=dist_info.device)
+    loader = make_loader(
+        SeededSamples(dataset, cfg.seed),
+        sampler,
+        cfg.eval_batch_size,
+        cfg.num_workers,
+        drop_last=False,
+        device=dist_info.device,
+    )
     accumulator = MetricAccumulator(num_groups, dist_info.device, cfg.patch_threshold)
     patch_size = patch_size_of(module)
     skipped = torch.zeros((), dtype=torch.float64, device=dist_info.device)
@@ -377,8 +405,7 @@ def evaluate(model: nn.Module, dataset: Dataset, *, num_groups: int, cfg: TrainC
         images, labels, groups, fg_mask = _to_device(fields, dist_info.device, cfg.channels_last)
         with _autocast(cfg, dist_info.device):
             out = model_forward(runner, images, fg_mask)
-        accumulator.update(final_logits(out).float(), labels, groups, getattr(out, "keep", None), fg_mask,
-                           patch_size)
+        accumulator.update(final_logits(out).float(), labels, groups, getattr(out, "keep", None), fg_mask, patch_size)
     accumulator.all_reduce()
     if dist_info.distributed:
         dist.all_reduce(skipped)
@@ -387,8 +414,9 @@ def evaluate(model: nn.Module, dataset: Dataset, *, num_groups: int, cfg: TrainC
     elapsed = time.perf_counter() - start
     metrics = accumulator.compute()
     num_images = int(accumulator.count.sum().item())
-    metrics.update(images_per_second=num_images / max(elapsed, 1e-9), num_images=num_images,
-                   skipped_corrupt=int(skipped.item()))
+    metrics.update(
+        images_per_second=num_images / max(elapsed, 1e-9), num_images=num_images, skipped_corrupt=int(skipped.item())
+    )
     module.train(was_training)
     return metrics
 
@@ -420,8 +448,18 @@ class Trainer:
         name: how log lines name this run (default: the folder name).
     """
 
-    def __init__(self, model: nn.Module, train_set: Dataset, val_set: Dataset, *, num_groups: int,
-                 cfg: TrainConfig, run_dir: Path, dist_info: DistInfo | None = None, name: str | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        train_set: Dataset,
+        val_set: Dataset,
+        *,
+        num_groups: int,
+        cfg: TrainConfig,
+        run_dir: Path,
+        dist_info: DistInfo | None = None,
+        name: str | None = None,
+    ):
         self.cfg, self.run_dir, self.num_groups = cfg, Path(run_dir), num_groups
         self.name = name or self.run_dir.name
         self.dist = dist_info or DistInfo()
@@ -430,22 +468,35 @@ class Trainer:
         if cfg.channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)
         self.train_samples = SeededSamples(train_set, cfg.seed)
-        self.sampler = EpochSampler(len(train_set), shuffle=True, seed=cfg.seed, rank=self.dist.rank,
-                                    world_size=self.dist.world_size, drop_last=True)
+        self.sampler = EpochSampler(
+            len(train_set),
+            shuffle=True,
+            seed=cfg.seed,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            drop_last=True,
+        )
         self.steps_per_epoch = len(self.sampler) // cfg.batch_size
         if self.steps_per_epoch == 0:
-            raise ValueError(f"--batch-size: expected at most {len(self.sampler)} (training samples per process), "
-                             f"got {cfg.batch_size}")
+            raise ValueError(
+                f"--batch-size: expected at most {len(self.sampler)} (training samples per process), "
+                f"got {cfg.batch_size}"
+            )
         total_steps = self.steps_per_epoch * cfg.epochs
         weight_decay = cfg.weight_decay * math.sqrt(1 / total_steps) if cfg.wd_normalized else cfg.weight_decay
-        self.optimizer = torch.optim.AdamW(self.module.param_groups(cfg.lr, weight_decay), lr=cfg.lr,
-                                           betas=(0.9, 0.999), fused=self.dist.device.type == "cuda")
+        self.optimizer = torch.optim.AdamW(
+            self.module.param_groups(cfg.lr, weight_decay),
+            lr=cfg.lr,
+            betas=(0.9, 0.999),
+            fused=self.dist.device.type == "cuda",
+        )
         per_step = cfg.sched_unit == "step"
         total = total_steps if per_step else cfg.epochs
         warmup = cfg.warmup_epochs * (self.steps_per_epoch if per_step else 1)
         min_ratio = cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda t: lr_factor(t, total, warmup, min_ratio, cfg.sched))
+            self.optimizer, lambda t: lr_factor(t, total, warmup, min_ratio, cfg.sched)
+        )
         self.model: nn.Module = self.module
         if cfg.compile:
             self.model = torch.compile(self.model)
@@ -476,18 +527,29 @@ class Trainer:
             rng = [None] * self.dist.world_size
             dist.all_gather_object(rng, rng_states())
         return {
-            "model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-            "global_step": self.global_step, "best_key": self.best_key, "history": self.history,
-            "loss_sums": {k: v.cpu() for k, v in self.loss_sums.items()}, "loss_steps": self.loss_steps,
-            "skipped": self.skipped.cpu(), "train_time": self.train_time, "rng": rng,
-            "world_size": self.dist.world_size, "config": asdict(self.cfg),
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "best_key": self.best_key,
+            "history": self.history,
+            "loss_sums": {k: v.cpu() for k, v in self.loss_sums.items()},
+            "loss_steps": self.loss_steps,
+            "skipped": self.skipped.cpu(),
+            "train_time": self.train_time,
+            "rng": rng,
+            "world_size": self.dist.world_size,
+            "config": asdict(self.cfg),
         }
 
     def load_state_dict(self, state: dict) -> None:
         if state["world_size"] != self.dist.world_size:
-            raise ValueError(f"--resume: the checkpoint was written by {state['world_size']} process(es), "
-                             f"this run has {self.dist.world_size}; exact resume needs the same number")
+            raise ValueError(
+                f"--resume: the checkpoint was written by {state['world_size']} process(es), "
+                f"this run has {self.dist.world_size}; exact resume needs the same number"
+            )
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -504,7 +566,8 @@ class Trainer:
             if not math.isfinite(value.item()):
                 raise NonFiniteLossError(
                     f"non-finite training loss ({name} = {value.item()}) in epoch {self.epoch + 1}, before step "
-                    f"{self.global_step}; stopped. The last good checkpoint is kept: {self.last_path}")
+                    f"{self.global_step}; stopped. The last good checkpoint is kept: {self.last_path}"
+                )
 
     def _save_last(self) -> None:
         self._check_finite()
@@ -536,10 +599,17 @@ class Trainer:
         self.module.train()
         self.sampler.set_epoch(self.epoch, start=self.step_in_epoch * cfg.batch_size)
         self.train_samples.set_epoch(self.epoch)
-        loader = make_loader(self.train_samples, self.sampler, cfg.batch_size, cfg.num_workers, drop_last=True,
-                             device=device)
-        bar = tqdm(loader, total=self.steps_per_epoch, initial=self.step_in_epoch,
-                   desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False, disable=not _show_progress(cfg, self.dist))
+        loader = make_loader(
+            self.train_samples, self.sampler, cfg.batch_size, cfg.num_workers, drop_last=True, device=device
+        )
+        bar = tqdm(
+            loader,
+            total=self.steps_per_epoch,
+            initial=self.step_in_epoch,
+            desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+            leave=False,
+            disable=not _show_progress(cfg, self.dist),
+        )
         start = time.perf_counter()
         for fields, num_skipped in bar:
             self.skipped += num_skipped
@@ -564,8 +634,9 @@ class Trainer:
     def after_step(self) -> None:
         """Hook called after every optimizer step (tests use it to interrupt a run)."""
 
-    def _train_step(self, images: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor,
-                    fg_mask: torch.Tensor | None) -> None:
+    def _train_step(
+        self, images: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor, fg_mask: torch.Tensor | None
+    ) -> None:
         with _autocast(self.cfg, self.dist.device):
             out = model_forward(self.model, images, fg_mask)
             losses = self.module.compute_losses(out, images, labels)
@@ -591,16 +662,21 @@ class Trainer:
             dist.all_reduce(steps)
         self._check_finite()
         train_losses = {f"train_{k}": v for k, v in zip(self.loss_sums, (sums / steps.clamp(min=1)).tolist())}
-        val = evaluate(self.model, self.val_set, num_groups=self.num_groups, cfg=cfg, dist_info=self.dist,
-                       desc="val")
+        val = evaluate(self.model, self.val_set, num_groups=self.num_groups, cfg=cfg, dist_info=self.dist, desc="val")
         skipped = self.skipped.clone()
         if self.dist.distributed:
             dist.all_reduce(skipped)
         images_seen = self.steps_per_epoch * cfg.batch_size * self.dist.world_size * (self.epoch + 1)
-        row = {"epoch": self.epoch + 1, "step": self.global_step, "lr": lr,
-               **train_losses, **{f"val_{k}": v for k, v in val.items() if k not in ("num_images",)},
-               "train_images_per_second": images_seen / max(self.train_time, 1e-9),
-               "skipped_corrupt_train": int(skipped.item()), "peak_memory_mb": _peak_memory_mb(self.dist.device)}
+        row = {
+            "epoch": self.epoch + 1,
+            "step": self.global_step,
+            "lr": lr,
+            **train_losses,
+            **{f"val_{k}": v for k, v in val.items() if k not in ("num_images",)},
+            "train_images_per_second": images_seen / max(self.train_time, 1e-9),
+            "skipped_corrupt_train": int(skipped.item()),
+            "peak_memory_mb": _peak_memory_mb(self.dist.device),
+        }
         self.history.append(row)
         improved = self.best_key is None or _selection_key(val) > self.best_key
         if improved:
@@ -613,9 +689,12 @@ class Trainer:
         self._save_last()
         if self.dist.is_main:
             self._write_history()
-            tqdm.write(f"[{self.name}] epoch {self.epoch}/{cfg.epochs} loss {row.get('train_total', 0):.4f} "
-                       f"val acc {val['accuracy']:.3f} wga {val['worst_group_accuracy']:.3f}"
-                       f"{' *' if improved else ''}", file=sys.stderr)
+            tqdm.write(
+                f"[{self.name}] epoch {self.epoch}/{cfg.epochs} loss {row.get('train_total', 0):.4f} "
+                f"val acc {val['accuracy']:.3f} wga {val['worst_group_accuracy']:.3f}"
+                f"{' *' if improved else ''}",
+                file=sys.stderr,
+            )
 
     def _write_history(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -640,12 +719,16 @@ class Trainer:
             dist.barrier()
         best = load_checkpoint(self.best_path)
         self.module.load_state_dict(best["model"])
-        metrics = evaluate(self.model, test_set, num_groups=self.num_groups, cfg=self.cfg, dist_info=self.dist,
-                           desc="test")
+        metrics = evaluate(
+            self.model, test_set, num_groups=self.num_groups, cfg=self.cfg, dist_info=self.dist, desc="test"
+        )
         last = self.history[-1] if self.history else {}
-        metrics.update(best_epoch=best["epoch"], train_images_per_second=last.get("train_images_per_second"),
-                       peak_memory_mb=_peak_memory_mb(self.dist.device),
-                       skipped_corrupt_train=last.get("skipped_corrupt_train", 0))
+        metrics.update(
+            best_epoch=best["epoch"],
+            train_images_per_second=last.get("train_images_per_second"),
+            peak_memory_mb=_peak_memory_mb(self.dist.device),
+            skipped_corrupt_train=last.get("skipped_corrupt_train", 0),
+        )
         return metrics
 
 
@@ -675,5 +758,10 @@ def predict_samples(model: nn.Module, dataset: Dataset, indices: list[int], devi
         return None if value is None else value.detach().float().cpu()
 
     keep = getattr(out, "keep", None)
-    return {"images": images.cpu(), "fg_masks": cpu(fg_mask), "keep": None if keep is None else keep.cpu(),
-            "part_maps": cpu(getattr(out, "part_maps", None)), "patch_size": patch_size_of(module)}
+    return {
+        "images": images.cpu(),
+        "fg_masks": cpu(fg_mask),
+        "keep": None if keep is None else keep.cpu(),
+        "part_maps": cpu(getattr(out, "part_maps", None)),
+        "patch_size": patch_size_of(module),
+    }

@@ -130,8 +130,12 @@ def equivariance_maps(model: FaithfulViT, images: torch.Tensor) -> tuple[torch.T
 
     cfg = model.cfg
     theta = random_rigid_transform(
-        images.shape[0], cfg.img_size, cfg.equivariance_degrees, cfg.equivariance_translate,
-        cfg.equivariance_scale, images.device,
+        images.shape[0],
+        cfg.img_size,
+        cfg.equivariance_degrees,
+        cfg.equivariance_translate,
+        cfg.equivariance_scale,
+        images.device,
     )
     transformed = warp(images, invert_affine(theta))
     maps = model.forward_stage1(transformed).part_maps

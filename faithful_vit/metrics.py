@@ -48,8 +48,17 @@ class MetricAccumulator:
         patch_threshold: a patch is ground-truth foreground when its foreground fraction exceeds this.
     """
 
-    _MASK_KEYS = ("kept_patches", "total_patches", "kept_fg_px", "kept_px", "fg_px", "union_px", "total_px",
-                  "both_patches", "union_patches")
+    _MASK_KEYS = (
+        "kept_patches",
+        "total_patches",
+        "kept_fg_px",
+        "kept_px",
+        "fg_px",
+        "union_px",
+        "total_px",
+        "both_patches",
+        "union_patches",
+    )
 
     def __init__(self, num_groups: int, device: torch.device | str = "cpu", patch_threshold: float = 0.5):
         self.num_groups = num_groups
@@ -60,9 +69,15 @@ class MetricAccumulator:
         self.has_mask = False
         self.has_keep = False
 
-    def update(self, logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor,
-               keep: torch.Tensor | None = None, fg_mask: torch.Tensor | None = None,
-               patch_size: int | None = None) -> None:
+    def update(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        groups: torch.Tensor,
+        keep: torch.Tensor | None = None,
+        fg_mask: torch.Tensor | None = None,
+        patch_size: int | None = None,
+    ) -> None:
         """Add one batch.
 
         Args:
@@ -89,12 +104,18 @@ class MetricAccumulator:
         fg_pixels = fg_mask > 0.5
         kept_pixels = keep_to_pixels(keep, tuple(fg_mask.shape[-2:]), patch_size)
         gt_patches = fg_fraction > self.patch_threshold
-        self.mask_sums[2:] += torch.stack([
-            (kept_pixels & fg_pixels).sum(), kept_pixels.sum(), fg_pixels.sum(), (kept_pixels | fg_pixels).sum(),
-            # torch.full, not torch.tensor: a fill kernel instead of a host-to-device copy that would synchronise.
-            torch.full((), fg_pixels.numel(), device=keep.device, dtype=torch.long),
-            (keep & gt_patches).sum(), (keep | gt_patches).sum(),
-        ]).double()
+        self.mask_sums[2:] += torch.stack(
+            [
+                (kept_pixels & fg_pixels).sum(),
+                kept_pixels.sum(),
+                fg_pixels.sum(),
+                (kept_pixels | fg_pixels).sum(),
+                # torch.full, not torch.tensor: a fill kernel instead of a host-to-device copy that would synchronise.
+                torch.full((), fg_pixels.numel(), device=keep.device, dtype=torch.long),
+                (keep & gt_patches).sum(),
+                (keep | gt_patches).sum(),
+            ]
+        ).double()
 
     def all_reduce(self) -> None:
         """Sum the running totals over all processes (a no-op outside torch.distributed)."""
@@ -135,8 +156,18 @@ class MetricAccumulator:
         return result
 
 
-SUMMARY_KEYS = ("accuracy", "worst_group_accuracy", "mask_iou", "mask_iou_patch", "background_in_kept",
-                "object_recall", "kept_fraction", "images_per_second", "train_images_per_second", "peak_memory_mb")
+SUMMARY_KEYS = (
+    "accuracy",
+    "worst_group_accuracy",
+    "mask_iou",
+    "mask_iou_patch",
+    "background_in_kept",
+    "object_recall",
+    "kept_fraction",
+    "images_per_second",
+    "train_images_per_second",
+    "peak_memory_mb",
+)
 
 
 def summarize_seeds(per_seed: list[dict]) -> dict:
@@ -165,10 +196,15 @@ def summarize_seeds(per_seed: list[dict]) -> dict:
     return summary
 
 
-TABLE_COLUMNS = (("accuracy", "acc", 100), ("worst_group_accuracy", "worst-group", 100), ("mask_iou", "mask IoU", 1),
-                 ("background_in_kept", "bg in kept", 1), ("object_recall", "object kept", 1),
-                 ("kept_fraction", "kept", 1),
-                 ("images_per_second", "img/s", 1))
+TABLE_COLUMNS = (
+    ("accuracy", "acc", 100),
+    ("worst_group_accuracy", "worst-group", 100),
+    ("mask_iou", "mask IoU", 1),
+    ("background_in_kept", "bg in kept", 1),
+    ("object_recall", "object kept", 1),
+    ("kept_fraction", "kept", 1),
+    ("images_per_second", "img/s", 1),
+)
 
 
 def format_table(summaries: dict[str, dict]) -> str:
@@ -183,10 +219,15 @@ def format_table(summaries: dict[str, dict]) -> str:
         return f"{text} ± {std * scale:.{digits}f}" if summary.get("num_seeds", 1) > 1 and std is not None else text
 
     header = ["model"] + [title + (" %" if scale == 100 else "") for _, title, scale in TABLE_COLUMNS]
-    rows = [[name] + [cell(summary, key, scale) for key, _, scale in TABLE_COLUMNS]
-            for name, summary in summaries.items()]
+    rows = [
+        [name] + [cell(summary, key, scale) for key, _, scale in TABLE_COLUMNS] for name, summary in summaries.items()
+    ]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(text.ljust(width) if i == 0 else text.rjust(width) for i, (text, width) in
-                       enumerate(zip(row, widths))) for row in [header, *rows]]
+    lines = [
+        "  ".join(
+            text.ljust(width) if i == 0 else text.rjust(width) for i, (text, width) in enumerate(zip(row, widths))
+        )
+        for row in [header, *rows]
+    ]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)

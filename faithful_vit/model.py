@@ -384,8 +384,9 @@ class FaithfulViT(nn.Module):
             return
         values = torch.as_tensor(thresholds, dtype=self.part_thresholds.dtype)
         if values.shape != (self.num_parts,):
-            raise ValueError(f"thresholds: expected shape ({self.num_parts},) (one per foreground part), got "
-                             f"{tuple(values.shape)}")
+            raise ValueError(
+                f"thresholds: expected shape ({self.num_parts},) (one per foreground part), got {tuple(values.shape)}"
+            )
         self.part_thresholds.copy_(values)
 
     # ---- the mask ----
@@ -444,7 +445,7 @@ class FaithfulViT(nn.Module):
     # ---- stage 2 ----
 
     def default_stage2_mode(self) -> str:
-        """"masked" when the gate needs a gradient (training with ``straight_through``), else "packed"."""
+        """ "masked" when the gate needs a gradient (training with ``straight_through``), else "packed"."""
         if self.cfg.stage2_mode is not None:
             return self.cfg.stage2_mode
         return "masked" if self.training and self.cfg.straight_through else "packed"

@@ -44,16 +44,26 @@ def _overrides(module: nn.Module, base: type, method: str) -> bool:
 def _check_convertible(model: nn.Module) -> None:
     """Raise, naming the module, if any part of ``model`` mixes tokens in a way the sparse path would not reproduce."""
     if not isinstance(model, VisionTransformer) or _overrides(model, VisionTransformer, "forward_features"):
-        raise _unsupported("", model, "expected a timm VisionTransformer (vit_*, deit*, deit3_*, vit_*_dinov2); other "
-                                      "families (relative position bias, rope, hybrid stems) are not implemented")
+        raise _unsupported(
+            "",
+            model,
+            "expected a timm VisionTransformer (vit_*, deit*, deit3_*, vit_*_dinov2); other "
+            "families (relative position bias, rope, hybrid stems) are not implemented",
+        )
     embed = model.patch_embed
     if type(embed) is not PatchEmbed:
-        raise _unsupported("patch_embed", embed, "only non-overlapping patch embeddings (timm PatchEmbed) keep each "
-                                                 "token a function of its own patch")
+        raise _unsupported(
+            "patch_embed",
+            embed,
+            "only non-overlapping patch embeddings (timm PatchEmbed) keep each token a function of its own patch",
+        )
     conv = embed.proj
     if not isinstance(conv, nn.Conv2d) or conv.kernel_size != conv.stride or conv.padding not in ((0, 0), "valid"):
-        raise _unsupported("patch_embed.proj", conv, f"overlapping or padded patches (kernel {conv.kernel_size}, "
-                                                     f"stride {conv.stride}, padding {conv.padding})")
+        raise _unsupported(
+            "patch_embed.proj",
+            conv,
+            f"overlapping or padded patches (kernel {conv.kernel_size}, stride {conv.stride}, padding {conv.padding})",
+        )
     if model.attn_pool is not None:
         raise _unsupported("attn_pool", model.attn_pool, "attention pooling mixes all tokens outside the blocks")
     if model.global_pool not in SUPPORTED_POOLS:
@@ -63,11 +73,19 @@ def _check_convertible(model: nn.Module) -> None:
     for index, block in enumerate(model.blocks):
         name = f"blocks.{index}"
         if not isinstance(block, Block) or _overrides(block, Block, "forward"):
-            raise _unsupported(name, block, "expected timm's pre-norm Block (norm1, attn, ls1, drop_path1, norm2, mlp, "
-                                            "ls2, drop_path2); parallel and post-norm blocks are not implemented")
+            raise _unsupported(
+                name,
+                block,
+                "expected timm's pre-norm Block (norm1, attn, ls1, drop_path1, norm2, mlp, "
+                "ls2, drop_path2); parallel and post-norm blocks are not implemented",
+            )
         if type(block.attn) not in (Attention, MaskedAttention):
-            raise _unsupported(f"{name}.attn", block.attn, "expected timm.layers.Attention; attention with relative "
-                                                           "position bias, rope or other extras is not implemented")
+            raise _unsupported(
+                f"{name}.attn",
+                block.attn,
+                "expected timm.layers.Attention; attention with relative "
+                "position bias, rope or other extras is not implemented",
+            )
 
 
 def sparsify(model: nn.Module, backend: str = "auto") -> nn.Module:
@@ -114,8 +132,9 @@ def _sample_scale(drop_path: nn.Module, batch: int, like: torch.Tensor) -> torch
     return drop_path(like.new_ones(batch, 1)).squeeze(1)
 
 
-def _residual_rows(rows: torch.Tensor, branch: torch.Tensor, drop_path: nn.Module, batch: int,
-                   row_image: torch.Tensor) -> torch.Tensor:
+def _residual_rows(
+    rows: torch.Tensor, branch: torch.Tensor, drop_path: nn.Module, batch: int, row_image: torch.Tensor
+) -> torch.Tensor:
     """``rows + drop_path(branch)`` on packed rows, dropping whole images as timm's DropPath does, not single rows."""
     scale = _sample_scale(drop_path, batch, rows)
     if scale is None:
@@ -123,8 +142,14 @@ def _residual_rows(rows: torch.Tensor, branch: torch.Tensor, drop_path: nn.Modul
     return rows + branch * scale[row_image, None]
 
 
-def _pool(model: nn.Module, rows: torch.Tensor, row_image: torch.Tensor, in_pool: torch.Tensor,
-          prefix_rows: torch.Tensor, batch: int) -> torch.Tensor:
+def _pool(
+    model: nn.Module,
+    rows: torch.Tensor,
+    row_image: torch.Tensor,
+    in_pool: torch.Tensor,
+    prefix_rows: torch.Tensor,
+    batch: int,
+) -> torch.Tensor:
     """The model's pre-logit pooling over the kept tokens only.
 
     ``'token'`` pooling hands the prefix tokens to the model's own ``forward_head(..., pre_logits=True)`` (so models
@@ -150,7 +175,8 @@ def _pool(model: nn.Module, rows: torch.Tensor, row_image: torch.Tensor, in_pool
     else:
         floor = torch.finfo(rows.dtype).min
         amax = rows.new_full((batch, channels), floor).scatter_reduce(
-            0, row_image[:, None].expand(-1, channels), rows.masked_fill(~in_pool[:, None], floor), "amax")
+            0, row_image[:, None].expand(-1, channels), rows.masked_fill(~in_pool[:, None], floor), "amax"
+        )
         amax = torch.where(counts[:, None] > 0, amax, 0.0)  # nothing to pool: zero, like the empty mean
         pooled = amax if model.global_pool == "max" else 0.5 * (amax + mean)
     return model.head_drop(model.fc_norm(pooled))
@@ -160,26 +186,33 @@ def _check_inputs(model: nn.Module, tokens: torch.Tensor, keep: torch.Tensor, ga
     num_patches = tokens.shape[1] - model.num_prefix_tokens
     expected = (tokens.shape[0], num_patches)
     if keep.dtype != torch.bool or tuple(keep.shape) != expected:
-        raise ValueError(f"keep: expected a bool tensor of shape {expected} (B, num_patches), "
-                         f"got {keep.dtype} {tuple(keep.shape)}")
+        raise ValueError(
+            f"keep: expected a bool tensor of shape {expected} (B, num_patches), got {keep.dtype} {tuple(keep.shape)}"
+        )
     if keep.device != tokens.device:
         raise ValueError(f"keep: expected device {tokens.device} like x, got {keep.device}")
     if gate is not None:
         if not gate.is_floating_point() or tuple(gate.shape) != expected or gate.device != tokens.device:
-            raise ValueError(f"gate: expected a float tensor of shape {expected} on {tokens.device}, "
-                             f"got {gate.dtype} {tuple(gate.shape)} on {gate.device}")
+            raise ValueError(
+                f"gate: expected a float tensor of shape {expected} on {tokens.device}, "
+                f"got {gate.dtype} {tuple(gate.shape)} on {gate.device}"
+            )
 
 
 def _check_model(model: nn.Module) -> None:
     _check_convertible(model)
     for index, block in enumerate(model.blocks):
         if not isinstance(block.attn, MaskedAttention):
-            raise TypeError(f"forward_kept: blocks.{index}.attn is {type(block.attn).__qualname__}; "
-                            "convert the model with faithful_vit.sparsify(model) first")
+            raise TypeError(
+                f"forward_kept: blocks.{index}.attn is {type(block.attn).__qualname__}; "
+                "convert the model with faithful_vit.sparsify(model) first"
+            )
     patch_drop = model.patch_drop
     if model.training and not isinstance(patch_drop, nn.Identity) and patch_drop.prob > 0:
-        raise NotImplementedError(f"patch_drop: random patch dropout (prob={patch_drop.prob}) in training would "
-                                  "break the alignment of keep with the patch tokens; set it to 0 or call eval()")
+        raise NotImplementedError(
+            f"patch_drop: random patch dropout (prob={patch_drop.prob}) in training would "
+            "break the alignment of keep with the patch tokens; set it to 0 or call eval()"
+        )
 
 
 def forward_kept(
@@ -226,8 +259,10 @@ def forward_kept(
     keep_full = torch.cat([keep.new_ones(batch, prefix), keep], dim=1)
     if mode == "packed":
         if gate is not None and gate.requires_grad:
-            raise ValueError("gate: packed mode cannot return d(loss)/d(gate) (dropped tokens are not computed); "
-                             "use mode='masked' for a straight-through gate")
+            raise ValueError(
+                "gate: packed mode cannot return d(loss)/d(gate) (dropped tokens are not computed); "
+                "use mode='masked' for a straight-through gate"
+            )
         return _forward_packed(model, tokens, keep_full, return_tokens)
     return _forward_masked(model, tokens, keep_full, gate, return_tokens)
 
@@ -264,8 +299,9 @@ def _forward_masked(model, tokens, keep_full, gate, return_tokens):
     # computes it (attending to the kept keys); without a gate, dropped rows are skipped (they reach no output).
     skip_dropped_queries = gate_sorted is None
     for block in model.blocks:
-        attended = block.attn(block.norm1(tokens), attn_mask=keep_sorted, key_gate=gate_sorted,
-                              skip_dropped_queries=skip_dropped_queries)
+        attended = block.attn(
+            block.norm1(tokens), attn_mask=keep_sorted, key_gate=gate_sorted, skip_dropped_queries=skip_dropped_queries
+        )
         tokens = tokens + block.drop_path1(block.ls1(attended))
         tokens = tokens + block.drop_path2(block.ls2(block.mlp(block.norm2(tokens))))
     tokens = model.norm(tokens)

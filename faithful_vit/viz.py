@@ -26,9 +26,16 @@ def _displayable(image: torch.Tensor) -> np.ndarray:
     return image.permute(1, 2, 0).cpu().numpy()
 
 
-def plot_masks(images: torch.Tensor, path: str | Path, *, fg_masks: torch.Tensor | None = None,
-               keep: torch.Tensor | None = None, part_maps: torch.Tensor | None = None,
-               patch_size: int | None = None, title: str = "") -> Path:
+def plot_masks(
+    images: torch.Tensor,
+    path: str | Path,
+    *,
+    fg_masks: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
+    part_maps: torch.Tensor | None = None,
+    patch_size: int | None = None,
+    title: str = "",
+) -> Path:
     """Save a grid with one row per sample: image, ground truth, part map, kept patches.
 
     Args:
@@ -60,8 +67,9 @@ def plot_masks(images: torch.Tensor, path: str | Path, *, fg_masks: torch.Tensor
             panels.append(picture * (0.25 + 0.75 * kept_pixels[row, 0, :, :, None].float().numpy()))
         for column, (axis, panel) in enumerate(zip(axes[row], panels)):
             is_parts = columns[column].startswith("parts")
-            axis.imshow(panel, cmap="tab10" if is_parts else "gray", vmin=0, vmax=9 if is_parts else 1,
-                        interpolation="nearest")
+            axis.imshow(
+                panel, cmap="tab10" if is_parts else "gray", vmin=0, vmax=9 if is_parts else 1, interpolation="nearest"
+            )
             axis.set_xticks([])
             axis.set_yticks([])
             if row == 0:
@@ -82,8 +90,11 @@ def plot_training_curves(histories: dict[str, list[dict]], path: str | Path) -> 
         ``path``.
     """
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    panels = [("train_total", "training loss"), ("val_accuracy", "validation accuracy"),
-              ("val_worst_group_accuracy", "validation worst-group accuracy")]
+    panels = [
+        ("train_total", "training loss"),
+        ("val_accuracy", "validation accuracy"),
+        ("val_worst_group_accuracy", "validation worst-group accuracy"),
+    ]
     for axis, (key, label) in zip(axes, panels):
         for name, rows in histories.items():
             epochs = [row["epoch"] for row in rows if row.get(key) is not None]

@@ -36,6 +36,7 @@ if TRITON_AVAILABLE:
     import triton.language as tl
     from triton.runtime.interpreter import InterpretedFunction
 
+
 def check_qkv(q, k, v, *, ndim: int, ndim_doc: str) -> None:
     """q, k, v: tensors of ``ndim`` dims, one supported dtype, one device, one shape, a head dim in 16..128."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -49,8 +50,9 @@ def check_qkv(q, k, v, *, ndim: int, ndim_doc: str) -> None:
 def check_interpreter_dtype(q: torch.Tensor) -> None:
     """The Triton interpreter (CPU) has no bf16 dots: refuse bf16 there rather than fail inside a kernel."""
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-        raise TypeError("q: the Triton interpreter (CPU) cannot run bf16 dots; got torch.bfloat16, use fp16/fp32 or "
-                        "backend='torch'")
+        raise TypeError(
+            "q: the Triton interpreter (CPU) cannot run bf16 dots; got torch.bfloat16, use fp16/fp32 or backend='torch'"
+        )
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -76,8 +78,9 @@ if TRITON_AVAILABLE:
     LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): natural-log units to log2 units
 
     @triton.jit
-    def attn_fwd_step(q, kt, v, key_valid, m_i, l_i, acc, qk_scale_log2, MASK_KEYS: tl.constexpr,
-                      INPUT_PRECISION: tl.constexpr):
+    def attn_fwd_step(
+        q, kt, v, key_valid, m_i, l_i, acc, qk_scale_log2, MASK_KEYS: tl.constexpr, INPUT_PRECISION: tl.constexpr
+    ):
         """One key block of the online softmax (exp2 domain, fp32 state).
 
         Args: q ``(BLOCK_M, BLOCK_D)``, kt ``(BLOCK_D, BLOCK_N)``, v ``(BLOCK_N, BLOCK_D)``, key_valid ``(BLOCK_N,)``
@@ -100,8 +103,20 @@ if TRITON_AVAILABLE:
         return m_new, l_i, acc
 
     @triton.jit
-    def attn_bwd_dkdv_step(k, v, q, do, lse_log2, delta, query_valid, dk, dv, qk_scale_log2,
-                           MASK_QUERIES: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    def attn_bwd_dkdv_step(
+        k,
+        v,
+        q,
+        do,
+        lse_log2,
+        delta,
+        query_valid,
+        dk,
+        dv,
+        qk_scale_log2,
+        MASK_QUERIES: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
+    ):
         """Add one query block's contribution to the dK, dV of a key block (dK still unscaled by the softmax scale).
 
         Args: k, v ``(BLOCK_N, BLOCK_D)`` (the key block), q, do ``(BLOCK_M, BLOCK_D)`` (the query block and its
@@ -129,8 +144,19 @@ if TRITON_AVAILABLE:
         return dk, dv, tl.sum(ds_t, 1)
 
     @triton.jit
-    def attn_bwd_dq_step(q, do, kt, vt, lse_log2, delta, key_valid, dq, qk_scale_log2, MASK_KEYS: tl.constexpr,
-                         INPUT_PRECISION: tl.constexpr):
+    def attn_bwd_dq_step(
+        q,
+        do,
+        kt,
+        vt,
+        lse_log2,
+        delta,
+        key_valid,
+        dq,
+        qk_scale_log2,
+        MASK_KEYS: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
+    ):
         """Add one key block's contribution to the dQ of a query block (still unscaled by the softmax scale).
 
         Args: q, do ``(BLOCK_M, BLOCK_D)`` (the query block and its output gradient), kt, vt ``(BLOCK_D, BLOCK_N)``

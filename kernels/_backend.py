@@ -89,8 +89,11 @@ def _triton_can_run(device: torch.device) -> tuple[bool, str]:
     if device.type == "cpu":
         if TRITON_INTERPRET:
             return True, ""
-        return False, "the tensors are on the CPU and the Triton interpreter is off (set TRITON_INTERPRET=1 " \
-                      "before importing faithful_vit)"
+        return (
+            False,
+            "the tensors are on the CPU and the Triton interpreter is off (set TRITON_INTERPRET=1 "
+            "before importing faithful_vit)",
+        )
     return False, f"Triton kernels do not run on {device.type} tensors"
 
 

@@ -44,8 +44,9 @@ def fmt_shape(x: torch.Tensor) -> str:
     return f"shape {tuple(x.shape)}, dtype {x.dtype}, device {x.device}"
 
 
-def check_tensor(name: str, x: object, *, ndim: int | None = None, dtypes: tuple[torch.dtype, ...] | None = None,
-                 ndim_doc: str = "") -> torch.Tensor:
+def check_tensor(
+    name: str, x: object, *, ndim: int | None = None, dtypes: tuple[torch.dtype, ...] | None = None, ndim_doc: str = ""
+) -> torch.Tensor:
     """Raise a TypeError/ValueError naming ``name``, the expectation and what was given."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")

@@ -242,8 +242,9 @@ def _keep_bytes(keep: torch.Tensor) -> torch.Tensor:
     return (keep if keep.stride(1) == 1 else keep.contiguous()).view(torch.int8)
 
 
-def _block_lists(keep_bytes: torch.Tensor, block: int, *, every_block: bool = False,
-                 launch=launch_directly) -> tuple[torch.Tensor, torch.Tensor]:
+def _block_lists(
+    keep_bytes: torch.Tensor, block: int, *, every_block: bool = False, launch=launch_directly
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image lists of the blocks of ``block`` tokens a loop visits: full blocks first, then partly kept ones.
 
     One small kernel launch on the device, no host synchronisation: the attention kernels read the counts and the list
@@ -266,8 +267,16 @@ def _block_lists(keep_bytes: torch.Tensor, block: int, *, every_block: bool = Fa
     counts = empty(batch, 2, dtype=torch.int32, device=keep_bytes.device)
     chunk = max(1, min(triton.next_power_of_2(num_blocks), 4096 // block))  # blocks per step: <= 4096 tokens
     launch(_block_lists_kernel)[(batch,)](
-        keep_bytes, order, counts, seq_len, num_blocks, keep_bytes.stride(0), order.stride(0),
-        BLOCK=block, CHUNK=chunk, EVERY_BLOCK=every_block,
+        keep_bytes,
+        order,
+        counts,
+        seq_len,
+        num_blocks,
+        keep_bytes.stride(0),
+        order.stride(0),
+        BLOCK=block,
+        CHUNK=chunk,
+        EVERY_BLOCK=every_block,
     )
     return order, counts
 
@@ -295,9 +304,23 @@ def _launch_fwd(q, k, v, keep, scale, skip_dropped_queries, cfg, launch):
     lse = empty(batch, heads, seq_len, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(seq_len, cfg["BLOCK_M"]), batch * heads)
     launch(_masked_attn_fwd_kernel)[grid](
-        q, k, v, keep_i8, k_order, k_counts, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), keep_i8.stride(0), k_order.stride(0),
-        heads, seq_len, scale * LOG2E.value,
+        q,
+        k,
+        v,
+        keep_i8,
+        k_order,
+        k_counts,
+        out,
+        lse,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *out.stride(),
+        keep_i8.stride(0),
+        k_order.stride(0),
+        heads,
+        seq_len,
+        scale * LOG2E.value,
         HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_M=cfg["BLOCK_M"],
@@ -344,27 +367,81 @@ def _launch_bwd(grad_out, q, k, v, keep, out, lse, scale, skip_dropped_queries, 
 
     delta = empty(batch, heads, seq_len, dtype=torch.float32, device=q.device)
     launch(_masked_attn_bwd_preprocess_kernel)[(triton.cdiv(seq_len, block_m), batch * heads)](
-        out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, seq_len,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m,
+        out,
+        grad_out,
+        delta,
+        *out.stride(),
+        *grad_out.stride(),
+        heads,
+        seq_len,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        BLOCK_M=block_m,
     )
 
     dq, dk, dv = (empty_like_strided(q, (batch, heads, seq_len, head_dim), _BNHD) for _ in range(3))
     dgate_heads = empty(batch, heads, seq_len if gate_grad else 1, dtype=torch.float32, device=q.device)
     launch(_masked_attn_bwd_dkdv_kernel)[(triton.cdiv(seq_len, block_n), batch * heads)](
-        q, k, v, grad_out, keep_i8, q_order, q_counts, lse, delta, dk, dv, dgate_heads,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
-        keep_i8.stride(0), q_order.stride(0),
-        heads, seq_len, scale, scale * LOG2E.value,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        GATE_GRAD=gate_grad, DOT_PRECISION=precision, **options,
+        q,
+        k,
+        v,
+        grad_out,
+        keep_i8,
+        q_order,
+        q_counts,
+        lse,
+        delta,
+        dk,
+        dv,
+        dgate_heads,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *grad_out.stride(),
+        *dk.stride(),
+        *dv.stride(),
+        keep_i8.stride(0),
+        q_order.stride(0),
+        heads,
+        seq_len,
+        scale,
+        scale * LOG2E.value,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        GATE_GRAD=gate_grad,
+        DOT_PRECISION=precision,
+        **options,
     )
     launch(_masked_attn_bwd_dq_kernel)[(triton.cdiv(seq_len, block_m), batch * heads)](
-        q, k, v, grad_out, keep_i8, k_order, k_counts, lse, delta, dq,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
-        keep_i8.stride(0), k_order.stride(0),
-        heads, seq_len, scale, scale * LOG2E.value,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        DOT_PRECISION=precision, **options,
+        q,
+        k,
+        v,
+        grad_out,
+        keep_i8,
+        k_order,
+        k_counts,
+        lse,
+        delta,
+        dq,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *grad_out.stride(),
+        *dq.stride(),
+        keep_i8.stride(0),
+        k_order.stride(0),
+        heads,
+        seq_len,
+        scale,
+        scale * LOG2E.value,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        DOT_PRECISION=precision,
+        **options,
     )
     return dq, dk, dv, (dgate_heads if gate_grad else None)
 
@@ -435,8 +512,16 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _block_lists_kernel(
-        KEEP, ORDER, COUNTS, N, NUM_BLOCKS, stride_keep_b, stride_order_b,
-        BLOCK: tl.constexpr, CHUNK: tl.constexpr, EVERY_BLOCK: tl.constexpr,
+        KEEP,
+        ORDER,
+        COUNTS,
+        N,
+        NUM_BLOCKS,
+        stride_keep_b,
+        stride_order_b,
+        BLOCK: tl.constexpr,
+        CHUNK: tl.constexpr,
+        EVERY_BLOCK: tl.constexpr,
     ):
         """The block lists of one image (see :func:`_block_lists`), a stable partition computed in two passes over
         ``CHUNK`` blocks at a time: the first counts full and live blocks, the second places each block.
@@ -472,9 +557,13 @@ if TRITON_AVAILABLE:
                 full = ((kept == BLOCK) & in_range).to(tl.int32)
                 partial = ((kept > 0) & (kept < BLOCK) & in_range).to(tl.int32)
                 dead = ((kept == 0) & in_range).to(tl.int32)
-                position = tl.where(full != 0, next_full + tl.cumsum(full, 0) - 1,
-                                    tl.where(partial != 0, next_partial + tl.cumsum(partial, 0) - 1,
-                                             next_dead + tl.cumsum(dead, 0) - 1))
+                position = tl.where(
+                    full != 0,
+                    next_full + tl.cumsum(full, 0) - 1,
+                    tl.where(
+                        partial != 0, next_partial + tl.cumsum(partial, 0) - 1, next_dead + tl.cumsum(dead, 0) - 1
+                    ),
+                )
                 tl.store(ORDER + b * stride_order_b + position, blocks, mask=in_range)
                 next_full += tl.sum(full, 0)
                 next_partial += tl.sum(partial, 0)
@@ -483,8 +572,20 @@ if TRITON_AVAILABLE:
         tl.store(COUNTS + 2 * b + 1, n_live)
 
     @triton.jit
-    def _masked_key_block(K_bh, V_bh, KEEP_b, K_ORDER_b, i, stride_kn, stride_vn, N, offs_d, in_d,
-                          BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr):
+    def _masked_key_block(
+        K_bh,
+        V_bh,
+        KEEP_b,
+        K_ORDER_b,
+        i,
+        stride_kn,
+        stride_vn,
+        N,
+        offs_d,
+        in_d,
+        BLOCK_N: tl.constexpr,
+        MASK_KEYS: tl.constexpr,
+    ):
         """Load key block ``K_ORDER_b[i]`` of one (image, head): k, v ``(BLOCK_N, BLOCK_D)`` and which keys are kept.
         A full block (``MASK_KEYS`` False) loads without per-token masks; a partly kept one loads dropped keys as
         zeros, so NaN/Inf stored there is never read."""
@@ -501,29 +602,73 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _masked_fwd_key_blocks(
-        q, m_i, l_i, acc, K_bh, V_bh, KEEP_b, K_ORDER_b, start, stop, stride_kn, stride_vn, N, offs_d, in_d, qk_scale,
-        BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        q,
+        m_i,
+        l_i,
+        acc,
+        K_bh,
+        V_bh,
+        KEEP_b,
+        K_ORDER_b,
+        start,
+        stop,
+        stride_kn,
+        stride_vn,
+        N,
+        offs_d,
+        in_d,
+        qk_scale,
+        BLOCK_N: tl.constexpr,
+        MASK_KEYS: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
     ):
         """The online softmax over the key blocks ``K_ORDER_b[start:stop]`` of one (image, head): full blocks
         (``MASK_KEYS`` False, no per-token masks) or partly kept ones (dropped keys loaded as zeros, never read, and
         given weight 0). ``K_bh``, ``V_bh``, ``KEEP_b``, ``K_ORDER_b`` point at this image (and head)."""
         for i in range(start, stop):
-            k, v, keep_k = _masked_key_block(K_bh, V_bh, KEEP_b, K_ORDER_b, i, stride_kn, stride_vn, N, offs_d, in_d,
-                                             BLOCK_N, MASK_KEYS)
+            k, v, keep_k = _masked_key_block(
+                K_bh, V_bh, KEEP_b, K_ORDER_b, i, stride_kn, stride_vn, N, offs_d, in_d, BLOCK_N, MASK_KEYS
+            )
             m_i, l_i, acc = attn_fwd_step(q, tl.trans(k), v, keep_k, m_i, l_i, acc, qk_scale, MASK_KEYS, DOT_PRECISION)
         return m_i, l_i, acc
 
     @triton.jit
     def _masked_attn_fwd_kernel(
-        Q, K, V, KEEP, K_ORDER, K_COUNTS, OUT, LSE,
-        stride_qb, stride_qh, stride_qn, stride_qd,
-        stride_kb, stride_kh, stride_kn, stride_kd,
-        stride_vb, stride_vh, stride_vn, stride_vd,
-        stride_ob, stride_oh, stride_on, stride_od,
-        stride_keep_b, stride_order_b,
-        H, N, qk_scale,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        SKIP_DROPPED_QUERIES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        Q,
+        K,
+        V,
+        KEEP,
+        K_ORDER,
+        K_COUNTS,
+        OUT,
+        LSE,
+        stride_qb,
+        stride_qh,
+        stride_qn,
+        stride_qd,
+        stride_kb,
+        stride_kh,
+        stride_kn,
+        stride_kd,
+        stride_vb,
+        stride_vh,
+        stride_vn,
+        stride_vd,
+        stride_ob,
+        stride_oh,
+        stride_on,
+        stride_od,
+        stride_keep_b,
+        stride_order_b,
+        H,
+        N,
+        qk_scale,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        SKIP_DROPPED_QUERIES: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
     ):
         """Forward over the live key blocks of one query block of one (image, head).
 
@@ -549,13 +694,19 @@ if TRITON_AVAILABLE:
         lse_ptrs = LSE + pid_bh * N + offs_m
         if SKIP_DROPPED_QUERIES:
             if tl.max(keep_q.to(tl.int32), 0) == 0:
-                tl.store(out_ptrs, tl.zeros((BLOCK_M, BLOCK_D), dtype=OUT.dtype.element_ty),
-                         mask=in_m[:, None] & in_d[None, :])
+                tl.store(
+                    out_ptrs,
+                    tl.zeros((BLOCK_M, BLOCK_D), dtype=OUT.dtype.element_ty),
+                    mask=in_m[:, None] & in_d[None, :],
+                )
                 tl.store(lse_ptrs, tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32), mask=in_m)
                 return
 
-        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                    mask=in_m[:, None] & in_d[None, :], other=0.0)
+        q = tl.load(
+            Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+            mask=in_m[:, None] & in_d[None, :],
+            other=0.0,
+        )
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -566,12 +717,48 @@ if TRITON_AVAILABLE:
         keep_b = KEEP + b * stride_keep_b
         order_b = K_ORDER + b * stride_order_b
         # Every visited block has a kept key, so the running max is finite after the first step: no guard is needed.
-        m_i, l_i, acc = _masked_fwd_key_blocks(q, m_i, l_i, acc, k_bh, v_bh, keep_b, order_b, 0, full_count,
-                                               stride_kn, stride_vn, N, offs_d, in_d, qk_scale,
-                                               BLOCK_N, False, DOT_PRECISION)
-        m_i, l_i, acc = _masked_fwd_key_blocks(q, m_i, l_i, acc, k_bh, v_bh, keep_b, order_b, full_count, live_count,
-                                               stride_kn, stride_vn, N, offs_d, in_d, qk_scale,
-                                               BLOCK_N, True, DOT_PRECISION)
+        m_i, l_i, acc = _masked_fwd_key_blocks(
+            q,
+            m_i,
+            l_i,
+            acc,
+            k_bh,
+            v_bh,
+            keep_b,
+            order_b,
+            0,
+            full_count,
+            stride_kn,
+            stride_vn,
+            N,
+            offs_d,
+            in_d,
+            qk_scale,
+            BLOCK_N,
+            False,
+            DOT_PRECISION,
+        )
+        m_i, l_i, acc = _masked_fwd_key_blocks(
+            q,
+            m_i,
+            l_i,
+            acc,
+            k_bh,
+            v_bh,
+            keep_b,
+            order_b,
+            full_count,
+            live_count,
+            stride_kn,
+            stride_vn,
+            N,
+            offs_d,
+            in_d,
+            qk_scale,
+            BLOCK_N,
+            True,
+            DOT_PRECISION,
+        )
 
         row_valid = in_m & (l_i > 0)
         if SKIP_DROPPED_QUERIES:
@@ -584,11 +771,22 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _masked_attn_bwd_preprocess_kernel(
-        OUT, DO, DELTA,
-        stride_ob, stride_oh, stride_on, stride_od,
-        stride_dob, stride_doh, stride_don, stride_dod,
-        H, N,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+        OUT,
+        DO,
+        DELTA,
+        stride_ob,
+        stride_oh,
+        stride_on,
+        stride_od,
+        stride_dob,
+        stride_doh,
+        stride_don,
+        stride_dod,
+        H,
+        N,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
     ):
         """``DELTA[b, h, i] = sum_d DO[b, h, i, d] * OUT[b, h, i, d]`` in fp32.
 
@@ -604,17 +802,42 @@ if TRITON_AVAILABLE:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         mask = (offs_m < N)[:, None] & (offs_d < HEAD_DIM)[None, :]
-        o = tl.load(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
-                    mask=mask, other=0.0).to(tl.float32)
-        do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
-                     mask=mask, other=0.0).to(tl.float32)
+        o = tl.load(
+            OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
+            mask=mask,
+            other=0.0,
+        ).to(tl.float32)
+        do = tl.load(
+            DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
+            mask=mask,
+            other=0.0,
+        ).to(tl.float32)
         tl.store(DELTA + pid_bh * N + offs_m, tl.sum(o * do, 1), mask=offs_m < N)
 
     @triton.jit
     def _masked_dkdv_query_blocks(
-        k, v, dk, dv, dgate, Q_bh, DO_bh, LSE_bh, DELTA_bh, Q_ORDER_b, start, stop,
-        stride_qn, stride_don, N, offs_d, in_d, qk_scale,
-        BLOCK_M: tl.constexpr, MASK_QUERIES: tl.constexpr, GATE_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        k,
+        v,
+        dk,
+        dv,
+        dgate,
+        Q_bh,
+        DO_bh,
+        LSE_bh,
+        DELTA_bh,
+        Q_ORDER_b,
+        start,
+        stop,
+        stride_qn,
+        stride_don,
+        N,
+        offs_d,
+        in_d,
+        qk_scale,
+        BLOCK_M: tl.constexpr,
+        MASK_QUERIES: tl.constexpr,
+        GATE_GRAD: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
     ):
         """Accumulate dK, dV (and the gate term) of one key block over the query blocks ``Q_ORDER_b[start:stop]``:
         full blocks (``MASK_QUERIES`` False: every row inside N with a finite log-sum-exp) or partly valid ones (rows
@@ -636,8 +859,9 @@ if TRITON_AVAILABLE:
                 row_valid = offs_m < N  # every row of a full block is valid; unused by the step
             q = tl.load(Q_bh + offs_m[:, None] * stride_qn + offs_d[None, :], mask=qd_mask, other=0.0)
             do = tl.load(DO_bh + offs_m[:, None] * stride_don + offs_d[None, :], mask=qd_mask, other=0.0)
-            dk, dv, ds_sum = attn_bwd_dkdv_step(k, v, q, do, lse, delta, row_valid, dk, dv, qk_scale, MASK_QUERIES,
-                                                DOT_PRECISION)
+            dk, dv, ds_sum = attn_bwd_dkdv_step(
+                k, v, q, do, lse, delta, row_valid, dk, dv, qk_scale, MASK_QUERIES, DOT_PRECISION
+            )
             if GATE_GRAD:
                 # d(loss)/d(gate_j) = sum_i p_ij (dp_ij - delta_i) = sum_i ds_ij, from the real k, v of key j.
                 dgate += ds_sum
@@ -645,17 +869,54 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _masked_attn_bwd_dkdv_kernel(
-        Q, K, V, DO, KEEP, Q_ORDER, Q_COUNTS, LSE, DELTA, DK, DV, DGATE,
-        stride_qb, stride_qh, stride_qn, stride_qd,
-        stride_kb, stride_kh, stride_kn, stride_kd,
-        stride_vb, stride_vh, stride_vn, stride_vd,
-        stride_dob, stride_doh, stride_don, stride_dod,
-        stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-        stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-        stride_keep_b, stride_order_b,
-        H, N, sm_scale, qk_scale,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        GATE_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        Q,
+        K,
+        V,
+        DO,
+        KEEP,
+        Q_ORDER,
+        Q_COUNTS,
+        LSE,
+        DELTA,
+        DK,
+        DV,
+        DGATE,
+        stride_qb,
+        stride_qh,
+        stride_qn,
+        stride_qd,
+        stride_kb,
+        stride_kh,
+        stride_kn,
+        stride_kd,
+        stride_vb,
+        stride_vh,
+        stride_vn,
+        stride_vd,
+        stride_dob,
+        stride_doh,
+        stride_don,
+        stride_dod,
+        stride_dkb,
+        stride_dkh,
+        stride_dkn,
+        stride_dkd,
+        stride_dvb,
+        stride_dvh,
+        stride_dvn,
+        stride_dvd,
+        stride_keep_b,
+        stride_order_b,
+        H,
+        N,
+        sm_scale,
+        qk_scale,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        GATE_GRAD: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
     ):
         """dK, dV (and the per-head gate gradient) of one key block, looping over the listed query blocks.
 
@@ -690,10 +951,16 @@ if TRITON_AVAILABLE:
         # The real k, v of every key, dropped ones included: row j of dK/dV depends on key j alone, so whatever a
         # dropped key holds (even NaN) stays in its own rows, which the store below replaces with zeros; the gate term
         # of a dropped key needs its real score.
-        k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=out_mask, other=0.0)
-        v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=out_mask, other=0.0)
+        k = tl.load(
+            K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+            mask=out_mask,
+            other=0.0,
+        )
+        v = tl.load(
+            V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+            mask=out_mask,
+            other=0.0,
+        )
         dgate = tl.zeros((BLOCK_N,), dtype=tl.float32)
         dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
@@ -704,12 +971,54 @@ if TRITON_AVAILABLE:
         order_b = Q_ORDER + b * stride_order_b
         lse_bh = LSE + pid_bh * N
         delta_bh = DELTA + pid_bh * N
-        dk, dv, dgate = _masked_dkdv_query_blocks(k, v, dk, dv, dgate, q_bh, do_bh, lse_bh, delta_bh, order_b, 0,
-                                                  full_count, stride_qn, stride_don, N, offs_d, in_d, qk_scale,
-                                                  BLOCK_M, False, GATE_GRAD, DOT_PRECISION)
-        dk, dv, dgate = _masked_dkdv_query_blocks(k, v, dk, dv, dgate, q_bh, do_bh, lse_bh, delta_bh, order_b,
-                                                  full_count, query_count, stride_qn, stride_don, N, offs_d, in_d,
-                                                  qk_scale, BLOCK_M, True, GATE_GRAD, DOT_PRECISION)
+        dk, dv, dgate = _masked_dkdv_query_blocks(
+            k,
+            v,
+            dk,
+            dv,
+            dgate,
+            q_bh,
+            do_bh,
+            lse_bh,
+            delta_bh,
+            order_b,
+            0,
+            full_count,
+            stride_qn,
+            stride_don,
+            N,
+            offs_d,
+            in_d,
+            qk_scale,
+            BLOCK_M,
+            False,
+            GATE_GRAD,
+            DOT_PRECISION,
+        )
+        dk, dv, dgate = _masked_dkdv_query_blocks(
+            k,
+            v,
+            dk,
+            dv,
+            dgate,
+            q_bh,
+            do_bh,
+            lse_bh,
+            delta_bh,
+            order_b,
+            full_count,
+            query_count,
+            stride_qn,
+            stride_don,
+            N,
+            offs_d,
+            in_d,
+            qk_scale,
+            BLOCK_M,
+            True,
+            GATE_GRAD,
+            DOT_PRECISION,
+        )
 
         # Rows of dropped keys hold garbage of their own only: select zero.
         tl.store(dk_ptrs, tl.where(keep_k[:, None], dk * sm_scale, 0.0).to(DK.dtype.element_ty), mask=out_mask)
@@ -719,29 +1028,80 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _masked_dq_key_blocks(
-        q, do, lse, delta, dq, K_bh, V_bh, KEEP_b, K_ORDER_b, start, stop, stride_kn, stride_vn, N, offs_d, in_d,
-        qk_scale, BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        q,
+        do,
+        lse,
+        delta,
+        dq,
+        K_bh,
+        V_bh,
+        KEEP_b,
+        K_ORDER_b,
+        start,
+        stop,
+        stride_kn,
+        stride_vn,
+        N,
+        offs_d,
+        in_d,
+        qk_scale,
+        BLOCK_N: tl.constexpr,
+        MASK_KEYS: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
     ):
         """Accumulate dQ of one query block over the key blocks ``K_ORDER_b[start:stop]``: full blocks (``MASK_KEYS``
         False) or partly kept ones (dropped keys loaded as zeros and given weight 0)."""
         for i in range(start, stop):
-            k, v, keep_k = _masked_key_block(K_bh, V_bh, KEEP_b, K_ORDER_b, i, stride_kn, stride_vn, N, offs_d, in_d,
-                                             BLOCK_N, MASK_KEYS)
-            dq = attn_bwd_dq_step(q, do, tl.trans(k), tl.trans(v), lse, delta, keep_k, dq, qk_scale, MASK_KEYS,
-                                  DOT_PRECISION)
+            k, v, keep_k = _masked_key_block(
+                K_bh, V_bh, KEEP_b, K_ORDER_b, i, stride_kn, stride_vn, N, offs_d, in_d, BLOCK_N, MASK_KEYS
+            )
+            dq = attn_bwd_dq_step(
+                q, do, tl.trans(k), tl.trans(v), lse, delta, keep_k, dq, qk_scale, MASK_KEYS, DOT_PRECISION
+            )
         return dq
 
     @triton.jit
     def _masked_attn_bwd_dq_kernel(
-        Q, K, V, DO, KEEP, K_ORDER, K_COUNTS, LSE, DELTA, DQ,
-        stride_qb, stride_qh, stride_qn, stride_qd,
-        stride_kb, stride_kh, stride_kn, stride_kd,
-        stride_vb, stride_vh, stride_vn, stride_vd,
-        stride_dob, stride_doh, stride_don, stride_dod,
-        stride_dqb, stride_dqh, stride_dqn, stride_dqd,
-        stride_keep_b, stride_order_b,
-        H, N, sm_scale, qk_scale,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        Q,
+        K,
+        V,
+        DO,
+        KEEP,
+        K_ORDER,
+        K_COUNTS,
+        LSE,
+        DELTA,
+        DQ,
+        stride_qb,
+        stride_qh,
+        stride_qn,
+        stride_qd,
+        stride_kb,
+        stride_kh,
+        stride_kn,
+        stride_kd,
+        stride_vb,
+        stride_vh,
+        stride_vn,
+        stride_vd,
+        stride_dob,
+        stride_doh,
+        stride_don,
+        stride_dod,
+        stride_dqb,
+        stride_dqh,
+        stride_dqn,
+        stride_dqd,
+        stride_keep_b,
+        stride_order_b,
+        H,
+        N,
+        sm_scale,
+        qk_scale,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
     ):
         """dQ of one query block, looping over the live key blocks.
@@ -772,10 +1132,16 @@ if TRITON_AVAILABLE:
             return
 
         lse = tl.where(row_valid, lse, 0.0)
-        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                    mask=qd_mask, other=0.0)
-        do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
-                     mask=qd_mask, other=0.0)
+        q = tl.load(
+            Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+            mask=qd_mask,
+            other=0.0,
+        )
+        do = tl.load(
+            DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
+            mask=qd_mask,
+            other=0.0,
+        )
         delta = tl.load(DELTA + pid_bh * N + offs_m, mask=in_m, other=0.0)
         dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         full_count = tl.load(K_COUNTS + 2 * b)
@@ -784,9 +1150,49 @@ if TRITON_AVAILABLE:
         v_bh = V + b * stride_vb + h * stride_vh
         keep_b = KEEP + b * stride_keep_b
         order_b = K_ORDER + b * stride_order_b
-        dq = _masked_dq_key_blocks(q, do, lse, delta, dq, k_bh, v_bh, keep_b, order_b, 0, full_count, stride_kn,
-                                   stride_vn, N, offs_d, in_d, qk_scale, BLOCK_N, False, DOT_PRECISION)
-        dq = _masked_dq_key_blocks(q, do, lse, delta, dq, k_bh, v_bh, keep_b, order_b, full_count, live_count,
-                                   stride_kn, stride_vn, N, offs_d, in_d, qk_scale, BLOCK_N, True, DOT_PRECISION)
+        dq = _masked_dq_key_blocks(
+            q,
+            do,
+            lse,
+            delta,
+            dq,
+            k_bh,
+            v_bh,
+            keep_b,
+            order_b,
+            0,
+            full_count,
+            stride_kn,
+            stride_vn,
+            N,
+            offs_d,
+            in_d,
+            qk_scale,
+            BLOCK_N,
+            False,
+            DOT_PRECISION,
+        )
+        dq = _masked_dq_key_blocks(
+            q,
+            do,
+            lse,
+            delta,
+            dq,
+            k_bh,
+            v_bh,
+            keep_b,
+            order_b,
+            full_count,
+            live_count,
+            stride_kn,
+            stride_vn,
+            N,
+            offs_d,
+            in_d,
+            qk_scale,
+            BLOCK_N,
+            True,
+            DOT_PRECISION,
+        )
         # Rows not computed (lse = -inf) hold garbage of their own only: select zero.
         tl.store(dq_ptrs, tl.where(row_valid[:, None], dq * sm_scale, 0.0).to(DQ.dtype.element_ty), mask=qd_mask)

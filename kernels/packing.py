@@ -90,8 +90,9 @@ def pack_tokens(x: torch.Tensor, keep: torch.Tensor, *, max_seqlen: int | None =
     if max_seqlen is None:
         max_seqlen = longest
     elif longest > max_seqlen:
-        raise ValueError(f"max_seqlen: expected an upper bound on the kept tokens per image (>= {longest}), "
-                         f"got {max_seqlen}")
+        raise ValueError(
+            f"max_seqlen: expected an upper bound on the kept tokens per image (>= {longest}), got {max_seqlen}"
+        )
     # Kept token number r of the flattened batch writes its flat position to slot r; every dropped token writes to
     # the spare slot T, which is cut off. Unlike nonzero() this needs no second look at the device.
     flat_keep = keep.reshape(-1)

@@ -137,9 +137,7 @@ def masked_attention_ref(
     if skip_dropped_queries:
         out = out.masked_fill(~keep[:, None, :, None], 0.0)
     if gate is not None:
-        out = _GateGradient.apply(
-            out, gate.to(cdt), qc, k.to(cdt), v.to(cdt), keep, lse.detach(), query_rows, scale
-        )
+        out = _GateGradient.apply(out, gate.to(cdt), qc, k.to(cdt), v.to(cdt), keep, lse.detach(), query_rows, scale)
     out = out.to(dtype)
     if return_lse:
         return out, lse
@@ -204,4 +202,3 @@ def unpack_tokens_ref(data: torch.Tensor, keep: torch.Tensor, fill: float = 0.0)
     """Inverse of :func:`pack_tokens_ref`: ``(T, C)`` back to ``(B, N, C)``, dropped positions set to ``fill``."""
     out = data.new_full((*keep.shape, data.shape[-1]), fill)
     return out.masked_scatter(keep[..., None], data)
-

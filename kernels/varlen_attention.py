@@ -75,8 +75,9 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, check_cu_seqlens: bool) -> None:
             raise ValueError(f"cu_seqlens: expected the last entry to equal T = {q.shape[0]}, got {values[-1]}")
         longest = max((b - a for a, b in zip(values[:-1], values[1:])), default=0)
         if longest > max_seqlen:
-            raise ValueError(f"max_seqlen: expected an upper bound on sequence lengths (>= {longest}), "
-                             f"got {max_seqlen}")
+            raise ValueError(
+                f"max_seqlen: expected an upper bound on sequence lengths (>= {longest}), got {max_seqlen}"
+            )
 
 
 def varlen_attention(
@@ -148,12 +149,17 @@ if TRITON_AVAILABLE and hasattr(torch.library, "triton_op") and hasattr(torch.li
 
     @torch.library.triton_op("faithful_vit::varlen_attention_bwd", mutates_args=())
     def _varlen_attention_bwd_op(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, out: torch.Tensor,
-        lse: torch.Tensor, grad_out: torch.Tensor, max_seqlen: int, scale: float,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        grad_out: torch.Tensor,
+        max_seqlen: int,
+        scale: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _varlen_attention_bwd(
-            q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, scale, launch=launch_in_op
-        )
+        return _varlen_attention_bwd(q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, scale, launch=launch_in_op)
 
     def _setup_context(ctx, inputs, output):
         q, k, v, cu_seqlens, max_seqlen, scale = inputs
@@ -202,11 +208,29 @@ def _launch_fwd(q, k, v, cu_seqlens, max_seqlen, scale, cfg, launch, out, lse):
     batch = cu_seqlens.shape[0] - 1
     grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), batch, num_heads)
     launch(_varlen_attn_fwd_kernel)[grid](
-        q, k, v, out, lse, cu_seqlens,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        lse.stride(0), scale * LOG2E.value,
-        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), INPUT_PRECISION=dot_precision(q.dtype),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        q,
+        k,
+        v,
+        out,
+        lse,
+        cu_seqlens,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        out.stride(0),
+        out.stride(1),
+        lse.stride(0),
+        scale * LOG2E.value,
+        HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        INPUT_PRECISION=dot_precision(q.dtype),
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"],
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     return out, lse
 
@@ -241,24 +265,73 @@ def _launch_bwd(q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, scale, cfg,
     delta = empty(num_heads, total, dtype=torch.float32, device=q.device)
     pre_block = cfg["BLOCK_PRE"]
     launch(_varlen_attn_bwd_preprocess_kernel)[(triton.cdiv(total, pre_block), num_heads)](
-        out, grad_out, delta, total,
-        out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1), delta.stride(0),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=pre_block,
+        out,
+        grad_out,
+        delta,
+        total,
+        out.stride(0),
+        out.stride(1),
+        grad_out.stride(0),
+        grad_out.stride(1),
+        delta.stride(0),
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        BLOCK_M=pre_block,
     )
     strides = (
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        grad_out.stride(0), grad_out.stride(1), lse.stride(0),
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        grad_out.stride(0),
+        grad_out.stride(1),
+        lse.stride(0),
     )
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     launch(_varlen_attn_bwd_dkdv_kernel)[(triton.cdiv(max_seqlen, block_n), batch, num_heads)](
-        q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens, *strides, dk.stride(0), dk.stride(1), scale,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, INPUT_PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        q,
+        k,
+        v,
+        grad_out,
+        lse,
+        delta,
+        dk,
+        dv,
+        cu_seqlens,
+        *strides,
+        dk.stride(0),
+        dk.stride(1),
+        scale,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        INPUT_PRECISION=precision,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     launch(_varlen_attn_bwd_dq_kernel)[(triton.cdiv(max_seqlen, block_m), batch, num_heads)](
-        q, k, v, grad_out, lse, delta, dq, cu_seqlens, *strides, dq.stride(0), dq.stride(1), scale,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, INPUT_PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        q,
+        k,
+        v,
+        grad_out,
+        lse,
+        delta,
+        dq,
+        cu_seqlens,
+        *strides,
+        dq.stride(0),
+        dq.stride(1),
+        scale,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        INPUT_PRECISION=precision,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     return dq, dk, dv
 
@@ -285,8 +358,12 @@ def get_fwd_config(max_seqlen: int, head_dim: int, dtype: torch.dtype) -> dict[s
         block_m, block_n, num_warps, num_stages = 64, 32, 4, 2
     else:
         block_m, block_n, num_warps, num_stages = 64, 64, 4, 3
-    return {"BLOCK_M": _short_tile(max_seqlen, block_m), "BLOCK_N": _short_tile(max_seqlen, block_n),
-            "num_warps": num_warps, "num_stages": num_stages}
+    return {
+        "BLOCK_M": _short_tile(max_seqlen, block_m),
+        "BLOCK_N": _short_tile(max_seqlen, block_n),
+        "num_warps": num_warps,
+        "num_stages": num_stages,
+    }
 
 
 def get_bwd_config(max_seqlen: int, head_dim: int, dtype: torch.dtype) -> dict[str, int]:
@@ -297,16 +374,25 @@ def get_bwd_config(max_seqlen: int, head_dim: int, dtype: torch.dtype) -> dict[s
         block_m, block_n, num_warps, num_stages = (32, 32, 8, 1) if head_dim <= 64 else (32, 16, 8, 1)
     else:
         block_m, block_n, num_warps, num_stages = 64, 64, 4 if head_dim <= 64 else 8, 2
-    return {"BLOCK_M": _short_tile(max_seqlen, block_m), "BLOCK_N": _short_tile(max_seqlen, block_n),
-            "BLOCK_PRE": 64, "num_warps": num_warps, "num_stages": num_stages}
+    return {
+        "BLOCK_M": _short_tile(max_seqlen, block_m),
+        "BLOCK_N": _short_tile(max_seqlen, block_n),
+        "BLOCK_PRE": 64,
+        "num_warps": num_warps,
+        "num_stages": num_stages,
+    }
 
 
 def _configs(max_seqlen: int, *rows: tuple[int, int, int, int]) -> list[dict[str, int]]:
     """Distinct configs from (BLOCK_M, BLOCK_N, num_warps, num_stages) rows, tiles shrunk for short sequences."""
     configs = []
     for block_m, block_n, num_warps, num_stages in rows:
-        cfg = {"BLOCK_M": _short_tile(max_seqlen, block_m), "BLOCK_N": _short_tile(max_seqlen, block_n),
-               "num_warps": num_warps, "num_stages": num_stages}
+        cfg = {
+            "BLOCK_M": _short_tile(max_seqlen, block_m),
+            "BLOCK_N": _short_tile(max_seqlen, block_n),
+            "num_warps": num_warps,
+            "num_stages": num_stages,
+        }
         if cfg not in configs:
             configs.append(cfg)
     return configs
@@ -323,9 +409,14 @@ def fwd_candidates(max_seqlen: int, head_dim: int, dtype: torch.dtype, device: t
 
 def bwd_candidates(max_seqlen: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> list[dict[str, int]]:
     """Configs the backward's autotuning times besides :func:`get_bwd_config` (shared by its two main kernels)."""
-    rows = [(16, 16, 1, 1)] if device.type != "cuda" else (
-        [(32, 32, 4, 1), (16, 64, 4, 1)] if dtype == torch.float32
-        else [(32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2), (64, 128, 8, 1)]
+    rows = (
+        [(16, 16, 1, 1)]
+        if device.type != "cuda"
+        else (
+            [(32, 32, 4, 1), (16, 64, 4, 1)]
+            if dtype == torch.float32
+            else [(32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2), (64, 128, 8, 1)]
+        )
     )
     return [{**cfg, "BLOCK_PRE": 64} for cfg in _configs(max_seqlen, *rows)]
 
@@ -337,8 +428,23 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _varlen_fwd_key_blocks(
-        q, m_i, l_i, acc, K_seq, V_seq, start, stop, seq_len, stride_kt, stride_vt, offs_d, mask_d, qk_scale_log2,
-        BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        q,
+        m_i,
+        l_i,
+        acc,
+        K_seq,
+        V_seq,
+        start,
+        stop,
+        seq_len,
+        stride_kt,
+        stride_vt,
+        offs_d,
+        mask_d,
+        qk_scale_log2,
+        BLOCK_N: tl.constexpr,
+        MASK_KEYS: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
     ):
         """The online softmax over the keys ``start:stop`` of one (sequence, head) in blocks of ``BLOCK_N``:
         blocks inside the sequence (``MASK_KEYS`` False, no per-token masks) or its ragged last block (keys past the
@@ -360,11 +466,27 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _varlen_attn_fwd_kernel(
-        Q, K, V, Out, Lse, CuSeqlens,
-        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-        stride_lse_h, qk_scale_log2,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        Q,
+        K,
+        V,
+        Out,
+        Lse,
+        CuSeqlens,
+        stride_qt,
+        stride_qh,
+        stride_kt,
+        stride_kh,
+        stride_vt,
+        stride_vh,
+        stride_ot,
+        stride_oh,
+        stride_lse_h,
+        qk_scale_log2,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):
         """Output and log-sum-exp of ``BLOCK_M`` query rows of one (sequence, head) pair.
 
@@ -387,8 +509,11 @@ if TRITON_AVAILABLE:
         mask_d = offs_d < HEAD_DIM
         mask_m = offs_m < seq_len
         rows_m = (seq_start + offs_m).to(tl.int64)
-        q = tl.load(Q + rows_m[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        q = tl.load(
+            Q + rows_m[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+            mask=mask_m[:, None] & mask_d[None, :],
+            other=0.0,
+        )
 
         # Every tile that gets here has at least one valid key in its first step, so the running max is finite from then
         # on and padded rows (q = 0) stay finite too: no NaN guard is needed.
@@ -398,25 +523,68 @@ if TRITON_AVAILABLE:
         k_seq = K + seq_start.to(tl.int64) * stride_kt + head * stride_kh
         v_seq = V + seq_start.to(tl.int64) * stride_vt + head * stride_vh
         full_end = seq_len - seq_len % BLOCK_N
-        m_i, l_i, acc = _varlen_fwd_key_blocks(q, m_i, l_i, acc, k_seq, v_seq, 0, full_end, seq_len, stride_kt,
-                                               stride_vt, offs_d, mask_d, qk_scale_log2, BLOCK_N, False,
-                                               INPUT_PRECISION)
-        m_i, l_i, acc = _varlen_fwd_key_blocks(q, m_i, l_i, acc, k_seq, v_seq, full_end, seq_len, seq_len, stride_kt,
-                                               stride_vt, offs_d, mask_d, qk_scale_log2, BLOCK_N, True,
-                                               INPUT_PRECISION)
+        m_i, l_i, acc = _varlen_fwd_key_blocks(
+            q,
+            m_i,
+            l_i,
+            acc,
+            k_seq,
+            v_seq,
+            0,
+            full_end,
+            seq_len,
+            stride_kt,
+            stride_vt,
+            offs_d,
+            mask_d,
+            qk_scale_log2,
+            BLOCK_N,
+            False,
+            INPUT_PRECISION,
+        )
+        m_i, l_i, acc = _varlen_fwd_key_blocks(
+            q,
+            m_i,
+            l_i,
+            acc,
+            k_seq,
+            v_seq,
+            full_end,
+            seq_len,
+            seq_len,
+            stride_kt,
+            stride_vt,
+            offs_d,
+            mask_d,
+            qk_scale_log2,
+            BLOCK_N,
+            True,
+            INPUT_PRECISION,
+        )
 
         acc = acc / l_i[:, None]
-        tl.store(Out + rows_m[:, None] * stride_ot + head * stride_oh + offs_d[None, :], acc.to(Out.dtype.element_ty),
-                 mask=mask_m[:, None] & mask_d[None, :])
+        tl.store(
+            Out + rows_m[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+            acc.to(Out.dtype.element_ty),
+            mask=mask_m[:, None] & mask_d[None, :],
+        )
         lse = m_i + tl.log2(l_i)
         tl.store(Lse + head * stride_lse_h + rows_m, lse, mask=mask_m)
 
-
     @triton.jit
     def _varlen_attn_bwd_preprocess_kernel(
-        Out, DOut, Delta, total,
-        stride_ot, stride_oh, stride_dot, stride_doh, stride_delta_h,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+        Out,
+        DOut,
+        Delta,
+        total,
+        stride_ot,
+        stride_oh,
+        stride_dot,
+        stride_doh,
+        stride_delta_h,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
     ):
         """``delta = rowsum(dO * O)`` in fp32 for ``BLOCK_M`` rows of one head (all rows belong to some sequence).
 
@@ -434,11 +602,27 @@ if TRITON_AVAILABLE:
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         tl.store(Delta + head * stride_delta_h + rows, delta, mask=rows < total)
 
-
     @triton.jit
     def _varlen_dkdv_query_blocks(
-        k, v, dk, dv, Q_seq, DOut_seq, Lse_seq, Delta_seq, start, stop, seq_len, stride_qt, stride_dot, offs_d, mask_d,
-        qk_scale_log2, BLOCK_M: tl.constexpr, MASK_QUERIES: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        k,
+        v,
+        dk,
+        dv,
+        Q_seq,
+        DOut_seq,
+        Lse_seq,
+        Delta_seq,
+        start,
+        stop,
+        seq_len,
+        stride_qt,
+        stride_dot,
+        offs_d,
+        mask_d,
+        qk_scale_log2,
+        BLOCK_M: tl.constexpr,
+        MASK_QUERIES: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
     ):
         """Accumulate dK, dV of one key block over the queries ``start:stop`` of its sequence in blocks of
         ``BLOCK_M``: blocks inside the sequence (``MASK_QUERIES`` False) or its ragged last block (queries past the
@@ -458,17 +642,39 @@ if TRITON_AVAILABLE:
                 delta = tl.load(Delta_seq + cols)
             q = tl.load(Q_seq + cols[:, None] * stride_qt + offs_d[None, :], mask=qd_mask, other=0.0)
             do = tl.load(DOut_seq + cols[:, None] * stride_dot + offs_d[None, :], mask=qd_mask, other=0.0)
-            dk, dv, _ = attn_bwd_dkdv_step(k, v, q, do, lse, delta, mask_m, dk, dv, qk_scale_log2, MASK_QUERIES,
-                                           INPUT_PRECISION)
+            dk, dv, _ = attn_bwd_dkdv_step(
+                k, v, q, do, lse, delta, mask_m, dk, dv, qk_scale_log2, MASK_QUERIES, INPUT_PRECISION
+            )
         return dk, dv
 
     @triton.jit
     def _varlen_attn_bwd_dkdv_kernel(
-        Q, K, V, DOut, Lse, Delta, DK, DV, CuSeqlens,
-        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_lse_h,
-        stride_dkt, stride_dkh, scale,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        Q,
+        K,
+        V,
+        DOut,
+        Lse,
+        Delta,
+        DK,
+        DV,
+        CuSeqlens,
+        stride_qt,
+        stride_qh,
+        stride_kt,
+        stride_kh,
+        stride_vt,
+        stride_vh,
+        stride_dot,
+        stride_doh,
+        stride_lse_h,
+        stride_dkt,
+        stride_dkh,
+        scale,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):
         """dK and dV of ``BLOCK_N`` key rows of one (sequence, head) pair, looping over the sequence's query blocks.
 
@@ -505,24 +711,81 @@ if TRITON_AVAILABLE:
         lse_seq = Lse + head * stride_lse_h + start
         delta_seq = Delta + head * stride_lse_h + start
         full_end = seq_len - seq_len % BLOCK_M
-        dk, dv = _varlen_dkdv_query_blocks(k, v, dk, dv, q_seq, do_seq, lse_seq, delta_seq, 0, full_end, seq_len,
-                                           stride_qt, stride_dot, offs_d, mask_d, qk_scale_log2, BLOCK_M, False,
-                                           INPUT_PRECISION)
-        dk, dv = _varlen_dkdv_query_blocks(k, v, dk, dv, q_seq, do_seq, lse_seq, delta_seq, full_end, seq_len, seq_len,
-                                           stride_qt, stride_dot, offs_d, mask_d, qk_scale_log2, BLOCK_M, True,
-                                           INPUT_PRECISION)
+        dk, dv = _varlen_dkdv_query_blocks(
+            k,
+            v,
+            dk,
+            dv,
+            q_seq,
+            do_seq,
+            lse_seq,
+            delta_seq,
+            0,
+            full_end,
+            seq_len,
+            stride_qt,
+            stride_dot,
+            offs_d,
+            mask_d,
+            qk_scale_log2,
+            BLOCK_M,
+            False,
+            INPUT_PRECISION,
+        )
+        dk, dv = _varlen_dkdv_query_blocks(
+            k,
+            v,
+            dk,
+            dv,
+            q_seq,
+            do_seq,
+            lse_seq,
+            delta_seq,
+            full_end,
+            seq_len,
+            seq_len,
+            stride_qt,
+            stride_dot,
+            offs_d,
+            mask_d,
+            qk_scale_log2,
+            BLOCK_M,
+            True,
+            INPUT_PRECISION,
+        )
 
         dk *= scale
-        tl.store(DK + rows_n[:, None] * stride_dkt + head * stride_dkh + offs_d[None, :], dk.to(DK.dtype.element_ty),
-                 mask=mask_nd)
-        tl.store(DV + rows_n[:, None] * stride_dkt + head * stride_dkh + offs_d[None, :], dv.to(DV.dtype.element_ty),
-                 mask=mask_nd)
-
+        tl.store(
+            DK + rows_n[:, None] * stride_dkt + head * stride_dkh + offs_d[None, :],
+            dk.to(DK.dtype.element_ty),
+            mask=mask_nd,
+        )
+        tl.store(
+            DV + rows_n[:, None] * stride_dkt + head * stride_dkh + offs_d[None, :],
+            dv.to(DV.dtype.element_ty),
+            mask=mask_nd,
+        )
 
     @triton.jit
     def _varlen_dq_key_blocks(
-        q, do, lse, delta, dq, K_seq, V_seq, start, stop, seq_len, stride_kt, stride_vt, offs_d, mask_d, qk_scale_log2,
-        BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        q,
+        do,
+        lse,
+        delta,
+        dq,
+        K_seq,
+        V_seq,
+        start,
+        stop,
+        seq_len,
+        stride_kt,
+        stride_vt,
+        offs_d,
+        mask_d,
+        qk_scale_log2,
+        BLOCK_N: tl.constexpr,
+        MASK_KEYS: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
     ):
         """Accumulate dQ of one query block over the keys ``start:stop`` of its sequence in blocks of ``BLOCK_N``:
         blocks inside the sequence (``MASK_KEYS`` False) or its ragged last block (keys past the end loaded as zeros
@@ -542,11 +805,31 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _varlen_attn_bwd_dq_kernel(
-        Q, K, V, DOut, Lse, Delta, DQ, CuSeqlens,
-        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_lse_h,
-        stride_dqt, stride_dqh, scale,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        Q,
+        K,
+        V,
+        DOut,
+        Lse,
+        Delta,
+        DQ,
+        CuSeqlens,
+        stride_qt,
+        stride_qh,
+        stride_kt,
+        stride_kh,
+        stride_vt,
+        stride_vh,
+        stride_dot,
+        stride_doh,
+        stride_lse_h,
+        stride_dqt,
+        stride_dqh,
+        scale,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):
         """dQ of ``BLOCK_M`` query rows of one (sequence, head) pair, looping over the sequence's key blocks.
 
@@ -581,11 +864,50 @@ if TRITON_AVAILABLE:
         k_seq = K + seq_start.to(tl.int64) * stride_kt + head * stride_kh
         v_seq = V + seq_start.to(tl.int64) * stride_vt + head * stride_vh
         full_end = seq_len - seq_len % BLOCK_N
-        dq = _varlen_dq_key_blocks(q, do, lse, delta, dq, k_seq, v_seq, 0, full_end, seq_len, stride_kt, stride_vt,
-                                   offs_d, mask_d, qk_scale_log2, BLOCK_N, False, INPUT_PRECISION)
-        dq = _varlen_dq_key_blocks(q, do, lse, delta, dq, k_seq, v_seq, full_end, seq_len, seq_len, stride_kt,
-                                   stride_vt, offs_d, mask_d, qk_scale_log2, BLOCK_N, True, INPUT_PRECISION)
+        dq = _varlen_dq_key_blocks(
+            q,
+            do,
+            lse,
+            delta,
+            dq,
+            k_seq,
+            v_seq,
+            0,
+            full_end,
+            seq_len,
+            stride_kt,
+            stride_vt,
+            offs_d,
+            mask_d,
+            qk_scale_log2,
+            BLOCK_N,
+            False,
+            INPUT_PRECISION,
+        )
+        dq = _varlen_dq_key_blocks(
+            q,
+            do,
+            lse,
+            delta,
+            dq,
+            k_seq,
+            v_seq,
+            full_end,
+            seq_len,
+            seq_len,
+            stride_kt,
+            stride_vt,
+            offs_d,
+            mask_d,
+            qk_scale_log2,
+            BLOCK_N,
+            True,
+            INPUT_PRECISION,
+        )
 
         dq *= scale
-        tl.store(DQ + rows_m[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :], dq.to(DQ.dtype.element_ty),
-                 mask=mask_md)
+        tl.store(
+            DQ + rows_m[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
+            dq.to(DQ.dtype.element_ty),
+            mask=mask_md,
+        )

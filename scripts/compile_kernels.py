@@ -112,13 +112,17 @@ def _config_pairs(family, seq_len, head_dim, dtype, candidates: bool, configs: l
     if configs:
         return [(cfg, cfg | {"BLOCK_PRE": 64} if family == "varlen" else cfg) for cfg in configs]
     if family == "masked":
-        default = (masked.get_fwd_config(seq_len, head_dim, dtype, CUDA),
-                   masked.get_bwd_config(seq_len, head_dim, dtype, CUDA))
+        default = (
+            masked.get_fwd_config(seq_len, head_dim, dtype, CUDA),
+            masked.get_bwd_config(seq_len, head_dim, dtype, CUDA),
+        )
         others = (masked.fwd_candidates(head_dim, dtype, CUDA), masked.bwd_candidates(head_dim, dtype, CUDA))
     else:
         default = (varlen.get_fwd_config(seq_len, head_dim, dtype), varlen.get_bwd_config(seq_len, head_dim, dtype))
-        others = (varlen.fwd_candidates(seq_len, head_dim, dtype, CUDA),
-                  varlen.bwd_candidates(seq_len, head_dim, dtype, CUDA))
+        others = (
+            varlen.fwd_candidates(seq_len, head_dim, dtype, CUDA),
+            varlen.bwd_candidates(seq_len, head_dim, dtype, CUDA),
+        )
     pairs = [default]
     if candidates:
         pairs += [(cfg, None) for cfg in others[0] if cfg != default[0]]
@@ -153,8 +157,17 @@ def _resources(compiled, arch: int) -> dict:
         ptx.write(compiled.asm["ptx"])
         ptx.flush()
         report = subprocess.run(
-            [get_ptxas(arch).path, f"-arch=sm_{arch}a" if arch >= 90 else f"-arch=sm_{arch}", "-v", ptx.name,
-             "-o", os.devnull], capture_output=True, text=True, check=True,
+            [
+                get_ptxas(arch).path,
+                f"-arch=sm_{arch}a" if arch >= 90 else f"-arch=sm_{arch}",
+                "-v",
+                ptx.name,
+                "-o",
+                os.devnull,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
         ).stderr
     registers = re.search(r"Used (\d+) registers", report)
     spills = re.search(r"(\d+) bytes spill stores", report)
@@ -185,7 +198,7 @@ def _loop_sizes(compiled, arch: int) -> list[int]:
     for end, text in enumerate(instructions):  # a loop: a branch back to an earlier label
         target = re.search(r"BRA\b.*?(\.L_x_\d+)", text)
         if target and labels.get(target.group(1), end + 1) <= end:
-            body = instructions[labels[target.group(1)]:end + 1]
+            body = instructions[labels[target.group(1)] : end + 1]
             if any(re.search(r"\b(HGMMA|HMMA|MUFU\.EX2)\b", op) for op in body):
                 sizes.append(len(body))
     return sorted(sizes, reverse=True)
@@ -207,8 +220,11 @@ def _inductor_copy(kernel):
 def _label(kernel, constexprs, options) -> str:
     name = kernel.__name__.strip("_").removesuffix("_kernel")
     tiles = "x".join(str(constexprs[t]) for t in ("BLOCK_M", "BLOCK_N", "BLOCK") if t in constexprs)
-    flags = " ".join(f"{flag}={constexprs[flag]}" for flag in ("SKIP_DROPPED_QUERIES", "GATE_GRAD", "EVERY_BLOCK")
-                     if flag in constexprs)
+    flags = " ".join(
+        f"{flag}={constexprs[flag]}"
+        for flag in ("SKIP_DROPPED_QUERIES", "GATE_GRAD", "EVERY_BLOCK")
+        if flag in constexprs
+    )
     launch = " ".join(f"{key[4]}{value}" for key, value in options.items())  # num_warps -> w4, num_stages -> s3
     return " ".join(part for part in (name, f"[{tiles} {launch}]".replace(" ]", "]"), flags) if part)
 
@@ -232,15 +248,24 @@ def main() -> int:
     parser.add_argument("--head-dim", nargs="+", type=int, default=[64, 80, 128])
     parser.add_argument("--seq-len", type=int, default=197, help="N (masked) or max_seqlen (varlen) for the configs")
     parser.add_argument("--candidates", action="store_true", help="also compile every autotuning candidate config")
-    parser.add_argument("--config", nargs="+", default=[], metavar="M,N,W,S",
-                        help="compile these configs (BLOCK_M,BLOCK_N,num_warps,num_stages) instead of the defaults")
+    parser.add_argument(
+        "--config",
+        nargs="+",
+        default=[],
+        metavar="M,N,W,S",
+        help="compile these configs (BLOCK_M,BLOCK_N,num_warps,num_stages) instead of the defaults",
+    )
     parser.add_argument("--check", action="store_true", help="exit 1 if a kernel spills or exceeds sm_90 shared memory")
     parser.add_argument("--inductor-source", action="store_true", help="compile Inductor's copy of each kernel")
-    parser.add_argument("--sass", action="store_true",
-                        help="also print the SASS instructions per iteration of each attention loop (nvdisasm)")
+    parser.add_argument(
+        "--sass",
+        action="store_true",
+        help="also print the SASS instructions per iteration of each attention loop (nvdisasm)",
+    )
     args = parser.parse_args()
-    configs = [dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), map(int, text.split(","))))
-               for text in args.config]
+    configs = [
+        dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), map(int, text.split(",")))) for text in args.config
+    ]
     target = GPUTarget("cuda", args.arch, 32)
     print(f"torch {torch.__version__}, triton {triton.__version__}, target sm_{args.arch}", flush=True)
     seen, problems = set(), []
@@ -248,24 +273,37 @@ def main() -> int:
         if args.inductor_source:
             kernel = _inductor_copy(kernel)
         source, options, constexprs = _specialise(kernel, call_args, call_kwargs)
-        key = (kernel.__name__, repr(sorted(source.signature.items())), repr(source.attrs),
-               repr(sorted(constexprs.items())), repr(sorted(options.items())))
+        key = (
+            kernel.__name__,
+            repr(sorted(source.signature.items())),
+            repr(source.attrs),
+            repr(sorted(constexprs.items())),
+            repr(sorted(options.items())),
+        )
         if key in seen:
             continue
         seen.add(key)
         compiled = triton.compile(source, target=target, options=options)
         res = _resources(compiled, args.arch)
         label = f"sm_{args.arch} {what} {_label(kernel, constexprs, options)}"
-        notes = [note for note, bad in ((f"SPILLS {res['spilled']} B", res["spilled"] > 0),
-                                        ("OVER the sm_90 shared-memory limit", res["shared"] > SM90_SHARED_LIMIT))
-                 if bad]
+        notes = [
+            note
+            for note, bad in (
+                (f"SPILLS {res['spilled']} B", res["spilled"] > 0),
+                ("OVER the sm_90 shared-memory limit", res["shared"] > SM90_SHARED_LIMIT),
+            )
+            if bad
+        ]
         if notes:
             problems.append(label)
         units = "".join(f", {unit}" for unit, used in (("wgmma", res["wgmma"]), ("cp.async", res["cp_async"])) if used)
         sizes = _loop_sizes(compiled, args.arch) if args.sass else []
         loops = f", loops {'/'.join(map(str, sizes))} instr" if sizes else ""
-        print(f"{label}: shared {res['shared']} B, {res['registers']} registers, {res['spilled']} B spilled{units}"
-              f"{loops}{'  <-- ' + ', '.join(notes) if notes else ''}", flush=True)
+        print(
+            f"{label}: shared {res['shared']} B, {res['registers']} registers, {res['spilled']} B spilled{units}"
+            f"{loops}{'  <-- ' + ', '.join(notes) if notes else ''}",
+            flush=True,
+        )
     print(f"{len(seen)} kernels compiled; {len(problems)} with spills or over the shared-memory limit", flush=True)
     return 1 if args.check and problems else 0
 

@@ -121,8 +121,9 @@ def test_key_mask_routes_to_masked_attention_with_module_backend(monkeypatch):
 
     def spy(q, k, v, keep, **kwargs):
         calls.append(kwargs["backend"])
-        return reference.masked_attention_ref(q, k, v, keep, scale=kwargs["scale"], upcast=False,
-                                              skip_dropped_queries=kwargs["skip_dropped_queries"])
+        return reference.masked_attention_ref(
+            q, k, v, keep, scale=kwargs["scale"], upcast=False, skip_dropped_queries=kwargs["skip_dropped_queries"]
+        )
 
     monkeypatch.setattr(attention_module, "masked_attention", spy)
     x = torch.randn(BATCH, SEQ, DIM)

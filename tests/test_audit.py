@@ -63,8 +63,9 @@ class UnmaskedDenseViT(FaithfulViT):
         return super()._stage2_dense_features(images, torch.ones_like(keep))
 
 
-@pytest.mark.parametrize("leaky_class,modes", [(DilatingViT, ("dense", "masked", "packed")),
-                                                (UnmaskedDenseViT, ("dense",))])
+@pytest.mark.parametrize(
+    "leaky_class,modes", [(DilatingViT, ("dense", "masked", "packed")), (UnmaskedDenseViT, ("dense",))]
+)
 def test_audit_detects_leaky_variants(leaky_class, modes):
     leaky = leaky_class(tiny_model().cfg)
     keep = torch.zeros(2, 16, dtype=torch.bool)

@@ -85,8 +85,9 @@ def test_tracing_uses_the_default_without_timing(tuning):
 
 def test_tuned_kernels_match_the_reference(tuning):
     batch, heads, seq_len, head_dim = 2, 2, 40, 16
-    q, k, v = (torch.randn(batch, heads, seq_len, head_dim, device=DEVICE, dtype=DTYPE, requires_grad=True)
-               for _ in range(3))
+    q, k, v = (
+        torch.randn(batch, heads, seq_len, head_dim, device=DEVICE, dtype=DTYPE, requires_grad=True) for _ in range(3)
+    )
     keep = torch.rand(batch, seq_len, device=DEVICE) < 0.5
     keep[:, 0] = True
     gate = keep.to(DTYPE).requires_grad_()

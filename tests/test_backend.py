@@ -70,8 +70,10 @@ def test_auto_picks_triton_on_cpu_under_the_interpreter(monkeypatch):
 
 def test_kernels_install_under_faithful_vit_only(tmp_path):
     """`import kernels` must not resolve to this project (that name belongs to another PyPI package)."""
-    code = "import importlib.util, faithful_vit.kernels; s = importlib.util.find_spec('kernels'); " \
-           "print('none' if s is None else s.origin)"
+    code = (
+        "import importlib.util, faithful_vit.kernels; s = importlib.util.find_spec('kernels'); "
+        "print('none' if s is None else s.origin)"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
     origin = out.stdout.strip()
     repo_root = str(Path(__file__).resolve().parents[1])

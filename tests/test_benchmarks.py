@@ -132,17 +132,27 @@ def test_results_roundtrip(tmp_path):
 
 
 def _kernel_row(provider, mode, n, kept, ms, **extra):
-    return {"suite": "kernel", "model": None, "provider": provider, "mode": mode, "n": n, "head_dim": 64,
-            "kept_target": kept, "status": "ok", "median_ms": ms, **extra}
+    return {
+        "suite": "kernel",
+        "model": None,
+        "provider": provider,
+        "mode": mode,
+        "n": n,
+        "head_dim": 64,
+        "kept_target": kept,
+        "status": "ok",
+        "median_ms": ms,
+        **extra,
+    }
 
 
 def test_targets_pass_miss_and_no_data():
     rows = [
         _kernel_row("sdpa_flash_dense", "fwd+bwd", 1374, 1.0, 10.0),
-        _kernel_row("ours_masked", "fwd+bwd", 1374, 1.0, 10.5),       # 1.05x of flash: PASS
+        _kernel_row("ours_masked", "fwd+bwd", 1374, 1.0, 10.5),  # 1.05x of flash: PASS
         _kernel_row("ours_varlen_core", "fwd+bwd", 1374, 1.0, 12.0),  # 1.2x: MISS
         _kernel_row("sdpa_bool_mask", "fwd+bwd", 1374, 0.5, 30.0),
-        _kernel_row("ours_masked", "fwd+bwd", 1374, 0.5, 10.0),       # 3x: PASS (>= 2.5)
+        _kernel_row("ours_masked", "fwd+bwd", 1374, 0.5, 10.0),  # 3x: PASS (>= 2.5)
         # r2 = 0.25: 2.5 ms / 10 ms / 0.25 = 1.0 <= 1.25 PASS
         _kernel_row("ours_varlen_core", "fwd+bwd", 1374, 0.5, 2.5, useful_tflops=1.0, dense_equiv_tflops=4.0),
     ]
@@ -188,8 +198,9 @@ def _check_rows(rows, path):
 
 def test_bench_attention_smoke(tmp_path):
     # fwd+bwd only: it runs the forward too, and under the Triton interpreter every call counts.
-    rows = bench_attention.main(["--smoke", "--n", "37", "--kept", "0.5", "--mode", "fwd+bwd", "--out", str(tmp_path),
-                                 "--no-plots"])
+    rows = bench_attention.main(
+        ["--smoke", "--n", "37", "--kept", "0.5", "--mode", "fwd+bwd", "--out", str(tmp_path), "--no-plots"]
+    )
     _check_rows(rows, tmp_path / "attention.json")
     assert {r["provider"] for r in rows} == set(bench_attention.PROVIDERS)
     by_provider = {r["provider"]: r for r in rows}
@@ -202,8 +213,21 @@ def test_bench_attention_smoke(tmp_path):
 def test_bench_attention_smoke_reference_backend(tmp_path):
     """Our providers' plumbing (gather, scatter, layouts, speedups) on the reference backend, checked against fp64."""
     providers = "ours_masked,ours_varlen,ours_varlen_core,sdpa_bool_mask"
-    rows = bench_attention.main(["--smoke", "--n", "37", "--kept", "0.5", "--backend", "torch", "--providers",
-                                 providers, "--out", str(tmp_path)])
+    rows = bench_attention.main(
+        [
+            "--smoke",
+            "--n",
+            "37",
+            "--kept",
+            "0.5",
+            "--backend",
+            "torch",
+            "--providers",
+            providers,
+            "--out",
+            str(tmp_path),
+        ]
+    )
     _check_rows(rows, tmp_path / "attention.json")
     for row in rows:
         assert row["status"] == "ok", row["reason"]

@@ -22,9 +22,22 @@ def test_default_configs_compile_for_sm90_without_spills(dtype):
     head_dims = ["64", "128"]
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--check", "--sass", "--dtype", dtype, "--head-dim", *head_dims,
-         "--seq-len", "1374"],
-        capture_output=True, text=True, env=env, timeout=600,
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--check",
+            "--sass",
+            "--dtype",
+            dtype,
+            "--head-dim",
+            *head_dims,
+            "--seq-len",
+            "1374",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     lines = [line for line in result.stdout.splitlines() if " registers, " in line]

@@ -136,8 +136,9 @@ def test_dataset_samples_batches_and_metadata(tmp_path):
 def test_flip_augmentation_moves_mask_with_image(tmp_path):
     cfg = dataclasses.replace(TINY, n_train=8, n_val=4, n_test=4)
     plain = SpuriousShapes("train", config=cfg, cache_dir=tmp_path)
-    flipped = SpuriousShapes("train", config=cfg, cache_dir=tmp_path, transform=lambda img, m: (img.flip(-1),
-                                                                                                 m.flip(-1)))
+    flipped = SpuriousShapes(
+        "train", config=cfg, cache_dir=tmp_path, transform=lambda img, m: (img.flip(-1), m.flip(-1))
+    )
     torch.testing.assert_close(flipped[0].image, plain[0].image.flip(-1))
     torch.testing.assert_close(flipped[0].fg_mask, plain[0].fg_mask.flip(-1))
 

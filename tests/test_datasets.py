@@ -126,8 +126,12 @@ def test_load_image_grayscale_and_rgba(tmp_path):
 
 
 def _cub(root, with_segmentations):
-    files = {1: ("001.Black_footed_Albatross", "x1.jpg", 1), 2: ("001.Black_footed_Albatross", "x2.jpg", 0),
-             3: ("002.Laysan_Albatross", "y1.jpg", 1), 4: ("200.Common_Yellowthroat", "z1.jpg", 0)}
+    files = {
+        1: ("001.Black_footed_Albatross", "x1.jpg", 1),
+        2: ("001.Black_footed_Albatross", "x2.jpg", 0),
+        3: ("002.Laysan_Albatross", "y1.jpg", 1),
+        4: ("200.Common_Yellowthroat", "z1.jpg", 0),
+    }
     class_ids = {"001.Black_footed_Albatross": 1, "002.Laysan_Albatross": 2, "200.Common_Yellowthroat": 3}
     images, labels, split = [], [], []
     for i, (folder, name, is_train) in files.items():
@@ -211,8 +215,12 @@ def test_image_folder(tmp_path):
 def _fake_tuxpaint(cache):
     """A tiny stand-in for the unpacked Debian packages: 2 water and 2 land birds, 1 water and 2 land photos."""
     root = wbl.assets_dir(cache)
-    for name, colour in (("duck", (255, 255, 0, 255)), ("pelican", (255, 0, 255, 255)),
-                         ("crow", (0, 0, 0, 255)), ("owl", (120, 60, 0, 255))):
+    for name, colour in (
+        ("duck", (255, 255, 0, 255)),
+        ("pelican", (255, 0, 255, 255)),
+        ("crow", (0, 0, 0, 255)),
+        ("owl", (120, 60, 0, 255)),
+    ):
         bird = Image.new("RGBA", (40, 30), (0, 0, 0, 0))
         bird.paste(Image.new("RGBA", (20, 10), colour), (10, 10))
         bird.save(_png(root / wbl.BIRDS_DIR / f"{name}.png", 0).with_suffix(".png"))

@@ -35,16 +35,18 @@ def tiny_dataset(n: int = 48, seed: int = 0) -> TensorDataset:
 
 
 def tiny_config(**overrides) -> engine.TrainConfig:
-    base = dict(epochs=2, batch_size=8, eval_batch_size=16, lr=1e-3, checkpoint_every=2, log_interval=2,
-                progress=False, seed=3)
+    base = dict(
+        epochs=2, batch_size=8, eval_batch_size=16, lr=1e-3, checkpoint_every=2, log_interval=2, progress=False, seed=3
+    )
     return engine.TrainConfig(**{**base, **overrides})
 
 
 def make_trainer(tmp_path, cfg=None, model_seed=0, dataset=None, trainer_cls=engine.Trainer, model_cls=FullImageViT):
     torch.manual_seed(model_seed)
     data = dataset or tiny_dataset()
-    return trainer_cls(model_cls(2, **TINY), data, tiny_dataset(16, seed=1), num_groups=4,
-                       cfg=cfg or tiny_config(), run_dir=tmp_path)
+    return trainer_cls(
+        model_cls(2, **TINY), data, tiny_dataset(16, seed=1), num_groups=4, cfg=cfg or tiny_config(), run_dir=tmp_path
+    )
 
 
 class Interrupted(Exception):
@@ -239,7 +241,14 @@ def test_oracle_trains_and_reports_mask_metrics(tmp_path):
     result = trainer.test(tiny_dataset(16, seed=2))
     assert result["mask_iou_patch"] == pytest.approx(1.0)  # the oracle keeps exactly the ground-truth patches
     assert 0 < result["kept_fraction"] < 1 and result["best_epoch"] == 1
-    for key in ("accuracy", "worst_group_accuracy", "group_accuracy", "mask_iou", "background_in_kept",
-                "images_per_second", "peak_memory_mb"):
+    for key in (
+        "accuracy",
+        "worst_group_accuracy",
+        "group_accuracy",
+        "mask_iou",
+        "background_in_kept",
+        "images_per_second",
+        "peak_memory_mb",
+    ):
         assert result[key] is not None, key
     assert not [name for name in os.listdir(tmp_path / "checkpoints") if name.startswith(".")]

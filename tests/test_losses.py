@@ -94,8 +94,17 @@ def test_compute_losses_weights_and_skips_terms():
         out = model(images)
         terms = model.compute_losses(out, images, labels)
     assert "equivariance" not in terms and "concentration" not in terms
-    assert set(terms) == {"ce_stage2", "ce_stage1", "presence", "enforced_presence", "orthogonality",
-                          "total_variation", "entropy", "area", "total"}
+    assert set(terms) == {
+        "ce_stage2",
+        "ce_stage1",
+        "presence",
+        "enforced_presence",
+        "orthogonality",
+        "total_variation",
+        "entropy",
+        "area",
+        "total",
+    }
     torch.testing.assert_close(terms["ce_stage2"], F.cross_entropy(out.stage2_logits, labels))
     torch.testing.assert_close(terms["presence"], losses.presence_loss(out.part_maps))
     weights = model.cfg.loss_weights

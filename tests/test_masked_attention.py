@@ -30,12 +30,15 @@ def _qkv(batch, heads, seq_len, head_dim, dtype, layout="contiguous"):
         q, k, v = qkv.reshape(batch, seq_len, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         return q, k, v, (qkv,)
     if layout == "transposed":  # (B, N, H, D) memory viewed as (B, H, N, D)
-        leaves = [torch.randn(batch, seq_len, heads, head_dim, device=DEVICE, dtype=dtype, requires_grad=True)
-                  for _ in range(3)]
+        leaves = [
+            torch.randn(batch, seq_len, heads, head_dim, device=DEVICE, dtype=dtype, requires_grad=True)
+            for _ in range(3)
+        ]
         q, k, v = (t.transpose(1, 2) for t in leaves)
         return q, k, v, tuple(leaves)
-    leaves = [torch.randn(batch, heads, seq_len, head_dim, device=DEVICE, dtype=dtype, requires_grad=True)
-              for _ in range(3)]
+    leaves = [
+        torch.randn(batch, heads, seq_len, head_dim, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(3)
+    ]
     return *leaves, tuple(leaves)
 
 
@@ -101,8 +104,12 @@ def test_fp32_matches_float64_reference(batch, heads, seq_len, head_dim, skip):
 
 
 @settings(max_examples=6, deadline=None, database=None)
-@given(seq_len=st.integers(1, 70), head_dim=st.sampled_from([16, 24, 48]), keep_frac=st.floats(0.0, 1.0),
-       skip=st.booleans())
+@given(
+    seq_len=st.integers(1, 70),
+    head_dim=st.sampled_from([16, 24, 48]),
+    keep_frac=st.floats(0.0, 1.0),
+    skip=st.booleans(),
+)
 def test_awkward_shapes_and_masks(seq_len, head_dim, keep_frac, skip):
     q, k, v, _ = _qkv(1, 1, seq_len, head_dim, torch.float32)
     _check(q, k, v, _random_keep(1, seq_len, frac=keep_frac), skip=skip)
@@ -162,8 +169,9 @@ def test_dropped_keys_have_exactly_zero_influence():
     grad_out = torch.randn(q.shape, device=q.device)
     for skip in (True, False):
         clean = _forward_backward(_kernel, q, k, v, keep, grad_out, gate=gate, skip_dropped_queries=skip)
-        dirty = _forward_backward(_kernel, q, poisoned_k, poisoned_v, keep, grad_out, gate=gate,
-                                  skip_dropped_queries=skip)
+        dirty = _forward_backward(
+            _kernel, q, poisoned_k, poisoned_v, keep, grad_out, gate=gate, skip_dropped_queries=skip
+        )
         for name, a, b in zip(["out", "dq", "dk", "dv"], [clean[0], *clean[1][:3]], [dirty[0], *dirty[1][:3]]):
             assert torch.equal(a, b), f"{name} changed (skip={skip})"
         assert torch.equal(clean[1][3][keep], dirty[1][3][keep]), f"gate gradient at kept keys changed (skip={skip})"
@@ -235,8 +243,15 @@ def test_compacted_order_gives_the_same_result():
 
     grad_out = torch.randn(q.shape, device=q.device)
     raster = _forward_backward(_kernel, q, k, v, keep, grad_out, gate=keep.float())
-    compact = _forward_backward(_kernel, permute(q, order), permute(k, order), permute(v, order),
-                                keep.gather(1, order), permute(grad_out, order), gate=keep.gather(1, order).float())
+    compact = _forward_backward(
+        _kernel,
+        permute(q, order),
+        permute(k, order),
+        permute(v, order),
+        keep.gather(1, order),
+        permute(grad_out, order),
+        gate=keep.gather(1, order).float(),
+    )
     torch.testing.assert_close(permute(compact[0], inverse), raster[0], atol=1e-5, rtol=1e-5)
     for a, b in zip(compact[1][:3], raster[1][:3]):
         torch.testing.assert_close(permute(a, inverse), b, atol=5e-5, rtol=1e-5)
@@ -264,12 +279,12 @@ def test_block_lists_match_a_python_loop(seq_len, block):
     keep[1] = False
     keep[2, : 2 * block] = True  # two full blocks
     keep[3] = True  # every block full but the last (N is not a multiple of the block)
-    keep[4, seq_len // 2:] = True
+    keep[4, seq_len // 2 :] = True
     order, counts = impl._block_lists(impl._keep_bytes(keep), block)
     num_blocks = math.ceil(seq_len / block)
     assert order.shape == (5, num_blocks) and counts.shape == (5, 2) and order.dtype == counts.dtype == torch.int32
     for b in range(5):
-        kept = [keep[b, i * block:(i + 1) * block].sum().item() for i in range(num_blocks)]
+        kept = [keep[b, i * block : (i + 1) * block].sum().item() for i in range(num_blocks)]
         full = [i for i in range(num_blocks) if kept[i] == block]
         partial = [i for i in range(num_blocks) if 0 < kept[i] < block]
         dead = [i for i in range(num_blocks) if kept[i] == 0]
@@ -306,7 +321,7 @@ def test_registered_op_matches_the_autograd_function():
     q, k, v, _ = _qkv(1, 2, 27, 16, torch.float32)
     keep = _random_keep(1, 27)
     grad_out = torch.randn(q.shape, device=q.device)
-    scale = 16 ** -0.5
+    scale = 16**-0.5
 
     def via_op(q, k, v, keep, gate=None):
         return torch.ops.faithful_vit.masked_attention_fwd(q, k, v, keep, gate, scale, True)[0]
@@ -356,8 +371,9 @@ def test_configs_are_overridable(monkeypatch):
     monkeypatch.setattr(impl, "get_fwd_config", tiny_config)
     q, k, v, _ = _qkv(1, 1, 40, 16, torch.float32)
     keep = _random_keep(1, 40)
-    torch.testing.assert_close(_kernel(q, k, v, keep), reference.masked_attention_ref(q, k, v, keep),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        _kernel(q, k, v, keep), reference.masked_attention_ref(q, k, v, keep), atol=1e-5, rtol=1e-5
+    )
     assert calls == [40]
 
 
@@ -391,8 +407,15 @@ def test_bad_input_raises_a_clear_error(change, error, match, backend):
     q, k, v, keep = _good()
     args = change({"q": q, "k": k, "v": v, "keep": keep})
     with pytest.raises(error, match=match):
-        masked_attention(args["q"], args["k"], args["v"], args["keep"], gate=args.get("gate"),
-                         scale=args.get("scale"), backend=backend)
+        masked_attention(
+            args["q"],
+            args["k"],
+            args["v"],
+            args["keep"],
+            gate=args.get("gate"),
+            scale=args.get("scale"),
+            backend=backend,
+        )
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU for a second device")
@@ -451,8 +474,15 @@ def test_gpu_dropped_keys_have_exactly_zero_influence_bf16():
     dropped = ~keep[:, None, :, None]
     grad_out = torch.randn(q.shape, device=q.device)
     clean = _forward_backward(_kernel, q, k, v, keep, grad_out, gate=keep.float())
-    dirty = _forward_backward(_kernel, q, k.detach().masked_fill(dropped, float("nan")),
-                              v.detach().masked_fill(dropped, float("-inf")), keep, grad_out, gate=keep.float())
+    dirty = _forward_backward(
+        _kernel,
+        q,
+        k.detach().masked_fill(dropped, float("nan")),
+        v.detach().masked_fill(dropped, float("-inf")),
+        keep,
+        grad_out,
+        gate=keep.float(),
+    )
     for a, b in zip([clean[0], *clean[1][:3]], [dirty[0], *dirty[1][:3]]):
         assert torch.equal(a, b)
     assert torch.equal(clean[1][3][keep], dirty[1][3][keep])

@@ -84,10 +84,26 @@ def test_full_image_model_keeps_everything():
 
 
 def test_summarize_seeds_and_table():
-    runs = [{"accuracy": 0.8, "worst_group_accuracy": 0.5, "group_accuracy": [0.5, 1.0], "mask_iou": None,
-             "background_in_kept": 0.1, "kept_fraction": 0.2, "images_per_second": 100.0},
-            {"accuracy": 0.9, "worst_group_accuracy": 0.7, "group_accuracy": [0.7, 0.9], "mask_iou": 0.4,
-             "background_in_kept": 0.3, "kept_fraction": 0.2, "images_per_second": 300.0}]
+    runs = [
+        {
+            "accuracy": 0.8,
+            "worst_group_accuracy": 0.5,
+            "group_accuracy": [0.5, 1.0],
+            "mask_iou": None,
+            "background_in_kept": 0.1,
+            "kept_fraction": 0.2,
+            "images_per_second": 100.0,
+        },
+        {
+            "accuracy": 0.9,
+            "worst_group_accuracy": 0.7,
+            "group_accuracy": [0.7, 0.9],
+            "mask_iou": 0.4,
+            "background_in_kept": 0.3,
+            "kept_fraction": 0.2,
+            "images_per_second": 300.0,
+        },
+    ]
     summary = summarize_seeds(runs)
     assert summary["num_seeds"] == 2
     assert summary["worst_group_accuracy"] == pytest.approx(0.6)

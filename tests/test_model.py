@@ -51,8 +51,9 @@ def test_part_logits_are_negative_squared_distances_in_fp32():
     z = model.stage1.forward_features(images)[:, model.stage1.num_prefix_tokens :].double()
     expected = -torch.cdist(z, model.prototypes.double()).pow(2)  # (B, G, K+1)
     torch.testing.assert_close(out.part_logits.flatten(2).transpose(1, 2).double(), expected, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(out.part_scores.flatten(2).transpose(1, 2).double(), z @ model.prototypes.double().t(),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        out.part_scores.flatten(2).transpose(1, 2).double(), z @ model.prototypes.double().t(), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_eval_is_deterministic_and_keep_is_the_argmax_rule():
@@ -195,7 +196,8 @@ def test_gate_is_only_accepted_in_masked_mode():
 def test_prefix_tokens_are_always_kept_with_registers():
     with pytest.warns(UserWarning, match="freeze_stage1_backbone"):
         model = faithful_vit.create_model(
-            "faithful_dinov2_base_reg4_518", img_size=28,
+            "faithful_dinov2_base_reg4_518",
+            img_size=28,
             backbone_kwargs={"embed_dim": 32, "depth": 1, "num_heads": 2, "init_values": None},
         )
     model.eval()
@@ -208,8 +210,9 @@ def test_prefix_tokens_are_always_kept_with_registers():
         for mode in ("masked", "packed"):
             torch.testing.assert_close(logits[mode], logits["dense"], rtol=1e-4, atol=1e-5)
         # With every patch dropped the prediction is a function of the prefix tokens alone ...
-        torch.testing.assert_close(model.forward_stage2(torch.randn_like(images), nothing, mode="packed"),
-                                   logits["packed"], rtol=0, atol=0)
+        torch.testing.assert_close(
+            model.forward_stage2(torch.randn_like(images), nothing, mode="packed"), logits["packed"], rtol=0, atol=0
+        )
         # ... and the register tokens are read.
         model.stage2.reg_token.add_(torch.randn_like(model.stage2.reg_token))
         assert not torch.allclose(model.forward_stage2(images, nothing, mode="packed"), logits["packed"])
@@ -234,8 +237,10 @@ def test_param_groups_cover_every_trainable_parameter_once():
     assert by_name["heads"]["weight_decay"] == 0.0  # the LayerNorm of the stage-2 head
     assert by_name["prototypes"]["lr"] == pytest.approx(1e-2) and by_name["prototypes"]["weight_decay"] == 0.0
     assert by_name["modulation"]["weight_decay"] == 0.0
-    assert {id(p) for p in by_name["stage2_tokens"]["params"]} == {id(model.stage2.cls_token),
-                                                                 id(model.stage2.pos_embed)}
+    assert {id(p) for p in by_name["stage2_tokens"]["params"]} == {
+        id(model.stage2.cls_token),
+        id(model.stage2.pos_embed),
+    }
     for group in groups:
         if group["weight_decay"]:
             assert all(p.ndim >= 2 for p in group["params"])
@@ -244,7 +249,10 @@ def test_param_groups_cover_every_trainable_parameter_once():
 
 def test_paper_presets_use_the_paper_lr_factors():
     assert set(faithful_vit.list_models()) >= {
-        "faithful_tiny", "faithful_vit_small_patch16_224", "faithful_dinov2_base_reg4_518"}
+        "faithful_tiny",
+        "faithful_vit_small_patch16_224",
+        "faithful_dinov2_base_reg4_518",
+    }
     paper = faithful_vit.get_config("faithful_dinov2_base_reg4_518")
     assert paper.lr_factors["heads"] == 1e4 and paper.lr_factors["prototypes"] == 1e3
     assert paper.backbone == "vit_base_patch14_reg4_dinov2" and paper.img_size == 518 and paper.num_parts == 8
@@ -266,8 +274,9 @@ def test_backbone_weights_load_from_a_local_file(tmp_path, suffix):
 
 
 def test_a_checkpoint_that_does_not_fit_is_rejected(tmp_path):
-    source = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=0,
-                               **{**TINY_BACKBONE, "depth": 3})
+    source = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=0, **{**TINY_BACKBONE, "depth": 3}
+    )
     path = tmp_path / "deeper.safetensors"
     safetensors.torch.save_file(source.state_dict(), str(path))
     with pytest.raises(ValueError, match="does not fit"):

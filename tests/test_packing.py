@@ -120,8 +120,13 @@ def test_with_data_keeps_layout():
         ("x", torch.ones(2, 5, dtype=torch.bool), {}, TypeError, r"x: expected a torch.Tensor"),
         (torch.randn(2, 5, 3), torch.ones(2, 5, dtype=torch.bool), {"max_seqlen": -1}, ValueError, "max_seqlen"),
         (torch.randn(2, 5, 3), torch.ones(2, 5, dtype=torch.bool), {"max_seqlen": 2.0}, ValueError, "max_seqlen"),
-        (torch.randn(2, 5, 3), torch.ones(2, 5, dtype=torch.bool), {"max_seqlen": 4}, ValueError,
-         r"max_seqlen: expected an upper bound .*>= 5"),
+        (
+            torch.randn(2, 5, 3),
+            torch.ones(2, 5, dtype=torch.bool),
+            {"max_seqlen": 4},
+            ValueError,
+            r"max_seqlen: expected an upper bound .*>= 5",
+        ),
     ],
 )
 def test_bad_input_names_the_argument(x, keep, kwargs, error, match):

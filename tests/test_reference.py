@@ -129,8 +129,9 @@ def test_varlen_attention_ref_matches_loops():
     expected = loop_varlen_attention(q, k, v, cu_seqlens, 0.3)
     torch.testing.assert_close(out, expected)
     grad = torch.randn_like(out)
-    for name, g, w in zip("qkv", torch.autograd.grad(out, (q, k, v), grad),
-                          torch.autograd.grad(expected, (q, k, v), grad)):
+    for name, g, w in zip(
+        "qkv", torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(expected, (q, k, v), grad)
+    ):
         torch.testing.assert_close(g, w, msg=f"d{name}")
 
 

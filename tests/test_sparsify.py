@@ -56,7 +56,7 @@ def _timm_features(model: torch.nn.Module, images: torch.Tensor, keep: torch.Ten
     tokens = model.forward_features(images, attn_mask=_full_mask(model, keep)[:, None, None, :])
     if model.global_pool == "token":
         return model.forward_head(tokens, pre_logits=True)
-    patches = tokens[:, model.num_prefix_tokens:]
+    patches = tokens[:, model.num_prefix_tokens :]
     count = keep.sum(1, keepdim=True).clamp(min=1)
     mean = (patches * keep[..., None]).sum(1) / count
     amax = patches.masked_fill(~keep[..., None], torch.finfo(patches.dtype).min).amax(1)
@@ -126,8 +126,9 @@ def test_converted_model_gives_timm_results_through_timm_forward():
     images, keep = _inputs(reference)
     mask = _full_mask(reference, keep)[:, None, None, :]
     torch.testing.assert_close(converted(images), reference(images), **TOL)
-    torch.testing.assert_close(converted.forward_features(images, attn_mask=mask),
-                               reference.forward_features(images, attn_mask=mask), **TOL)
+    torch.testing.assert_close(
+        converted.forward_features(images, attn_mask=mask), reference.forward_features(images, attn_mask=mask), **TOL
+    )
 
 
 def test_sparsify_sets_backend_and_is_idempotent():
@@ -155,8 +156,7 @@ UNSUPPORTED = {
     "relpos": (lambda: timm.create_model("vit_relpos_base_patch16_224", **TINY), "VisionTransformerRelPos"),
     "rope_eva": (lambda: timm.create_model("vit_base_patch16_rope_reg1_gap_256", **TINY), "Eva"),
     "beit_relative_bias": (lambda: timm.create_model("beit_base_patch16_224", **TINY), "Beit"),
-    "hybrid_conv_stem": (lambda: timm.create_model("vit_small_r26_s32_224", **{**TINY, "img_size": 64}),
-                         "patch_embed"),
+    "hybrid_conv_stem": (lambda: timm.create_model("vit_small_r26_s32_224", **{**TINY, "img_size": 64}), "patch_embed"),
     "overlapping_patches": (_overlapping_patches, "patch_embed.proj"),
     "attention_pooling": (lambda: timm.create_model("vit_so150m_patch16_reg4_map_256", **TINY), "attn_pool"),
     "post_norm_block": (lambda: VisionTransformer(block_fn=ResPostBlock, **TINY), "blocks.0"),
@@ -212,8 +212,11 @@ def test_packed_mode_refuses_a_gate_that_needs_its_gradient():
     images, keep = _inputs(model)
     with pytest.raises(ValueError, match="gate"):
         forward_kept(model, images, keep, mode="packed", gate=keep.float().requires_grad_())
-    torch.testing.assert_close(forward_kept(model, images, keep, mode="packed", gate=keep.float()),
-                               forward_kept(model, images, keep, mode="masked"), **TOL)
+    torch.testing.assert_close(
+        forward_kept(model, images, keep, mode="packed", gate=keep.float()),
+        forward_kept(model, images, keep, mode="masked"),
+        **TOL,
+    )
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -306,8 +309,9 @@ def test_converted_model_compiles_through_timm_forward():
     mask = _full_mask(model, keep)[:, None, None, :]
     with torch.no_grad():
         compiled = torch.compile(model.forward_features, fullgraph=True, backend="aot_eager")
-        torch.testing.assert_close(compiled(images, attn_mask=mask), model.forward_features(images, attn_mask=mask),
-                                   **TOL)
+        torch.testing.assert_close(
+            compiled(images, attn_mask=mask), model.forward_features(images, attn_mask=mask), **TOL
+        )
 
 
 @pytest.mark.slow

@@ -14,9 +14,24 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 # A tiny benchmark and model so that a whole run takes seconds on one CPU thread.
-TINY = ["--data-kwargs", "n_train=96", "n_val=32", "n_test=32", "image_size=32",
-        "--model-kwargs", "backbone_kwargs={embed_dim: 32, depth: 1, num_heads: 2}",
-        "--epochs", "1", "--batch-size", "16", "--eval-batch-size", "32", "--no-progress", "--attn-impl", "torch"]
+TINY = [
+    "--data-kwargs",
+    "n_train=96",
+    "n_val=32",
+    "n_test=32",
+    "image_size=32",
+    "--model-kwargs",
+    "backbone_kwargs={embed_dim: 32, depth: 1, num_heads: 2}",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "16",
+    "--eval-batch-size",
+    "32",
+    "--no-progress",
+    "--attn-impl",
+    "torch",
+]
 
 
 def load_train():
@@ -35,8 +50,15 @@ def _data_cache(tmp_path_factory, monkeypatch):
 def run_cli(args, timeout=300, **kwargs):
     # Same thread count as this process: CPU reductions are bitwise reproducible only for a fixed thread count.
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=ROOT, **kwargs)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+        **kwargs,
+    )
 
 
 def test_every_flag_has_help():
@@ -46,8 +68,20 @@ def test_every_flag_has_help():
     for action in flags:
         assert action.help and len(action.help) > 10, action.option_strings
     help_text = parser.format_help()
-    for flag in ("--model", "--data", "--epochs", "--batch-size", "--lr", "--output", "--resume", "--seeds",
-                 "--checkpoint-every", "--amp", "--compile", "--channels-last"):
+    for flag in (
+        "--model",
+        "--data",
+        "--epochs",
+        "--batch-size",
+        "--lr",
+        "--output",
+        "--resume",
+        "--seeds",
+        "--checkpoint-every",
+        "--amp",
+        "--compile",
+        "--channels-last",
+    ):
         assert flag in help_text
 
 
@@ -75,8 +109,22 @@ def test_bad_input_in_process(tmp_path, capsys):
         (["--data", "imagefolder", "--data-dir", str(wrong_format)], "--data imagefolder:"),
         (["--data", "waterbirds", "--data-dir", str(wrong_format)], "metadata.csv"),
         (["--data-kwargs", "bogus=1"], "--data synthetic:"),
-        (["--model", "faithful_tiny", "--model-kwargs", "num_parts=0", "--data-kwargs", "n_train=8", "n_val=8",
-          "n_test=8", "image_size=32", "--output", str(tmp_path)], "--model-kwargs:"),
+        (
+            [
+                "--model",
+                "faithful_tiny",
+                "--model-kwargs",
+                "num_parts=0",
+                "--data-kwargs",
+                "n_train=8",
+                "n_val=8",
+                "n_test=8",
+                "image_size=32",
+                "--output",
+                str(tmp_path),
+            ],
+            "--model-kwargs:",
+        ),
     ]
     for argv, message in cases:
         assert train.main(argv) == 2, argv
@@ -101,8 +149,16 @@ def test_tiny_run_writes_the_run_folder(tmp_path, capsys):
     summary = json.loads((run / "summary.json").read_text())
     assert list(summary["models"]) == ["faithful_tiny", "baseline", "oracle"]
     for name, entry in summary["models"].items():
-        for key in ("accuracy", "worst_group_accuracy", "group_accuracy", "mask_iou", "background_in_kept",
-                    "kept_fraction", "images_per_second", "peak_memory_mb"):
+        for key in (
+            "accuracy",
+            "worst_group_accuracy",
+            "group_accuracy",
+            "mask_iou",
+            "background_in_kept",
+            "kept_fraction",
+            "images_per_second",
+            "peak_memory_mb",
+        ):
             assert entry[key] is not None, (name, key)
         assert len(entry["group_accuracy"]) == 4 and name in out
         folder = run / name / "seed0"
@@ -126,8 +182,13 @@ def test_hard_kill_then_resume_continues_the_same_run(tmp_path):
 
     # Same thread count as this process: CPU reductions are bitwise reproducible only for a fixed thread count.
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, "--experiment", "killed"],
-                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args, "--experiment", "killed"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     last = tmp_path / "killed" / "baseline" / "seed0" / "checkpoints" / "last.pt"
     deadline = time.monotonic() + 240
     while not last.exists() and process.poll() is None and time.monotonic() < deadline:
@@ -139,21 +200,40 @@ def test_hard_kill_then_resume_continues_the_same_run(tmp_path):
     assert killed_at < 60  # 3 epochs of 20 steps: the kill happened mid-run
 
     assert train.main(["--resume", str(tmp_path / "killed")]) == 0
-    final = [torch.load(tmp_path / name / "baseline" / "seed0" / "checkpoints" / "last.pt", weights_only=False)
-             for name in ("reference", "killed")]
+    final = [
+        torch.load(tmp_path / name / "baseline" / "seed0" / "checkpoints" / "last.pt", weights_only=False)
+        for name in ("reference", "killed")
+    ]
     assert final[0]["global_step"] == final[1]["global_step"] == 60
     for key, value in final[0]["model"].items():
         assert torch.equal(value, final[1]["model"][key]), key
-    metrics = [json.loads((tmp_path / name / "summary.json").read_text())["models"]["baseline"]
-               for name in ("reference", "killed")]
+    metrics = [
+        json.loads((tmp_path / name / "summary.json").read_text())["models"]["baseline"]
+        for name in ("reference", "killed")
+    ]
     assert metrics[0]["accuracy"] == metrics[1]["accuracy"]
     assert metrics[0]["group_accuracy"] == metrics[1]["group_accuracy"]
 
 
 def test_seeds_give_mean_and_std(tmp_path):
     train = load_train()
-    assert train.main([*TINY, "--model", "baseline", "--seeds", "0,1", "--channels-last", "--output", str(tmp_path),
-                       "--experiment", "seeds"]) == 0
+    assert (
+        train.main(
+            [
+                *TINY,
+                "--model",
+                "baseline",
+                "--seeds",
+                "0,1",
+                "--channels-last",
+                "--output",
+                str(tmp_path),
+                "--experiment",
+                "seeds",
+            ]
+        )
+        == 0
+    )
     entry = json.loads((tmp_path / "seeds" / "summary.json").read_text())["models"]["baseline"]
     assert entry["num_seeds"] == 2 and [run["seed"] for run in entry["per_seed"]] == [0, 1]
     values = torch.tensor([run["worst_group_accuracy"] for run in entry["per_seed"]], dtype=torch.float64)

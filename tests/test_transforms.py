@@ -53,7 +53,7 @@ def test_zoom_enlarges_about_the_centre():
     mask = torch.zeros(1, 32, 32)
     mask[:, 12:20, 10:22] = 1
     _, zoomed = T.affine(torch.rand(3, 32, 32), mask, angle=0.0, shift=(0.0, 0.0), zoom=2.0)
-    assert zoomed.sum() == pytest.approx(4 * mask.sum(), rel=0.05)
+    assert zoomed.sum().item() == pytest.approx(4 * mask.sum().item(), rel=0.05)
     assert zoomed[0, 16, 16] == 1 and zoomed[0, 9:23, 5:27].mean() > 0.95
 
 

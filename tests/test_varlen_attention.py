@@ -46,9 +46,13 @@ def _assert_matches_reference(q, k, v, cu_seqlens, max_seqlen, check_cu_seqlens=
     dtype = q.dtype
     grad_out = torch.randn_like(q)
     kernel = _forward_backward(
-        lambda *t: varlen_attention(*t, cu_seqlens, max_seqlen, check_cu_seqlens=check_cu_seqlens, backend="triton",
-                                   **kwargs),
-        q, k, v, grad_out,
+        lambda *t: varlen_attention(
+            *t, cu_seqlens, max_seqlen, check_cu_seqlens=check_cu_seqlens, backend="triton", **kwargs
+        ),
+        q,
+        k,
+        v,
+        grad_out,
     )
     detached = [t.detach().double().requires_grad_() for t in (q, k, v)]
     exact = _forward_backward(
@@ -79,8 +83,9 @@ def tiles(request, monkeypatch):
     if request.param == "16x16_tiles":
         fwd, bwd = varlen_module.get_fwd_config, varlen_module.get_bwd_config
         monkeypatch.setattr(varlen_module, "get_fwd_config", lambda *a: {**fwd(*a), "BLOCK_M": 16, "BLOCK_N": 16})
-        monkeypatch.setattr(varlen_module, "get_bwd_config",
-                            lambda *a: {**bwd(*a), "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_PRE": 16})
+        monkeypatch.setattr(
+            varlen_module, "get_bwd_config", lambda *a: {**bwd(*a), "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_PRE": 16}
+        )
     return request.param
 
 
@@ -174,8 +179,9 @@ def test_sequences_are_independent(monkeypatch, tile):
     # of their own sequence (a load that is masked only afterwards would turn 0 * NaN into NaN).
     for name in ("get_fwd_config", "get_bwd_config"):
         config = getattr(varlen_module, name)
-        monkeypatch.setattr(varlen_module, name, lambda *a, config=config: {**config(*a), "BLOCK_M": tile,
-                                                                             "BLOCK_N": tile})
+        monkeypatch.setattr(
+            varlen_module, name, lambda *a, config=config: {**config(*a), "BLOCK_M": tile, "BLOCK_N": tile}
+        )
     lengths = [10, 13, 6]
     q, k, v = (torch.randn(29, 1, 16, device=DEVICE) for _ in range(3))
     for t in (q, k, v):
@@ -221,8 +227,11 @@ def test_triton_op_matches_the_function_in_eager_mode():
         scores = torch.einsum("ihd,jhd->hij", q[start:end].double(), k[start:end].double()) * 0.25
         lse_log2 = scores.logsumexp(-1) / math.log(2)  # the kernels keep log-sum-exps in base 2
         torch.testing.assert_close(lse[:, start:end].double(), lse_log2, atol=1e-5, rtol=1e-5)
-    torch.library.opcheck(torch.ops.faithful_vit.varlen_attention_fwd, (q, k, v, cu, 11, 0.25),
-                          test_utils=("test_schema", "test_autograd_registration"))
+    torch.library.opcheck(
+        torch.ops.faithful_vit.varlen_attention_fwd,
+        (q, k, v, cu, 11, 0.25),
+        test_utils=("test_schema", "test_autograd_registration"),
+    )
 
 
 def test_torch_backend_needs_no_triton():
@@ -262,10 +271,16 @@ def _good(**overrides):
         ({"q": torch.randn(7, 2, 16, dtype=torch.float64)}, TypeError, r"q: expected dtype"),
         ({"k": torch.randn(7, 2, 16, dtype=torch.float16)}, TypeError, r"k: expected dtype torch.float32 like q"),
         ({"k": torch.randn(7, 1, 16)}, ValueError, r"k, v: expected the shape of q"),
-        ({"q": torch.randn(7, 2, 8), "k": torch.randn(7, 2, 8), "v": torch.randn(7, 2, 8)}, ValueError,
-         r"head dim must be in \[16, 128\], got 8"),
-        ({"q": torch.randn(7, 1, 256), "k": torch.randn(7, 1, 256), "v": torch.randn(7, 1, 256)}, ValueError,
-         r"got 256"),
+        (
+            {"q": torch.randn(7, 2, 8), "k": torch.randn(7, 2, 8), "v": torch.randn(7, 2, 8)},
+            ValueError,
+            r"head dim must be in \[16, 128\], got 8",
+        ),
+        (
+            {"q": torch.randn(7, 1, 256), "k": torch.randn(7, 1, 256), "v": torch.randn(7, 1, 256)},
+            ValueError,
+            r"got 256",
+        ),
         ({"max_seqlen": 3}, ValueError, r"max_seqlen: expected an upper bound .*>= 4.*got 3"),
         ({"max_seqlen": -1}, ValueError, r"max_seqlen: expected a non-negative int"),
         ({"max_seqlen": 4.0}, ValueError, r"max_seqlen: expected a non-negative int"),

@@ -170,8 +170,14 @@ class Waterbirds(ImageListDataset):
                 if int(row["split"]) != WATERBIRDS_SPLITS[split]:
                     continue
                 y, place = int(row["y"]), int(row["place"])
-                entries.append(Entry(root / row["img_filename"], y, y * self.num_places + place,
-                                     _mask_path(mask_root, row["img_filename"])))
+                entries.append(
+                    Entry(
+                        root / row["img_filename"],
+                        y,
+                        y * self.num_places + place,
+                        _mask_path(mask_root, row["img_filename"]),
+                    )
+                )
         group_names = [f"{c}/{p}" for c in self.class_names for p in self.place_names]
         super().__init__(entries, num_classes=2, group_names=group_names, transform=transform, on_corrupt=on_corrupt)
         self.places = torch.tensor([e.group % self.num_places for e in self.entries], dtype=torch.int64)
@@ -210,8 +216,9 @@ class CUB200(ImageListDataset):
             for i in sorted(paths, key=int)
             if is_train[i] == want_train
         ]
-        super().__init__(entries, num_classes=len(classes), group_names=self.class_names, transform=transform,
-                         on_corrupt=on_corrupt)
+        super().__init__(
+            entries, num_classes=len(classes), group_names=self.class_names, transform=transform, on_corrupt=on_corrupt
+        )
 
 
 def _list_images(folder: Path) -> list[Path]:
@@ -238,10 +245,18 @@ class ImageFolder(ImageListDataset):
         for label, name in enumerate(self.class_names):
             if not (root / name).is_dir():
                 raise FileNotFoundError(f"class folder not found: {str(root / name)!r}")
-            entries += [Entry(p, label, label) for p in sorted((root / name).rglob("*"))
-                        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
-        super().__init__(entries, num_classes=len(self.class_names), group_names=self.class_names,
-                         transform=transform, on_corrupt=on_corrupt)
+            entries += [
+                Entry(p, label, label)
+                for p in sorted((root / name).rglob("*"))
+                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+            ]
+        super().__init__(
+            entries,
+            num_classes=len(self.class_names),
+            group_names=self.class_names,
+            transform=transform,
+            on_corrupt=on_corrupt,
+        )
 
 
 class MetaShiftCatDog(ImageListDataset):
@@ -265,8 +280,17 @@ class MetaShiftCatDog(ImageListDataset):
         split_dir = root / split
         if not split_dir.is_dir():
             raise FileNotFoundError(f"MetaShift split folder not found: {str(split_dir)!r}")
-        contexts = sorted({p.name for s in root.iterdir() if s.is_dir() for c in self.class_names
-                           if (s / c).is_dir() for p in (s / c).iterdir() if p.is_dir()})
+        contexts = sorted(
+            {
+                p.name
+                for s in root.iterdir()
+                if s.is_dir()
+                for c in self.class_names
+                if (s / c).is_dir()
+                for p in (s / c).iterdir()
+                if p.is_dir()
+            }
+        )
         self.place_names = tuple(contexts)
         self.num_places = max(1, len(contexts))
         entries = []

@@ -229,7 +229,11 @@ def generate_split(cfg: SpuriousShapesConfig, split: str) -> dict[str, np.ndarra
 
 
 def cached_arrays(
-    name: str, key: str, split: str, generate: Callable[[], dict[str, np.ndarray]], description: dict,
+    name: str,
+    key: str,
+    split: str,
+    generate: Callable[[], dict[str, np.ndarray]],
+    description: dict,
     cache_dir: str | os.PathLike | None = None,
 ) -> dict[str, np.ndarray]:
     """Arrays of a generated split, read from ``<cache>/<name>/<key>_<split>.npz`` or generated and written there.
@@ -254,8 +258,9 @@ def cached_arrays(
 
 def load_or_generate(cfg: SpuriousShapesConfig, split: str, cache_dir: str | os.PathLike | None = None):
     """Arrays of one split (see :func:`generate_split`), generated at first use and cached as ``.npz``."""
-    return cached_arrays("spurious_shapes", cfg.key(), split, lambda: generate_split(cfg, split),
-                         dataclasses.asdict(cfg), cache_dir)
+    return cached_arrays(
+        "spurious_shapes", cfg.key(), split, lambda: generate_split(cfg, split), dataclasses.asdict(cfg), cache_dir
+    )
 
 
 JointTransform = Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor | None]]

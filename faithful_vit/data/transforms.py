@@ -194,8 +194,9 @@ def affine_matrix(height: int, width: int, angle: float, shift: tuple[float, flo
     return torch.cat([to_norm @ inv @ to_pix, offset[:, None]], 1).float()
 
 
-def affine(image: torch.Tensor, mask: torch.Tensor | None, *, angle: float, shift: tuple[float, float],
-           zoom: float) -> Pair:
+def affine(
+    image: torch.Tensor, mask: torch.Tensor | None, *, angle: float, shift: tuple[float, float], zoom: float
+) -> Pair:
     """Warp image ``[3,H,W]`` and mask ``[1,H,W]`` (or None) with one bilinear grid; uncovered pixels become 0.
 
     Args:
@@ -222,8 +223,9 @@ def cub_original(size: int, train: bool) -> Compose:
     ``ColorJitter()`` with default arguments is a no-op and is omitted.)
     """
     if train:
-        return Compose([ResizeShorter(size), RandomHorizontalFlip(0.5), PlanckianJitter(0.8), RandomAffine(),
-                        RandomCrop(size)])
+        return Compose(
+            [ResizeShorter(size), RandomHorizontalFlip(0.5), PlanckianJitter(0.8), RandomAffine(), RandomCrop(size)]
+        )
     return Compose([ResizeShorter(size), CenterCrop(size)])
 
 

@@ -34,14 +34,37 @@ from faithful_vit.data.synthetic import (
 SETUP_COMMAND = "bash scripts/setup_waterbirds_lite.sh"
 BIRDS_DIR = Path("usr/share/tuxpaint/stamps/animals/birds")
 TEMPLATES_DIR = Path("usr/share/tuxpaint/templates")
-WATER_BIRDS = frozenset({
-    "drake", "duck", "gander", "heron_greatblue", "heron_greatblue_flying", "little-penguin", "magellanic_penguin",
-    "penguin", "pelican", "pink_flamingo", "seagull", "silver-gull", "crowned_crane",
-})
+WATER_BIRDS = frozenset(
+    {
+        "drake",
+        "duck",
+        "gander",
+        "heron_greatblue",
+        "heron_greatblue_flying",
+        "little-penguin",
+        "magellanic_penguin",
+        "penguin",
+        "pelican",
+        "pink_flamingo",
+        "seagull",
+        "silver-gull",
+        "crowned_crane",
+    }
+)
 WATER_BACKGROUNDS = ("ocean_splash", "ocean_waves", "jellyfish")
 LAND_BACKGROUNDS = (
-    "burnt_bark", "cliff", "corn_maze", "mossy_bark", "mossy_log", "mudstone", "redwoods_above", "rocks", "sheep",
-    "sun_behind_leaves", "trees_above", "trees_at_dusk",
+    "burnt_bark",
+    "cliff",
+    "corn_maze",
+    "mossy_bark",
+    "mossy_log",
+    "mudstone",
+    "redwoods_above",
+    "rocks",
+    "sheep",
+    "sun_behind_leaves",
+    "trees_above",
+    "trees_at_dusk",
 )
 GENERATOR_VERSION = 1
 
@@ -78,9 +101,11 @@ def find_assets(cache_dir: str | os.PathLike | None = None) -> dict[str, list[Pa
     """
     root = assets_dir(cache_dir)
     birds_dir, templates_dir = root / BIRDS_DIR, root / TEMPLATES_DIR
-    hint = (f"Waterbirds-lite assets not found under {str(root)!r}. Run `{SETUP_COMMAND}` once (it downloads the "
-            "Debian packages tuxpaint-stamps-default and tuxpaint-data into the cache; set FAITHFUL_VIT_DATA to "
-            "choose the cache folder).")
+    hint = (
+        f"Waterbirds-lite assets not found under {str(root)!r}. Run `{SETUP_COMMAND}` once (it downloads the "
+        "Debian packages tuxpaint-stamps-default and tuxpaint-data into the cache; set FAITHFUL_VIT_DATA to "
+        "choose the cache folder)."
+    )
     if not birds_dir.is_dir() or not templates_dir.is_dir():
         raise FileNotFoundError(hint)
     birds = sorted(birds_dir.glob("*.png"))
@@ -136,8 +161,9 @@ def generate_split(cfg: WaterbirdsLiteConfig, split: str, cache_dir=None) -> dic
         if rng.random() < 0.5:
             bird = bird.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         scale = rng.uniform(*cfg.bird_size) * size / max(bird.size)
-        bird = bird.resize((max(1, round(bird.width * scale)), max(1, round(bird.height * scale))),
-                           Image.Resampling.BILINEAR)
+        bird = bird.resize(
+            (max(1, round(bird.width * scale)), max(1, round(bird.height * scale))), Image.Resampling.BILINEAR
+        )
         x, y = rng.integers(0, size - bird.width + 1), rng.integers(0, size - bird.height + 1)
         alpha = np.asarray(bird.getchannel("A"))
         hard = Image.fromarray(((alpha > 127) * 255).astype(np.uint8))
@@ -191,7 +217,11 @@ class WaterbirdsLite(ArrayDataset):
         self.split = split
         self.config = config or WaterbirdsLiteConfig()
         arrays = cached_arrays(
-            "waterbirds_lite", _cache_key(self.config, cache_dir), split,
-            lambda: generate_split(self.config, split, cache_dir), dataclasses.asdict(self.config), cache_dir,
+            "waterbirds_lite",
+            _cache_key(self.config, cache_dir),
+            split,
+            lambda: generate_split(self.config, split, cache_dir),
+            dataclasses.asdict(self.config),
+            cache_dir,
         )
         super().__init__(arrays, transform)
