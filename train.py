@@ -24,7 +24,7 @@ import json
 import sys
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import yaml
@@ -178,13 +178,18 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument("--channels-last", action="store_true", help="channels-last images and weights")
     group = parser.add_argument_group("Checkpointing")
     group.add_argument("--output", default="runs", help="parent folder of run folders (default: %(default)s)")
-    group.add_argument("--experiment", default=None, help="run folder name (default: a UTC timestamp)")
+    group.add_argument(
+        "--experiment",
+        default=None,
+        help="run folder name inside --output (default: a UTC timestamp); a folder that already holds a run is "
+        "refused: continue it with --resume",
+    )
     group.add_argument(
         "--resume",
         default=None,
         metavar="RUN_DIR",
-        help="continue the run in RUN_DIR with its "
-        "args.yaml (flags given here override it); finished models are not retrained",
+        help="continue the run in RUN_DIR with the flags of its args.yaml; only --num-workers, --no-progress, "
+        "--log-interval and --checkpoint-every may differ; finished models are not retrained",
     )
     group.add_argument(
         "--checkpoint-every",
@@ -213,7 +218,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, str]:
-    """Parse twice: ``-c/--config`` and ``--resume``'s ``args.yaml`` set defaults, then the command line wins."""
+    """Parse twice: ``--resume``'s ``args.yaml`` and ``-c/--config`` set defaults, then the command line wins.
+
+    On ``--resume``, only flags in :data:`faithful_vit.run_folder.RESUME_SAFE_FLAGS` may differ from ``args.yaml``.
+    """
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("-c", "--config", default=None)
     pre.add_argument("--resume", default=None)
@@ -221,12 +229,18 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, str]:
     parser = _build_parser()
     parser.add_argument("-c", "--config", default=None, help="YAML file of flag values (keys: flag names)")
     valid = {action.dest for action in parser._actions}
-    for path in (Path(known.resume) / "args.yaml" if known.resume else None, known.config):
-        if path is None:
-            continue
-        if not Path(path).is_file():
-            raise UsageError(f"{'--resume' if path != known.config else '--config'}: no such file: {path}")
-        config = yaml.safe_load(Path(path).read_text()) or {}
+    stored = None
+    if known.resume:
+        from faithful_vit import run_folder  # only on --resume: --help stays fast
+
+        with _usage_error_from(run_folder.RunFolderError):
+            stored = run_folder.read_run_args(Path(known.resume), valid - {"help", "config", "resume"})
+        parser.set_defaults(**stored)
+    if known.config:
+        path = Path(known.config)
+        if not path.is_file():
+            raise UsageError(f"--config: no such file: {path}")
+        config = yaml.safe_load(path.read_text()) or {}
         if not isinstance(config, dict):
             raise UsageError(f"--config: expected a YAML mapping of flag names to values in {path}")
         config = {key.replace("-", "_"): value for key, value in config.items() if key not in ("config", "resume")}
@@ -235,7 +249,19 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, str]:
             raise UsageError(f"--config: unknown keys {unknown} in {path}")
         parser.set_defaults(**config)
     args = parser.parse_args(argv)
+    if stored is not None:
+        with _usage_error_from(run_folder.RunFolderError):
+            run_folder.check_resume_flags(stored, vars(args))
     return args, yaml.safe_dump({k: v for k, v in vars(args).items() if k not in ("config", "resume")})
+
+
+@contextmanager
+def _usage_error_from(error_type: type[Exception]):
+    """Report ``error_type`` (raised by the library, e.g. for a damaged run folder) as a :class:`UsageError`."""
+    try:
+        yield
+    except error_type as error:
+        raise UsageError(str(error)) from None
 
 
 def build_datasets(args) -> tuple[list, int]:
@@ -315,7 +341,7 @@ def run(args, args_text: str) -> dict:
     """Train, select on validation and test every (model, seed); write the run folder; return the summary."""
     import torch
 
-    from faithful_vit import engine, metrics, viz
+    from faithful_vit import engine, metrics, run_folder, viz
 
     names = _check_models(args)
     seeds = [int(seed) for seed in args.seeds.split(",")] if args.seeds else [args.seed]
@@ -327,14 +353,24 @@ def run(args, args_text: str) -> dict:
             "(--mask-dir for waterbirds/cub)"
         )
     dist_info = engine.setup_distributed(args.device)
-    run_dir = (
-        Path(args.resume)
-        if args.resume
-        else Path(args.output) / (args.experiment or time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
-    )
+    if args.resume:  # args.yaml stays as written: it is what produced the results
+        run_dir = Path(args.resume)
+        finished = {
+            (name, seed): run_folder.read_finished(run_dir / name / f"seed{seed}") for seed in seeds for name in names
+        }
+    else:
+        timestamp = engine.broadcast_from_main(time.strftime("%Y%m%d-%H%M%S", time.gmtime()), dist_info)
+        run_dir, finished = run_folder.new_run_dir(args.output, args.experiment or timestamp), {}
+    engine.barrier(dist_info)  # every rank has checked the folder before rank 0 writes to it
     if dist_info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "args.yaml").write_text(args_text)
+        if args.resume:
+            stale = run_folder.remove_stale_temporaries(run_dir)
+            if stale:
+                print(
+                    f"--resume: removed {len(stale)} temporary file(s) a killed run left in {run_dir}", file=sys.stderr
+                )
+        else:
+            run_folder.write_text(run_dir / "args.yaml", args_text)
     cfg = engine.TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -361,12 +397,9 @@ def run(args, args_text: str) -> dict:
     for seed in seeds:
         for name in names:
             model_dir = run_dir / name / f"seed{seed}"
-            done = model_dir / "test_metrics.json"
-            if done.exists():  # finished before a --resume
-                results[name].append(json.loads(done.read_text()))
-                histories[f"{name}/seed{seed}"] = [
-                    json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()
-                ]
+            if finished.get((name, seed)) is not None:  # finished before a --resume
+                test, histories[f"{name}/seed{seed}"] = finished[name, seed]
+                results[name].append(test)
                 continue
             engine.seed_everything(seed)
             model = build_model(name, args, num_classes, image_size)
@@ -385,7 +418,7 @@ def run(args, args_text: str) -> dict:
             test = {"model": name, "seed": seed, **trainer.test(test_set), "train_seconds": time.perf_counter() - start}
             results[name].append(test)
             if dist_info.is_main:
-                done.write_text(json.dumps(test, indent=2))
+                run_folder.write_text(model_dir / "test_metrics.json", json.dumps(test, indent=2))
                 samples = engine.predict_samples(trainer.module, test_set, figure_indices, dist_info.device)
                 viz.plot_masks(
                     samples["images"],
@@ -408,7 +441,7 @@ def run(args, args_text: str) -> dict:
         "models": {name: metrics.summarize_seeds(per_seed) for name, per_seed in results.items()},
     }
     if dist_info.is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        run_folder.write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
         viz.plot_training_curves(histories, run_dir / "figures" / "training_curves.png")
         print(
             f"\n{args.data} test split, {len(seeds)} seed(s), checkpoints chosen on validation worst-group "
@@ -424,9 +457,10 @@ def main(argv: list[str] | None = None) -> int:
         args, args_text = _parse_args(argv)
         from faithful_vit.engine import NonFiniteLossError  # after parsing: --help stays fast
         from faithful_vit.kernels import use_backend
+        from faithful_vit.run_folder import RunFolderError
 
         try:
-            with use_backend(args.attn_impl) if args.attn_impl else nullcontext():
+            with use_backend(args.attn_impl) if args.attn_impl else nullcontext(), _usage_error_from(RunFolderError):
                 run(args, args_text)
         except NonFiniteLossError as error:
             print(f"train.py: error: {error}", file=sys.stderr)

@@ -8,9 +8,10 @@ Design points:
   augmentation randomness is a pure function of ``(seed, epoch, index)`` (:class:`SeededSamples`), and a checkpoint
   holds the model, optimizer, scheduler, epoch, position inside the epoch, running loss sums, the history and every
   rank's RNG states. ``--resume`` therefore replays the same steps as an uninterrupted run.
-* **Safe.** Checkpoints are written to a temporary file then ``os.replace``-d (atomic); a non-finite loss raises
-  :class:`NonFiniteLossError` before anything is saved, so the last checkpoint on disk is the last good one; a
-  sample whose image cannot be decoded is skipped with a warning and counted.
+* **Safe.** Every file is written atomically (:func:`~faithful_vit.run_folder.atomic_open`); checkpoints hold only
+  tensors and plain data and are loaded with ``weights_only=True``, so a crafted file cannot run code; a non-finite
+  loss raises :class:`NonFiniteLossError` before anything is saved, so the last checkpoint on disk is the last good
+  one; a sample whose image cannot be decoded is skipped with a warning and counted.
 * **Validation picks the checkpoint** (``best.pt``, by validation worst-group accuracy, ties broken by accuracy);
   the test split is only evaluated once, on that checkpoint.
 * **DDP** through torchrun: :func:`setup_distributed` reads the torchrun environment (gloo on CPU, NCCL on CUDA);
@@ -23,7 +24,9 @@ import csv
 import json
 import math
 import os
+import pickle
 import random
+import re
 import resource
 import sys
 import time
@@ -42,6 +45,7 @@ from tqdm import tqdm
 
 from faithful_vit.data.sample import CorruptImageError
 from faithful_vit.metrics import MetricAccumulator
+from faithful_vit.run_folder import RunFolderError, atomic_open, write_text
 
 
 class NonFiniteLossError(RuntimeError):
@@ -90,6 +94,21 @@ def setup_distributed(device: str = "auto") -> DistInfo:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=torch_device)
+
+
+def broadcast_from_main(value: Any, dist_info: DistInfo) -> Any:
+    """Rank 0's ``value`` on every rank (e.g. the default run-folder name, a timestamp that ranks could disagree on)."""
+    if not dist_info.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(dist_info: DistInfo) -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if dist_info.distributed:
+        dist.barrier()
 
 
 def cleanup_distributed() -> None:
@@ -267,32 +286,49 @@ def patch_size_of(model: nn.Module) -> int:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write ``state`` to ``path`` atomically: a temporary file in the same folder, fsync, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as handle:
+    """Write ``state`` (tensors and plain Python data only) to ``path`` atomically."""
+    with atomic_open(path, "wb") as handle:
         torch.save(state, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def load_checkpoint(path: Path) -> dict:
-    """Load a checkpoint written by :func:`save_checkpoint` (our own files: full unpickling)."""
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """Load a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``: no code in it can run.
+
+    Raises:
+        RunFolderError: the file holds anything but tensors and plain data (a pickle that could run code), or it
+            is truncated or not a checkpoint.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL (\S+)", str(error))
+        holds = f"the global {found.group(1)}" if found else "objects other than tensors and plain data"
+        raise RunFolderError(
+            f"{path}: refused to load: it holds {holds}, which unpickling could execute; a checkpoint of this "
+            "code holds only tensors and plain data"
+        ) from None
+    except FileNotFoundError:
+        raise RunFolderError(f"{path}: no such checkpoint") from None
+    except Exception as error:  # torch raises RuntimeError, EOFError, KeyError, ... for a damaged file
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise RunFolderError(f"{path}: damaged or not a checkpoint ({reason})") from None
 
 
 def rng_states() -> dict:
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The Python, NumPy, torch (and CUDA) generator states as tensors and plain data (``weights_only`` loads)."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"]["key"] = torch.from_numpy(numpy_state["state"]["key"].astype(np.int64))
+    states = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
 
 
 def set_rng_states(states: dict) -> None:
+    numpy_state = {**states["numpy"], "state": dict(states["numpy"]["state"])}
+    numpy_state["state"]["key"] = numpy_state["state"]["key"].numpy().astype(np.uint32)
     random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    np.random.set_state(numpy_state)
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
@@ -504,6 +540,7 @@ class Trainer:
             device_ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.checkpoint_step: int | None = None  # global step of the newest last.pt, None before the first
         self.best_key: tuple[float, float] | None = None
         self.history: list[dict] = []
         self.loss_sums: dict[str, torch.Tensor] = {}
@@ -555,6 +592,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step, self.best_key, self.history = state["global_step"], state["best_key"], state["history"]
+        self.checkpoint_step = self.global_step
         self.loss_sums = {k: v.to(self.dist.device) for k, v in state["loss_sums"].items()}
         self.loss_steps, self.train_time = state["loss_steps"], state["train_time"]
         self.skipped = state["skipped"].to(self.dist.device)
@@ -564,9 +602,14 @@ class Trainer:
         """Raise :class:`NonFiniteLossError` if any loss summed since the epoch start is NaN or infinite (syncs)."""
         for name, value in self.loss_sums.items():
             if not math.isfinite(value.item()):
+                kept = (
+                    f"the last good checkpoint (step {self.checkpoint_step}) is kept: {self.last_path}"
+                    if self.checkpoint_step is not None
+                    else f"no checkpoint was written before it, so there is nothing to resume from in {self.run_dir}"
+                )
                 raise NonFiniteLossError(
                     f"non-finite training loss ({name} = {value.item()}) in epoch {self.epoch + 1}, before step "
-                    f"{self.global_step}; stopped. The last good checkpoint is kept: {self.last_path}"
+                    f"{self.global_step}; stopped; {kept}"
                 )
 
     def _save_last(self) -> None:
@@ -574,6 +617,7 @@ class Trainer:
         state = self.state_dict()  # every rank: the RNG gather is collective
         if self.dist.is_main:
             save_checkpoint(self.last_path, state)
+        self.checkpoint_step = self.global_step
 
     # -- loop --------------------------------------------------------------------------------------------------
 
@@ -585,6 +629,8 @@ class Trainer:
         """
         if resume and self.last_path.exists():
             self.load_state_dict(load_checkpoint(self.last_path))
+            if self.dist.is_main and self.history:  # a kill between last.pt and the metrics files leaves them behind
+                self._write_history()
         else:
             seed_everything(self.cfg.seed, self.dist.rank)
         if self.dist.device.type == "cuda":
@@ -697,17 +743,13 @@ class Trainer:
             )
 
     def _write_history(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        jsonl = "".join(json.dumps(row) + "\n" for row in self.history)
-        _atomic_write_text(self.run_dir / "metrics.jsonl", jsonl)
+        write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in self.history))
         columns = list(dict.fromkeys(k for row in self.history for k in row))
-        tmp = self.run_dir / ".metrics.csv.tmp"
-        with open(tmp, "w", newline="") as handle:
+        with atomic_open(self.run_dir / "metrics.csv", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=columns)
             writer.writeheader()
             for row in self.history:
                 writer.writerow({k: json.dumps(v) if isinstance(v, list) else v for k, v in row.items()})
-        os.replace(tmp, self.run_dir / "metrics.csv")
 
     def test(self, test_set: Dataset) -> dict:
         """Load ``best.pt`` (chosen on validation) and evaluate it on ``test_set``.
@@ -730,12 +772,6 @@ class Trainer:
             skipped_corrupt_train=last.get("skipped_corrupt_train", 0),
         )
         return metrics
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 @torch.no_grad()

@@ -628,7 +628,7 @@ class FaithfulViT(nn.Module):
             if stage not in (1, 2):
                 raise ValueError(f"stages: expected values in (1, 2), got {list(stages)}")
             backbone = self.stage1 if stage == 1 else self.stage2
-            state = checkpoint_filter_fn(load_state_dict(path), backbone)
+            state = checkpoint_filter_fn(load_state_dict(path, weights_only=True), backbone)
             state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm."))}
             missing, unexpected = backbone.load_state_dict(state, strict=False)
             missing = [k for k in missing if not k.startswith(("head.", "fc_norm."))]

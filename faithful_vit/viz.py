@@ -17,6 +17,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from faithful_vit.metrics import keep_to_pixels  # noqa: E402
+from faithful_vit.run_folder import atomic_open  # noqa: E402
 
 
 def _displayable(image: torch.Tensor) -> np.ndarray:
@@ -107,10 +108,12 @@ def plot_training_curves(histories: dict[str, list[dict]], path: str | Path) -> 
 
 
 def _save(figure, path: str | Path) -> Path:
-    """Lay out, write as PNG (creating the folder) and close ``figure``; returns the path."""
+    """Lay out, write as PNG (atomically, creating the folder) and close ``figure``; returns the path."""
     figure.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    try:
+        with atomic_open(path, "wb") as handle:
+            figure.savefig(handle, format="png", dpi=100)
+    finally:
+        plt.close(figure)
     return path

@@ -81,5 +81,5 @@ def test_torchrun_two_processes_gloo(tmp_path):
         assert [row["epoch"] for row in rows] == [1, 2]
         assert sum(row["val_group_count"][0] for row in rows[:1]) + sum(rows[0]["val_group_count"][1:]) == 24
         # 64 samples over 2 ranks with batch 8: 4 steps per epoch per rank.
-        state = torch.load(tmp_path / "ddp" / name / "seed0" / "checkpoints" / "last.pt", weights_only=False)
+        state = torch.load(tmp_path / "ddp" / name / "seed0" / "checkpoints" / "last.pt", weights_only=True)
         assert state["world_size"] == 2 and state["global_step"] == 8 and len(state["rng"]) == 2

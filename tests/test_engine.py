@@ -112,7 +112,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
         return losses
 
     monkeypatch.setattr(trainer.module, "compute_losses", poisoned)
-    with pytest.raises(engine.NonFiniteLossError, match=r"non-finite training loss \(total = nan\).*last\.pt"):
+    with pytest.raises(
+        engine.NonFiniteLossError,
+        match=r"non-finite training loss \(total = nan\).*the last good checkpoint \(step 4\) is kept: .*last\.pt",
+    ):
         trainer.fit()
     state = engine.load_checkpoint(trainer.last_path)
     assert state["global_step"] == 4
@@ -174,6 +177,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         engine.save_checkpoint(path, {"value": torch.zeros(3)})
     monkeypatch.undo()
     assert torch.equal(engine.load_checkpoint(path)["value"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # the partial temporary file is gone
 
 
 def test_sampler_shards_cover_the_epoch_and_resume_mid_epoch():

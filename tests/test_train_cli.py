@@ -196,12 +196,12 @@ def test_hard_kill_then_resume_continues_the_same_run(tmp_path):
     assert process.poll() is None, "the run ended before it could be killed"
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
-    killed_at = torch.load(last, weights_only=False)["global_step"]
+    killed_at = torch.load(last, weights_only=True)["global_step"]
     assert killed_at < 60  # 3 epochs of 20 steps: the kill happened mid-run
 
     assert train.main(["--resume", str(tmp_path / "killed")]) == 0
     final = [
-        torch.load(tmp_path / name / "baseline" / "seed0" / "checkpoints" / "last.pt", weights_only=False)
+        torch.load(tmp_path / name / "baseline" / "seed0" / "checkpoints" / "last.pt", weights_only=True)
         for name in ("reference", "killed")
     ]
     assert final[0]["global_step"] == final[1]["global_step"] == 60
