@@ -10,7 +10,8 @@ from _tiny import TINY_BACKBONE, tiny_model
 
 import faithful_vit
 from faithful_vit.kernels import use_backend
-from faithful_vit.model import STAGE2_MODES, dilate_keep, erode_keep, open_keep
+from faithful_vit.model import STAGE2_MODES
+from faithful_vit.morphology import dilate_keep, erode_keep, open_keep
 
 
 @pytest.fixture(autouse=True)
