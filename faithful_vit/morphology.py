@@ -1,8 +1,8 @@
-"""Binary morphology of patch masks ``(B, H * W)`` bool on an ``H x W`` grid, with a 4-neighbour cross.
+"""Binary morphology of patch masks ``(B, H * W)`` bool on an ``H x W`` grid, with a 4-neighbour cross by default.
 
 The two-stage model's optional clean-up of the kept patches (``FaithfulViTConfig.mask_morphology``) uses
-:data:`KEEP_MORPHOLOGY`; the benchmarks dilate ground-truth masks with :func:`dilate_keep`. Patches outside the grid
-count as dropped.
+:data:`KEEP_MORPHOLOGY`; ``benchmarks/oracle_ceilings.py`` grows ground-truth masks with :func:`dilate_keep`. Patches
+outside the grid count as dropped.
 """
 
 from __future__ import annotations
@@ -25,8 +25,17 @@ def erode_keep(keep: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
     return (centre & up & down & left & right).reshape(keep.shape)
 
 
-def dilate_keep(keep: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
-    """4-neighbour binary dilation of a patch mask ``(B, H * W)`` bool: kept iff the patch or a neighbour is."""
+def dilate_keep(keep: torch.Tensor, grid_size: tuple[int, int], connectivity: int = 4) -> torch.Tensor:
+    """Binary dilation of a patch mask ``(B, H * W)`` bool: kept iff the patch or a neighbour is.
+
+    Args:
+        connectivity: 4 (the cross: up, down, left, right) or 8 (the 3 x 3 square, diagonals included).
+    """
+    if connectivity == 8:
+        grid = keep.view(-1, 1, *grid_size).float()
+        return (F.max_pool2d(grid, 3, stride=1, padding=1) > 0).reshape(keep.shape)
+    if connectivity != 4:
+        raise ValueError(f"connectivity: expected 4 or 8, got {connectivity!r}")
     centre, up, down, left, right = _cross_neighbourhood(keep, grid_size)
     return (centre | up | down | left | right).reshape(keep.shape)
 

@@ -122,6 +122,19 @@ def test_open_keep_removes_specks_and_keeps_crosses():
         tiny_model(mask_morphology="close")
 
 
+def test_dilate_keep_with_8_neighbours_grows_a_square_ring():
+    keep = torch.zeros(1, 5, 5, dtype=torch.bool)
+    keep[0, 2, 2] = keep[0, 0, 4] = True  # one patch inside, one in a corner (the grid edge clips its ring)
+    square = dilate_keep(keep.view(1, 25), (5, 5), connectivity=8).view(5, 5)
+    expected = torch.zeros(5, 5, dtype=torch.bool)
+    expected[1:4, 1:4] = expected[0:2, 3:5] = True
+    assert torch.equal(square, expected)
+    cross = dilate_keep(keep.view(1, 25), (5, 5)).view(5, 5)
+    assert cross.sum() == 5 + 3 and not cross[1, 1] and (cross <= square).all()
+    with pytest.raises(ValueError, match="connectivity: expected 4 or 8, got 6"):
+        dilate_keep(keep.view(1, 25), (5, 5), connectivity=6)
+
+
 def test_three_stage2_modes_agree_logits_and_gradients():
     # fp32: the kernels take fp16/bf16/fp32 only.
     model = tiny_model().eval()
