@@ -39,6 +39,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -54,9 +55,6 @@ import torch.nn.functional as F  # noqa: E402
 from benchmarks import _common as C  # noqa: E402
 from faithful_vit import kernels as K  # noqa: E402
 
-OURS = ("ours_masked", "ours_masked_compact", "ours_varlen", "ours_varlen_core")
-PEERS = ("sdpa_flash_dense", "sdpa_bool_mask", "flex", "flex_incl_build", "xformers", "torch_varlen", "nested_sdpa")
-PROVIDERS = OURS + PEERS
 # Providers that do not depend on the mask are timed once per (N, D, mode) and their row reused for every kept value.
 MASK_INDEPENDENT = ("sdpa_flash_dense",)
 
@@ -138,156 +136,199 @@ class Built:
     extra: dict | None = None
 
 
+def _identity(out: torch.Tensor) -> torch.Tensor:
+    return out
+
+
+def _ours_masked(case: Case, device: torch.device, flex_block: int) -> Built:
+    q, k, v = case.qkv.unbind(2)
+
+    def run():
+        return _bhnd(K.masked_attention(_bhnd(q), _bhnd(k), _bhnd(v), case.keep, backend=case.backend))
+
+    return Built(run, case.grad_out, (case.qkv,), _identity)
+
+
+def _ours_masked_compact(case: Case, device: torch.device, flex_block: int) -> Built:
+    order_holder = {}
+    setup_ms = C.timed_once_ms(
+        lambda: order_holder.update(zip(("order", "inverse"), K.compaction_order(case.keep))), device
+    )
+    order, inverse = order_holder["order"], order_holder["inverse"]
+    gather_index = order[:, :, None, None, None].expand_as(case.qkv)
+    compact = case.qkv.detach().gather(1, gather_index).requires_grad_(case.qkv.requires_grad)
+    keep_c = case.keep.gather(1, order)
+    cq, ck, cv = compact.unbind(2)
+    grad_c = case.grad_out.gather(1, order[:, :, None, None].expand_as(case.grad_out))
+
+    def run():
+        return _bhnd(K.masked_attention(_bhnd(cq), _bhnd(ck), _bhnd(cv), keep_c, backend=case.backend))
+
+    def to_dense(out):
+        return out.gather(1, inverse[:, :, None, None].expand_as(out))
+
+    return Built(run, grad_c, (compact,), to_dense, setup_ms=setup_ms)
+
+
+def _varlen_on_packed(case: Case, packed_qkv: torch.Tensor) -> torch.Tensor:
+    q, k, v = packed_qkv.unbind(1)
+    return K.varlen_attention(q, k, v, case.cu_seqlens, case.max_seqlen, check_cu_seqlens=False, backend=case.backend)
+
+
+def _ours_varlen(case: Case, device: torch.device, flex_block: int) -> Built:
+    batch, seq_len, _, heads, head_dim = case.qkv.shape
+
+    def gather():
+        return case.qkv.reshape(batch * seq_len, 3, heads, head_dim).index_select(0, case.index)
+
+    gather_scatter = C.measure(
+        lambda: _scatter(case, gather()[:, 0]), device, warmup=2, min_iters=5, max_iters=50, budget_s=0.1
+    )
+    return Built(
+        lambda: _scatter(case, _varlen_on_packed(case, gather())),
+        case.grad_out,
+        (case.qkv,),
+        _identity,
+        extra={"gather_scatter_ms": gather_scatter.median_ms},
+    )
+
+
+def _ours_varlen_core(case: Case, device: torch.device, flex_block: int) -> Built:
+    return Built(
+        lambda: _varlen_on_packed(case, case.packed), case.grad_packed, (case.packed,), partial(_scatter, case)
+    )
+
+
+def _sdpa_flash_dense(case: Case, device: torch.device, flex_block: int) -> Built:
+    q, k, v = case.qkv.unbind(2)
+    if device.type == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        context = partial(sdpa_kernel, [SDPBackend.FLASH_ATTENTION])
+    else:  # no flash backend on the CPU: SDPA picks its CPU kernel (smoke runs only)
+        context = contextlib.nullcontext
+
+    def run():
+        with context():
+            return _bhnd(F.scaled_dot_product_attention(_bhnd(q), _bhnd(k), _bhnd(v)))
+
+    return Built(run, case.grad_out, (case.qkv,), _identity, exact=False)
+
+
+def _sdpa_bool_mask(case: Case, device: torch.device, flex_block: int) -> Built:
+    q, k, v = case.qkv.unbind(2)
+    mask = case.keep[:, None, None, :]
+    return Built(
+        lambda: _bhnd(F.scaled_dot_product_attention(_bhnd(q), _bhnd(k), _bhnd(v), attn_mask=mask)),
+        case.grad_out,
+        (case.qkv,),
+        _identity,
+    )
+
+
+def _flex(case: Case, device: torch.device, flex_block: int, *, include_build: bool) -> Built:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    keep = case.keep
+    batch, seq_len, _, _ = case.shape
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return keep[b, q_idx] & keep[b, kv_idx]
+
+    def build_mask():
+        return create_block_mask(mask_mod, batch, None, seq_len, seq_len, device=device, BLOCK_SIZE=flex_block)
+
+    attend = _compiled_flex(flex_attention) if device.type == "cuda" else flex_attention
+    build_mask()  # first build traces mask_mod; the timed builds below are the steady-state cost
+    holder = {}
+    setup_ms = C.timed_once_ms(lambda: holder.update(mask=build_mask()), device)
+    # Flex gets its preferred layout, contiguous (3, B, H, N, D), prepared outside the timing.
+    qkv_bhnd = case.qkv.detach().permute(2, 0, 3, 1, 4).contiguous().requires_grad_(case.qkv.requires_grad)
+    fq, fk, fv = qkv_bhnd.unbind(0)
+    grad_bhnd = _bhnd(case.grad_out).contiguous()
+
+    def run():
+        return attend(fq, fk, fv, block_mask=build_mask() if include_build else holder["mask"])
+
+    return Built(run, grad_bhnd, (qkv_bhnd,), _bhnd, setup_ms=setup_ms)
+
+
+def _xformers(case: Case, device: torch.device, flex_block: int) -> Built:
+    import xformers.ops as xops
+    from xformers.ops import fmha
+
+    pq, pk, pv = case.packed.unbind(1)
+    holder = {}
+    setup_ms = C.timed_once_ms(
+        lambda: holder.update(bias=fmha.attn_bias.BlockDiagonalMask.from_seqlens(case.counts)), device
+    )
+    return Built(
+        lambda: xops.memory_efficient_attention(pq[None], pk[None], pv[None], attn_bias=holder["bias"])[0],
+        case.grad_packed,
+        (case.packed,),
+        partial(_scatter, case),
+        setup_ms=setup_ms,
+    )
+
+
+def _torch_varlen(case: Case, device: torch.device, flex_block: int) -> Built:
+    from torch.nn.attention.varlen import varlen_attn
+
+    pq, pk, pv = case.packed.unbind(1)
+    return Built(
+        lambda: varlen_attn(pq, pk, pv, case.cu_seqlens, case.cu_seqlens, case.max_seqlen, case.max_seqlen),
+        case.grad_packed,
+        (case.packed,),
+        partial(_scatter, case),
+    )
+
+
+def _nested_sdpa(case: Case, device: torch.device, flex_block: int) -> Built:
+    pq, pk, pv = case.packed.unbind(1)
+    offsets = case.cu_seqlens.long()
+
+    def run():
+        nq, nk, nv = (
+            torch.nested.nested_tensor_from_jagged(t, offsets, max_seqlen=case.max_seqlen) for t in (pq, pk, pv)
+        )
+        out = F.scaled_dot_product_attention(nq.transpose(1, 2), nk.transpose(1, 2), nv.transpose(1, 2))
+        return out.transpose(1, 2).values()
+
+    return Built(run, case.grad_packed, (case.packed,), partial(_scatter, case))
+
+
+# Provider name -> builder ``(case, device, flex_block) -> Built`` (see the module docstring for what each runs).
+BUILDERS: dict[str, Callable[[Case, torch.device, int], Built]] = {
+    "ours_masked": _ours_masked,
+    "ours_masked_compact": _ours_masked_compact,
+    "ours_varlen": _ours_varlen,
+    "ours_varlen_core": _ours_varlen_core,
+    "sdpa_flash_dense": _sdpa_flash_dense,
+    "sdpa_bool_mask": _sdpa_bool_mask,
+    "flex": partial(_flex, include_build=False),
+    "flex_incl_build": partial(_flex, include_build=True),
+    "xformers": _xformers,
+    "torch_varlen": _torch_varlen,
+    "nested_sdpa": _nested_sdpa,
+}
+OURS = tuple(name for name in BUILDERS if name.startswith("ours_"))
+PEERS = tuple(name for name in BUILDERS if not name.startswith("ours_"))
+PROVIDERS = tuple(BUILDERS)
+# Providers that need an optional import: name -> (module, attribute).
+_REQUIRES = {
+    "flex": ("torch.nn.attention.flex_attention", "flex_attention"),
+    "flex_incl_build": ("torch.nn.attention.flex_attention", "flex_attention"),
+    "xformers": ("xformers.ops", "memory_efficient_attention"),
+    "torch_varlen": ("torch.nn.attention.varlen", "varlen_attn"),
+    "nested_sdpa": ("torch.nested", "nested_tensor_from_jagged"),
+}
+
+
 def build_provider(name: str, case: Case, device: torch.device, flex_block: int) -> Built:
     """Construct provider ``name`` for ``case`` (raises if it cannot run here; the caller records why)."""
-    q, k, v = case.qkv.unbind(2)
-    pq, pk, pv = case.packed.unbind(1)
-    identity = lambda out: out  # noqa: E731
-    packed_to_dense = lambda out: _scatter(case, out)  # noqa: E731
-
-    if name == "ours_masked":
-
-        def run():
-            return _bhnd(K.masked_attention(_bhnd(q), _bhnd(k), _bhnd(v), case.keep, backend=case.backend))
-
-        return Built(run, case.grad_out, (case.qkv,), identity)
-
-    if name == "ours_masked_compact":
-        order_holder = {}
-        setup_ms = C.timed_once_ms(
-            lambda: order_holder.update(zip(("order", "inverse"), K.compaction_order(case.keep))), device
-        )
-        order, inverse = order_holder["order"], order_holder["inverse"]
-        gather_index = order[:, :, None, None, None].expand_as(case.qkv)
-        compact = case.qkv.detach().gather(1, gather_index).requires_grad_(case.qkv.requires_grad)
-        keep_c = case.keep.gather(1, order)
-        cq, ck, cv = compact.unbind(2)
-        grad_c = case.grad_out.gather(1, order[:, :, None, None].expand_as(case.grad_out))
-
-        def run():
-            return _bhnd(K.masked_attention(_bhnd(cq), _bhnd(ck), _bhnd(cv), keep_c, backend=case.backend))
-
-        def to_dense(out):
-            return out.gather(1, inverse[:, :, None, None].expand_as(out))
-
-        return Built(run, grad_c, (compact,), to_dense, setup_ms=setup_ms)
-
-    if name in ("ours_varlen", "ours_varlen_core"):
-
-        def attend(packed_qkv):
-            a, b, c = packed_qkv.unbind(1)
-            return K.varlen_attention(
-                a, b, c, case.cu_seqlens, case.max_seqlen, check_cu_seqlens=False, backend=case.backend
-            )
-
-        if name == "ours_varlen_core":
-            return Built(lambda: attend(case.packed), case.grad_packed, (case.packed,), packed_to_dense)
-        batch, seq_len, _, heads, head_dim = case.qkv.shape
-
-        def gather():
-            return case.qkv.reshape(batch * seq_len, 3, heads, head_dim).index_select(0, case.index)
-
-        gather_scatter = C.measure(
-            lambda: _scatter(case, gather()[:, 0]), device, warmup=2, min_iters=5, max_iters=50, budget_s=0.1
-        )
-        return Built(
-            lambda: _scatter(case, attend(gather())),
-            case.grad_out,
-            (case.qkv,),
-            identity,
-            extra={"gather_scatter_ms": gather_scatter.median_ms},
-        )
-
-    if name == "sdpa_flash_dense":
-        if device.type == "cuda":
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            context = lambda: sdpa_kernel([SDPBackend.FLASH_ATTENTION])  # noqa: E731
-        else:  # no flash backend on the CPU: SDPA picks its CPU kernel (smoke runs only)
-            context = contextlib.nullcontext
-
-        def run():
-            with context():
-                return _bhnd(F.scaled_dot_product_attention(_bhnd(q), _bhnd(k), _bhnd(v)))
-
-        return Built(run, case.grad_out, (case.qkv,), identity, exact=False)
-
-    if name == "sdpa_bool_mask":
-        mask = case.keep[:, None, None, :]
-        return Built(
-            lambda: _bhnd(F.scaled_dot_product_attention(_bhnd(q), _bhnd(k), _bhnd(v), attn_mask=mask)),
-            case.grad_out,
-            (case.qkv,),
-            identity,
-        )
-
-    if name in ("flex", "flex_incl_build"):
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-        keep = case.keep
-        batch, seq_len, _, _ = case.shape
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            return keep[b, q_idx] & keep[b, kv_idx]
-
-        def build_mask():
-            return create_block_mask(mask_mod, batch, None, seq_len, seq_len, device=device, BLOCK_SIZE=flex_block)
-
-        attend = _compiled_flex(flex_attention) if device.type == "cuda" else flex_attention
-        build_mask()  # first build traces mask_mod; the timed builds below are the steady-state cost
-        holder = {}
-        setup_ms = C.timed_once_ms(lambda: holder.update(mask=build_mask()), device)
-        # Flex gets its preferred layout, contiguous (3, B, H, N, D), prepared outside the timing.
-        qkv_bhnd = case.qkv.detach().permute(2, 0, 3, 1, 4).contiguous().requires_grad_(case.qkv.requires_grad)
-        fq, fk, fv = qkv_bhnd.unbind(0)
-        grad_bhnd = _bhnd(case.grad_out).contiguous()
-        if name == "flex":
-            return Built(
-                lambda: attend(fq, fk, fv, block_mask=holder["mask"]), grad_bhnd, (qkv_bhnd,), _bhnd, setup_ms=setup_ms
-            )
-        return Built(
-            lambda: attend(fq, fk, fv, block_mask=build_mask()), grad_bhnd, (qkv_bhnd,), _bhnd, setup_ms=setup_ms
-        )
-
-    if name == "xformers":
-        import xformers.ops as xops
-        from xformers.ops import fmha
-
-        holder = {}
-        setup_ms = C.timed_once_ms(
-            lambda: holder.update(bias=fmha.attn_bias.BlockDiagonalMask.from_seqlens(case.counts)), device
-        )
-        return Built(
-            lambda: xops.memory_efficient_attention(pq[None], pk[None], pv[None], attn_bias=holder["bias"])[0],
-            case.grad_packed,
-            (case.packed,),
-            packed_to_dense,
-            setup_ms=setup_ms,
-        )
-
-    if name == "torch_varlen":
-        from torch.nn.attention.varlen import varlen_attn
-
-        return Built(
-            lambda: varlen_attn(pq, pk, pv, case.cu_seqlens, case.cu_seqlens, case.max_seqlen, case.max_seqlen),
-            case.grad_packed,
-            (case.packed,),
-            packed_to_dense,
-        )
-
-    if name == "nested_sdpa":
-        offsets = case.cu_seqlens.long()
-
-        def run():
-            nq, nk, nv = (
-                torch.nested.nested_tensor_from_jagged(t, offsets, max_seqlen=case.max_seqlen) for t in (pq, pk, pv)
-            )
-            out = F.scaled_dot_product_attention(nq.transpose(1, 2), nk.transpose(1, 2), nv.transpose(1, 2))
-            return out.transpose(1, 2).values()
-
-        return Built(run, case.grad_packed, (case.packed,), packed_to_dense)
-
-    raise ValueError(f"provider: expected one of {PROVIDERS}, got {name!r}")
+    if name not in BUILDERS:
+        raise ValueError(f"provider: expected one of {PROVIDERS}, got {name!r}")
+    return BUILDERS[name](case, device, flex_block)
 
 
 _FLEX_COMPILED = {}
@@ -307,15 +348,7 @@ def _compiled_flex(flex_attention):
 
 def provider_availability(name: str, device: torch.device) -> C.Availability:
     """Whether a provider can be tried at all here (a provider that passes may still fail; that is recorded too)."""
-    if name == "flex" or name == "flex_incl_build":
-        return C.import_available("torch.nn.attention.flex_attention", "flex_attention")
-    if name == "xformers":
-        return C.import_available("xformers.ops", "memory_efficient_attention")
-    if name == "torch_varlen":
-        return C.import_available("torch.nn.attention.varlen", "varlen_attn")
-    if name == "nested_sdpa":
-        return C.import_available("torch.nested", "nested_tensor_from_jagged")
-    return C.Availability(True)
+    return C.import_available(*_REQUIRES[name]) if name in _REQUIRES else C.Availability(True)
 
 
 def reference_error(case: Case, dense_out: torch.Tensor, images: int = 2) -> float:

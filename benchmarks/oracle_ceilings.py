@@ -1,19 +1,22 @@
 """Oracle ceilings on the built-in SpuriousShapes benchmark: a full-image ViT vs the same ViT with ground-truth masks.
 
-Trains, from scratch and one after another, a timm ``VisionTransformer`` on the full image (the baseline) and the
-same ViT whose attention may only use patches selected by the ground-truth object mask (``forward_features(x,
-attn_mask=[B,1,1,1+N] bool)``, CLS always kept), at several patch-inclusion rules:
+Trains, from scratch and one after another, the full-image baseline (:class:`~faithful_vit.baseline.FullImageViT`)
+and the same ViT whose attention may only use the patches a rule picks from the ground-truth object mask
+(:class:`~faithful_vit.baseline.OracleMaskViT`, CLS always kept), with the training engine
+(:class:`~faithful_vit.engine.Trainer`: AdamW, linear warm-up for one epoch then cosine per step, gradient clipping,
+the benchmark's horizontal flip). The patch rules:
 
 - ``gt_any``: patches containing any object pixel (what a perfect patch-level stage 1 keeps at a low threshold);
 - ``gt_half``: object fraction > 0.5;
 - ``gt_interior``: patches entirely inside the object;
-- ``gt_any_dilated``: ``gt_any`` grown by one patch ring (an over-segmenting stage 1).
+- ``gt_any_dilated``: ``gt_any`` grown by one ring of patches, diagonals included (an over-segmenting stage 1).
 
-Reports average, per-group and worst-group test accuracy (WGA), the kept fraction of patches, the non-object
-fraction of pixels inside kept patches (``non_object_in_kept``: what a mask IoU hides) and the place-cue fraction
-inside kept patches (``place_cue_in_kept``: the mean place-texture visibility there; 0 = no shortcut reachable).
+Reports, for the model of the last epoch (no model selection), average, per-group and worst-group test accuracy
+(WGA), the kept fraction of patches, the non-object fraction of pixels inside kept patches (``non_object_in_kept``:
+what a mask IoU hides) and the place-cue fraction inside kept patches (``place_cue_in_kept``: the mean place-texture
+visibility there; 0 = no shortcut reachable); ``history`` has each epoch's mean training loss and validation accuracy.
 
-Example (about 2 min of CPU per model on one thread)::
+Example::
 
     python benchmarks/oracle_ceilings.py --models baseline gt_any gt_half gt_interior --epochs 8 \
         --json benchmarks/results/oracle_ceilings.json
@@ -24,153 +27,124 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import platform
+import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
-import timm
 import torch
-import torch.nn.functional as F
 
-from faithful_vit.data.mask_stats import patch_mask_stats
-from faithful_vit.data.synthetic import SpuriousShapes, SpuriousShapesConfig
-from faithful_vit.data.waterbirds_lite import WaterbirdsLite, WaterbirdsLiteConfig
+if __package__ in (None, ""):  # `python benchmarks/oracle_ceilings.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-MASK_RULES = {
+from benchmarks import _common as C  # noqa: E402
+from faithful_vit import engine  # noqa: E402
+from faithful_vit.baseline import FullImageViT, OracleMaskViT  # noqa: E402
+from faithful_vit.data.mask_stats import gt_patch_fraction, patch_mask_stats  # noqa: E402
+from faithful_vit.data.synthetic import SpuriousShapes, SpuriousShapesConfig  # noqa: E402
+from faithful_vit.data.transforms import synthetic_transforms  # noqa: E402
+from faithful_vit.data.waterbirds_lite import WaterbirdsLite, WaterbirdsLiteConfig  # noqa: E402
+from faithful_vit.morphology import dilate_keep  # noqa: E402
+
+# Patch rule -> ``(object fraction [B, N], grid (H, W)) -> keep [B, N]``; None: the full-image baseline.
+MASK_RULES: dict[str, Callable[[torch.Tensor, tuple[int, int]], torch.Tensor] | None] = {
     "baseline": None,
-    "gt_any": lambda frac: frac > 0,
-    "gt_half": lambda frac: frac > 0.5,
-    "gt_interior": lambda frac: frac >= 1.0,
-    # Over-segmentation by one ring of patches (8-neighbour dilation of gt_any): what a too-generous stage 1 keeps.
-    "gt_any_dilated": lambda frac: dilate(frac > 0),
+    "gt_any": lambda frac, grid: frac > 0,
+    "gt_half": lambda frac, grid: frac > 0.5,
+    "gt_interior": lambda frac, grid: frac >= 1.0,
+    "gt_any_dilated": lambda frac, grid: dilate_keep(frac > 0, grid, connectivity=8),
 }
 
 
-def dilate(keep: torch.Tensor) -> torch.Tensor:
-    """``[B, N]`` bool on a square grid -> the same, grown by one patch in all 8 directions."""
-    side = math.isqrt(keep.shape[1])
-    grid = keep.float().view(-1, 1, side, side)
-    return (F.max_pool2d(grid, 3, stride=1, padding=1) > 0).flatten(1)
+class RuleOracleViT(OracleMaskViT):
+    """The oracle whose kept patches follow ``MASK_RULES[rule]`` instead of a single threshold."""
+
+    def __init__(self, rule: str, num_classes: int, **vit_kwargs):
+        super().__init__(num_classes, **vit_kwargs)
+        self.rule = rule
+
+    def keep_mask(self, fg_mask: torch.Tensor) -> torch.Tensor:
+        grid = tuple(self.vit.patch_embed.grid_size)
+        return MASK_RULES[self.rule](gt_patch_fraction(fg_mask, self.patch_size), grid)
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
-def patch_fraction(masks: torch.Tensor, patch: int) -> torch.Tensor:
-    """``[B,1,H,W]`` -> ``[B, N]`` per-patch mean, raster order."""
-    return F.avg_pool2d(masks, patch).flatten(1)
-
-
-def keep_mask(masks: torch.Tensor, patch: int, rule: str) -> torch.Tensor | None:
-    fn = MASK_RULES[rule]
-    return None if fn is None else fn(patch_fraction(masks, patch))
-
-
-def key_mask(keep: torch.Tensor) -> torch.Tensor:
-    """``[B,N]`` patch keep -> ``[B,1,1,1+N]`` SDPA bool key mask with CLS always attendable."""
-    cls = torch.ones(keep.shape[0], 1, dtype=torch.bool)
-    return torch.cat([cls, keep], 1)[:, None, None, :]
-
-
-def forward(model, images: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    feats = model.forward_features(images, attn_mask=None if keep is None else key_mask(keep))
-    return model.forward_head(feats)
-
-
-@torch.no_grad()
-def evaluate(model, data, patch: int, rule: str, num_groups: int, batch: int = 250):
-    model.eval()
-    correct = torch.zeros(num_groups)
-    count = torch.zeros(num_groups)
-    for i in range(0, len(data.labels), batch):
-        sl = slice(i, i + batch)
-        keep = keep_mask(data.fg_masks[sl], patch, rule)
-        pred = forward(model, data.images[sl], keep).argmax(1)
-        g = data.groups[sl]
-        correct += torch.bincount(g, weights=(pred == data.labels[sl]).float(), minlength=num_groups)
-        count += torch.bincount(g, minlength=num_groups).float()
-    group_acc = (correct / count.clamp_min(1)).tolist()
-    return {"avg_acc": correct.sum().item() / count.sum().item(), "group_acc": group_acc, "wga": min(group_acc)}
-
-
-def leak_stats(data, visibility: torch.Tensor, patch: int, rule: str) -> dict:
-    keep = keep_mask(data.fg_masks, patch, rule)
-    if keep is None:
-        keep = torch.ones_like(patch_fraction(data.fg_masks, patch), dtype=torch.bool)
-    return patch_mask_stats(keep, data.fg_masks, patch, place_visibility=visibility)
-
-
-def train_one(rule: str, train, val, test, vis_test, args, num_groups: int) -> dict:
-    torch.manual_seed(args.seed)
-    model = timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
+def build_model(rule: str, args) -> FullImageViT:
+    vit_kwargs = dict(
         img_size=args.image_size,
         patch_size=args.patch,
         embed_dim=args.embed_dim,
         depth=args.depth,
         num_heads=args.heads,
         mlp_ratio=args.mlp_ratio,
-        num_classes=2,
     )
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    n = len(train.labels)
-    steps_per_epoch = math.ceil(n / args.batch)
-    total = steps_per_epoch * args.epochs
-    warmup = steps_per_epoch
+    if MASK_RULES[rule] is None:
+        return FullImageViT(2, **vit_kwargs)
+    return RuleOracleViT(rule, 2, **vit_kwargs)
 
-    def lr_at(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    history = []
+def leak_stats(model: FullImageViT, fg_masks: torch.Tensor, visibility: torch.Tensor, patch: int) -> dict:
+    """:func:`~faithful_vit.data.patch_mask_stats` of the patches ``model`` reads on the given masks."""
+    if isinstance(model, OracleMaskViT):
+        keep = model.keep_mask(fg_masks)
+    else:
+        keep = torch.ones_like(gt_patch_fraction(fg_masks, patch), dtype=torch.bool)
+    return patch_mask_stats(keep, fg_masks, patch, place_visibility=visibility)
+
+
+def train_one(rule: str, splits: dict, args, dist_info: engine.DistInfo) -> dict:
+    torch.manual_seed(args.seed)
+    model = build_model(rule, args)
+    cfg = engine.TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch,
+        eval_batch_size=250,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        clip_grad=2.0,
+        warmup_epochs=1.0,
+        seed=args.seed,
+        checkpoint_every=0,
+        progress=False,
+    )
+    num_groups = splits["train"].num_groups
+    trainer = engine.Trainer(
+        model,
+        splits["train"],
+        splits["val"],
+        num_groups=num_groups,
+        cfg=cfg,
+        run_dir=args.run_dir / rule,
+        dist_info=dist_info,
+        name=rule,
+    )
     t0, cpu0 = time.perf_counter(), time.process_time()
-    for epoch in range(args.epochs):
-        model.train()
-        perm = torch.randperm(n)
-        for i in range(0, n, args.batch):
-            idx = perm[i : i + args.batch]
-            images, masks = train.images[idx], train.fg_masks[idx]
-            flip = torch.rand(len(idx)) < 0.5  # horizontal flip, applied to image and mask together
-            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-            masks = torch.where(flip[:, None, None, None], masks.flip(-1), masks)
-            loss = F.cross_entropy(forward(model, images, keep_mask(masks, args.patch, rule)), train.labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
-            opt.step()
-            sched.step()
-        val_metrics = evaluate(model, val, args.patch, rule, num_groups)
-        history.append(
-            {"epoch": epoch, "loss": loss.item(), "val_wga": val_metrics["wga"], "val_avg": val_metrics["avg_acc"]}
-        )
-        print(
-            f"  [{rule}] epoch {epoch} loss {loss.item():.3f} val avg {val_metrics['avg_acc']:.3f} "
-            f"wga {val_metrics['wga']:.3f} ({time.perf_counter() - t0:.0f}s)",
-            flush=True,
-        )
+    history = trainer.fit()
     train_s = time.perf_counter() - t0
     # Process CPU time is what the run costs on an idle core; wall time also counts other jobs on a shared machine.
     train_cpu_s = time.process_time() - cpu0
+    test = engine.evaluate(trainer.model, splits["test"], num_groups=num_groups, cfg=cfg, dist_info=dist_info)
+    test_masks = splits["test"].tensors().fg_masks
     return {
         "model": rule,
         "train_s": train_s,
         "train_cpu_s": train_cpu_s,
-        "test": evaluate(model, test, args.patch, rule, num_groups),
-        "history": history,
-        **leak_stats(test, vis_test, args.patch, rule),
+        "test": {"avg_acc": test["accuracy"], "group_acc": test["group_accuracy"], "wga": test["worst_group_accuracy"]},
+        "history": [
+            {
+                "epoch": row["epoch"] - 1,
+                "loss": row["train_total"],
+                "val_wga": row["val_worst_group_accuracy"],
+                "val_avg": row["val_accuracy"],
+            }
+            for row in history
+        ],
+        **leak_stats(model, test_masks, splits["test"].place_visibility(), args.patch),
     }
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=list(MASK_RULES), choices=list(MASK_RULES))
     p.add_argument("--epochs", type=int, default=12)
@@ -186,6 +160,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument(
         "--dataset",
         default="spurious_shapes",
@@ -194,15 +169,22 @@ def main() -> None:
     )
     p.add_argument("--clear-margin", type=float, default=None, help="override the benchmark's clear margin (px)")
     p.add_argument("--n-train", type=int, default=None)
+    p.add_argument("--n-val", type=int, default=None)
+    p.add_argument("--n-test", type=int, default=None)
+    p.add_argument("--run-dir", type=Path, default=Path("runs/oracle_ceilings"), help="checkpoints and metrics")
     p.add_argument("--json", default=None, help="write the results here")
-    args = p.parse_args()
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    dist_info = engine.setup_distributed(args.device)
 
     overrides = {"image_size": args.image_size, "seed": args.data_seed}
-    if args.clear_margin is not None:
-        overrides["clear_margin"] = args.clear_margin
-    if args.n_train is not None:
-        overrides["n_train"] = args.n_train
+    for name in ("clear_margin", "n_train", "n_val", "n_test"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
     if args.dataset == "waterbirds_lite":
         overrides.pop("clear_margin", None)
         cfg = dataclasses.replace(WaterbirdsLiteConfig(), **overrides)
@@ -211,15 +193,17 @@ def main() -> None:
         cfg = dataclasses.replace(SpuriousShapesConfig(), **overrides)
         dataset_cls = SpuriousShapes
     t0 = time.perf_counter()
-    splits = {s: dataset_cls(s, config=cfg) for s in ("train", "val", "test")}
+    splits = {
+        s: dataset_cls(s, config=cfg, transform=synthetic_transforms(train=s == "train"))
+        for s in ("train", "val", "test")
+    }
     data_s = time.perf_counter() - t0
-    train, val, test = (splits[s].tensors() for s in ("train", "val", "test"))
-    vis_test = splits["test"].place_visibility()
     names = splits["train"].group_names
-    print(f"data ready in {data_s:.1f}s; train groups {torch.bincount(train.groups, minlength=4).tolist()} {names}")
+    train_groups = torch.bincount(splits["train"].groups, minlength=4).tolist()
+    print(f"data ready in {data_s:.1f}s; train groups {train_groups} {names}")
     results = []
     for rule in args.models:
-        r = train_one(rule, train, val, test, vis_test, args, splits["train"].num_groups)
+        r = train_one(rule, splits, args, dist_info)
         t = r["test"]
         print(
             f"{rule:12s} avg {t['avg_acc']:.3f} wga {t['wga']:.3f} groups "
@@ -232,14 +216,11 @@ def main() -> None:
         results.append(r)
     if args.json:
         meta = {
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "torch": torch.__version__,
-            "timm": timm.__version__,
+            **C.environment(dist_info.device),
             "threads": args.threads,
-            "cpu": cpu_name(),
             "logical_cpus": os.cpu_count(),
             "platform": platform.platform(),
-            "args": vars(args),
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "dataset": args.dataset,
             "benchmark_config": dataclasses.asdict(cfg),
             "group_names": names,
@@ -247,6 +228,7 @@ def main() -> None:
         }
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=1)
+    return results
 
 
 if __name__ == "__main__":

@@ -145,6 +145,10 @@ class OracleMaskViT(FullImageViT):
         """Classify ``images`` ``[B, 3, H, W]`` from the patches that ``fg_mask`` ``[B, 1, H, W]`` covers."""
         if fg_mask is None:
             raise ValueError("fg_mask: the oracle needs the ground-truth foreground mask [B, 1, H, W], got None")
-        keep = gt_patch_fraction(fg_mask, self.patch_size) > self.threshold
+        keep = self.keep_mask(fg_mask)
         features = forward_kept(self.vit, images, keep, mode=self.mode)
         return ClassifierOutput(logits=self.vit.head(features), keep=keep, kept_fraction=keep.float().mean())
+
+    def keep_mask(self, fg_mask: torch.Tensor) -> torch.Tensor:
+        """``[B, num_patches]`` bool: the patches whose ground-truth foreground fraction exceeds ``threshold``."""
+        return gt_patch_fraction(fg_mask, self.patch_size) > self.threshold

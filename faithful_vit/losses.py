@@ -1,19 +1,15 @@
 """The loss terms of section 6 of ``ifam_method.md`` (PDiscoFormer part priors plus both classifiers).
 
 Every function takes the soft part maps ``(B, K + 1, H, W)`` (index K is the background) or the modulated part
-embeddings ``(B, C, K + 1)`` and returns a scalar. :func:`compute_losses` combines them with the model's configured
-weights; terms with weight 0 are not computed.
+embeddings ``(B, C, K + 1)`` and returns a scalar: the losses are functions of the model's outputs, and this module
+imports nothing of the model. :func:`compute_losses` combines them with given weights; terms with weight 0 are not
+computed. ``FaithfulViT.compute_losses`` calls it with the model's configured weights.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
-
-if TYPE_CHECKING:
-    from .model import FaithfulViT, FaithfulViTOutput
 
 __all__ = [
     "area_loss",
@@ -120,40 +116,21 @@ def area_loss(maps: torch.Tensor, target: float) -> torch.Tensor:
     return F.relu(target - foreground_fraction).mean()
 
 
-def equivariance_maps(model: FaithfulViT, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stage 1 only on a randomly transformed batch; its maps warped back to the frame of ``images``.
-
-    Returns:
-        The back-warped maps ``(B, K + 1, H, W)`` and the forward transform ``(B, 2, 3)``.
-    """
-    from .model import invert_affine, random_rigid_transform, warp
-
-    cfg = model.cfg
-    theta = random_rigid_transform(
-        images.shape[0],
-        cfg.img_size,
-        cfg.equivariance_degrees,
-        cfg.equivariance_translate,
-        cfg.equivariance_scale,
-        images.device,
-    )
-    transformed = warp(images, invert_affine(theta))
-    maps = model.forward_stage1(transformed).part_maps
-    return warp(maps, theta), theta
-
-
 def compute_losses(
-    model: FaithfulViT, out: FaithfulViTOutput, images: torch.Tensor, labels: torch.Tensor
+    out, labels: torch.Tensor, weights: dict[str, float], *, area_target: float, maps_back: torch.Tensor | None
 ) -> dict[str, torch.Tensor]:
-    """Named loss terms (unweighted) and ``"total"``, the sum weighted by ``model.cfg.loss_weights``.
+    """Named loss terms (unweighted) and ``"total"``, their sum weighted by ``weights``.
 
     Args:
-        model: the model that produced ``out``.
-        out: :class:`~faithful_vit.model.FaithfulViTOutput` of ``images``.
-        images: ``(B, C, H, W)`` the inputs (for the equivariance pass).
+        out: a :class:`~faithful_vit.model.FaithfulViTOutput` (its logits, part maps and part embeddings).
         labels: ``(B,)`` int64 class indices.
+        weights: the weight of every term (``FaithfulViTConfig.loss_weights``); terms of weight 0 are skipped.
+        area_target: target soft foreground fraction of the ``area`` term.
+        maps_back: ``(B, K + 1, H, W)`` the maps of a transformed copy of the images warped back
+            (``FaithfulViT.equivariance_maps``); required when the equivariance weight is not 0.
     """
-    weights = model.cfg.loss_weights
+    if weights["equivariance"] != 0 and maps_back is None:
+        raise ValueError("maps_back: the equivariance weight is not 0, expected the back-warped maps, got None")
     maps = out.part_maps
     terms = {
         "ce_stage2": lambda: F.cross_entropy(out.stage2_logits.float(), labels),
@@ -161,11 +138,11 @@ def compute_losses(
         "presence": lambda: presence_loss(maps),
         "enforced_presence": lambda: enforced_presence_loss(maps),
         "orthogonality": lambda: orthogonality_loss(out.part_embeddings.float()),
-        "equivariance": lambda: equivariance_loss(maps, equivariance_maps(model, images)[0]),
+        "equivariance": lambda: equivariance_loss(maps, maps_back),
         "total_variation": lambda: total_variation_loss(maps),
         "entropy": lambda: entropy_loss(maps),
         "concentration": lambda: concentration_loss(maps),
-        "area": lambda: area_loss(maps, model.cfg.area_target),
+        "area": lambda: area_loss(maps, area_target),
     }
     losses = {name: term() for name, term in terms.items() if weights[name] != 0}
     losses["total"] = sum((weights[name] * value for name, value in losses.items()), maps.new_zeros(()))

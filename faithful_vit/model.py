@@ -19,7 +19,6 @@ Sections refer to ``ifam_method.md``. Deviations from the authors' code, all del
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
@@ -28,6 +27,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import losses
+from .geometry import invert_affine, random_rigid_transform, warp
+from .morphology import KEEP_MORPHOLOGY
 from .sparsify import forward_kept, sparsify
 
 __all__ = [
@@ -41,7 +43,7 @@ __all__ = [
 ]
 
 STAGE2_MODES = ("dense", "masked", "packed")
-MASK_MORPHOLOGY = ("none", "erode", "open")
+MASK_MORPHOLOGY = ("none", *KEEP_MORPHOLOGY)
 
 # Section 6 (the paper's defaults), plus our optional area prior (off).
 PAPER_LOSS_WEIGHTS: dict[str, float] = {
@@ -90,8 +92,7 @@ class FaithfulViTConfig:
         stochastic_eval: keep the Gumbel noise at evaluation (the authors' behaviour).
         straight_through: let the stage-2 loss reach stage 1 through the gate (our fix); False detaches the mask as
             the authors' code does. Caution: the gate lets stage 2 ask for whatever lowers its training loss, and on
-            a training set with a spurious background that includes the background (on the built-in benchmark,
-            faithful_tiny from scratch kept 43% of the patches with it against 5.5% without, after 4 epochs).
+            a training set with a spurious background that includes the background (measured in README "Results").
         mask_morphology: clean-up of the kept patches with a 4-neighbour cross (a deviation, "none" in the paper):
             "erode" keeps a patch iff it and its 4 neighbours are kept; "open" (erosion then dilation) removes the
             kept specks that hold no full cross and keeps the shape of larger regions.
@@ -243,32 +244,6 @@ def _trunc_normal_linear(in_features: int, out_features: int) -> nn.Linear:
 def gumbel_noise_like(x: torch.Tensor) -> torch.Tensor:
     """Standard Gumbel(0, 1) noise of the shape of ``x`` (``-log(Exp(1))``, never infinite)."""
     return -torch.empty_like(x).exponential_().log()
-
-
-def _cross_neighbourhood(keep: torch.Tensor, grid_size: tuple[int, int]) -> tuple[torch.Tensor, ...]:
-    """Each patch and its 4 neighbours as 5 ``(B, H, W)`` views; patches outside the grid count as dropped."""
-    grid = F.pad(keep.view(-1, *grid_size), (1, 1, 1, 1), value=False)
-    return grid[:, 1:-1, 1:-1], grid[:, :-2, 1:-1], grid[:, 2:, 1:-1], grid[:, 1:-1, :-2], grid[:, 1:-1, 2:]
-
-
-def erode_keep(keep: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
-    """4-neighbour binary erosion of a patch mask ``(B, H * W)`` bool: kept iff the patch and its 4 neighbours are."""
-    centre, up, down, left, right = _cross_neighbourhood(keep, grid_size)
-    return (centre & up & down & left & right).reshape(keep.shape)
-
-
-def dilate_keep(keep: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
-    """4-neighbour binary dilation of a patch mask ``(B, H * W)`` bool: kept iff the patch or a neighbour is."""
-    centre, up, down, left, right = _cross_neighbourhood(keep, grid_size)
-    return (centre | up | down | left | right).reshape(keep.shape)
-
-
-def open_keep(keep: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
-    """4-neighbour binary opening (erosion, then dilation) of a patch mask ``(B, H * W)`` bool; a subset of ``keep``."""
-    return dilate_keep(erode_keep(keep, grid_size), grid_size)
-
-
-_MORPHOLOGY = {"erode": erode_keep, "open": open_keep}
 
 
 class FaithfulViT(nn.Module):
@@ -429,7 +404,7 @@ class FaithfulViT(nn.Module):
             keep = keep & ~torch.isin(best_part, removed)
         keep = keep.flatten(1)
         if self.cfg.mask_morphology != "none":
-            keep = _MORPHOLOGY[self.cfg.mask_morphology](keep, self.grid_size)
+            keep = KEEP_MORPHOLOGY[self.cfg.mask_morphology](keep, self.grid_size)
         gate = None
         if with_gate:
             surrogate = foreground.sum(dim=1).flatten(1)
@@ -554,13 +529,34 @@ class FaithfulViT(nn.Module):
             gate=gate,
         )
 
+    def equivariance_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage 1 only on a randomly transformed batch; its maps warped back to the frame of ``images``.
+
+        The transform is :func:`~faithful_vit.geometry.random_rigid_transform` with the config's
+        ``equivariance_*`` ranges (section 6, the equivariance loss).
+
+        Returns:
+            The back-warped maps ``(B, K + 1, H, W)`` and the forward transform ``(B, 2, 3)``.
+        """
+        cfg = self.cfg
+        theta = random_rigid_transform(
+            images.shape[0],
+            cfg.img_size,
+            cfg.equivariance_degrees,
+            cfg.equivariance_translate,
+            cfg.equivariance_scale,
+            images.device,
+        )
+        maps = self.forward_stage1(warp(images, invert_affine(theta))).part_maps
+        return warp(maps, theta), theta
+
     def compute_losses(
         self, out: FaithfulViTOutput, images: torch.Tensor, labels: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """All loss terms of section 6 (unweighted, by name) and their weighted sum under "total".
 
-        Terms whose weight is 0 are skipped. The equivariance term runs one extra stage-1-only pass on a randomly
-        transformed copy of ``images``.
+        Terms whose weight is 0 are skipped. The equivariance term runs one extra stage-1-only pass
+        (:meth:`equivariance_maps`) on a randomly transformed copy of ``images``.
 
         Args:
             out: the output of :meth:`forward` on ``images``.
@@ -570,9 +566,9 @@ class FaithfulViT(nn.Module):
         Returns:
             ``{name: scalar}`` for every term with a non-zero weight, plus "total".
         """
-        from .losses import compute_losses
-
-        return compute_losses(self, out, images, labels)
+        weights = self.cfg.loss_weights
+        maps_back = self.equivariance_maps(images)[0] if weights["equivariance"] != 0 else None
+        return losses.compute_losses(out, labels, weights, area_target=self.cfg.area_target, maps_back=maps_back)
 
     def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
         """Optimizer parameter groups of section 7.1 with ``cfg.lr_factors``.
@@ -659,32 +655,3 @@ def _group_of(name: str) -> str:
     if stage in ("stage1", "stage2"):
         return f"{stage}_tokens" if rest in _PREFIX_AND_POSITION else f"{stage}_backbone"
     raise ValueError(f"parameter {name!r} belongs to no parameter group")
-
-
-def random_rigid_transform(
-    batch: int, img_size: int, degrees: float, translate: float, scale: tuple[float, float], device: torch.device
-) -> torch.Tensor:
-    """One random rigid transform ``p -> s R p + t`` in the normalised coordinates of ``affine_grid``.
-
-    Returns:
-        ``(B, 2, 3)`` the forward transform (the same for the whole batch, as in the paper).
-    """
-    angle = math.radians((torch.rand(()).item() * 2 - 1) * degrees)
-    factor = scale[0] + torch.rand(()).item() * (scale[1] - scale[0])
-    max_shift = int(translate * img_size)
-    shift = torch.randint(-max_shift, max_shift + 1, (2,)).float() * (2.0 / img_size)
-    cos, sin = math.cos(angle) * factor, math.sin(angle) * factor
-    forward = torch.tensor([[cos, -sin, shift[0].item()], [sin, cos, shift[1].item()]], device=device)
-    return forward.expand(batch, 2, 3)
-
-
-def invert_affine(theta: torch.Tensor) -> torch.Tensor:
-    """Inverse of ``(B, 2, 3)`` affine transforms."""
-    linear_inv = torch.linalg.inv(theta[:, :, :2])
-    return torch.cat([linear_inv, -linear_inv @ theta[:, :, 2:]], dim=2)
-
-
-def warp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """Sample ``x`` at ``theta @ p`` for every output position p (bilinear, zeros outside)."""
-    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)

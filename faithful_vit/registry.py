@@ -86,17 +86,16 @@ def faithful_tiny() -> FaithfulViTConfig:
     """From scratch on 2 CPU cores in minutes: 64 px, patch 8, width 128, depth 4, 4 heads, K = 3 (both stages
     trainable; the setting of ``feasibility_synthetic.md``).
 
-    Measured choices on the built-in benchmark (README "Results"), two of them deviations from the paper:
+    Choices made by measurement on the built-in benchmark, two of them deviations from the paper (the numbers are
+    in README "Results"):
 
     * the mask is detached from stage 2's loss (``straight_through=False``): the gate's gradient pulled the mask
-      towards the spurious background (test worst-group accuracy 0.4% with it against 30.6% without, seed 0);
+      towards the spurious background;
     * a minimum-area prior (loss ``area`` weight 5, ``area_target`` 0.15) and a 4-neighbour opening of the kept
-      patches (``mask_morphology="open"``): without them stage 1 kept no patch at all in most images (3 seeds:
-      worst-group 32.5%, mask IoU 0.31); the prior alone leaves stray background patches, which stage 2 exploits
-      (seed 0: worst-group 18.4%). With the opening, a target of 0.25 gives masks as large as the any-pixel oracle's
-      that still let some place texture through (3 seeds: worst-group 38.3%); 0.15 gives masks the size of the
-      ground-truth patches (kept 0.12 vs 0.105), chosen on validation worst-group accuracy (4 seeds: 66% vs 36%;
-      test 68%, with one seed of four at 47%).
+      patches (``mask_morphology="open"``): without them stage 1 kept no patch at all in most images; the prior alone
+      leaves stray background patches, which stage 2 exploits. With the opening, a target of 0.25 gives masks as
+      large as the any-pixel oracle's that still let some place texture through; 0.15 gives masks the size of the
+      ground-truth patches and was chosen on validation worst-group accuracy.
     """
     return FaithfulViTConfig(
         backbone="vit_tiny_patch16_224",

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from _tiny import tiny_model
 
 from faithful_vit import losses
+from faithful_vit.geometry import invert_affine, warp
 from faithful_vit.kernels import use_backend
-from faithful_vit.model import invert_affine, warp
 
 
 def _two_part_maps(foreground: torch.Tensor) -> torch.Tensor:
@@ -112,12 +112,21 @@ def test_compute_losses_weights_and_skips_terms():
     torch.testing.assert_close(terms["total"], expected)
 
 
+def test_compute_losses_needs_the_back_warped_maps_for_equivariance():
+    model = tiny_model()
+    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+    with use_backend("torch"):
+        out = model(images)
+    with pytest.raises(ValueError, match="maps_back"):
+        losses.compute_losses(out, labels, model.cfg.loss_weights, area_target=0.25, maps_back=None)
+
+
 def test_equivariance_pass_runs_stage1_only():
     model = tiny_model()
     images = torch.randn(2, 3, 32, 32)
     calls = []
     model.stage2.register_forward_pre_hook(lambda *_: calls.append(1))
-    back, theta = losses.equivariance_maps(model, images)
+    back, theta = model.equivariance_maps(images)
     assert back.shape == (2, model.num_parts + 1, 4, 4) and theta.shape == (2, 2, 3)
     assert calls == []
     value = losses.equivariance_loss(model.forward_stage1(images).part_maps, back)

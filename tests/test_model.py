@@ -10,7 +10,8 @@ from _tiny import TINY_BACKBONE, tiny_model
 
 import faithful_vit
 from faithful_vit.kernels import use_backend
-from faithful_vit.model import STAGE2_MODES, dilate_keep, erode_keep, open_keep
+from faithful_vit.model import STAGE2_MODES
+from faithful_vit.morphology import dilate_keep, erode_keep, open_keep
 
 
 @pytest.fixture(autouse=True)
@@ -119,6 +120,19 @@ def test_open_keep_removes_specks_and_keeps_crosses():
     assert torch.equal(keep_open, open_keep((logits.argmax(1) < model.num_parts).flatten(1), (4, 4)))
     with pytest.raises(ValueError, match="mask_morphology"):
         tiny_model(mask_morphology="close")
+
+
+def test_dilate_keep_with_8_neighbours_grows_a_square_ring():
+    keep = torch.zeros(1, 5, 5, dtype=torch.bool)
+    keep[0, 2, 2] = keep[0, 0, 4] = True  # one patch inside, one in a corner (the grid edge clips its ring)
+    square = dilate_keep(keep.view(1, 25), (5, 5), connectivity=8).view(5, 5)
+    expected = torch.zeros(5, 5, dtype=torch.bool)
+    expected[1:4, 1:4] = expected[0:2, 3:5] = True
+    assert torch.equal(square, expected)
+    cross = dilate_keep(keep.view(1, 25), (5, 5)).view(5, 5)
+    assert cross.sum() == 5 + 3 and not cross[1, 1] and (cross <= square).all()
+    with pytest.raises(ValueError, match="connectivity: expected 4 or 8, got 6"):
+        dilate_keep(keep.view(1, 25), (5, 5), connectivity=6)
 
 
 def test_three_stage2_modes_agree_logits_and_gradients():

@@ -9,7 +9,7 @@ background shortcut and fails on the minority groups.
 Clear margin (why the benchmark is built this way): at 64 px with 8 px patches an object is only ~3-4 patches across
 and most of its patches straddle the boundary. A prior experiment (``feasibility_synthetic.md``) showed that a
 from-scratch ViT finds the few water/grass pixels inside those boundary patches, so even a perfect patch mask barely
-beat the baseline (worst-group 8% vs 0%). Here the place texture fades into a place-independent neutral grey within
+beat the baseline. Here the place texture fades into a place-independent neutral grey within
 ``clear_margin`` pixels of the object (a soft shadow), so every patch that touches the object carries no place cue,
 and a patch mask that keeps only object patches removes the shortcut. The same neutral grey also appears as
 blotches far from the object, so it reads as "background" rather than as part of the object. ``clear_margin=0``
@@ -17,13 +17,11 @@ gives the hard variant of the prior experiment. ``place_visibility`` (per pixel,
 shows) lets a benchmark report the place-cue fraction inside kept patches next to the mask IoU
 (:func:`faithful_vit.data.mask_stats.patch_mask_stats`).
 
-Measured (``benchmarks/results/README.md``; ViT img 64 / patch 8 / dim 128 / depth 4 from scratch, 8 epochs): the
-full-image ViT reaches 0% worst-group accuracy; the same ViT restricted to the patches touching the object reaches
-90% (81% for patches over half object, 71% for interior patches only). Without the margin the same oracle mask stays
-at 0%, with 22% place-textured pixels inside its kept patches.
+``benchmarks/results/README.md`` has the measured worst-group accuracies of a full-image ViT and of the same ViT
+restricted to ground-truth patch masks (``benchmarks/oracle_ceilings.py``), with and without the margin.
 
-Defaults: 64 px images for a 8 px patch grid (8x8 tokens), objects 22-34 px across, about 11% of the pixels and 22%
-of the patches; 3,000 / 800 / 2,000 images; generation takes about 10 s of CPU once, the cache about 70 MB.
+Defaults: 64 px images for a 8 px patch grid (8x8 tokens), objects 22-34 px across; 3,000 / 800 / 2,000 images,
+generated once.
 
 Cache: ``$FAITHFUL_VIT_DATA`` or ``~/.cache/faithful_vit``, one file per configuration (a hash of the config).
 """
