@@ -46,6 +46,9 @@ from ._backend import TRITON_AVAILABLE, TRITON_INTERPRET
 from .masked_attention import masked_attention
 from .varlen_attention import varlen_attention
 
+if TRITON_AVAILABLE:
+    import triton
+
 __all__ = ["Case", "build_cases", "main", "run_cases"]
 
 MODES = ("quick", "default", "full")
@@ -551,12 +554,10 @@ def _device(text: str) -> torch.device:
 
 
 def _reexec_for(device: torch.device, argv: list[str]) -> None:
-    """Re-execute this command with ``TRITON_INTERPRET`` fitting ``device``; returns only when it already fits."""
+    """Re-execute this command with ``TRITON_INTERPRET`` set for the CPU, or removed for a GPU."""
     interpret = device.type == "cpu"
-    if interpret == TRITON_INTERPRET:
-        return
     if os.environ.get(_REEXEC_MARK):
-        raise RuntimeError(f"the Triton interpreter is still {'off' if interpret else 'on'} after re-executing")
+        raise UsageError(f"the Triton interpreter is still {'off' if interpret else 'on'} after re-executing")
     env = dict(os.environ, **{_REEXEC_MARK: "1"})
     if interpret:
         env["TRITON_INTERPRET"] = "1"
@@ -574,6 +575,12 @@ def main(argv: list[str] | None = None, *, reexec: bool = False) -> int:
         args = _parser().parse_args(argv)
         device = _device(args.device)
         mode = "quick" if args.quick else "full" if args.full else "default"
+        cases = select(build_cases(device, mode), args.filter, args.exclude)
+        if not cases:
+            raise UsageError(f"--filter/--exclude: no case matches (see --list); got {args.filter} / {args.exclude}")
+        if args.list:
+            print("\n".join(c.name for c in cases))
+            return 0
         if not TRITON_AVAILABLE:
             print("FAIL  Triton is not installed: the kernels cannot run here", flush=True)
             return 1
@@ -582,21 +589,13 @@ def main(argv: list[str] | None = None, *, reexec: bool = False) -> int:
                 _reexec_for(device, argv)
             want = "set TRITON_INTERPRET=1" if device.type == "cpu" else "unset TRITON_INTERPRET"
             raise UsageError(f"--device {device}: {want} before faithful_vit is imported")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        cases = select(build_cases(device, mode), args.filter, args.exclude)
-        if not cases:
-            raise UsageError(f"--filter/--exclude: no case matches (see --list); got {args.filter} / {args.exclude}")
     except UsageError as error:
         print(f"{_parser().prog}: error: {error}", file=sys.stderr)
         return 2
-    if args.list:
-        print("\n".join(c.name for c in cases))
-        return 0
 
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") % 10**6
-    import triton  # noqa: PLC0415 - known to be importable (TRITON_AVAILABLE)
-
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
     print(
         f"faithful_vit.kernels.check: {len(cases)} cases, mode {mode}, seed {seed}, on {where}; "

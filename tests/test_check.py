@@ -118,3 +118,26 @@ def test_filter_and_exclude():
     chosen = check.select(cases, ["varlen/*", "opcheck"], ["*nan*"])
     assert chosen and all(c.name.startswith(("varlen/", "opcheck/")) and "nan" not in c.name for c in chosen)
     assert len(check.select(cases, [], [])) == len(cases)
+
+
+def test_in_process_the_interpreter_must_fit_the_device(monkeypatch, capsys):
+    """`python -m` re-executes itself with TRITON_INTERPRET fixed; called as a function it names the fix instead."""
+    monkeypatch.setattr(check, "TRITON_INTERPRET", DEVICE.type != "cpu")
+    assert check.main(["--quick", "--filter", "opcheck"]) == 2
+    err = capsys.readouterr().err
+    want = "set TRITON_INTERPRET=1" if DEVICE.type == "cpu" else "unset TRITON_INTERPRET"
+    assert err.count("\n") == 1 and f"{want} before faithful_vit is imported" in err
+
+
+@pytest.mark.parametrize("mode", check.MODES)
+def test_gpu_plan_covers_the_dtypes_head_dims_and_lengths(monkeypatch, mode):
+    """The case list for a GPU with bf16 (built, not run): unique names, every dtype, head dims 16 and 128 in bf16,
+    sequence lengths 0, 1, 197 and 261."""
+    monkeypatch.setattr(check, "supported_dtypes", lambda device, mode: (torch.float32, torch.float16, torch.bfloat16))
+    names = [c.name for c in check.build_cases(torch.device("cuda"), mode)]
+    assert len(names) == len(set(names))
+    for part in ("/fp32/", "/fp16/", "/bf16/d64/", "/n0/", "/n1/", "/n197/", "nan-dropped-query", "opcheck/"):
+        assert any(part in n for n in names), part
+    if mode != "quick":
+        for part in ("/bf16/d16/", "/bf16/d128/", "/n261/"):
+            assert any(part in n for n in names), part
