@@ -49,7 +49,7 @@ from .varlen_attention import varlen_attention
 if TRITON_AVAILABLE:
     import triton
 
-__all__ = ["Case", "build_cases", "main", "run_cases"]
+__all__ = ["Case", "build_cases", "main", "run_cases", "select", "supported_dtypes"]
 
 MODES = ("quick", "default", "full")
 FP32_BOUND = 2e-5
@@ -410,7 +410,7 @@ def build_cases(device: torch.device, mode: str = "default") -> list[Case]:
     gpu = device.type == "cuda"
     dtypes = supported_dtypes(device, mode)
     # The dtype a ViT trains in gets the head-dim sweep and the awkward shapes; the others one head dim each.
-    main = dtypes[-1] if gpu else torch.float32
+    train_dtype = dtypes[-1] if gpu else torch.float32
     base_dim = 64 if gpu else 16
     if gpu:
         dims = {"quick": (64,), "default": (16, 64, 80, 128), "full": (16, 24, 32, 48, 64, 80, 96, 128)}[mode]
@@ -425,7 +425,7 @@ def build_cases(device: torch.device, mode: str = "default") -> list[Case]:
 
     cases = []
     for dtype in dtypes:
-        for d in dims if dtype == main or mode == "full" else (base_dim,):
+        for d in dims if dtype == train_dtype or mode == "full" else (base_dim,):
             cases.append(_masked_case(dtype, d, n_mid, "mixed", "contiguous", True, device))
             cases.append(_varlen_case(dtype, d, *vit, "packed", device))
 
@@ -442,20 +442,20 @@ def build_cases(device: torch.device, mode: str = "default") -> list[Case]:
         awkward_masked += [(n_mid, "random", "timm", True), (n_long, "compact", "contiguous", False)]
         awkward_varlen += [(*long, "packed")]
     for seq_len, pattern, layout, skip in awkward_masked:
-        cases.append(_masked_case(main, base_dim, seq_len, pattern, layout, skip, device))
+        cases.append(_masked_case(train_dtype, base_dim, seq_len, pattern, layout, skip, device))
     for label, lengths, max_seqlen, layout in awkward_varlen:
-        cases.append(_varlen_case(main, base_dim, label, lengths, max_seqlen, layout, device))
+        cases.append(_varlen_case(train_dtype, base_dim, label, lengths, max_seqlen, layout, device))
 
-    cases.append(_masked_nan_dropped_case(main, base_dim, n_nan, "key", True, device))
-    cases.append(_masked_nan_dropped_case(main, base_dim, n_nan, "key", False, device))
-    cases.append(_masked_nan_dropped_case(main, base_dim, n_nan, "query", True, device))
+    cases.append(_masked_nan_dropped_case(train_dtype, base_dim, n_nan, "key", True, device))
+    cases.append(_masked_nan_dropped_case(train_dtype, base_dim, n_nan, "key", False, device))
+    cases.append(_masked_nan_dropped_case(train_dtype, base_dim, n_nan, "query", True, device))
     for tensor in "qkv":
-        cases.append(_masked_nan_kept_case(main, base_dim, n_nan, tensor, device))
+        cases.append(_masked_nan_kept_case(train_dtype, base_dim, n_nan, tensor, device))
     for tensor in ("sequence", "q", "k", "v"):
-        cases.append(_varlen_nan_case(main, base_dim, *vit[1:], tensor, device))
+        cases.append(_varlen_nan_case(train_dtype, base_dim, *vit[1:], tensor, device))
 
-    # Registered with torch >= 2.6 (torch.library.triton_op). Masked in fp32, varlen in the main dtype, as in the tests.
-    for op_name, dtype in (("masked_attention_fwd", torch.float32), ("varlen_attention_fwd", main)):
+    # Registered with torch >= 2.6 (torch.library.triton_op). Masked in fp32, varlen in train_dtype, as the tests do.
+    for op_name, dtype in (("masked_attention_fwd", torch.float32), ("varlen_attention_fwd", train_dtype)):
         if hasattr(torch.ops.faithful_vit, op_name):
             cases.append(_opcheck_case(op_name, device, dtype))
     return cases
