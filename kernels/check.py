@@ -131,13 +131,11 @@ def _bitwise_at(
     return True, f"{', '.join(rows)} of {what} bitwise unchanged"
 
 
-def _same_nans(
-    got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], rows: dict[str, object]
-) -> tuple[bool, str]:
-    """NaN exactly where the reference has NaN, on the given rows of each tensor."""
+def _same_nans(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> tuple[bool, str]:
+    """Every tensor is NaN exactly where the reference's is."""
     counts = []
-    for name, index in rows.items():
-        g, w = got[name][index].isnan(), want[name][index].isnan()
+    for name, ref in want.items():
+        g, w = got[name].isnan(), ref.isnan()
         if not torch.equal(g, w):
             differ = int((g != w).sum())
             return False, f"{name}: NaN at {int(g.sum())} elements, the reference at {int(w.sum())} ({differ} differ)"
@@ -260,10 +258,8 @@ def _kept_rows(keep: torch.Tensor):
 
 
 def _masked_nan_kept_case(dtype, head_dim, seq_len, tensor, device) -> Case:
-    """One NaN in the q, k or v of a kept token: NaN exactly where the float64 reference has it, on the kept query
-    rows of the output and dq and on every key row of dk and dv. Dropped queries are skipped: their rows are zero by
-    definition, while the reference's autograd multiplies its zeroed rows by NaN scores there. No gate: the reference
-    gate gradient leaves out rows whose log-sum-exp is not finite, so it defines no NaN pattern."""
+    """One NaN in the q, k or v of a kept token: the output and every gradient (the gate's too) are NaN exactly where
+    the float64 reference's are."""
     name = f"masked/{_DTYPE_NAMES[dtype]}/d{head_dim}/n{seq_len}/nan-kept-{tensor}/skip"
 
     def run():
@@ -272,11 +268,10 @@ def _masked_nan_kept_case(dtype, head_dim, seq_len, tensor, device) -> Case:
         qkv[tensor] = qkv[tensor].clone()
         qkv[tensor][0, 0, 0, 0] = float("nan")  # token 0 of image 0 is kept
         grad_out = torch.randn(qkv["q"].shape, dtype=dtype, device=device)
-        got = _masked_run(_masked_kernel, *qkv.values(), keep, None, grad_out, True)
-        want = _masked_run(_masked_reference, *qkv.values(), keep, None, grad_out.double(), True)
-        every = (slice(None),)
-        rows = {"out": _kept_rows(keep), "dq": _kept_rows(keep), "dk": every, "dv": every}
-        return _same_nans(got, want, rows)
+        gate = keep.to(dtype)
+        got = _masked_run(_masked_kernel, *qkv.values(), keep, gate, grad_out, True)
+        want = _masked_run(_masked_reference, *qkv.values(), keep, gate, grad_out.double(), True)
+        return _same_nans(got, want)
 
     return Case(name, run)
 
@@ -359,7 +354,7 @@ def _varlen_nan_case(dtype, head_dim, lengths, max_seqlen, tensor, device) -> Ca
         qkv[tensor][start + (end - start) // 2, 0, 0] = float("nan")
         got = _varlen_run(_varlen_kernel, *qkv.values(), cu, max_seqlen, grad_out)
         want = _varlen_run(_varlen_reference, *qkv.values(), cu, max_seqlen, grad_out.double())
-        return _same_nans(got, want, dict.fromkeys(("out", "dq", "dk", "dv"), (slice(None),)))
+        return _same_nans(got, want)
 
     return Case(name, run)
 
