@@ -1,5 +1,7 @@
 """faithful-vit: two-stage Vision Transformers with hard token masks, on fused sparse attention kernels."""
 
+# First: refuse to mix two checkouts before any other module of either is imported.
+from . import _one_tree  # noqa: F401
 from .attention import MaskedAttention
 from .audit import AuditReport, audit
 from .interventions import calibrate_part_thresholds

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one script a GPU machine without network runs: install, GPU tests, benchmarks, the targets table.
+# The one script a GPU machine without network runs: install, kernel check, GPU tests, benchmarks, the targets table.
 #
 # Usage (from the repository root):
 #   bash scripts/gpu_run.sh kernels      # part 1 (~7 min on an H100): install, nvidia-smi, kernel benchmark (D=64)
@@ -7,8 +7,11 @@
 #   bash scripts/gpu_run.sh kernels128   # optional part 3: kernel benchmark at head dim 128
 #   bash scripts/gpu_run.sh tuned        # optional part 4: our kernels autotuned (--autotune) against SDPA-flash
 #   bash scripts/gpu_run.sh all          # parts 1 and 2 in one go (more than 10 minutes: not for the device tool)
-#   QUICK=1 bash scripts/gpu_run.sh ...  # fewer timed iterations
+#   QUICK=1 bash scripts/gpu_run.sh ...  # fewer timed iterations, `kernels.check --quick`
 #   SMOKE=1 PYTHON=.venv/bin/python bash scripts/gpu_run.sh all   # dry run of this script on a CPU (tiny shapes)
+# Every part first runs `python -m faithful_vit.kernels.check` (the kernels against their float64 references on this
+# GPU, one PASS/FAIL line per case, in the part's log; about a minute more, unmeasured); a failure there is logged
+# and the part goes on.
 #
 # The device tool allows 10 minutes per command and 30 minutes per session, so a session runs the parts as separate
 # commands, e.g. run(command="bash scripts/gpu_run.sh kernels", timeout_s=600, carry=[".whl"]), then the same with
@@ -45,8 +48,9 @@ if [ "$GPU" = "nogpu" ] && [ -z "${SMOKE:-}" ]; then
   echo "no CUDA GPU visible: this script is for the GPU machine (SMOKE=1 for a dry run)" >&2; exit 1
 fi
 RES="benchmarks/results/$(date -u +%Y%m%d)_$(echo "$GPU" | tr -c 'A-Za-z0-9._-' '_' | sed 's/_*$//')"
-QUICK_FLAG=""
+QUICK_FLAG="" CHECK_FLAG=""
 [ -n "${QUICK:-}" ] && QUICK_FLAG="--quick"
+[ -n "${QUICK:-}${SMOKE:-}" ] && CHECK_FLAG="--quick"
 KERNEL_SMOKE="" MODEL_SMOKE=""
 [ -n "${SMOKE:-}" ] && { KERNEL_SMOKE="--smoke"; MODEL_SMOKE="--cpu-tiny --smoke"; RES="$RES-smoke"; }
 mkdir -p "$RES"
@@ -72,6 +76,9 @@ step() {  # step <seconds> <description> <command...>: run with a time limit, lo
 
 { nvidia-smi; "$PY" -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'; \
   "$PY" -c 'import xformers; print("xformers", xformers.__version__)' 2>&1 | tail -1; } 2>&1 | tee -a "$LOG"
+
+# On a SMOKE run without a GPU the check runs under the Triton interpreter (it re-executes itself with it on).
+step 150 "kernel check" "$PY" -m faithful_vit.kernels.check $CHECK_FLAG
 
 if [ "$PART" = "kernels" ] || [ "$PART" = "all" ]; then
   step 480 "kernel benchmark, head dim 64" "$PY" -m benchmarks.bench_attention --head-dim 64 --out "$RES" $QUICK_FLAG $KERNEL_SMOKE
