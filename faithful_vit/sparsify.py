@@ -47,7 +47,7 @@ from torch import nn
 from .attention import MaskedAttention, MaskedRopeAttention
 from .kernels import compaction_order, pack_tokens
 
-__all__ = ["forward_kept", "sparsify"]
+__all__ = ["forward_kept", "rope_at_rows", "rope_at_tokens", "sparsify"]
 
 SUPPORTED_POOLS = ("token", "avg", "max", "avgmax", "map")
 # Rotary embeddings whose get_embed() is one cat(sin, cos) tensor over the patch tokens in raster order (Mixed: one
@@ -208,25 +208,59 @@ def _embed(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return model.norm_pre(model.patch_drop(tokens)), None
 
 
-def _rope_at(model: nn.Module, rope: torch.Tensor | None, patch_index: torch.Tensor) -> list[torch.Tensor | None]:
-    """Each block's rotary embedding at ``patch_index`` (any shape, indices into the patch tokens in raster order),
-    gathered once: ``(*patch_index.shape, 1 or H, 2D)`` per block, one tensor shared by all blocks unless the
-    embedding depends on depth (timm's ``rope_mixed``)."""
-    if rope is None:
+def rope_at_tokens(rope: torch.Tensor, patch_index: torch.Tensor) -> torch.Tensor:
+    """A rotary embedding at some patch tokens, each keeping the rotation of its own position.
+
+    Args:
+        rope: timm's ``get_embed()``, ``(*lead, num_patches, 2D)`` over the patch tokens in raster order (``lead`` is
+            ``()``, or ``(depth, H)`` for timm's ``rope_mixed``).
+        patch_index: int64 indices into the patch tokens, any shape (``(B, N')`` for a reordered batch, ``(T,)``
+            for packed rows).
+
+    Returns:
+        ``(*patch_index.shape, *lead, 2D)``.
+    """
+    gathered = rope[..., patch_index, :]  # (*lead, *patch_index.shape, 2D)
+    lead = rope.ndim - 2
+    return gathered.movedim(tuple(range(lead)), tuple(range(patch_index.ndim, patch_index.ndim + lead)))
+
+
+def rope_at_rows(rope: torch.Tensor, row_position: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """A rotary embedding per packed row: its patch's rotation, and for prefix rows (which timm does not rotate) the
+    identity (sin 0, cos 1), exact for them.
+
+    Args:
+        rope: as in :func:`rope_at_tokens`.
+        row_position: ``(T,)`` int64 position of each row in its image's token sequence (prefix tokens first).
+        num_prefix_tokens: class and register tokens in front of the patch tokens.
+
+    Returns:
+        ``(T, *lead, 2D)``.
+    """
+    gathered = rope_at_tokens(rope, (row_position - num_prefix_tokens).clamp(min=0))
+    half = rope.shape[-1] // 2
+    identity = torch.cat([rope.new_zeros(half), rope.new_ones(half)])
+    is_prefix = (row_position < num_prefix_tokens).view(-1, *([1] * (gathered.ndim - 1)))
+    return torch.where(is_prefix, identity, gathered)
+
+
+def _per_block(model: nn.Module, gathered: torch.Tensor | None, token_dims: int) -> list[torch.Tensor | None]:
+    """Each block's embedding from one gathered tensor ``(*token shape, *lead, 2D)``: ``(*token shape, 1 or H, 2D)``,
+    one tensor shared by all blocks unless it depends on depth (timm's ``rope_mixed``)."""
+    if gathered is None:
         return [None] * len(model.blocks)
-    mixed = getattr(model, "rope_mixed", False)
-    expected_ndim = 4 if mixed else 2  # (depth, H, N, 2D) or (N, 2D)
-    if rope.ndim != expected_ndim:
+    if getattr(model, "rope_mixed", False):
+        return list(gathered.unbind(token_dims))  # (..., H, 2D) per block
+    return [gathered.unsqueeze(-2)] * len(model.blocks)
+
+
+def _check_rope(model: nn.Module, rope: torch.Tensor | None) -> None:
+    expected_ndim = 4 if getattr(model, "rope_mixed", False) else 2  # (depth, H, N, 2D) or (N, 2D)
+    if rope is not None and rope.ndim != expected_ndim:
         raise NotImplementedError(
             f"rope: expected a {expected_ndim}-d embedding from {type(model.rope).__qualname__}.get_embed(), got shape "
             f"{tuple(rope.shape)}"
         )
-    gathered = rope[..., patch_index, :]  # (*lead, *patch_index.shape, 2D)
-    lead = rope.ndim - 2
-    gathered = gathered.movedim(tuple(range(lead)), tuple(range(patch_index.ndim, patch_index.ndim + lead)))
-    if not mixed:
-        return [gathered.unsqueeze(-2)] * len(model.blocks)
-    return list(gathered.unbind(patch_index.ndim))  # (..., H, 2D) per block
 
 
 def _attn_kwargs(rope: torch.Tensor | None, family_is_eva: bool) -> dict:
@@ -443,6 +477,7 @@ def forward_kept(
     gate_needs_grad = gate is not None and gate.requires_grad and torch.is_grad_enabled()
     x = _isolate_dropped_pixels(model, x, keep, keep_values=gate_needs_grad)
     tokens, rope = _embed(model, x)
+    _check_rope(model, rope)
     _check_gate(gate, tuple(keep.shape), tokens.device)
     batch = tokens.shape[0]
     keep_full = torch.cat([keep.new_ones(batch, model.num_prefix_tokens), keep], dim=1)
@@ -458,11 +493,7 @@ def _forward_packed(model, is_eva, tokens, rope, keep_full, return_tokens):
     packed = pack_tokens(tokens, keep_full, max_seqlen=seq_len)
     row_image = packed.index // seq_len
     row_position = packed.index % seq_len
-    row_ropes = _rope_at(model, rope, (row_position - prefix).clamp(min=0))
-    if rope is not None:  # prefix rows: the identity rotation (sin 0, cos 1), exact for them as timm skips them
-        identity = torch.cat([rope.new_zeros(rope.shape[-1] // 2), rope.new_ones(rope.shape[-1] // 2)])
-        is_prefix = (row_position < prefix)[:, None, None]
-        row_ropes = [torch.where(is_prefix, identity, r) for r in row_ropes]
+    row_ropes = _per_block(model, None if rope is None else rope_at_rows(rope, row_position, prefix), 1)
     rows = packed.data
     for block, row_rope in zip(model.blocks, row_ropes, strict=True):
         attended = block.attn(packed.with_data(block.norm1(rows)), **_attn_kwargs(row_rope, is_eva)).data
@@ -485,7 +516,7 @@ def _forward_masked(model, is_eva, tokens, rope, keep_full, gate, return_tokens)
     order, inverse = compaction_order(keep_full)  # stable: the prefix tokens stay at 0..prefix-1
     tokens = tokens.gather(1, order[:, :, None].expand(-1, -1, channels))
     keep_sorted = keep_full.gather(1, order)
-    token_ropes = _rope_at(model, rope, order[:, prefix:] - prefix)  # (B, N - prefix, 1 or H, 2D)
+    token_ropes = _per_block(model, None if rope is None else rope_at_tokens(rope, order[:, prefix:] - prefix), 2)
     token_ropes = [None if r is None else r.transpose(1, 2) for r in token_ropes]  # timm's (B, 1 or H, N', 2D)
     gate_sorted = None
     if gate is not None:
