@@ -202,6 +202,12 @@ def test_converted_model_gives_timm_results_through_timm_forward(name):
     )
 
 
+def test_rope_attention_adopts_only_the_eva_attentions():
+    vit = _create("vit_tiny_patch16_224")
+    with pytest.raises(TypeError, match="attn: expected timm.models.eva.EvaAttention or timm.layers.AttentionRope"):
+        MaskedRopeAttention.from_timm(vit.blocks[0].attn)
+
+
 def test_sparsify_sets_backend_and_is_idempotent():
     model = _create("vit_tiny_patch16_224")
     sparsify(model, backend="torch")
@@ -305,8 +311,9 @@ def test_packed_mode_refuses_a_gate_that_needs_its_gradient():
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_return_tokens_equal_timm_at_kept_positions(mode):
-    reference = _create("vit_small_patch14_reg4_dinov2")
+@pytest.mark.parametrize("name", ["vit_small_patch14_reg4_dinov2", "vit_small_patch16_dinov3"])
+def test_return_tokens_equal_timm_at_kept_positions(name, mode):
+    reference = _create(name)
     converted = sparsify(copy.deepcopy(reference), backend="torch")
     images, keep = _inputs(reference)
     keep_full = _full_mask(reference, keep)
@@ -317,8 +324,9 @@ def test_return_tokens_equal_timm_at_kept_positions(mode):
     assert not tokens[~keep_full].any()
 
 
-def test_drop_path_drops_whole_images_in_both_modes():
-    reference = _create("vit_tiny_patch16_224", drop_path_rate=0.5)
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "vit_small_patch16_dinov3"])
+def test_drop_path_drops_whole_images_in_both_modes(name):
+    reference = _create(name, drop_path_rate=0.5)
     converted = sparsify(copy.deepcopy(reference), backend="torch").train()
     reference.train()
     images, keep = _inputs(reference, batch=4)
@@ -346,8 +354,9 @@ def test_bad_inputs_raise_clearly():
         forward_kept(model, images, keep, mode="masked", gate=keep.float()[:1])
 
 
-def test_patch_dropout_in_training_is_refused():
-    model = _create("vit_tiny_patch16_224", patch_drop_rate=0.25)
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "vit_small_patch16_dinov3"])
+def test_patch_dropout_in_training_is_refused(name):
+    model = _create(name, patch_drop_rate=0.25)
     sparsify(model, backend="torch").train()
     images, keep = _inputs(model)
     with pytest.raises(NotImplementedError, match="patch_drop"):
