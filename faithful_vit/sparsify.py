@@ -244,14 +244,18 @@ def rope_at_rows(rope: torch.Tensor, row_position: torch.Tensor, num_prefix_toke
     return torch.where(is_prefix, identity, gathered)
 
 
-def _per_block(model: nn.Module, gathered: torch.Tensor | None, token_dims: int) -> list[torch.Tensor | None]:
-    """Each block's embedding from one gathered tensor ``(*token shape, *lead, 2D)``: ``(*token shape, 1 or H, 2D)``,
-    one tensor shared by all blocks unless it depends on depth (timm's ``rope_mixed``)."""
+def _attn_kwargs(model: nn.Module, gathered: torch.Tensor | None, token_dims: int) -> list[dict]:
+    """Each block's extra attention arguments: none for a ``VisionTransformer``; for an ``Eva`` its rotary embedding
+    ``(*token shape, 1 or H, 2D)`` from one gathered tensor ``(*token shape, *lead, 2D)`` (shared by all blocks unless
+    it depends on depth, timm's ``rope_mixed``)."""
+    depth = len(model.blocks)
+    if not isinstance(model, Eva):
+        return [{}] * depth
     if gathered is None:
-        return [None] * len(model.blocks)
+        return [{"rope": None}] * depth
     if getattr(model, "rope_mixed", False):
-        return list(gathered.unbind(token_dims))  # (..., H, 2D) per block
-    return [gathered.unsqueeze(-2)] * len(model.blocks)
+        return [{"rope": rope} for rope in gathered.unbind(token_dims)]  # (..., H, 2D) per block
+    return [{"rope": gathered.unsqueeze(-2)}] * depth
 
 
 def _check_rope(model: nn.Module, rope: torch.Tensor | None) -> None:
@@ -261,10 +265,6 @@ def _check_rope(model: nn.Module, rope: torch.Tensor | None) -> None:
             f"rope: expected a {expected_ndim}-d embedding from {type(model.rope).__qualname__}.get_embed(), got shape "
             f"{tuple(rope.shape)}"
         )
-
-
-def _attn_kwargs(rope: torch.Tensor | None, family_is_eva: bool) -> dict:
-    return {"rope": rope} if family_is_eva else {}
 
 
 def _scaled(block: nn.Module, which: int, branch: torch.Tensor) -> torch.Tensor:
@@ -402,7 +402,7 @@ def _isolate_dropped_pixels(model: nn.Module, x: torch.Tensor, keep: torch.Tenso
     return torch.where(dropped, 0.0, x)
 
 
-def _check_model(model: nn.Module) -> type:
+def _check_model(model: nn.Module) -> None:
     family = _check_convertible(model)
     drop_in = MaskedRopeAttention if family is Eva else MaskedAttention
     for index, block in enumerate(model.blocks):
@@ -417,7 +417,6 @@ def _check_model(model: nn.Module) -> type:
             f"patch_drop: random patch dropout (prob={patch_drop.prob}) in training would "
             "break the alignment of keep with the patch tokens; set it to 0 or call eval()"
         )
-    return family
 
 
 def forward_kept(
@@ -468,7 +467,7 @@ def forward_kept(
     """
     if mode not in ("packed", "masked"):
         raise ValueError(f"mode: expected 'packed' or 'masked', got {mode!r}")
-    family = _check_model(model)
+    _check_model(model)
     if mode == "packed" and gate is not None and gate.requires_grad:
         raise ValueError(
             "gate: packed mode cannot return d(loss)/d(gate) (dropped tokens are not computed); "
@@ -482,21 +481,21 @@ def forward_kept(
     batch = tokens.shape[0]
     keep_full = torch.cat([keep.new_ones(batch, model.num_prefix_tokens), keep], dim=1)
     if mode == "packed":
-        return _forward_packed(model, family is Eva, tokens, rope, keep_full, return_tokens)
+        return _forward_packed(model, tokens, rope, keep_full, return_tokens)
     gate = gate if gate_needs_grad else None  # a gate without a gradient to compute changes nothing
-    return _forward_masked(model, family is Eva, tokens, rope, keep_full, gate, return_tokens)
+    return _forward_masked(model, tokens, rope, keep_full, gate, return_tokens)
 
 
-def _forward_packed(model, is_eva, tokens, rope, keep_full, return_tokens):
+def _forward_packed(model, tokens, rope, keep_full, return_tokens):
     batch, seq_len, _ = tokens.shape
     prefix = model.num_prefix_tokens
     packed = pack_tokens(tokens, keep_full, max_seqlen=seq_len)
     row_image = packed.index // seq_len
     row_position = packed.index % seq_len
-    row_ropes = _per_block(model, None if rope is None else rope_at_rows(rope, row_position, prefix), 1)
+    attn_kwargs = _attn_kwargs(model, None if rope is None else rope_at_rows(rope, row_position, prefix), 1)
     rows = packed.data
-    for block, row_rope in zip(model.blocks, row_ropes, strict=True):
-        attended = block.attn(packed.with_data(block.norm1(rows)), **_attn_kwargs(row_rope, is_eva)).data
+    for block, kwargs in zip(model.blocks, attn_kwargs, strict=True):
+        attended = block.attn(packed.with_data(block.norm1(rows)), **kwargs).data
         rows = _residual_rows(rows, _scaled(block, 1, attended), block.drop_path1, batch, row_image)
         branch = _scaled(block, 2, block.mlp(block.norm2(rows)))
         rows = _residual_rows(rows, branch, block.drop_path2, batch, row_image)
@@ -509,15 +508,18 @@ def _forward_packed(model, is_eva, tokens, rope, keep_full, return_tokens):
     return features
 
 
-def _forward_masked(model, is_eva, tokens, rope, keep_full, gate, return_tokens):
+def _forward_masked(model, tokens, rope, keep_full, gate, return_tokens):
     batch, seq_len, channels = tokens.shape
     prefix = model.num_prefix_tokens
     image_index = torch.arange(batch, device=tokens.device)
     order, inverse = compaction_order(keep_full)  # stable: the prefix tokens stay at 0..prefix-1
     tokens = tokens.gather(1, order[:, :, None].expand(-1, -1, channels))
     keep_sorted = keep_full.gather(1, order)
-    token_ropes = _per_block(model, None if rope is None else rope_at_tokens(rope, order[:, prefix:] - prefix), 2)
-    token_ropes = [None if r is None else r.transpose(1, 2) for r in token_ropes]  # timm's (B, 1 or H, N', 2D)
+    gathered = None if rope is None else rope_at_tokens(rope, order[:, prefix:] - prefix)
+    attn_kwargs = [  # timm's layout, (B, 1 or H, N - prefix, 2D)
+        {name: value if value is None else value.transpose(1, 2) for name, value in kwargs.items()}
+        for kwargs in _attn_kwargs(model, gathered, 2)
+    ]
     gate_sorted = None
     if gate is not None:
         gate_full = torch.cat([gate.new_ones(batch, prefix), gate], dim=1)
@@ -525,13 +527,13 @@ def _forward_masked(model, is_eva, tokens, rope, keep_full, gate, return_tokens)
     # The gate's gradient at a dropped key needs that token's real key in every block, i.e. its row computed as timm
     # computes it (attending to the kept keys); without a gate, dropped rows are skipped (they reach no output).
     skip_dropped_queries = gate_sorted is None
-    for block, token_rope in zip(model.blocks, token_ropes, strict=True):
+    for block, kwargs in zip(model.blocks, attn_kwargs, strict=True):
         attended = block.attn(
             block.norm1(tokens),
             attn_mask=keep_sorted,
             key_gate=gate_sorted,
             skip_dropped_queries=skip_dropped_queries,
-            **_attn_kwargs(token_rope, is_eva),
+            **kwargs,
         )
         tokens = tokens + block.drop_path1(_scaled(block, 1, attended))
         tokens = tokens + block.drop_path2(_scaled(block, 2, block.mlp(block.norm2(tokens))))
