@@ -75,9 +75,12 @@ LAYER_CONFIGS = {
 MODEL_PRESETS = {
     "vit_b14_518": "faithful_dinov2_base_reg4_518",
     "vit_s16_224": "faithful_vit_small_patch16_224",
+    "dinov3_b16_512": "faithful_dinov3_base_reg4_512",
+    "dinov3_s16_224": "faithful_dinov3_small_reg4_224",
     "tiny": "faithful_tiny",
 }
-MODEL_BATCH = {"vit_b14_518": 16, "vit_s16_224": 64, "tiny": 16}  # per-GPU training batches that fit an H100
+# per-GPU training batches that fit an H100 (the DINOv3 ones by token count, not measured)
+MODEL_BATCH = {"vit_b14_518": 16, "vit_s16_224": 64, "dinov3_b16_512": 16, "dinov3_s16_224": 64, "tiny": 16}
 
 
 # ---------------------------------------------------------------------------------------------------- one layer
