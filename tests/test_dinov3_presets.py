@@ -38,8 +38,12 @@ def test_dinov3_presets_build_the_eva_backbone_with_class_token_pooling(preset):
 @pytest.mark.parametrize("preset", PRESETS)
 def test_dinov3_stage2_modes_agree_and_read_kept_patches_only(preset):
     model = _narrow(preset).eval()
+    with torch.no_grad():  # DINOv3's layer scale starts at 1e-5: make the blocks matter
+        for name, param in model.stage2.named_parameters():
+            if name.endswith(("gamma_1", "gamma_2")):
+                param.uniform_(0.5, 1.5)
     images = torch.randn(3, 3, 32, 32)
-    keep = torch.tensor([[True, False, False, True], [False, False, False, False], [True, True, True, False]])
+    keep = torch.tensor([[True, False, False, True], [False, False, False, False], [True, False, True, True]])
     with torch.no_grad():
         logits = {mode: model.forward_stage2(images, keep, mode=mode) for mode in STAGE2_MODES}
         for mode in ("masked", "packed"):
@@ -47,6 +51,9 @@ def test_dinov3_stage2_modes_agree_and_read_kept_patches_only(preset):
         repainted = images.clone()
         repainted[:, :, :16, 16:] = torch.randn(3, 3, 16, 16)  # patch 1: dropped everywhere
         torch.testing.assert_close(model.forward_stage2(repainted, keep, mode="packed"), logits["packed"])
+        repainted[:, :, :16, :16] = torch.randn(3, 3, 16, 16)  # patch 0: kept in images 0 and 2
+        changed = (model.forward_stage2(repainted, keep, mode="packed") - logits["packed"]).abs().amax(1)
+        assert (changed[[0, 2]] > 1e-4).all() and changed[1] == 0
 
 
 def test_dinov3_two_stage_training_step_reaches_stage1_through_the_gate():
