@@ -13,8 +13,9 @@ Suites (``--suites``):
                scatter included). Models: ViT-B/14@518 + 4 registers
                (N = 1374) and ViT-B/16@224 (N = 197), the layer targets of kernel_anchors.md section 10 (T6); and
                DINOv3 layers (timm ``EvaBlock`` with rotary embeddings, 4 registers: ViT-B/16@512, N = 1029;
-               ViT-S/16@224, N = 201), where the rope is applied to every token (dense, masked) or to the kept
-               rows only, gathered with them (packed), through :class:`~faithful_vit.attention.MaskedRopeAttention`.
+               ViT-S/16@224, N = 201; ``--layer-models dinov3_b16_512``, the S/16 one in ``--cpu-tiny``), where
+               the rope is applied to every token (dense, masked) or to the kept rows only, gathered with them
+               (packed), through :class:`~faithful_vit.attention.MaskedRopeAttention`.
     stage2     ``FaithfulViT.forward_stage2(images, keep, mode=...)``: inference (img/s) and a training step of stage 2
                alone (fwd + bwd + AdamW on its parameters).
     two_stage  the whole model: inference ``model(images)`` (img/s) and the training step ``model(images)`` ->
@@ -519,7 +520,9 @@ def parse_args(argv=None):
     parser.add_argument("--kept", default="0.75,0.5,0.25", help="kept fractions of the model suites")
     parser.add_argument("--batch", type=int, default=None, help=f"model-suite batch (default {MODEL_BATCH})")
     parser.add_argument(
-        "--layer-models", default="vit_b14_518,vit_b16_224,dinov3_b16_512", help=f"keys of {sorted(LAYER_CONFIGS)}"
+        "--layer-models",
+        default="vit_b14_518,vit_b16_224",
+        help=f"keys of {sorted(LAYER_CONFIGS)} (the DINOv3 layers: dinov3_b16_512, dinov3_s16_224)",
     )
     parser.add_argument("--layer-kept", default="1.0,0.7,0.5,0.25", help="kept fractions of the layer suite")
     parser.add_argument("--layer-batch", type=int, default=None)
