@@ -11,7 +11,11 @@ Suites (``--suites``):
                tokens first so whole key blocks are skipped; compaction and its inverse included) and ``packed``
                (gather the kept tokens, run the block on them with ``varlen_attention``, scatter back; gather and
                scatter included). Models: ViT-B/14@518 + 4 registers
-               (N = 1374) and ViT-B/16@224 (N = 197), the layer targets of kernel_anchors.md section 10 (T6).
+               (N = 1374) and ViT-B/16@224 (N = 197), the layer targets of kernel_anchors.md section 10 (T6); and
+               DINOv3 layers (timm ``EvaBlock`` with rotary embeddings, 4 registers: ViT-B/16@512, N = 1029;
+               ViT-S/16@224, N = 201; ``--layer-models dinov3_b16_512``, the S/16 one in ``--cpu-tiny``), where
+               the rope is applied to every token (dense, masked) or to the kept rows only, gathered with them
+               (packed), through :class:`~faithful_vit.attention.MaskedRopeAttention`.
     stage2     ``FaithfulViT.forward_stage2(images, keep, mode=...)``: inference (img/s) and a training step of stage 2
                alone (fwd + bwd + AdamW on its parameters).
     two_stage  the whole model: inference ``model(images)`` (img/s) and the training step ``model(images)`` ->
@@ -59,19 +63,25 @@ class LayerConfig:
     heads: int
     seq_len: int
     init_values: float | None  # LayerScale (DINOv2 backbones have it)
+    rope_grid: tuple[int, int] | None = None  # a DINOv3 layer: rope over this patch grid, the rest prefix tokens
 
 
 LAYER_CONFIGS = {
     "vit_b14_518": LayerConfig("vit_b14_518", 768, 12, 1374, 1e-5),
     "vit_b16_224": LayerConfig("vit_b16_224", 768, 12, 197, None),
     "vit_s16_224": LayerConfig("vit_s16_224", 384, 6, 197, None),
+    "dinov3_b16_512": LayerConfig("dinov3_b16_512", 768, 12, 1029, 1e-5, rope_grid=(32, 32)),
+    "dinov3_s16_224": LayerConfig("dinov3_s16_224", 384, 6, 201, 1e-5, rope_grid=(14, 14)),
 }
 MODEL_PRESETS = {
     "vit_b14_518": "faithful_dinov2_base_reg4_518",
     "vit_s16_224": "faithful_vit_small_patch16_224",
+    "dinov3_b16_512": "faithful_dinov3_base_reg4_512",
+    "dinov3_s16_224": "faithful_dinov3_small_reg4_224",
     "tiny": "faithful_tiny",
 }
-MODEL_BATCH = {"vit_b14_518": 16, "vit_s16_224": 64, "tiny": 16}  # per-GPU training batches that fit an H100
+# per-GPU training batches that fit an H100 (the DINOv3 ones by token count, not measured)
+MODEL_BATCH = {"vit_b14_518": 16, "vit_s16_224": 64, "dinov3_b16_512": 16, "dinov3_s16_224": 64, "tiny": 16}
 
 
 # ---------------------------------------------------------------------------------------------------- one layer
@@ -109,10 +119,66 @@ def block_packed(
     return _finish_block(block, rows, out.reshape(rows.shape[0], -1))
 
 
+class RopeLayer(nn.Module):
+    """A DINOv3 layer: timm's ``EvaBlock``, its rotary embedding over the patch grid, and our attention sharing the
+    block's parameters (for the masked and packed formulations)."""
+
+    def __init__(self, block: nn.Module, rope: torch.Tensor) -> None:
+        super().__init__()
+        from faithful_vit.attention import MaskedRopeAttention
+
+        self.block = block
+        self.register_buffer("rope", rope, persistent=False)
+        self.sparse_attn = MaskedRopeAttention.from_timm(block.attn)
+
+    def finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """``EvaBlock.forward`` after the attention: layer scale, residual, then the MLP half."""
+        block = self.block
+        x = x + (attended if block.gamma_1 is None else block.gamma_1 * attended)
+        mlp = block.mlp(block.norm2(x))
+        return x + (mlp if block.gamma_2 is None else block.gamma_2 * mlp)
+
+
+def rope_layer_forward(
+    layer: RopeLayer, x: torch.Tensor, keep: torch.Tensor, formulation: str, backend: str
+) -> torch.Tensor:
+    """:func:`layer_forward` for a DINOv3 layer: the rope follows each token (gathered once for a reordered or
+    packed batch)."""
+    from faithful_vit.sparsify import rope_at_rows, rope_at_tokens
+
+    block, attn, rope = layer.block, layer.sparse_attn, layer.rope
+    prefix = attn.num_prefix_tokens
+    attn.backend = backend
+    if formulation == "dense":
+        return block(x, rope=rope)
+    if formulation == "dense_mask":
+        return block(x, rope=rope, attn_mask=keep[:, None, None, :])
+    if formulation == "masked":
+        return layer.finish(x, attn(block.norm1(x), rope=rope, attn_mask=keep, skip_dropped_queries=True))
+    if formulation == "masked_compact":
+        order, inverse = K.compaction_order(keep)
+        compact = x.gather(1, order[..., None].expand_as(x))
+        sorted_rope = rope_at_tokens(rope, order[:, prefix:] - prefix)[:, None]
+        attended = attn(
+            block.norm1(compact), rope=sorted_rope, attn_mask=keep.gather(1, order), skip_dropped_queries=True
+        )
+        out = layer.finish(compact, attended)
+        return out.gather(1, inverse[..., None].expand_as(out))
+    if formulation == "packed":
+        packed = K.pack_tokens(x, keep, max_seqlen=x.shape[1])
+        row_rope = rope_at_rows(rope, packed.index % x.shape[1], prefix)[:, None]
+        rows = packed.data
+        attended = attn(packed.with_data(block.norm1(rows)), rope=row_rope).data
+        return packed.with_data(layer.finish(rows, attended)).unpack()
+    raise ValueError(f"formulation: expected one of {LAYER_FORMULATIONS}, got {formulation!r}")
+
+
 def layer_forward(
     block: nn.Module, x: torch.Tensor, keep: torch.Tensor, formulation: str, backend: str
 ) -> torch.Tensor:
     """One block over ``(B, N, C)`` tokens in ``formulation``; ``keep`` ``(B, N)`` includes the prefix tokens."""
+    if isinstance(block, RopeLayer):
+        return rope_layer_forward(block, x, keep, formulation, backend)
     if formulation == "dense":
         return block(x)
     if formulation == "dense_mask":
@@ -132,9 +198,32 @@ def layer_forward(
 
 
 def make_block(cfg: LayerConfig, device: torch.device) -> nn.Module:
+    """A timm ``Block``, or for a DINOv3 config a :class:`RopeLayer` (the first block and rope of timm's
+    ``vit_base_patch16_dinov3`` at this width and grid)."""
+    import timm
     from timm.models.vision_transformer import Block
 
-    return Block(cfg.width, cfg.heads, mlp_ratio=4.0, qkv_bias=True, init_values=cfg.init_values).to(device)
+    if cfg.rope_grid is None:
+        return Block(cfg.width, cfg.heads, mlp_ratio=4.0, qkv_bias=True, init_values=cfg.init_values).to(device)
+    model = timm.create_model(
+        "vit_base_patch16_dinov3",
+        pretrained=False,
+        depth=1,
+        embed_dim=cfg.width,
+        num_heads=cfg.heads,
+        img_size=tuple(16 * side for side in cfg.rope_grid),
+        init_values=cfg.init_values,
+    )
+    if model.num_prefix_tokens + cfg.rope_grid[0] * cfg.rope_grid[1] != cfg.seq_len:
+        raise ValueError(f"{cfg.name}: seq_len {cfg.seq_len} is not the prefix tokens plus the {cfg.rope_grid} grid")
+    return RopeLayer(model.blocks[0], model.rope.get_embed(shape=list(cfg.rope_grid))).to(device)
+
+
+def layer_token_layout(cfg: LayerConfig) -> tuple[int, tuple[int, int]]:
+    """Prefix count and patch grid of a layer config's sequence."""
+    if cfg.rope_grid is None:
+        return C.token_layout(cfg.seq_len)
+    return cfg.seq_len - cfg.rope_grid[0] * cfg.rope_grid[1], cfg.rope_grid
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
@@ -233,7 +322,7 @@ def run_layer_suite(args, device: torch.device, env: dict) -> list[dict]:
     for model_name in args.layer_models.split(","):
         cfg = LAYER_CONFIGS[model_name]
         batch = args.layer_batch or max(1, args.layer_tokens // cfg.seq_len)
-        num_prefix, grid = C.token_layout(cfg.seq_len)
+        num_prefix, grid = layer_token_layout(cfg)
         block = make_block(cfg, device)
         for kept in map(float, args.layer_kept.split(",")):
             gen = torch.Generator().manual_seed(args.seed)
@@ -430,7 +519,11 @@ def parse_args(argv=None):
     )
     parser.add_argument("--kept", default="0.75,0.5,0.25", help="kept fractions of the model suites")
     parser.add_argument("--batch", type=int, default=None, help=f"model-suite batch (default {MODEL_BATCH})")
-    parser.add_argument("--layer-models", default="vit_b14_518,vit_b16_224", help=f"keys of {sorted(LAYER_CONFIGS)}")
+    parser.add_argument(
+        "--layer-models",
+        default="vit_b14_518,vit_b16_224",
+        help=f"keys of {sorted(LAYER_CONFIGS)} (the DINOv3 layers: dinov3_b16_512, dinov3_s16_224)",
+    )
     parser.add_argument("--layer-kept", default="1.0,0.7,0.5,0.25", help="kept fractions of the layer suite")
     parser.add_argument("--layer-batch", type=int, default=None)
     parser.add_argument("--layer-tokens", type=int, default=32768, help="layer batch = tokens // N")
@@ -463,7 +556,8 @@ def parse_args(argv=None):
     if args.cpu_tiny:
         args.device = args.device or "cpu"
         args.models, args.batch, args.kept = "tiny", args.batch or 16, "1.0,0.5,0.25"
-        args.layer_models, args.layer_batch, args.layer_kept = "vit_s16_224", args.layer_batch or 8, "1.0,0.5,0.25"
+        args.layer_models, args.layer_batch = "vit_s16_224,dinov3_s16_224", args.layer_batch or 8
+        args.layer_kept = "1.0,0.5,0.25"
         args.warmup, args.rounds = 1, 5
     if args.quick:
         args.warmup, args.min_iters, args.max_iters, args.budget_s = 2, 3, 20, 0.3
@@ -471,7 +565,9 @@ def parse_args(argv=None):
         args.rounds = 1
         args.kept, args.layer_kept = "0.5", "0.5"
         args.layer_models = (
-            "vit_s16_224" if args.layer_models == parser.get_default("layer_models") else args.layer_models
+            "vit_s16_224,dinov3_s16_224"
+            if args.layer_models == parser.get_default("layer_models")
+            else args.layer_models
         )
         args.batch, args.layer_batch = min(args.batch or 4, 4), 2
         args.warmup, args.min_iters, args.max_iters, args.budget_s = 0, 1, 1, 0.0

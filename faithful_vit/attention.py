@@ -1,8 +1,10 @@
-"""A drop-in replacement for timm's ``Attention`` that sends key masks and packed tokens to our kernels.
+"""Drop-in replacements for timm's attention modules that send key masks and packed tokens to our kernels.
 
 :class:`MaskedAttention` has the constructor arguments, attribute names and forward signature of
-``timm.layers.Attention`` (timm 1.0.31), so a timm state dict loads unchanged and a timm ``Block`` can call it. What
-changes is where the attention itself runs:
+``timm.layers.Attention`` (timm 1.0.31), so a timm state dict loads unchanged and a timm ``Block`` can call it.
+:class:`MaskedRopeAttention` adopts the parameters of the rotary-embedding attentions of timm's ``Eva`` family
+(``EvaAttention``, ``timm.layers.AttentionRope``) and has their forward signature. What changes is where the attention
+itself runs:
 
 * ``attn_mask=None`` (and ``is_causal=False``): dense ``F.scaled_dot_product_attention``, as timm's fused path;
 * a key mask, ``(B, N)`` or ``(B, 1, 1, N)`` bool (True = the key may be attended):
@@ -18,12 +20,20 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention
+from timm.layers import Attention, AttentionRope, apply_rot_embed_cat
+from timm.models.eva import EvaAttention
 from torch import nn
 
 from .kernels import BACKENDS, PackedTokens, masked_attention, varlen_attention
 
-__all__ = ["MaskedAttention"]
+__all__ = ["MaskedAttention", "MaskedRopeAttention"]
+
+
+def _check_packed_call(attn_mask, is_causal: bool, key_gate) -> None:
+    if attn_mask is not None or is_causal or key_gate is not None:
+        raise ValueError(
+            "attn_mask, is_causal, key_gate: packed input carries its own sequence layout; expected None/False/None"
+        )
 
 
 def _is_key_mask(attn_mask: torch.Tensor, batch: int, seq_len: int) -> bool:
@@ -32,7 +42,91 @@ def _is_key_mask(attn_mask: torch.Tensor, batch: int, seq_len: int) -> bool:
     return attn_mask.shape == (batch, seq_len) or attn_mask.shape == (batch, 1, 1, seq_len)
 
 
-class MaskedAttention(nn.Module):
+class _KernelAttention(nn.Module):
+    """The routing both drop-ins share: the backend, the attention core on tokens or packed rows, the output tail.
+
+    Subclasses set ``num_heads``, ``head_dim``, ``attn_dim``, ``scale`` and the submodules ``attn_drop``, ``norm``,
+    ``gate``, ``proj``, ``proj_drop``.
+    """
+
+    @property
+    def backend(self) -> str:
+        """Kernel backend for masked and packed calls: ``"auto"``, ``"triton"`` or ``"torch"``."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        if name not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
+        self._backend = name
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, head_dim={self.head_dim}, backend={self.backend!r}"
+
+    def _attend_rows(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedTokens) -> torch.Tensor:
+        """Varlen attention on ``(T, H, D)`` rows; returns ``(T, attn_dim)``."""
+        self._check_no_attn_dropout("packed input")
+        cu_seqlens, max_seqlen = packed.cu_seqlens, packed.max_seqlen
+        out = varlen_attention(
+            q, k, v, cu_seqlens, max_seqlen, scale=self.scale, check_cu_seqlens=False, backend=self.backend
+        )
+        return out.reshape(q.shape[0], self.attn_dim)
+
+    def _attend_tokens(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        is_causal: bool,
+        key_gate: torch.Tensor | None,
+        skip_dropped_queries: bool,
+    ) -> torch.Tensor:
+        """Attention on ``(B, H, N, D)`` tokens (the kernel for a key mask, SDPA otherwise); returns
+        ``(B, N, attn_dim)``."""
+        batch, _, seq_len, _ = q.shape
+        if attn_mask is not None and not is_causal and _is_key_mask(attn_mask, batch, seq_len):
+            self._check_no_attn_dropout("a key mask")
+            out = masked_attention(
+                q,
+                k,
+                v,
+                attn_mask.reshape(batch, seq_len),
+                scale=self.scale,
+                gate=key_gate,
+                skip_dropped_queries=skip_dropped_queries,
+                backend=self.backend,
+            )
+        else:
+            if key_gate is not None:
+                raise ValueError("key_gate: expected None unless attn_mask is a (B, N) or (B, 1, 1, N) bool key mask")
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=attn_mask,
+                dropout_p=self.attn_drop.p if self.training else 0.0,
+                is_causal=is_causal,
+                scale=self.scale,
+            )
+        return out.transpose(1, 2).reshape(batch, seq_len, self.attn_dim)
+
+    def _project(self, heads: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """timm's tail after attention: scale norm, optional sigmoid gate from the input, projection, dropout."""
+        heads = self.norm(heads)
+        if self.gate is not None:
+            heads = heads * self.gate(x).sigmoid()
+        return self.proj_drop(self.proj(heads))
+
+    def _check_no_attn_dropout(self, what: str) -> None:
+        if self.training and self.attn_drop.p > 0:
+            raise NotImplementedError(
+                f"attn_drop: the sparse kernels have no attention dropout, so {what} cannot run in training mode with "
+                f"attn_drop.p={self.attn_drop.p}; set attn_drop.p = 0 or call eval()"
+            )
+
+
+class MaskedAttention(_KernelAttention):
     """Multi-head self-attention with timm's ``Attention`` interface, running key-masked and packed inputs sparsely.
 
     Args:
@@ -103,17 +197,6 @@ class MaskedAttention(nn.Module):
         self.proj = nn.Linear(self.attn_dim, dim_out, bias=proj_bias, **factory)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    @property
-    def backend(self) -> str:
-        """Kernel backend for masked and packed calls: ``"auto"``, ``"triton"`` or ``"torch"``."""
-        return self._backend
-
-    @backend.setter
-    def backend(self, name: str) -> None:
-        if name not in BACKENDS:
-            raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
-        self._backend = name
-
     @classmethod
     def from_timm(cls, attn: nn.Module, *, backend: str = "auto") -> MaskedAttention:
         """Wrap a ``timm.layers.Attention``, sharing its submodules (so its parameters, and any optimizer state on
@@ -146,9 +229,6 @@ class MaskedAttention(nn.Module):
         module.train(attn.training)
         return module
 
-    def extra_repr(self) -> str:
-        return f"num_heads={self.num_heads}, head_dim={self.head_dim}, backend={self.backend!r}"
-
     def forward(
         self,
         x: torch.Tensor | PackedTokens,
@@ -174,67 +254,133 @@ class MaskedAttention(nn.Module):
             ``(B, N, dim_out)``, or ``PackedTokens`` with ``(T, dim_out)`` rows for packed input.
         """
         if isinstance(x, PackedTokens):
-            if attn_mask is not None or is_causal or key_gate is not None:
-                raise ValueError(
-                    "attn_mask, is_causal, key_gate: packed input carries its own sequence layout; "
-                    "expected None/False/None"
-                )
-            self._check_no_attn_dropout("packed input")
+            _check_packed_call(attn_mask, is_causal, key_gate)
             rows = x.data
-            qkv = self.qkv(rows).reshape(rows.shape[0], 3, self.num_heads, self.head_dim)
-            q, k, v = qkv.unbind(1)  # (T, H, D) each
-            out = varlen_attention(
-                self.q_norm(q),
-                self.k_norm(k),
-                v,
-                x.cu_seqlens,
-                x.max_seqlen,
-                scale=self.scale,
-                check_cu_seqlens=False,
-                backend=self.backend,
-            )
-            return x.with_data(self._project(out.reshape(rows.shape[0], self.attn_dim), rows))
+            q, k, v = self.qkv(rows).reshape(rows.shape[0], 3, self.num_heads, self.head_dim).unbind(1)  # (T, H, D)
+            return x.with_data(self._project(self._attend_rows(self.q_norm(q), self.k_norm(k), v, x), rows))
 
         batch, seq_len, _ = x.shape
         qkv = self.qkv(x).reshape(batch, seq_len, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, H, N, D) each
-        q, k = self.q_norm(q), self.k_norm(k)
-        if attn_mask is not None and not is_causal and _is_key_mask(attn_mask, batch, seq_len):
-            self._check_no_attn_dropout("a key mask")
-            out = masked_attention(
-                q,
-                k,
-                v,
-                attn_mask.reshape(batch, seq_len),
-                scale=self.scale,
-                gate=key_gate,
-                skip_dropped_queries=skip_dropped_queries,
-                backend=self.backend,
+        heads = self._attend_tokens(
+            self.q_norm(q), self.k_norm(k), v, attn_mask, is_causal, key_gate, skip_dropped_queries
+        )
+        return self._project(heads, x)
+
+
+class MaskedRopeAttention(_KernelAttention):
+    """timm's rotary-embedding attention (``EvaAttention``, ``AttentionRope``) with sparse key-masked and packed paths.
+
+    Built from a timm module by :meth:`from_timm`, it holds that module's own parameters, buffers and submodules under
+    the same names and in the same order (fused ``qkv`` with or without EVA's separate ``q_bias``/``v_bias``, or
+    ``q_proj``/``k_proj``/``v_proj``; ``q_norm``/``k_norm``; the scale ``norm``; the output ``gate``; ``proj``), so the
+    state dict is unchanged. Grouped-query attention (fewer key/value heads) repeats the key/value heads after the
+    rotation, as timm does.
+
+    Rotary embeddings (``rope``) follow timm's layout: ``cat(sin, cos)`` along the last axis, interleaved or
+    half-rotated (``rotate_half``), applied to queries and keys after their norms.
+    """
+
+    def __init__(self, attn: nn.Module, *, backend: str = "auto") -> None:
+        super().__init__()
+        if type(attn) not in (EvaAttention, AttentionRope):
+            raise TypeError(
+                "attn: expected timm.models.eva.EvaAttention or timm.layers.AttentionRope, "
+                f"got {type(attn).__module__}.{type(attn).__qualname__}"
             )
+        for name, param in attn._parameters.items():
+            self.register_parameter(name, param)
+        for name, buffer in attn._buffers.items():
+            self.register_buffer(name, buffer, persistent=name not in attn._non_persistent_buffers_set)
+        for name, module in attn._modules.items():
+            self.add_module(name, module)
+        for name in ("qkv", "q_proj", "k_proj", "v_proj", "q_bias", "k_bias", "v_bias", "gate"):
+            if not hasattr(self, name):  # timm leaves absent ones as plain None attributes
+                setattr(self, name, getattr(attn, name, None))
+        self.num_heads = attn.num_heads
+        self.num_kv_heads = getattr(attn, "num_kv_heads", attn.num_heads)
+        self.head_dim = attn.head_dim
+        self.attn_dim = attn.num_heads * attn.head_dim
+        self.scale = attn.scale
+        self.num_prefix_tokens = attn.num_prefix_tokens
+        self.rotate_half = getattr(attn, "rotate_half", False)
+        self.qkv_bias_separate = getattr(attn, "qkv_bias_separate", False)
+        self.backend = backend
+        self.train(attn.training)
+
+    @classmethod
+    def from_timm(cls, attn: nn.Module, *, backend: str = "auto") -> MaskedRopeAttention:
+        """Adopt an ``EvaAttention`` or ``AttentionRope`` (exactly those classes), sharing its parameters.
+
+        Args:
+            attn: the timm module.
+            backend: kernel backend of the new module.
+
+        Returns:
+            A :class:`MaskedRopeAttention` whose state dict equals ``attn``'s.
+        """
+        return cls(attn, backend=backend)
+
+    def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q ``(..., H, D)``, k and v ``(..., H_kv, D)`` from ``(..., C)`` inputs, q/k normalised (timm's order)."""
+        lead = x.shape[:-1]
+        if self.qkv is not None:
+            if self.q_bias is None:
+                qkv = self.qkv(x)
+            else:
+                bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+                qkv = self.qkv(x) + bias if self.qkv_bias_separate else F.linear(x, self.qkv.weight, bias)
+            q, k, v = qkv.reshape(*lead, 3, self.num_heads, self.head_dim).unbind(-3)
         else:
-            if key_gate is not None:
-                raise ValueError("key_gate: expected None unless attn_mask is a (B, N) or (B, 1, 1, N) bool key mask")
-            out = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=attn_mask,
-                dropout_p=self.attn_drop.p if self.training else 0.0,
-                is_causal=is_causal,
-                scale=self.scale,
-            )
-        return self._project(out.transpose(1, 2).reshape(batch, seq_len, self.attn_dim), x)
+            q = self.q_proj(x).reshape(*lead, self.num_heads, self.head_dim)
+            k = self.k_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
+            v = self.v_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
+        return self.q_norm(q), self.k_norm(k), v
 
-    def _project(self, heads: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """timm's tail after attention: scale norm, optional sigmoid gate from the input, projection, dropout."""
-        heads = self.norm(heads)
-        if self.gate is not None:
-            heads = heads * self.gate(x).sigmoid()
-        return self.proj_drop(self.proj(heads))
+    def _rotate(self, t: torch.Tensor, rope: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return apply_rot_embed_cat(t, rope, half=self.rotate_half).type_as(like)
 
-    def _check_no_attn_dropout(self, what: str) -> None:
-        if self.training and self.attn_drop.p > 0:
-            raise NotImplementedError(
-                f"attn_drop: the sparse kernels have no attention dropout, so {what} cannot run in training mode with "
-                f"attn_drop.p={self.attn_drop.p}; set attn_drop.p = 0 or call eval()"
-            )
+    def _repeat_kv(self, t: torch.Tensor, head_axis: int) -> torch.Tensor:
+        groups = self.num_heads // self.num_kv_heads
+        return t if groups == 1 else t.repeat_interleave(groups, dim=head_axis)
+
+    def forward(
+        self,
+        x: torch.Tensor | PackedTokens,
+        rope: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        *,
+        key_gate: torch.Tensor | None = None,
+        skip_dropped_queries: bool = False,
+    ) -> torch.Tensor | PackedTokens:
+        """Self-attention over ``x`` with rotary embeddings.
+
+        Args:
+            x: ``(B, N, C)`` tokens, or :class:`~faithful_vit.kernels.PackedTokens` with ``(T, C)`` rows.
+            rope: for tokens, timm's embedding of the patch tokens (``(N - num_prefix_tokens, 2D)``, or any shape
+                that broadcasts against ``(B, H, N - num_prefix_tokens, 2D)``), applied to every token after the
+                prefix; for packed rows, one embedding per row, ``(T, 1, 2D)`` or ``(T, H, 2D)``, applied to every
+                row (prefix rows carry the identity rotation, sin 0 and cos 1). None: no rotation.
+            attn_mask, is_causal, key_gate, skip_dropped_queries: as in :meth:`MaskedAttention.forward`.
+
+        Returns:
+            ``(B, N, dim_out)``, or ``PackedTokens`` with ``(T, dim_out)`` rows for packed input.
+        """
+        if isinstance(x, PackedTokens):
+            _check_packed_call(attn_mask, is_causal, key_gate)
+            rows = x.data
+            q, k, v = self._heads(rows)  # (T, H, D)
+            if rope is not None:
+                q, k = self._rotate(q, rope, v), self._rotate(k, rope, v)
+            heads = self._attend_rows(q, self._repeat_kv(k, 1), self._repeat_kv(v, 1), x)
+            return x.with_data(self._project(heads, rows))
+
+        q, k, v = (t.transpose(1, 2) for t in self._heads(x))  # (B, H, N, D)
+        if rope is not None:
+            npt = self.num_prefix_tokens
+            q = torch.cat([q[:, :, :npt], self._rotate(q[:, :, npt:], rope, v)], dim=2)
+            k = torch.cat([k[:, :, :npt], self._rotate(k[:, :, npt:], rope, v)], dim=2)
+        k, v = self._repeat_kv(k, 1), self._repeat_kv(v, 1)
+        heads = self._attend_tokens(q, k, v, attn_mask, is_causal, key_gate, skip_dropped_queries)
+        return self._project(heads, x)

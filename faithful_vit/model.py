@@ -227,7 +227,7 @@ def _build_backbone(name: str, cfg: FaithfulViTConfig, kwargs: dict) -> nn.Modul
     for attr in ("patch_embed", "num_prefix_tokens", "blocks", "norm"):
         if not hasattr(backbone, attr):
             raise ValueError(f"backbone {name!r}: expected a timm VisionTransformer-like model (no {attr!r})")
-    if not getattr(backbone, "has_class_token", False) or backbone.global_pool != "token":
+    if getattr(backbone, "cls_token", None) is None or backbone.global_pool != "token":
         raise ValueError(f"backbone {name!r}: expected a class token and global_pool='token' (stage 2 reads CLS)")
     patch = backbone.patch_embed.patch_size
     if cfg.img_size % patch[0] or cfg.img_size % patch[1]:
@@ -482,13 +482,10 @@ class FaithfulViT(nn.Module):
 
         """
         backbone = self.stage2
-        tokens = backbone.norm_pre(backbone.patch_drop(backbone._pos_embed(backbone.patch_embed(images))))
         prefix = keep.new_ones(keep.shape[0], backbone.num_prefix_tokens)
         allowed = torch.cat([prefix, keep], dim=1)
         attn_mask = allowed[:, None, None, :].expand(-1, 1, allowed.shape[1], -1)
-        for block in backbone.blocks:
-            tokens = block(tokens, attn_mask=attn_mask)
-        return backbone.forward_head(backbone.norm(tokens), pre_logits=True)
+        return backbone.forward_head(backbone.forward_features(images, attn_mask=attn_mask), pre_logits=True)
 
     # ---- both ----
 
@@ -611,20 +608,20 @@ class FaithfulViT(nn.Module):
         """Load a local timm/safetensors ViT checkpoint into the backbones (never from a hub).
 
         Position embeddings are resampled to this model's grid and classifier weights are ignored, by timm's
-        ViT checkpoint filter.
+        checkpoint filter of the backbone's family (``vision_transformer`` or ``eva``).
 
         Args:
-            path: a ``.safetensors``, ``.pth`` or ``.bin`` file holding a timm ViT state dict.
+            path: a ``.safetensors``, ``.pth`` or ``.bin`` file holding a timm ViT or Eva (e.g. DINOv3) state dict.
             stages: which backbones to load (1 and/or 2).
         """
-        from timm.models import load_state_dict
-        from timm.models.vision_transformer import checkpoint_filter_fn
+        from timm.models import eva, load_state_dict, vision_transformer
 
         for stage in stages:
             if stage not in (1, 2):
                 raise ValueError(f"stages: expected values in (1, 2), got {list(stages)}")
             backbone = self.stage1 if stage == 1 else self.stage2
-            state = checkpoint_filter_fn(load_state_dict(path, weights_only=True), backbone)
+            family = eva if isinstance(backbone, eva.Eva) else vision_transformer
+            state = family.checkpoint_filter_fn(load_state_dict(path, weights_only=True), backbone)
             state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm."))}
             missing, unexpected = backbone.load_state_dict(state, strict=False)
             missing = [k for k in missing if not k.startswith(("head.", "fc_norm."))]

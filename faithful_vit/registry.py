@@ -135,3 +135,34 @@ def faithful_dinov2_base_reg4_518() -> FaithfulViTConfig:
         num_parts=8,
         freeze_stage1_backbone=True,
     )
+
+
+@register_model
+def faithful_dinov3_small_reg4_224() -> FaithfulViTConfig:
+    """DINOv3 ViT-S/16 (class token, 4 registers, rope) at 224 px (14 x 14 patches), K = 8, the paper's recipe on
+    DINOv2's successor: frozen stage-1 backbone with trainable prefix tokens (give it pretrained_file=, a timm
+    ``vit_small_patch16_dinov3`` checkpoint). Both stages read the class token (DINOv3's own pooling; timm's default
+    for these models is patch averaging)."""
+    return FaithfulViTConfig(
+        backbone="vit_small_patch16_dinov3",
+        img_size=224,
+        num_classes=2,
+        num_parts=8,
+        backbone_kwargs={"global_pool": "token"},
+        freeze_stage1_backbone=True,
+    )
+
+
+@register_model
+def faithful_dinov3_base_reg4_512() -> FaithfulViTConfig:
+    """DINOv3 ViT-B/16 at 512 px (32 x 32 patches, the paper's DINOv2-B/14 at 518 px has 37 x 37), K = 8, frozen
+    stage-1 backbone with trainable prefix tokens (give it pretrained_file=, a timm ``vit_base_patch16_dinov3``
+    checkpoint); class-token pooling."""
+    return FaithfulViTConfig(
+        backbone="vit_base_patch16_dinov3",
+        img_size=512,
+        num_classes=2,
+        num_parts=8,
+        backbone_kwargs={"global_pool": "token"},
+        freeze_stage1_backbone=True,
+    )

@@ -167,14 +167,22 @@ def test_targets_pass_miss_and_no_data():
 
 
 # ------------------------------------------------------------------------------------ layer formulations vs timm
+LAYER_TEST_CONFIGS = {
+    "vit": bench_model.LayerConfig("t", width=64, heads=2, seq_len=37, init_values=1e-2),
+    "dinov3": bench_model.LayerConfig("t", width=64, heads=2, seq_len=41, init_values=0.5, rope_grid=(6, 6)),
+}
+
+
+@pytest.mark.parametrize("layer", LAYER_TEST_CONFIGS)
 @pytest.mark.parametrize("formulation", ["masked", "masked_compact", "packed"])
-def test_layer_formulations_match_timm_block(formulation):
-    cfg = bench_model.LayerConfig("t", width=64, heads=2, seq_len=37, init_values=1e-2)
+def test_layer_formulations_match_timm_block(formulation, layer):
+    cfg = LAYER_TEST_CONFIGS[layer]
     block = bench_model.make_block(cfg, torch.device("cpu"))  # float32: the kernels API takes fp16/bf16/fp32
+    num_prefix, grid = bench_model.layer_token_layout(cfg)
     gen = torch.Generator().manual_seed(2)
-    keep = C.with_prefix(C.blob_keep(3, (6, 6), 0.5, gen), 1)
-    x = torch.randn(3, 37, 64, requires_grad=True)
-    expected = block(x, attn_mask=keep[:, None, None, :])
+    keep = C.with_prefix(C.blob_keep(3, grid, 0.5, gen), num_prefix)
+    x = torch.randn(3, cfg.seq_len, 64, requires_grad=True)
+    expected = bench_model.layer_forward(block, x, keep, "dense_mask", backend="torch")  # timm's block, key mask
     got = bench_model.layer_forward(block, x, keep, formulation, backend="torch")
     torch.testing.assert_close(got[keep], expected[keep], atol=1e-5, rtol=1e-4)
     grad = torch.randn_like(expected)
