@@ -345,7 +345,7 @@ def check_corrupt_fraction(skipped: int, total: int, split: str, max_fraction: f
     skipped as undecodable in one pass: a run on what is left would silently measure a different dataset."""
     if skipped > max_fraction * total:
         raise DatasetError(
-            f"{split} split: {skipped} of {total} images could not be decoded (more than {max_fraction:.0%}; "
+            f"{split} split: {skipped} of {total} images could not be decoded (more than {max_fraction * 100:g}%; "
             "--max-corrupt-fraction); fix or remove them"
         )
 
