@@ -11,7 +11,8 @@ Design points:
 * **Safe.** Every file is written atomically (:func:`~faithful_vit.run_folder.atomic_open`); checkpoints hold only
   tensors and plain data and are loaded with ``weights_only=True``, so a crafted file cannot run code; a non-finite
   loss raises :class:`NonFiniteLossError` before anything is saved, so the last checkpoint on disk is the last good
-  one; a sample whose image cannot be decoded is skipped with a warning and counted.
+  one; a sample whose image cannot be decoded is skipped with a warning and counted, and more than
+  ``max_corrupt_fraction`` of a split skipped in one pass stops the run (:class:`~faithful_vit.data.DatasetError`).
 * **Validation picks the checkpoint** (``best.pt``, by validation worst-group accuracy, ties broken by accuracy);
   the test split is only evaluated once, on that checkpoint.
 * **DDP** through torchrun: :func:`setup_distributed` reads the torchrun environment (gloo on CPU, NCCL on CUDA);
@@ -43,6 +44,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
+from faithful_vit.data.datasets import DatasetError
 from faithful_vit.data.sample import CorruptImageError
 from faithful_vit.metrics import MetricAccumulator
 from faithful_vit.run_folder import RunFolderError, atomic_open, write_text
@@ -185,7 +187,8 @@ class SeededSamples(Dataset):
     restored, so sample loading neither depends on nor disturbs the training RNG, with or without worker processes.
     A sample whose image cannot be decoded (:class:`~faithful_vit.data.sample.CorruptImageError`, the datasets'
     contract, or an ``OSError`` from PIL on a truncated or unidentified file) becomes ``None``:
-    :func:`collate_skipping_corrupt` drops it, warns and counts it.
+    :func:`collate_skipping_corrupt` drops it, warns and counts it. A file that is missing (or a folder) is a broken
+    dataset, not a bad image: its error propagates.
     """
 
     def __init__(self, dataset: Dataset, seed: int = 0):
@@ -207,6 +210,8 @@ class SeededSamples(Dataset):
                 torch.manual_seed(sample_seed)
                 try:
                     return self.dataset[index]
+                except (FileNotFoundError, IsADirectoryError):
+                    raise
                 except (OSError, CorruptImageError) as error:
                     warnings.warn(f"skipping sample {index}: its image could not be read ({error})", stacklevel=2)
                     return None
@@ -368,6 +373,17 @@ class TrainConfig:
     checkpoint_every: int = 200
     progress: bool = True
     patch_threshold: float = 0.5
+    max_corrupt_fraction: float = 0.01
+
+
+def check_corrupt_fraction(skipped: int, total: int, split: str, max_fraction: float) -> None:
+    """Raise :class:`~faithful_vit.data.DatasetError` when more than ``max_fraction`` of a split's images were
+    skipped as undecodable in one pass: a run on what is left would silently measure a different dataset."""
+    if skipped > max_fraction * total:
+        raise DatasetError(
+            f"{split} split: {skipped} of {total} images could not be decoded (more than {max_fraction * 100:g}%; "
+            "--max-corrupt-fraction); fix or remove them"
+        )
 
 
 def lr_factor(step: float, total: float, warmup: float, min_ratio: float, sched: str) -> float:
@@ -448,6 +464,7 @@ def evaluate(
     if dist_info.device.type == "cuda":
         torch.cuda.synchronize(dist_info.device)
     elapsed = time.perf_counter() - start
+    check_corrupt_fraction(int(skipped.item()), len(dataset), desc, cfg.max_corrupt_fraction)
     metrics = accumulator.compute()
     num_images = int(accumulator.count.sum().item())
     metrics.update(
@@ -708,10 +725,14 @@ class Trainer:
             dist.all_reduce(steps)
         self._check_finite()
         train_losses = {f"train_{k}": v for k, v in zip(self.loss_sums, (sums / steps.clamp(min=1)).tolist())}
-        val = evaluate(self.model, self.val_set, num_groups=self.num_groups, cfg=cfg, dist_info=self.dist, desc="val")
         skipped = self.skipped.clone()
         if self.dist.distributed:
             dist.all_reduce(skipped)
+        skipped_before = self.history[-1]["skipped_corrupt_train"] if self.history else 0
+        check_corrupt_fraction(
+            int(skipped.item()) - skipped_before, len(self.train_samples), "train", cfg.max_corrupt_fraction
+        )
+        val = evaluate(self.model, self.val_set, num_groups=self.num_groups, cfg=cfg, dist_info=self.dist, desc="val")
         images_seen = self.steps_per_epoch * cfg.batch_size * self.dist.world_size * (self.epoch + 1)
         row = {
             "epoch": self.epoch + 1,

@@ -13,6 +13,7 @@ those factors would give the heads lr 10, so all its factors are 1.
 from __future__ import annotations
 
 import fnmatch
+import os
 import warnings
 from collections.abc import Callable
 
@@ -55,7 +56,12 @@ def create_model(name: str, *, pretrained_file: str | None = None, **overrides) 
 
     Returns:
         The model, in training mode.
+
+    Raises:
+        FileNotFoundError: ``pretrained_file`` is not a file.
     """
+    if pretrained_file is not None and not os.path.isfile(pretrained_file):
+        raise FileNotFoundError(f"pretrained_file: no such file: {os.fspath(pretrained_file)!r}")
     cfg = get_config(name, **overrides)
     if cfg.freeze_stage1_backbone and pretrained_file is None:
         warnings.warn(

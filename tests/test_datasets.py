@@ -11,6 +11,7 @@ from PIL import Image
 from faithful_vit.data import (
     CUB200,
     CorruptImageError,
+    DatasetError,
     ImageFolder,
     MetaShiftCatDog,
     Waterbirds,
@@ -20,6 +21,7 @@ from faithful_vit.data import (
     load_image,
 )
 from faithful_vit.data import waterbirds_lite as wbl
+from faithful_vit.data.datasets import Entry, ImageListDataset
 from faithful_vit.data.sample import Sample
 from faithful_vit.data.transforms import cub_original
 
@@ -81,6 +83,66 @@ def test_waterbirds_errors(tmp_path):
         Waterbirds(tmp_path, "train")
     with pytest.raises(ValueError, match="split must be one of"):
         Waterbirds(tmp_path, "training")
+
+
+def _edit_metadata(root, line, **fields):
+    """Rewrite fields of one metadata.csv line (1 = the header)."""
+    lines = (root / "metadata.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    values = lines[line - 1].split(",")
+    for key, value in fields.items():
+        values[header.index(key)] = value
+    lines[line - 1] = ",".join(values)
+    (root / "metadata.csv").write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("name", ["../outside.jpg", "001.Black_footed_Albatross/../../outside.jpg", "/etc/a.jpg"])
+def test_waterbirds_refuses_paths_outside_the_dataset_folder(tmp_path, name):
+    root = tmp_path / "waterbirds"
+    _waterbirds(root)
+    _png(tmp_path / "outside.jpg", (0, 0, 0))  # exists: refused for where it is, not for being missing
+    _edit_metadata(root, 3, img_filename=name)
+    with pytest.raises(DatasetError, match=r"metadata.csv:3: img_filename: expected a path inside the dataset folder"):
+        Waterbirds(root, "train", mask_root=root / "segs")
+
+
+def test_waterbirds_missing_file_or_folder_is_an_error_at_load(tmp_path):
+    _waterbirds(tmp_path)
+    (tmp_path / "001.Black_footed_Albatross/b.jpg").unlink()
+    with pytest.raises(DatasetError, match=r"metadata.csv:3: image file not found: .*b\.jpg"):
+        Waterbirds(tmp_path, "train")
+    (tmp_path / "001.Black_footed_Albatross/b.jpg").mkdir()
+    with pytest.raises(DatasetError, match=r"metadata.csv:3: image file is a folder, not a file: .*b\.jpg"):
+        Waterbirds(tmp_path, "train")
+    (tmp_path / "segs/100.Brown_Pelican/d.png").unlink()
+    with pytest.raises(DatasetError, match=r"metadata.csv:5: mask file not found: .*d\.png"):
+        Waterbirds(tmp_path, "test", mask_root=tmp_path / "segs")
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"y": "2"}, "y: expected an integer in 0..1, got '2'"),
+        ({"y": "-1"}, "y: expected an integer in 0..1, got '-1'"),
+        ({"place": "5"}, "place: expected an integer in 0..1, got '5'"),
+        ({"place": "water"}, "place: expected an integer in 0..1, got 'water'"),
+        ({"split": "3"}, "split: expected an integer in 0..2, got '3'"),
+        ({"img_filename": ""}, "img_filename: expected a file name, got ''"),
+    ],
+)
+def test_waterbirds_refuses_bad_rows(tmp_path, fields, message):
+    _waterbirds(tmp_path)
+    _edit_metadata(tmp_path, 4, **fields)  # a validation row: checked whichever split is loaded
+    with pytest.raises(DatasetError, match=rf"metadata.csv:4: {message}"):
+        Waterbirds(tmp_path, "train")
+
+
+def test_image_list_refuses_labels_and_groups_out_of_range(tmp_path):
+    image = _png(tmp_path / "a.png", (0, 0, 0))
+    with pytest.raises(DatasetError, match="label: expected 0..1, got 2"):
+        ImageListDataset([Entry(image, 2, 0)], num_classes=2, group_names=("a", "b"))
+    with pytest.raises(DatasetError, match="src:1: group: expected 0..1, got -1"):
+        ImageListDataset([Entry(image, 0, -1, source="src:1")], num_classes=2, group_names=("a", "b"))
 
 
 def test_corrupt_images_raise_or_are_skipped_and_counted(tmp_path):
@@ -168,6 +230,27 @@ def test_cub_errors(tmp_path):
         CUB200(root, "train", mask_root=True)
     (root / "classes.txt").unlink()
     with pytest.raises(FileNotFoundError, match="classes.txt"):
+        CUB200(root, "train")
+
+
+@pytest.mark.parametrize(
+    "file, line, message",
+    [
+        ("image_class_labels.txt", "2 4", "image_class_labels.txt:2: class id: expected an integer in 1..3, got '4'"),
+        ("image_class_labels.txt", None, "images.txt:2: image id 2 has no line in .*image_class_labels.txt"),
+        ("train_test_split.txt", "2 yes", "train_test_split.txt:2: is_training_image: expected an integer in 0..1"),
+        ("images.txt", "2 ../../x2.jpg", "images.txt:2: image name: expected a path inside the dataset folder"),
+        ("images.txt", "1 001.Black_footed_Albatross/x1.jpg", "images.txt:2: id 1 already given on .*images.txt:1"),
+        ("classes.txt", "7 002.Laysan_Albatross", "classes.txt:2: class id: expected an integer in 1..3, got '7'"),
+    ],
+)
+def test_cub_refuses_bad_lines(tmp_path, file, line, message):
+    root = tmp_path / "CUB_200_2011"
+    _cub(root, with_segmentations=False)
+    lines = (root / file).read_text().splitlines()
+    lines[1:2] = [] if line is None else [line]
+    (root / file).write_text("\n".join(lines) + "\n")
+    with pytest.raises(DatasetError, match=message):
         CUB200(root, "train")
 
 

@@ -10,7 +10,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from faithful_vit import engine
 from faithful_vit.baseline import FullImageViT, OracleMaskViT, vit_kwargs_like
-from faithful_vit.data.datasets import ImageFolder
+from faithful_vit.data.datasets import DatasetError, ImageFolder
 from faithful_vit.data.sample import CorruptImageError
 from faithful_vit.kernels import use_backend
 
@@ -138,10 +138,21 @@ class CorruptEvery(Dataset):
 
 
 def test_corrupt_samples_are_skipped_warned_and_counted(tmp_path):
-    trainer = make_trainer(tmp_path, tiny_config(epochs=1), dataset=CorruptEvery(tiny_dataset()))
+    cfg = tiny_config(epochs=1, max_corrupt_fraction=0.5)
+    trainer = make_trainer(tmp_path, cfg, dataset=CorruptEvery(tiny_dataset()))
     with pytest.warns(UserWarning, match="could not be read"):
         trainer.fit()
     assert trainer.history[-1]["skipped_corrupt_train"] == 16  # 48 samples, indices 0, 3, ..., 45
+
+
+def test_more_corrupt_samples_than_allowed_stop_the_run(tmp_path):
+    trainer = make_trainer(tmp_path, tiny_config(epochs=1), dataset=CorruptEvery(tiny_dataset()))
+    with (
+        pytest.warns(UserWarning),
+        pytest.raises(DatasetError, match=r"train split: 16 of 48 images could not be decoded \(more than 1%"),
+    ):
+        trainer.fit()
+    assert not trainer.best_path.exists()  # stopped before validation picked a checkpoint
 
 
 def write_png_folder(root, n=8, corrupt=5):
@@ -159,7 +170,8 @@ def test_corrupt_png_is_skipped_in_evaluation(tmp_path):
     folder = ImageFolder(write_png_folder(tmp_path / "images"))  # the datasets' contract: CorruptImageError
     model = FullImageViT(2, **TINY)
     with pytest.warns(UserWarning, match="could not be read"):
-        result = engine.evaluate(model, folder, num_groups=2, cfg=tiny_config(), dist_info=engine.DistInfo())
+        cfg = tiny_config(max_corrupt_fraction=0.5)
+        result = engine.evaluate(model, folder, num_groups=2, cfg=cfg, dist_info=engine.DistInfo())
     assert result["skipped_corrupt"] == 1 and result["num_images"] == 7
     assert "mask_iou" not in result  # the folder has no masks
 

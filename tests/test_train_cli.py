@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 # A tiny benchmark and model so that a whole run takes seconds on one CPU thread.
@@ -105,7 +106,7 @@ def test_bad_input_in_process(tmp_path, capsys):
     (wrong_format / "train").mkdir(parents=True)  # no class folders: not an ImageFolder
     cases = [
         (["--data", "waterbirds", "--data-dir", "/nonexistent/waterbirds"], "--data-dir: dataset folder not found"),
-        (["-c", str(bad_yaml)], "--config: unknown keys ['no_such_flag']"),
+        (["-c", str(bad_yaml)], f"--config {bad_yaml}: unknown keys ['no_such_flag']"),
         (["--data", "imagefolder", "--data-dir", str(wrong_format)], "--data imagefolder:"),
         (["--data", "waterbirds", "--data-dir", str(wrong_format)], "metadata.csv"),
         (["--data-kwargs", "bogus=1"], "--data synthetic:"),
@@ -120,8 +121,10 @@ def test_bad_input_in_process(tmp_path, capsys):
                 "n_val=8",
                 "n_test=8",
                 "image_size=32",
+                "--batch-size",
+                "4",
                 "--output",
-                str(tmp_path),
+                str(tmp_path / "runs"),
             ],
             "--model-kwargs:",
         ),
@@ -130,6 +133,179 @@ def test_bad_input_in_process(tmp_path, capsys):
         assert train.main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], (argv, err)
+    assert not (tmp_path / "runs").exists()  # a bad --model-kwargs is found before the run folder is written
+
+
+# Small data and model: the cases that get as far as building the datasets stop there, in a second.
+SMALL = [*TINY, "--model", "faithful_tiny", "--output"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--batch-size", "0"], "argument --batch-size: expected a positive integer, got '0'"),
+        (["--eval-batch-size", "-2"], "argument --eval-batch-size: expected a positive integer, got '-2'"),
+        (["--epochs", "0"], "argument --epochs: expected a positive integer, got '0'"),
+        (["--epochs", "-1"], "argument --epochs: expected a positive integer, got '-1'"),
+        (["--epochs", "1.5"], "argument --epochs: expected a positive integer, got '1.5'"),
+        (["--log-interval", "0"], "argument --log-interval: expected a positive integer, got '0'"),
+        (["--lr", "nan"], "argument --lr: expected a finite number > 0, got 'nan'"),
+        (["--lr", "inf"], "argument --lr: expected a finite number > 0, got 'inf'"),
+        (["--weight-decay", "-0.1"], "argument --weight-decay: expected a finite number >= 0, got '-0.1'"),
+        (
+            ["--seeds", "a,b"],
+            "argument --seeds: expected distinct comma-separated integers >= 0, e.g. 0,1,2, got 'a,b'",
+        ),
+        (["--seeds", "0,0"], "argument --seeds: expected distinct comma-separated"),
+        (["--seed", "-1"], "argument --seed: expected an integer in 0..2147483647, got '-1'"),
+        (["--warmup-epochs", "-3"], "argument --warmup-epochs: expected a finite number >= 0, got '-3'"),
+        (["--checkpoint-every", "-5"], "argument --checkpoint-every: expected an integer >= 0, got '-5'"),
+        (["--num-workers", "-1"], "argument --num-workers: expected an integer >= 0, got '-1'"),
+        (["--oracle-threshold", "1"], "argument --oracle-threshold: expected a number in [0, 1), got '1'"),
+        (["--max-corrupt-fraction", "2"], "argument --max-corrupt-fraction: expected a number in [0, 1], got '2'"),
+        (["--device", "tpu"], "argument --device: invalid choice: 'tpu' (choose from 'auto', 'cpu', 'cuda')"),
+        (["--device", "meta"], "argument --device: invalid choice: 'meta'"),
+        (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        (["--model", "baseline,baseline"], "--model: expected each model once, got 'baseline,baseline'"),
+        (
+            ["--model-kwargs", "backbone_kwargs={embed_dim:32}"],
+            "argument --model-kwargs: YAML reads 'embed_dim:32' as a key without a value; put a space after the "
+            "colon: 'embed_dim: 32'",
+        ),
+        (["--model-kwargs", "depth=[1,"], "argument --model-kwargs: 'depth=[1,' is not valid YAML"),
+        (["--model-kwargs", "=1"], "argument --model-kwargs: expected key=value, got '=1'"),
+        (["--min-lr", "0.1", "--lr", "0.01"], "--min-lr: expected at most --lr (0.01), got 0.1"),
+        (["--data-dir", "somewhere"], "--data-dir: not used by --data synthetic"),
+        (["--img-size", "32"], "--img-size: not used by --data synthetic"),
+        (["--pretrained-file", "/nonexistent/vit.pth"], "--pretrained-file: no such file: /nonexistent/vit.pth"),
+        (["--batch-size", "97"], "--batch-size: expected at most 96, the training images of --data synthetic"),
+        (
+            ["--data-kwargs", "n_train=8", "n_val=0", "n_test=8", "--batch-size", "4"],
+            "--data synthetic: the val split is empty",
+        ),
+        (
+            ["--data-kwargs", "n_train=8", "n_val=8", "n_test=8", "image_size=30", "--batch-size", "4"],
+            "--model-kwargs: img_size: expected a multiple of the patch size (8, 8), got 30",
+        ),
+    ],
+)
+def test_bad_values_are_one_line_exit_2_and_no_run_folder(tmp_path, capsys, argv, message):
+    """Each would otherwise end in a traceback (exit 1), train anyway, or silently do something else."""
+    output = tmp_path / "runs"
+    assert load_train().main([*SMALL, str(output), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"train.py: error: {message}"] or (len(err) == 1 and message in err[0]), err
+    assert not output.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda_is_a_usage_error(tmp_path, capsys):
+    assert load_train().main([*SMALL, str(tmp_path / "runs"), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "train.py: error: --device: expected a device this machine has, got 'cuda' but CUDA is not available"
+    ]
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("epochs: 1\n  batch_size: : 3\n", "not valid YAML: mapping values are not allowed here at line 2"),
+        ("epochs: [1, 2]\n", "epochs: expected a positive integer, got [1, 2]"),
+        ("epochs: 0\n", "epochs: expected a positive integer, got 0"),
+        ("lr: .nan\n", "lr: expected a finite number > 0, got nan"),
+        ("amp: 3\n", "amp: expected true or false, got 3"),
+        ("sched: linear\n", "sched: expected one of ['cosine', 'constant'], got 'linear'"),
+        ("model: [baseline]\n", "model: expected a string, got ['baseline']"),
+        ("seeds: [0, 0]\n", "seeds: expected distinct comma-separated integers"),
+        ("model_kwargs: [1]\n", "model_kwargs: expected a mapping of names to values, got [1]"),
+        ("model_kwargs: {backbone_kwargs: {depth:1}}\n", "model_kwargs: YAML reads 'depth:1' as a key without a value"),
+        ("- epochs\n", "expected a YAML mapping of flag names to values"),
+    ],
+)
+def test_bad_yaml_config_is_one_line_exit_2(tmp_path, capsys, text, message):
+    config = tmp_path / "cfg.yaml"
+    config.write_text(text)
+    assert load_train().main(["-c", str(config), "--output", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"train.py: error: --config {config}") and message in err[0], err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_yaml_values_are_parsed_as_their_flags(tmp_path):
+    config = tmp_path / "cfg.yaml"
+    config.write_text("seeds: [2, 0]\nlr: 1e-3\nepochs: 2\namp: false\nimg_size: null\n")
+    args, _ = load_train()._parse_args(["-c", str(config)])
+    assert (args.seeds, args.lr, args.epochs, args.amp, args.img_size) == ("2,0", 1e-3, 2, False, None)
+
+
+def test_create_model_names_a_missing_pretrained_file(tmp_path):
+    import faithful_vit
+
+    with pytest.raises(FileNotFoundError, match=r"pretrained_file: no such file: '.*missing\.pth'"):
+        faithful_vit.create_model("faithful_tiny", pretrained_file=tmp_path / "missing.pth")
+
+
+def write_waterbirds(root, n_train=4, n_val=2, n_test=2):
+    """A tiny Waterbirds folder (metadata.csv and 16x16 JPEGs), groups cycling through all four."""
+    lines = ["img_id,img_filename,y,split,place,place_filename"]
+    for split, count in enumerate((n_train, n_val, n_test)):
+        for i in range(count):
+            name = f"{split}/img{i}.jpg"
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (16, 16), (40 * i % 256, 0, 0)).save(root / name)
+            lines.append(f"{len(lines)},{name},{i % 2},{split},{i // 2 % 2},p.jpg")
+    (root / "metadata.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+WATERBIRDS = ["--data", "waterbirds", "--img-size", "16", *TINY[5:], "--model", "baseline", "--output"]
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ("9,../outside.jpg,0,0,0,p.jpg", "metadata.csv:10: img_filename: expected a path inside the dataset folder"),
+        ("9,/etc/passwd,0,1,0,p.jpg", "metadata.csv:10: img_filename: expected a path inside the dataset folder"),
+        ("9,0/img0.jpg,2,0,0,p.jpg", "metadata.csv:10: y: expected an integer in 0..1, got '2'"),
+        ("9,0/img0.jpg,0,2,3,p.jpg", "metadata.csv:10: place: expected an integer in 0..1, got '3'"),
+        ("9,0/gone.jpg,0,0,0,p.jpg", "metadata.csv:10: image file not found:"),
+        ("9,0,0,0,0,p.jpg", "metadata.csv:10: image file is a folder, not a file:"),
+    ],
+)
+def test_bad_waterbirds_rows_are_one_line_exit_2(tmp_path, capsys, row, message):
+    root = write_waterbirds(tmp_path / "wb")
+    (root / "metadata.csv").write_text((root / "metadata.csv").read_text() + row + "\n")
+    assert load_train().main([*WATERBIRDS, str(tmp_path / "runs"), "--data-dir", str(root)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("train.py: error: --data waterbirds: ") and message in err[0], err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_empty_validation_split_is_refused(tmp_path, capsys):
+    root = write_waterbirds(tmp_path / "wb", n_val=0)
+    assert load_train().main([*WATERBIRDS, str(tmp_path / "runs"), "--data-dir", str(root)]) == 2
+    assert capsys.readouterr().err.strip() == "train.py: error: --data waterbirds: the val split is empty"
+
+
+def test_undecodable_images_are_skipped_up_to_a_fraction_then_stop_the_run(tmp_path, capsys):
+    root = write_waterbirds(tmp_path / "wb", n_train=8)
+    (root / "0/img3.jpg").write_bytes(b"not an image")  # 1 of 8 training images
+    argv = [*WATERBIRDS, str(tmp_path / "runs"), "--data-dir", str(root), "--batch-size", "2", "--eval-batch-size", "2"]
+    train = load_train()
+    with pytest.warns(UserWarning, match="could not be read"):
+        assert train.main([*argv, "--experiment", "strict"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train.py")]
+    assert err == [
+        "train.py: error: train split: 1 of 8 images could not be decoded (more than 1%; --max-corrupt-fraction); "
+        "fix or remove them"
+    ]
+    assert not (tmp_path / "runs" / "strict" / "summary.json").exists()
+    with pytest.warns(UserWarning, match="could not be read"):
+        assert train.main([*argv, "--experiment", "lenient", "--max-corrupt-fraction", "0.2"]) == 0
+    rows = (tmp_path / "runs" / "lenient" / "baseline" / "seed0" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(rows[-1])["skipped_corrupt_train"] == 1
 
 
 def test_yaml_config_sets_defaults_and_the_command_line_wins(tmp_path):

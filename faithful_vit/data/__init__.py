@@ -4,7 +4,15 @@ Every dataset returns :class:`Sample` ``(image [3,H,W] normalised, label, group,
 exposes ``num_classes``, ``num_groups`` and ``group_names``; :func:`collate` batches them for a DataLoader.
 """
 
-from faithful_vit.data.datasets import CUB200, ImageFolder, ImageListDataset, MetaShiftCatDog, Waterbirds, load_image
+from faithful_vit.data.datasets import (
+    CUB200,
+    DatasetError,
+    ImageFolder,
+    ImageListDataset,
+    MetaShiftCatDog,
+    Waterbirds,
+    load_image,
+)
 from faithful_vit.data.mask_stats import gt_patch_fraction, patch_mask_stats
 from faithful_vit.data.sample import IMAGENET_MEAN, IMAGENET_STD, Batch, CorruptImageError, Sample, collate, normalize
 from faithful_vit.data.synthetic import SpuriousShapes, SpuriousShapesConfig, default_cache_dir
@@ -16,6 +24,7 @@ __all__ = [
     "IMAGENET_STD",
     "Batch",
     "CorruptImageError",
+    "DatasetError",
     "ImageFolder",
     "ImageListDataset",
     "MetaShiftCatDog",

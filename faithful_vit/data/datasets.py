@@ -16,7 +16,9 @@ Corrupt images: a file that exists but cannot be decoded raises :class:`CorruptI
 the default). With ``on_corrupt="skip"`` the dataset warns once per file and returns None for that index;
 :func:`~faithful_vit.data.sample.collate` drops None samples and reports how many it dropped in
 ``Batch.num_skipped`` (and returns None when the whole batch was corrupt), so a training loop counts and skips them.
-Missing files raise ``FileNotFoundError`` in both modes: a missing file is a broken dataset, not a bad image.
+Broken datasets raise :class:`DatasetError` when the dataset is built, naming the file and row: a missing image or
+mask file (or a path that is a folder), a path that leaves the dataset folder (absolute or with ``..``), a label or
+place outside the class/place range, a malformed row.
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ from PIL import Image
 
 from faithful_vit.data.sample import CorruptImageError, Sample, normalize
 
+
+class DatasetError(ValueError):
+    """A dataset on disk is broken; the message names the file (and row) at fault."""
+
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
 WATERBIRDS_SPLITS = {"train": 0, "val": 1, "test": 2}
 
@@ -46,7 +53,8 @@ def load_image(path: str | os.PathLike, mode: str = "RGB") -> torch.Tensor:
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"image file not found: {path!r}")
+        problem = "is a folder, not a file" if os.path.isdir(path) else "not found"
+        raise FileNotFoundError(f"image file {problem}: {path!r}")
     try:
         with Image.open(path) as img:
             array = np.asarray(img.convert(mode), dtype=np.uint8)
@@ -58,12 +66,14 @@ def load_image(path: str | os.PathLike, mode: str = "RGB") -> torch.Tensor:
 
 
 class Entry(NamedTuple):
-    """One indexed example: image path, label, group, optional mask path."""
+    """One indexed example: image path, label, group, optional mask path, and where it was read from (for errors:
+    e.g. ``metadata.csv:7``)."""
 
     path: Path
     label: int
     group: int
     mask_path: Path | None = None
+    source: str = ""
 
 
 class ImageListDataset(torch.utils.data.Dataset):
@@ -75,6 +85,9 @@ class ImageListDataset(torch.utils.data.Dataset):
         transform: joint ``(image [3,H,W] in [0,1], mask [1,H,W] or None) -> (image, mask)``; images of different
             sizes need a transform that fixes the size before batching.
         on_corrupt: ``"raise"`` (:class:`CorruptImageError`) or ``"skip"`` (warn once, return None).
+
+    Raises:
+        DatasetError: an image or mask file is missing (or is a folder), or a label or group is out of range.
     """
 
     def __init__(self, entries, *, num_classes: int, group_names, transform=None, on_corrupt: str = "raise") -> None:
@@ -87,6 +100,19 @@ class ImageListDataset(torch.utils.data.Dataset):
         self.transform = transform
         self.on_corrupt = on_corrupt
         self._warned: set[str] = set()
+        for entry in self.entries:
+            self._check(entry)
+
+    def _check(self, entry: Entry) -> None:
+        where = f"{entry.source}: " if entry.source else ""
+        if not 0 <= entry.label < self.num_classes:
+            raise DatasetError(f"{where}label: expected 0..{self.num_classes - 1}, got {entry.label} ({entry.path})")
+        if not 0 <= entry.group < self.num_groups:
+            raise DatasetError(f"{where}group: expected 0..{self.num_groups - 1}, got {entry.group} ({entry.path})")
+        for kind, path in (("image", entry.path), ("mask", entry.mask_path)):
+            if path is not None and not os.path.isfile(path):
+                problem = "is a folder, not a file" if os.path.isdir(path) else "not found"
+                raise DatasetError(f"{where}{kind} file {problem}: {str(path)!r}")
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -118,18 +144,45 @@ class ImageListDataset(torch.utils.data.Dataset):
         return Sample(normalize(image), entry.label, entry.group, mask)
 
 
-def _read_table(path: Path, columns: int) -> list[list[str]]:
-    """Rows of a whitespace-separated CUB metadata file, each split into ``columns`` fields."""
+def _read_table(path: Path) -> dict[str, tuple[str, str]]:
+    """A whitespace-separated CUB metadata file of ``<image id> <value>`` lines: id -> (value, ``"file:line"``)."""
     if not path.is_file():
         raise FileNotFoundError(f"CUB metadata file not found: {str(path)!r}")
-    rows = []
+    rows = {}
     for line_no, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip():
-            fields = line.split(maxsplit=columns - 1)
-            if len(fields) != columns:
-                raise ValueError(f"{path}:{line_no}: expected {columns} fields, got {line!r}")
-            rows.append(fields)
+            fields = line.split(maxsplit=1)
+            where = f"{path}:{line_no}"
+            if len(fields) != 2:
+                raise DatasetError(f"{where}: expected 2 fields, got {line!r}")
+            if fields[0] in rows:
+                raise DatasetError(f"{where}: id {fields[0]} already given on {rows[fields[0]][1]}")
+            rows[fields[0]] = (fields[1].strip(), where)
     return rows
+
+
+def _parse_int(value, column: str, where: str, allowed: range | None = None) -> int:
+    """A metadata field as an int (in ``allowed`` if given); anything else is a :class:`DatasetError` naming the row."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or (allowed is not None and number not in allowed):
+        expected = "an integer" if allowed is None else f"an integer in {allowed.start}..{allowed.stop - 1}"
+        raise DatasetError(f"{where}: {column}: expected {expected}, got {value!r}")
+    return number
+
+
+def _relative_path(value, column: str, where: str) -> str:
+    """A file name from a metadata row, refused unless it stays inside the dataset folder."""
+    if not value or not value.strip():
+        raise DatasetError(f"{where}: {column}: expected a file name, got {value!r}")
+    parts = Path(value).parts
+    if Path(value).is_absolute() or Path(value).drive or ".." in parts:
+        raise DatasetError(
+            f"{where}: {column}: expected a path inside the dataset folder (relative, without '..'), got {value!r}"
+        )
+    return value
 
 
 def _mask_path(mask_root: Path | None, relative: str) -> Path | None:
@@ -167,16 +220,15 @@ class Waterbirds(ImageListDataset):
             if missing:
                 raise ValueError(f"{metadata}: missing columns {sorted(missing)}; got {reader.fieldnames}")
             for row in reader:
-                if int(row["split"]) != WATERBIRDS_SPLITS[split]:
+                where = f"{metadata}:{reader.line_num}"  # every row is checked, whichever split it is in
+                row_split = _parse_int(row["split"], "split", where, range(3))
+                name = _relative_path(row["img_filename"], "img_filename", where)
+                y = _parse_int(row["y"], "y", where, range(len(self.class_names)))
+                place = _parse_int(row["place"], "place", where, range(self.num_places))
+                if row_split != WATERBIRDS_SPLITS[split]:
                     continue
-                y, place = int(row["y"]), int(row["place"])
                 entries.append(
-                    Entry(
-                        root / row["img_filename"],
-                        y,
-                        y * self.num_places + place,
-                        _mask_path(mask_root, row["img_filename"]),
-                    )
+                    Entry(root / name, y, y * self.num_places + place, _mask_path(mask_root, name), source=where)
                 )
         group_names = [f"{c}/{p}" for c in self.class_names for p in self.place_names]
         super().__init__(entries, num_classes=2, group_names=group_names, transform=transform, on_corrupt=on_corrupt)
@@ -205,17 +257,27 @@ class CUB200(ImageListDataset):
             if mask_root is None:
                 raise FileNotFoundError(f"no segmentations folder at {[str(c) for c in candidates]}")
         mask_root = None if mask_root is None else Path(mask_root)
-        paths = dict(_read_table(root / "images.txt", 2))
-        labels = {i: int(c) - 1 for i, c in _read_table(root / "image_class_labels.txt", 2)}
-        is_train = {i: t.strip() == "1" for i, t in _read_table(root / "train_test_split.txt", 2)}
-        classes = sorted((int(c), name) for c, name in _read_table(root / "classes.txt", 2))
-        self.class_names = tuple(name for _, name in classes)
+        paths = _read_table(root / "images.txt")
+        labels = _read_table(root / "image_class_labels.txt")
+        is_train = _read_table(root / "train_test_split.txt")
+        classes = _read_table(root / "classes.txt")
+        class_ids = sorted(
+            _parse_int(c, "class id", where, range(1, len(classes) + 1)) for c, (_, where) in classes.items()
+        )
+        if class_ids != list(range(1, len(classes) + 1)):  # a repeated id, spelled differently (e.g. 01 and 1)
+            raise DatasetError(f"{root / 'classes.txt'}: expected class ids 1..{len(classes)}, each once")
+        self.class_names = tuple(name for _, (name, _) in sorted(classes.items(), key=lambda item: int(item[0])))
         want_train = split == "train"
-        entries = [
-            Entry(root / "images" / paths[i], labels[i], labels[i], _mask_path(mask_root, paths[i]))
-            for i in sorted(paths, key=int)
-            if is_train[i] == want_train
-        ]
+        entries = []
+        for i in sorted(paths, key=lambda i: _parse_int(i, "image id", paths[i][1])):
+            name = _relative_path(paths[i][0], "image name", paths[i][1])
+            for table, file in ((labels, "image_class_labels.txt"), (is_train, "train_test_split.txt")):
+                if i not in table:
+                    raise DatasetError(f"{paths[i][1]}: image id {i} has no line in {root / file}")
+            label = _parse_int(labels[i][0], "class id", labels[i][1], range(1, len(classes) + 1)) - 1
+            if bool(_parse_int(is_train[i][0], "is_training_image", is_train[i][1], range(2))) == want_train:
+                source = paths[i][1]
+                entries.append(Entry(root / "images" / name, label, label, _mask_path(mask_root, name), source=source))
         super().__init__(
             entries, num_classes=len(classes), group_names=self.class_names, transform=transform, on_corrupt=on_corrupt
         )
