@@ -14,7 +14,8 @@ out (``MASK_KEYS`` / ``MASK_QUERIES`` False), then the partly valid ones with it
 per-score select at all: row i of the output or of dQ depends on query i alone, row j of dK/dV on key j alone, so
 the kernels select zero for invalid rows once, when they store them. Invalid (query, key) pairs that a sum crosses
 get exactly zero weight through ``tl.where``, and the callers load rows outside their masks as zeros, so non-finite
-values there are never read. The softmax scale is folded into one fma per score, so it must be positive.
+values there are never read (a zero weight times a NaN would still be NaN). Valid rows are never masked: a NaN or Inf
+in them propagates as in SDPA. The softmax scale is folded into one fma per score, so it must be positive.
 
 Tile layouts: ``q``, ``do``, ``k``, ``v`` are ``(rows, BLOCK_D)``; ``kt``, ``vt`` are the key-side tiles transposed,
 ``(BLOCK_D, BLOCK_N)`` (a caller that loaded ``k`` passes ``tl.trans(k)``). Log-sum-exps and scores are in log2 units

@@ -95,12 +95,21 @@ def masked_attention(
 ) -> torch.Tensor:
     """Attention restricted, per image, to the kept keys.
 
+    Non-finite values: both backends give what ``F.scaled_dot_product_attention(q, k, v,
+    attn_mask=keep[:, None, None, :])`` gives for the rows they compute: a NaN or Inf in a kept key, or in a
+    computed query, makes every output and gradient that depends on it non-finite, where SDPA's are. Dropped keys
+    are never read, and with ``skip_dropped_queries`` neither are dropped queries (their q and output gradient), so
+    whatever they hold changes no output and no gradient of another token, bit for bit.
+
     Args:
         q, k, v: ``(B, H, N, D)``, fp16/bf16/fp32, any strides with a unit last dimension; ``16 <= D <= 128``.
         keep: ``(B, N)`` bool, True for kept tokens.
         scale: softmax scale (positive), default ``D ** -0.5``.
-        gate: optional ``(B, N)`` float equal to ``keep`` in value (a straight-through estimate); the forward is
-            unchanged and the backward returns d(loss)/d(gate) for every key (dense over keys, see the module doc).
+        gate: optional ``(B, N)`` float, a straight-through estimate whose value must equal ``keep`` (1.0 where kept,
+            0.0 where dropped). The backward returns d(loss)/d(gate) of the multiplicative key gate at
+            ``gate = keep`` for every key (dense over keys, see the module doc). A gate that differs from ``keep``
+            anywhere in an image (any other value, NaN included) makes that image's whole output NaN: the check runs
+            on the device, without a host synchronisation, and the NaN reaches the loss. Gradients are unaffected.
         skip_dropped_queries: dropped query rows are zero (zero gradient) instead of computed as SDPA does.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see :mod:`faithful_vit.kernels._backend`).
 
@@ -115,8 +124,11 @@ def masked_attention(
     q, k, v = (unit_last_stride(t) for t in (q, k, v))
     if q.is_cuda and _OPS_REGISTERED:
         out, _ = torch.ops.faithful_vit.masked_attention_fwd(q, k, v, keep, gate, scale, skip_dropped_queries)
-        return out
-    return MaskedAttentionFunction.apply(q, k, v, keep, gate, scale, skip_dropped_queries)
+    else:
+        out = MaskedAttentionFunction.apply(q, k, v, keep, gate, scale, skip_dropped_queries)
+    if gate is not None:  # the torch backend applies the same rule inside the reference
+        out = out + reference.gate_mismatch_nan(gate, keep, out.dtype)
+    return out
 
 
 def compaction_order(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -760,7 +772,9 @@ if TRITON_AVAILABLE:
             DOT_PRECISION,
         )
 
-        row_valid = in_m & (l_i > 0)
+        # The rows computed: every one in an image with a kept key (l_i > 0 there unless NaN or Inf made it NaN,
+        # which then propagates to the output and the lse, as in SDPA), only the kept ones when skipping.
+        row_valid = in_m & (live_count > 0)
         if SKIP_DROPPED_QUERIES:
             row_valid = row_valid & keep_q
         out = acc / tl.where(row_valid, l_i, 1.0)[:, None]
@@ -840,17 +854,19 @@ if TRITON_AVAILABLE:
         DOT_PRECISION: tl.constexpr,
     ):
         """Accumulate dK, dV (and the gate term) of one key block over the query blocks ``Q_ORDER_b[start:stop]``:
-        full blocks (``MASK_QUERIES`` False: every row inside N with a finite log-sum-exp) or partly valid ones (rows
-        with lse = -inf, not computed or without a kept key, contribute exactly zero)."""
+        full blocks (``MASK_QUERIES`` False: every row inside N and computed) or partly valid ones (rows with
+        lse = -inf, not computed or without a kept key, are loaded as zeros and contribute exactly zero)."""
         offs_block = tl.arange(0, BLOCK_M)
         for i in range(start, stop):
             offs_m = tl.load(Q_ORDER_b + i) * BLOCK_M + offs_block
             if MASK_QUERIES:
-                in_m = offs_m < N
-                qd_mask = in_m[:, None] & in_d[None, :]
-                lse = tl.load(LSE_bh + offs_m, mask=in_m, other=float("-inf"))
-                delta = tl.load(DELTA_bh + offs_m, mask=in_m, other=0.0)
-                row_valid = lse != float("-inf")
+                lse = tl.load(LSE_bh + offs_m, mask=offs_m < N, other=float("-inf"))
+                row_valid = lse != float("-inf")  # a NaN lse is a computed row: its NaN propagates
+                # Rows not computed: their q and dO are loaded as zeros (never read) and their delta selected away,
+                # else their NaN or Inf would meet the zero weight below in a product (0 * NaN) and reach every key
+                # of the block. (delta is selected, not masked on load: a load masked by lse slows both loops.)
+                qd_mask = row_valid[:, None] & in_d[None, :]
+                delta = tl.where(row_valid, tl.load(DELTA_bh + offs_m, mask=offs_m < N, other=0.0), 0.0)
                 lse = tl.where(row_valid, lse, 0.0)  # select, never multiply: these rows get weight 0 below
             else:
                 qd_mask = in_d[None, :]
