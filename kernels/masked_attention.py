@@ -23,6 +23,11 @@ Algorithm (FlashAttention-2 style, exp2 domain, fp32 accumulation):
       attention through :mod:`._attention_core`, with ``keep`` as the per-token validity mask; this module holds the
       block lists, the masked loads, the gate term, grids, configs and autograd wiring.
 
+Non-finite values: rows that are computed are never masked, so a NaN or Inf in a kept key or a computed query
+propagates exactly as in SDPA (and in :func:`~faithful_vit.kernels.reference.masked_attention_ref`). Dropped keys,
+and queries that are not computed, are loaded as zeros wherever they meet other tokens (never multiplied by a zero
+weight), so whatever they hold changes nothing else. Grids are 1-d (:func:`._attention_core.flat_grid`): any B x H.
+
 Gate gradient: when ``gate`` requires grad, the backward returns the derivative of the multiplicative key gate
 ``out_i = sum_j g_j exp(s_ij) v_j / sum_j g_j exp(s_ij)`` at ``g = keep``, for every key, kept or dropped. It equals
 ``sum_i ds_ij`` computed from the real k/v of key j, the row sums of the dK/dV kernel's ``ds`` tile, which that kernel
@@ -49,7 +54,14 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._attention_core import check_interpreter_dtype, check_qkv, dot_precision, launch_directly, launch_in_op
+from ._attention_core import (
+    check_interpreter_dtype,
+    check_qkv,
+    dot_precision,
+    flat_grid,
+    launch_directly,
+    launch_in_op,
+)
 from ._autotune import tuned_config
 from ._backend import TRITON_AVAILABLE, resolve_backend
 from ._utils import check_tensor, empty, empty_like_strided, fmt_shape, softmax_scale, unit_last_stride
@@ -58,7 +70,7 @@ if TRITON_AVAILABLE:
     import triton
     import triton.language as tl
 
-    from ._attention_core import LOG2E, attn_bwd_dkdv_step, attn_bwd_dq_step, attn_fwd_step
+    from ._attention_core import LOG2E, attn_bwd_dkdv_step, attn_bwd_dq_step, attn_fwd_step, program_tile
 
 __all__ = ["compaction_order", "masked_attention"]
 
@@ -314,8 +326,7 @@ def _launch_fwd(q, k, v, keep, scale, skip_dropped_queries, cfg, launch):
     k_order, k_counts = _block_lists(keep_i8, cfg["BLOCK_N"], launch=launch)
     out = empty_like_strided(q, (batch, heads, seq_len, head_dim), _BNHD)
     lse = empty(batch, heads, seq_len, dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(seq_len, cfg["BLOCK_M"]), batch * heads)
-    launch(_masked_attn_fwd_kernel)[grid](
+    launch(_masked_attn_fwd_kernel)[flat_grid(triton.cdiv(seq_len, cfg["BLOCK_M"]), batch * heads)](
         q,
         k,
         v,
@@ -378,7 +389,7 @@ def _launch_bwd(grad_out, q, k, v, keep, out, lse, scale, skip_dropped_queries, 
     options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
 
     delta = empty(batch, heads, seq_len, dtype=torch.float32, device=q.device)
-    launch(_masked_attn_bwd_preprocess_kernel)[(triton.cdiv(seq_len, block_m), batch * heads)](
+    launch(_masked_attn_bwd_preprocess_kernel)[flat_grid(triton.cdiv(seq_len, block_m), batch * heads)](
         out,
         grad_out,
         delta,
@@ -393,7 +404,7 @@ def _launch_bwd(grad_out, q, k, v, keep, out, lse, scale, skip_dropped_queries, 
 
     dq, dk, dv = (empty_like_strided(q, (batch, heads, seq_len, head_dim), _BNHD) for _ in range(3))
     dgate_heads = empty(batch, heads, seq_len if gate_grad else 1, dtype=torch.float32, device=q.device)
-    launch(_masked_attn_bwd_dkdv_kernel)[(triton.cdiv(seq_len, block_n), batch * heads)](
+    launch(_masked_attn_bwd_dkdv_kernel)[flat_grid(triton.cdiv(seq_len, block_n), batch * heads)](
         q,
         k,
         v,
@@ -426,7 +437,7 @@ def _launch_bwd(grad_out, q, k, v, keep, out, lse, scale, skip_dropped_queries, 
         DOT_PRECISION=precision,
         **options,
     )
-    launch(_masked_attn_bwd_dq_kernel)[(triton.cdiv(seq_len, block_m), batch * heads)](
+    launch(_masked_attn_bwd_dq_kernel)[flat_grid(triton.cdiv(seq_len, block_m), batch * heads)](
         q,
         k,
         v,
@@ -691,10 +702,9 @@ if TRITON_AVAILABLE:
         two >= D), BLOCK_M / BLOCK_N (query / key rows per block, also the block size of K_ORDER),
         SKIP_DROPPED_QUERIES, DOT_PRECISION.
 
-        Grid: ``(cdiv(N, BLOCK_M), B * H)``.
+        Grid: ``flat_grid(cdiv(N, BLOCK_M), B * H)``.
         """
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
+        pid_m, pid_bh = program_tile(tl.program_id(0), tl.cdiv(N, BLOCK_M))
         b = (pid_bh // H).to(tl.int64)  # int64 offsets: B * N * H * D may exceed 2**31
         h = (pid_bh % H).to(tl.int64)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -807,10 +817,9 @@ if TRITON_AVAILABLE:
         Pointers: OUT, DO ``(B, H, N, D)``; DELTA ``(B, H, N)`` fp32 contiguous. Strides in (b, h, n, d) order.
         Constexprs: HEAD_DIM, BLOCK_D, BLOCK_M (rows per program).
 
-        Grid: ``(cdiv(N, BLOCK_M), B * H)``.
+        Grid: ``flat_grid(cdiv(N, BLOCK_M), B * H)``.
         """
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
+        pid_m, pid_bh = program_tile(tl.program_id(0), tl.cdiv(N, BLOCK_M))
         b = (pid_bh // H).to(tl.int64)
         h = (pid_bh % H).to(tl.int64)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -944,10 +953,9 @@ if TRITON_AVAILABLE:
         block size of Q_ORDER), BLOCK_N (key rows of this program), GATE_GRAD (also visit dead key blocks and compute
         the gate term from the real k/v), DOT_PRECISION.
 
-        Grid: ``(cdiv(N, BLOCK_N), B * H)``.
+        Grid: ``flat_grid(cdiv(N, BLOCK_N), B * H)``.
         """
-        pid_n = tl.program_id(0)
-        pid_bh = tl.program_id(1)
+        pid_n, pid_bh = program_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N))
         b = (pid_bh // H).to(tl.int64)
         h = (pid_bh % H).to(tl.int64)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -1128,10 +1136,9 @@ if TRITON_AVAILABLE:
         softmax scale, ``qk_scale = sm_scale * log2(e)``. Constexprs: HEAD_DIM, BLOCK_D, BLOCK_M (query rows of this
         program), BLOCK_N (key rows per visited block, the block size of K_ORDER), DOT_PRECISION.
 
-        Grid: ``(cdiv(N, BLOCK_M), B * H)``.
+        Grid: ``flat_grid(cdiv(N, BLOCK_M), B * H)``.
         """
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
+        pid_m, pid_bh = program_tile(tl.program_id(0), tl.cdiv(N, BLOCK_M))
         b = (pid_bh // H).to(tl.int64)
         h = (pid_bh % H).to(tl.int64)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

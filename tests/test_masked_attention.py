@@ -412,6 +412,98 @@ def test_compaction_leaves_only_the_needed_live_blocks():
     assert counts[:, 0].tolist() == [n // 16 for n in kept]  # all full but the last
 
 
+# ---- Grids -------------------------------------------------------------------------------------------------------
+
+CUDA_GRID_LIMITS = (2**31 - 1, 65535, 65535)
+
+
+class GridRecorder:
+    """A launcher's ``launch`` that records ``(kernel, grid, args, kwargs)`` instead of running the kernel."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __call__(self, kernel):
+        recorder = self
+
+        class _Grid:
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: recorder.launches.append((kernel, grid, args, kwargs))
+
+        return _Grid()
+
+
+if impl.TRITON_AVAILABLE:
+    import triton
+    import triton.language as tl
+
+    from faithful_vit.kernels._attention_core import program_tile
+
+    @triton.jit
+    def _decode_program_tiles(TILE, GROUP, num_programs, num_tiles, BLOCK: tl.constexpr):
+        pid = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tile, group = program_tile(pid, num_tiles)
+        tl.store(TILE + pid, tile, mask=pid < num_programs)
+        tl.store(GROUP + pid, group, mask=pid < num_programs)
+
+
+def assert_grid_within_cuda_limits(grid):
+    assert 1 <= len(grid) <= 3 and all(0 <= n <= limit for n, limit in zip(grid, CUDA_GRID_LIMITS)), grid
+
+
+def decode_program_tiles(num_programs: int, num_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tile, group)`` of every program of a 1-d grid, as the kernels decode them (their own ``program_tile``)."""
+    tile, group = (torch.empty(num_programs, dtype=torch.int32, device=DEVICE) for _ in range(2))
+    block = 4096
+    _decode_program_tiles[(triton.cdiv(num_programs, block),)](tile, group, num_programs, num_tiles, BLOCK=block)
+    return tile, group
+
+
+def _vit_b_batch_inputs(monkeypatch, batch, heads, seq_len, head_dim):
+    """Zero-stride q, k, v and outputs (the launchers only record here), a random keep."""
+    monkeypatch.setattr(impl, "empty", lambda *shape, dtype, device: torch.zeros((), dtype=dtype).expand(shape))
+    monkeypatch.setattr(
+        impl, "empty_like_strided", lambda x, shape, dim_order: torch.zeros((), dtype=x.dtype).expand(shape)
+    )
+    q = torch.zeros((), dtype=torch.float16).expand(batch, heads, seq_len, head_dim)
+    return q, torch.rand(batch, seq_len) < 0.5
+
+
+def test_grids_fit_cuda_and_cover_every_image_and_head(monkeypatch):
+    """ViT-B at batch 5462 has B x H = 65544 (image, head) pairs, over CUDA's 65535 on grid axes 1 and 2: every
+    launch must stay within the limits and its programs must still cover every (tile, image x head) exactly once."""
+    batch, heads, seq_len, head_dim = 5462, 12, 197, 64
+    q, keep = _vit_b_batch_inputs(monkeypatch, batch, heads, seq_len, head_dim)
+    cuda = torch.device("cuda")
+    fwd_cfg = impl.get_fwd_config(seq_len, head_dim, q.dtype, cuda)
+    bwd_cfg = impl.get_bwd_config(seq_len, head_dim, q.dtype, cuda)
+    record = GridRecorder()
+    out, lse = impl._launch_fwd(q, q, q, keep, 0.125, True, fwd_cfg, record)
+    for skip, gate_grad in ((True, False), (True, True), (False, False)):
+        impl._launch_bwd(out, q, q, q, keep, out, lse, 0.125, skip, gate_grad, bwd_cfg, record)
+    attention = [launch for launch in record.launches if launch[0] is not impl._block_lists_kernel]
+    assert len(attention) == 1 + 3 * 3
+    for kernel, grid, _, kwargs in record.launches:
+        assert_grid_within_cuda_limits(grid)
+        if kernel is impl._block_lists_kernel:
+            assert grid == (batch,)
+            continue
+        block = kwargs["BLOCK_N"] if kernel is impl._masked_attn_bwd_dkdv_kernel else kwargs["BLOCK_M"]
+        num_tiles = triton.cdiv(seq_len, block)
+        assert grid == (num_tiles * batch * heads,), kernel.__name__
+        tile, group = decode_program_tiles(grid[0], num_tiles)
+        pairs = group.long() * num_tiles + tile.long()
+        assert torch.equal(pairs, torch.arange(grid[0], dtype=torch.long, device=DEVICE)), kernel.__name__
+        assert int(group.max()) == batch * heads - 1 and int(tile.max()) == num_tiles - 1
+
+
+def test_a_grid_past_cudas_limit_is_a_clear_error():
+    with pytest.raises(
+        ValueError, match=r"q: 4 tiles x 600000000 \(image or sequence, head\) pairs need 2400000000 programs, over"
+    ):
+        impl.flat_grid(4, 600_000_000)
+
+
 # ---- Registration, backends, configs ----------------------------------------------------------------------------
 
 
