@@ -240,15 +240,16 @@ def _guarded(shape, fill, dtype=torch.float32):
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize(
-    ("offsets", "clamped"),
+    ("offsets", "max_seqlen", "clamped"),
     [
-        ([0, 7, 60], [0, 7, 20]),  # past T
-        ([-30, 8, 20], [0, 8, 20]),  # before 0
-        ([0, 12, 3, 20], None),  # decreasing: unspecified values, still in bounds
-        ([0, 70, 90], None),  # every sequence past T
+        ([0, 7, 60], 64, [0, 7, 20]),  # past T
+        ([-30, 8, 20], 64, [0, 8, 20]),  # before 0
+        ([0, 12, 3, 20], 64, None),  # decreasing: unspecified values, still in bounds
+        ([0, 70, 90], 64, None),  # every sequence past T
+        ([0, 20], 4, None),  # max_seqlen below the length
     ],
 )
-def test_unchecked_offsets_never_leave_the_tensors(monkeypatch, offsets, clamped):
+def test_unchecked_offsets_never_leave_the_tensors(monkeypatch, offsets, max_seqlen, clamped):
     """With check_cu_seqlens=False no offset makes a kernel read or write outside its tensors: q, k, v and every
     buffer the kernels write (outputs, lse, delta, gradients) sit between rows of sentinel that must be neither read
     (NaN there would show in the results) nor written. Offsets that are valid once clamped into [0, T] give the
@@ -268,7 +269,7 @@ def test_unchecked_offsets_never_leave_the_tensors(monkeypatch, offsets, clamped
         view.copy_(torch.randn(total, heads, head_dim))
         inputs.append(view.requires_grad_())
     cu = torch.tensor(offsets, dtype=torch.int32, device=DEVICE)
-    out = varlen_attention(*inputs, cu, 64, check_cu_seqlens=False, backend="triton")
+    out = varlen_attention(*inputs, cu, max_seqlen, check_cu_seqlens=False, backend="triton")
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, inputs, grad_out)
     assert buffers, "the kernels' buffers were not guarded"
