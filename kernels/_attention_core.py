@@ -14,7 +14,8 @@ out (``MASK_KEYS`` / ``MASK_QUERIES`` False), then the partly valid ones with it
 per-score select at all: row i of the output or of dQ depends on query i alone, row j of dK/dV on key j alone, so
 the kernels select zero for invalid rows once, when they store them. Invalid (query, key) pairs that a sum crosses
 get exactly zero weight through ``tl.where``, and the callers load rows outside their masks as zeros, so non-finite
-values there are never read. The softmax scale is folded into one fma per score, so it must be positive.
+values there are never read (a zero weight times a NaN would still be NaN). Valid rows are never masked: a NaN or Inf
+in them propagates as in SDPA. The softmax scale is folded into one fma per score, so it must be positive.
 
 Tile layouts: ``q``, ``do``, ``k``, ``v`` are ``(rows, BLOCK_D)``; ``kt``, ``vt`` are the key-side tiles transposed,
 ``(BLOCK_D, BLOCK_N)`` (a caller that loaded ``k`` passes ``tl.trans(k)``). Log-sum-exps and scores are in log2 units
@@ -61,6 +62,22 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+# CUDA caps grid axis 0 at 2**31 - 1 programs and axes 1 and 2 at 65535, which B * H alone exceeds for ViT-B at
+# batch 5462: every attention kernel therefore runs on a 1-d grid of (tile, group) programs, tiles fastest.
+MAX_GRID_X = 2**31 - 1
+
+
+def flat_grid(tiles: int, groups: int) -> tuple[int]:
+    """The 1-d grid of ``tiles`` programs for each of ``groups`` (image x head, or sequence x head) that
+    :func:`program_tile` decodes; refuses a grid past CUDA's limit with a clear error."""
+    if tiles * groups > MAX_GRID_X:
+        raise ValueError(
+            f"q: {tiles} tiles x {groups} (image or sequence, head) pairs need {tiles * groups} programs, over "
+            f"CUDA's grid limit of {MAX_GRID_X}; split the batch"
+        )
+    return (tiles * groups,)
+
+
 def launch_directly(kernel):
     """The default ``launch`` of the launchers: the kernel itself (:func:`launch_in_op` inside a ``triton_op``)."""
     return kernel
@@ -76,6 +93,13 @@ def launch_in_op(kernel):
 if TRITON_AVAILABLE:
     # Kernels may read only constexpr globals; host code uses ``.value``.
     LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): natural-log units to log2 units
+
+    @triton.jit
+    def program_tile(pid, num_tiles):
+        """``(tile, group)`` of program ``pid`` (``tl.program_id(0)``) in a grid from :func:`flat_grid` with
+        ``num_tiles`` tiles per group: the programs of one group are consecutive, in the order of a
+        ``(tiles, groups)`` grid."""
+        return pid % num_tiles, pid // num_tiles
 
     @triton.jit
     def attn_fwd_step(

@@ -23,6 +23,11 @@ Algorithm (FlashAttention-2 style, exp2 domain, fp32 accumulation):
       attention through :mod:`._attention_core`, with ``keep`` as the per-token validity mask; this module holds the
       block lists, the masked loads, the gate term, grids, configs and autograd wiring.
 
+Non-finite values: rows that are computed are never masked, so a NaN or Inf in a kept key or a computed query
+propagates exactly as in SDPA (and in :func:`~faithful_vit.kernels.reference.masked_attention_ref`). Dropped keys,
+and queries that are not computed, are loaded as zeros wherever they meet other tokens (never multiplied by a zero
+weight), so whatever they hold changes nothing else. Grids are 1-d (:func:`._attention_core.flat_grid`): any B x H.
+
 Gate gradient: when ``gate`` requires grad, the backward returns the derivative of the multiplicative key gate
 ``out_i = sum_j g_j exp(s_ij) v_j / sum_j g_j exp(s_ij)`` at ``g = keep``, for every key, kept or dropped. It equals
 ``sum_i ds_ij`` computed from the real k/v of key j, the row sums of the dK/dV kernel's ``ds`` tile, which that kernel
@@ -49,7 +54,14 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._attention_core import check_interpreter_dtype, check_qkv, dot_precision, launch_directly, launch_in_op
+from ._attention_core import (
+    check_interpreter_dtype,
+    check_qkv,
+    dot_precision,
+    flat_grid,
+    launch_directly,
+    launch_in_op,
+)
 from ._autotune import tuned_config
 from ._backend import TRITON_AVAILABLE, resolve_backend
 from ._utils import check_tensor, empty, empty_like_strided, fmt_shape, softmax_scale, unit_last_stride
@@ -58,7 +70,7 @@ if TRITON_AVAILABLE:
     import triton
     import triton.language as tl
 
-    from ._attention_core import LOG2E, attn_bwd_dkdv_step, attn_bwd_dq_step, attn_fwd_step
+    from ._attention_core import LOG2E, attn_bwd_dkdv_step, attn_bwd_dq_step, attn_fwd_step, program_tile
 
 __all__ = ["compaction_order", "masked_attention"]
 
@@ -95,12 +107,21 @@ def masked_attention(
 ) -> torch.Tensor:
     """Attention restricted, per image, to the kept keys.
 
+    Non-finite values: both backends give what ``F.scaled_dot_product_attention(q, k, v,
+    attn_mask=keep[:, None, None, :])`` gives for the rows they compute: a NaN or Inf in a kept key, or in a
+    computed query, makes every output and gradient that depends on it non-finite, where SDPA's are. Dropped keys
+    are never read, and with ``skip_dropped_queries`` neither are dropped queries (their q and output gradient), so
+    whatever they hold changes no output and no gradient of another token, bit for bit.
+
     Args:
         q, k, v: ``(B, H, N, D)``, fp16/bf16/fp32, any strides with a unit last dimension; ``16 <= D <= 128``.
         keep: ``(B, N)`` bool, True for kept tokens.
         scale: softmax scale (positive), default ``D ** -0.5``.
-        gate: optional ``(B, N)`` float equal to ``keep`` in value (a straight-through estimate); the forward is
-            unchanged and the backward returns d(loss)/d(gate) for every key (dense over keys, see the module doc).
+        gate: optional ``(B, N)`` float, a straight-through estimate whose value must equal ``keep`` (1.0 where kept,
+            0.0 where dropped). The backward returns d(loss)/d(gate) of the multiplicative key gate at
+            ``gate = keep`` for every key (dense over keys, see the module doc). A gate that differs from ``keep``
+            anywhere in an image (any other value, NaN included) makes that image's whole output NaN: the check runs
+            on the device, without a host synchronisation, and the NaN reaches the loss. Gradients are unaffected.
         skip_dropped_queries: dropped query rows are zero (zero gradient) instead of computed as SDPA does.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see :mod:`faithful_vit.kernels._backend`).
 
@@ -115,8 +136,11 @@ def masked_attention(
     q, k, v = (unit_last_stride(t) for t in (q, k, v))
     if q.is_cuda and _OPS_REGISTERED:
         out, _ = torch.ops.faithful_vit.masked_attention_fwd(q, k, v, keep, gate, scale, skip_dropped_queries)
-        return out
-    return MaskedAttentionFunction.apply(q, k, v, keep, gate, scale, skip_dropped_queries)
+    else:
+        out = MaskedAttentionFunction.apply(q, k, v, keep, gate, scale, skip_dropped_queries)
+    if gate is not None:  # the torch backend applies the same rule inside the reference
+        out = out + reference.gate_mismatch_nan(gate, keep, out.dtype)
+    return out
 
 
 def compaction_order(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -302,8 +326,7 @@ def _launch_fwd(q, k, v, keep, scale, skip_dropped_queries, cfg, launch):
     k_order, k_counts = _block_lists(keep_i8, cfg["BLOCK_N"], launch=launch)
     out = empty_like_strided(q, (batch, heads, seq_len, head_dim), _BNHD)
     lse = empty(batch, heads, seq_len, dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(seq_len, cfg["BLOCK_M"]), batch * heads)
-    launch(_masked_attn_fwd_kernel)[grid](
+    launch(_masked_attn_fwd_kernel)[flat_grid(triton.cdiv(seq_len, cfg["BLOCK_M"]), batch * heads)](
         q,
         k,
         v,
@@ -366,7 +389,7 @@ def _launch_bwd(grad_out, q, k, v, keep, out, lse, scale, skip_dropped_queries, 
     options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
 
     delta = empty(batch, heads, seq_len, dtype=torch.float32, device=q.device)
-    launch(_masked_attn_bwd_preprocess_kernel)[(triton.cdiv(seq_len, block_m), batch * heads)](
+    launch(_masked_attn_bwd_preprocess_kernel)[flat_grid(triton.cdiv(seq_len, block_m), batch * heads)](
         out,
         grad_out,
         delta,
@@ -381,7 +404,7 @@ def _launch_bwd(grad_out, q, k, v, keep, out, lse, scale, skip_dropped_queries, 
 
     dq, dk, dv = (empty_like_strided(q, (batch, heads, seq_len, head_dim), _BNHD) for _ in range(3))
     dgate_heads = empty(batch, heads, seq_len if gate_grad else 1, dtype=torch.float32, device=q.device)
-    launch(_masked_attn_bwd_dkdv_kernel)[(triton.cdiv(seq_len, block_n), batch * heads)](
+    launch(_masked_attn_bwd_dkdv_kernel)[flat_grid(triton.cdiv(seq_len, block_n), batch * heads)](
         q,
         k,
         v,
@@ -414,7 +437,7 @@ def _launch_bwd(grad_out, q, k, v, keep, out, lse, scale, skip_dropped_queries, 
         DOT_PRECISION=precision,
         **options,
     )
-    launch(_masked_attn_bwd_dq_kernel)[(triton.cdiv(seq_len, block_m), batch * heads)](
+    launch(_masked_attn_bwd_dq_kernel)[flat_grid(triton.cdiv(seq_len, block_m), batch * heads)](
         q,
         k,
         v,
@@ -679,10 +702,9 @@ if TRITON_AVAILABLE:
         two >= D), BLOCK_M / BLOCK_N (query / key rows per block, also the block size of K_ORDER),
         SKIP_DROPPED_QUERIES, DOT_PRECISION.
 
-        Grid: ``(cdiv(N, BLOCK_M), B * H)``.
+        Grid: ``flat_grid(cdiv(N, BLOCK_M), B * H)``.
         """
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
+        pid_m, pid_bh = program_tile(tl.program_id(0), tl.cdiv(N, BLOCK_M))
         b = (pid_bh // H).to(tl.int64)  # int64 offsets: B * N * H * D may exceed 2**31
         h = (pid_bh % H).to(tl.int64)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -760,7 +782,9 @@ if TRITON_AVAILABLE:
             DOT_PRECISION,
         )
 
-        row_valid = in_m & (l_i > 0)
+        # The rows computed: every one in an image with a kept key (l_i > 0 there unless NaN or Inf made it NaN,
+        # which then propagates to the output and the lse, as in SDPA), only the kept ones when skipping.
+        row_valid = in_m & (live_count > 0)
         if SKIP_DROPPED_QUERIES:
             row_valid = row_valid & keep_q
         out = acc / tl.where(row_valid, l_i, 1.0)[:, None]
@@ -793,10 +817,9 @@ if TRITON_AVAILABLE:
         Pointers: OUT, DO ``(B, H, N, D)``; DELTA ``(B, H, N)`` fp32 contiguous. Strides in (b, h, n, d) order.
         Constexprs: HEAD_DIM, BLOCK_D, BLOCK_M (rows per program).
 
-        Grid: ``(cdiv(N, BLOCK_M), B * H)``.
+        Grid: ``flat_grid(cdiv(N, BLOCK_M), B * H)``.
         """
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
+        pid_m, pid_bh = program_tile(tl.program_id(0), tl.cdiv(N, BLOCK_M))
         b = (pid_bh // H).to(tl.int64)
         h = (pid_bh % H).to(tl.int64)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -840,17 +863,19 @@ if TRITON_AVAILABLE:
         DOT_PRECISION: tl.constexpr,
     ):
         """Accumulate dK, dV (and the gate term) of one key block over the query blocks ``Q_ORDER_b[start:stop]``:
-        full blocks (``MASK_QUERIES`` False: every row inside N with a finite log-sum-exp) or partly valid ones (rows
-        with lse = -inf, not computed or without a kept key, contribute exactly zero)."""
+        full blocks (``MASK_QUERIES`` False: every row inside N and computed) or partly valid ones (rows with
+        lse = -inf, not computed or without a kept key, are loaded as zeros and contribute exactly zero)."""
         offs_block = tl.arange(0, BLOCK_M)
         for i in range(start, stop):
             offs_m = tl.load(Q_ORDER_b + i) * BLOCK_M + offs_block
             if MASK_QUERIES:
-                in_m = offs_m < N
-                qd_mask = in_m[:, None] & in_d[None, :]
-                lse = tl.load(LSE_bh + offs_m, mask=in_m, other=float("-inf"))
-                delta = tl.load(DELTA_bh + offs_m, mask=in_m, other=0.0)
-                row_valid = lse != float("-inf")
+                lse = tl.load(LSE_bh + offs_m, mask=offs_m < N, other=float("-inf"))
+                row_valid = lse != float("-inf")  # a NaN lse is a computed row: its NaN propagates
+                # Rows not computed: their q and dO are loaded as zeros (never read) and their delta selected away,
+                # else their NaN or Inf would meet the zero weight below in a product (0 * NaN) and reach every key
+                # of the block. (delta is selected, not masked on load: a load masked by lse slows both loops.)
+                qd_mask = row_valid[:, None] & in_d[None, :]
+                delta = tl.where(row_valid, tl.load(DELTA_bh + offs_m, mask=offs_m < N, other=0.0), 0.0)
                 lse = tl.where(row_valid, lse, 0.0)  # select, never multiply: these rows get weight 0 below
             else:
                 qd_mask = in_d[None, :]
@@ -928,10 +953,9 @@ if TRITON_AVAILABLE:
         block size of Q_ORDER), BLOCK_N (key rows of this program), GATE_GRAD (also visit dead key blocks and compute
         the gate term from the real k/v), DOT_PRECISION.
 
-        Grid: ``(cdiv(N, BLOCK_N), B * H)``.
+        Grid: ``flat_grid(cdiv(N, BLOCK_N), B * H)``.
         """
-        pid_n = tl.program_id(0)
-        pid_bh = tl.program_id(1)
+        pid_n, pid_bh = program_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N))
         b = (pid_bh // H).to(tl.int64)
         h = (pid_bh % H).to(tl.int64)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -1112,10 +1136,9 @@ if TRITON_AVAILABLE:
         softmax scale, ``qk_scale = sm_scale * log2(e)``. Constexprs: HEAD_DIM, BLOCK_D, BLOCK_M (query rows of this
         program), BLOCK_N (key rows per visited block, the block size of K_ORDER), DOT_PRECISION.
 
-        Grid: ``(cdiv(N, BLOCK_M), B * H)``.
+        Grid: ``flat_grid(cdiv(N, BLOCK_M), B * H)``.
         """
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
+        pid_m, pid_bh = program_tile(tl.program_id(0), tl.cdiv(N, BLOCK_M))
         b = (pid_bh // H).to(tl.int64)
         h = (pid_bh % H).to(tl.int64)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -5,6 +5,11 @@ change a reference to make a kernel test pass; ``tests/test_reference.py`` check
 
 Conventions shared with the kernels:
     * A dropped key has exactly zero influence: its k and v are never read, so NaN or Inf there changes nothing.
+    * A dropped query whose row is skipped (``skip_dropped_queries``) is isolated in the same way: its q, its output
+      gradient and its zero output take no part in any other row's output or gradient.
+    * Non-finite values in the tokens that are used (kept keys, computed queries) propagate as in
+      ``F.scaled_dot_product_attention`` with a boolean mask: a NaN or Inf in a query or in a kept key makes every
+      score it enters non-finite, and so the softmax rows, outputs and gradients that depend on them.
     * A query row with no kept key outputs zeros (SDPA's behaviour since torch 2.5), with zero gradients, never NaN.
 """
 
@@ -15,6 +20,7 @@ import torch
 __all__ = [
     "masked_attention_ref",
     "masked_attention_gate_grad_ref",
+    "gate_mismatch_nan",
     "varlen_attention_ref",
     "pack_tokens_ref",
     "unpack_tokens_ref",
@@ -31,8 +37,12 @@ def _safe_softmax(scores: torch.Tensor, allowed: torch.Tensor) -> tuple[torch.Te
     Returns the probabilities and the log-sum-exp per row (-inf for empty rows).
     """
     scores = scores.masked_fill(~allowed, float("-inf"))
-    row_max = scores.amax(dim=-1, keepdim=True)
-    row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max).detach()
+    if scores.shape[-1]:
+        row_max = scores.amax(dim=-1, keepdim=True)  # NaN when a score is NaN, as SDPA's softmax
+    else:  # no keys at all (N = 0): amax of an empty dim is an error
+        row_max = scores.new_full((*scores.shape[:-1], 1), float("-inf"))
+    # Only empty rows (max -inf) are shifted by zero; a +inf max gives inf - inf = NaN, as in SDPA.
+    row_max = torch.where(row_max == float("-inf"), torch.zeros_like(row_max), row_max).detach()
     weights = torch.exp(scores - row_max)  # exp(-inf) == 0 for disallowed entries
     denom = weights.sum(dim=-1, keepdim=True)
     probs = weights / torch.where(denom == 0, torch.ones_like(denom), denom)
@@ -55,8 +65,8 @@ def masked_attention_gate_grad_ref(
 
     ``out_i = sum_j g_j exp(s_ij) v_j / sum_j g_j exp(s_ij)`` differentiated at ``g = keep`` gives
     ``sum_i exp(s_ij - lse_i) * (dO_i . v_j - dO_i . out_i)``, summed over heads and over ``query_rows`` (the rows
-    whose outputs are computed). Rows whose lse is -inf (no kept key) contribute nothing. For dropped keys this needs
-    their real scores, so it is dense over keys.
+    whose outputs are computed). Rows whose lse is -inf (no kept key) contribute nothing; a NaN lse (a non-finite
+    query or kept key) propagates. For dropped keys this needs their real scores, so it is dense over keys.
 
     Args:
         q, k, v, out, grad_out: ``(B, H, N, D)``; ``keep``, ``query_rows``: ``(B, N)`` bool; ``lse``: ``(B, H, N)``.
@@ -65,12 +75,24 @@ def masked_attention_gate_grad_ref(
         ``(B, N)`` in the dtype of ``q``.
     """
     scores = torch.einsum("bhid,bhjd->bhij", q, k) * scale
-    finite = torch.isfinite(lse)[..., None] & query_rows[:, None, :, None]
-    weight = torch.where(finite, torch.exp(scores - torch.where(finite, lse[..., None], 0.0)), 0.0)
+    computed = (lse != float("-inf"))[..., None] & query_rows[:, None, :, None]
+    weight = torch.where(computed, torch.exp(scores - torch.where(computed, lse[..., None], 0.0)), 0.0)
     do_v = torch.einsum("bhid,bhjd->bhij", grad_out, v)
     do_o = (grad_out * out).sum(-1, keepdim=True)
-    contrib = torch.where(finite, weight * (do_v - do_o), 0.0)
+    contrib = torch.where(computed, weight * (do_v - do_o), 0.0)
     return contrib.sum(dim=(1, 2))
+
+
+def gate_mismatch_nan(gate: torch.Tensor, keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The gate rule of masked attention: ``(B, 1, 1, 1)`` NaN for every image whose ``gate`` differs from ``keep``
+    anywhere (a NaN or Inf gate included), else 0, to add to the output.
+
+    The gate is a straight-through estimate whose forward value must be the mask. A mismatch is a bug upstream;
+    checking it on the host would cost a synchronisation, so it poisons its image's output instead, which the
+    non-finite-loss guard of training then reports. The gradients are not changed (the term is a constant).
+    """
+    mismatch = (gate != keep.to(gate.dtype)).any(dim=1)
+    return torch.where(mismatch, float("nan"), 0.0).to(dtype)[:, None, None, None]
 
 
 class _GateGradient(torch.autograd.Function):
@@ -107,15 +129,18 @@ def masked_attention_ref(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention in which every query may only attend to the kept keys of its image.
 
-    Kept query rows equal ``F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])``. Dropped query
-    rows are zero (with zero gradient) when ``skip_dropped_queries``, else computed as SDPA does.
+    Kept query rows equal ``F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])``, NaN and Inf
+    included. Dropped query rows are zero (with zero gradient) when ``skip_dropped_queries``, and then isolated: their
+    q and output gradient enter nothing else. Otherwise they are computed as SDPA does.
 
     Args:
         q, k, v: ``(B, H, N, D)``.
         keep: ``(B, N)`` bool, True for kept tokens.
         scale: softmax scale, default ``D ** -0.5``.
-        gate: optional ``(B, N)`` float equal to ``keep`` in value; forward unchanged, its gradient is the derivative
-            of the multiplicative key gate (see :func:`masked_attention_gate_grad_ref`).
+        gate: optional ``(B, N)`` float that must equal ``keep`` in value (1 where kept, 0 where dropped): a
+            straight-through estimate. Its gradient is the derivative of the multiplicative key gate at ``gate = keep``
+            (see :func:`masked_attention_gate_grad_ref`); the output of an image whose gate differs from ``keep``
+            anywhere (NaN included) is NaN (see :func:`gate_mismatch_nan`).
         upcast: compute in float64 and cast back (default); False computes in the input dtype.
         return_lse: also return the log-sum-exp over kept keys, ``(B, H, N)`` float32/64, -inf for empty rows.
 
@@ -126,8 +151,11 @@ def masked_attention_ref(
     cdt = _compute_dtype(q, upcast)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     key_mask = keep[:, None, :, None]
-    # Dropped keys are zeroed before use, so their values (NaN, Inf) never enter an output or a gradient.
+    # Dropped keys (and skipped dropped queries) are zeroed before use, so their values (NaN, Inf) never enter an
+    # output or a gradient: their rows of the products are exact zeros, never 0 * NaN.
     qc = q.to(cdt)
+    if skip_dropped_queries:
+        qc = qc.masked_fill(~key_mask, 0.0)
     kc = k.to(cdt).masked_fill(~key_mask, 0.0)
     vc = v.to(cdt).masked_fill(~key_mask, 0.0)
     scores = torch.einsum("bhid,bhjd->bhij", qc, kc) * scale
@@ -138,6 +166,7 @@ def masked_attention_ref(
         out = out.masked_fill(~keep[:, None, :, None], 0.0)
     if gate is not None:
         out = _GateGradient.apply(out, gate.to(cdt), qc, k.to(cdt), v.to(cdt), keep, lse.detach(), query_rows, scale)
+        out = out + gate_mismatch_nan(gate, keep, cdt)
     out = out.to(dtype)
     if return_lse:
         return out, lse

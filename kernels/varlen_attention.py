@@ -25,8 +25,11 @@ attribute). Autotuning is opt-in (:func:`faithful_vit.kernels.set_autotune`): th
 head dim, dtype) then times :func:`fwd_candidates` / :func:`bwd_candidates` on its own inputs and keeps the fastest.
 
 Limits: ``max_seqlen`` must bound every sequence length (checked on the host unless ``check_cu_seqlens=False``; rows of
-a longer sequence past the bound would be left unwritten). Tiles suit tens to a few thousand tokens per sequence.
-The number of sequences and of heads are each limited to 65535 (CUDA grid dims 1 and 2).
+a longer sequence past the bound are left unwritten). Tiles suit tens to a few thousand tokens per sequence. The
+kernels run on 1-d grids (tiles x sequences x heads on CUDA's axis 0), so any number of sequences and heads fits.
+
+Bounds: every kernel clamps the offsets it reads into ``[0, T]`` (a sequence that ends before it starts is empty), so
+no ``cu_seqlens`` can make it read or write outside its tensors, whether or not the host checked them.
 
 torch.compile: on CUDA the kernels run inside the ``faithful_vit::varlen_attention_fwd/_bwd`` ``triton_op``s (torch
 >= 2.6), which Inductor traces without a graph break (the host check of ``cu_seqlens`` is skipped while compiling).
@@ -42,7 +45,14 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._attention_core import check_interpreter_dtype, check_qkv, dot_precision, launch_directly, launch_in_op
+from ._attention_core import (
+    check_interpreter_dtype,
+    check_qkv,
+    dot_precision,
+    flat_grid,
+    launch_directly,
+    launch_in_op,
+)
 from ._autotune import tuned_config
 from ._backend import TRITON_AVAILABLE, resolve_backend
 from ._utils import check_tensor, empty, fmt_shape, softmax_scale, unit_last_stride
@@ -51,7 +61,7 @@ if TRITON_AVAILABLE:
     import triton
     import triton.language as tl
 
-    from ._attention_core import LOG2E, attn_bwd_dkdv_step, attn_bwd_dq_step, attn_fwd_step
+    from ._attention_core import LOG2E, attn_bwd_dkdv_step, attn_bwd_dq_step, attn_fwd_step, program_tile
 
 __all__ = ["VarlenAttentionFunction", "get_bwd_config", "get_fwd_config", "varlen_attention"]
 
@@ -98,7 +108,12 @@ def varlen_attention(
         cu_seqlens: ``(B + 1,)`` int32 offsets; sequences of length 0 and 1 are allowed.
         max_seqlen: upper bound on the sequence lengths (a Python int, so no host sync is needed).
         scale: softmax scale (positive), default ``D ** -0.5``.
-        check_cu_seqlens: validate ``cu_seqlens`` on the host (one sync); pass False for offsets you built.
+        check_cu_seqlens: validate ``cu_seqlens`` and ``max_seqlen`` on the host (one sync); pass False for offsets
+            you built. Unchecked, no offsets can make the kernels read or write outside their tensors: they clamp
+            every offset into ``[0, T]`` and treat a sequence that ends before it starts as empty. The result equals
+            the checked one when the offsets are valid (non-decreasing from 0 to T) and ``max_seqlen`` bounds every
+            length; otherwise it is that of the clamped offsets if those are valid and bounded by ``max_seqlen``, and
+            unspecified if not (rows of the output and of the gradients may be left uninitialised).
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
 
     Returns:
@@ -206,7 +221,7 @@ def _varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale, launch=launch_
 def _launch_fwd(q, k, v, cu_seqlens, max_seqlen, scale, cfg, launch, out, lse):
     num_heads, head_dim = q.shape[1], int(q.shape[2])
     batch = cu_seqlens.shape[0] - 1
-    grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), batch, num_heads)
+    grid = flat_grid(triton.cdiv(max_seqlen, cfg["BLOCK_M"]), batch * num_heads)
     launch(_varlen_attn_fwd_kernel)[grid](
         q,
         k,
@@ -214,6 +229,9 @@ def _launch_fwd(q, k, v, cu_seqlens, max_seqlen, scale, cfg, launch, out, lse):
         out,
         lse,
         cu_seqlens,
+        q.shape[0],
+        max_seqlen,
+        batch,
         q.stride(0),
         q.stride(1),
         k.stride(0),
@@ -264,7 +282,7 @@ def _launch_bwd(q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, scale, cfg,
 
     delta = empty(num_heads, total, dtype=torch.float32, device=q.device)
     pre_block = cfg["BLOCK_PRE"]
-    launch(_varlen_attn_bwd_preprocess_kernel)[(triton.cdiv(total, pre_block), num_heads)](
+    launch(_varlen_attn_bwd_preprocess_kernel)[flat_grid(triton.cdiv(total, pre_block), num_heads)](
         out,
         grad_out,
         delta,
@@ -290,7 +308,7 @@ def _launch_bwd(q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, scale, cfg,
         lse.stride(0),
     )
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    launch(_varlen_attn_bwd_dkdv_kernel)[(triton.cdiv(max_seqlen, block_n), batch, num_heads)](
+    launch(_varlen_attn_bwd_dkdv_kernel)[flat_grid(triton.cdiv(max_seqlen, block_n), batch * num_heads)](
         q,
         k,
         v,
@@ -300,6 +318,9 @@ def _launch_bwd(q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, scale, cfg,
         dk,
         dv,
         cu_seqlens,
+        total,
+        max_seqlen,
+        batch,
         *strides,
         dk.stride(0),
         dk.stride(1),
@@ -312,7 +333,7 @@ def _launch_bwd(q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, scale, cfg,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
-    launch(_varlen_attn_bwd_dq_kernel)[(triton.cdiv(max_seqlen, block_m), batch, num_heads)](
+    launch(_varlen_attn_bwd_dq_kernel)[flat_grid(triton.cdiv(max_seqlen, block_m), batch * num_heads)](
         q,
         k,
         v,
@@ -321,6 +342,9 @@ def _launch_bwd(q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, scale, cfg,
         delta,
         dq,
         cu_seqlens,
+        total,
+        max_seqlen,
+        batch,
         *strides,
         dq.stride(0),
         dq.stride(1),
@@ -427,6 +451,19 @@ def bwd_candidates(max_seqlen: int, head_dim: int, dtype: torch.dtype, device: t
 if TRITON_AVAILABLE:
 
     @triton.jit
+    def _sequence_tile(pid, CuSeqlens, total, num_tiles, num_seqs):
+        """Tile, head, and the sequence's first row and length of program ``pid`` (``tl.program_id(0)``) in a grid
+        from ``flat_grid(num_tiles, num_seqs * H)`` (tiles fastest, then sequences).
+
+        The offsets are clamped into ``[0, total]`` and a sequence ending before it starts is empty, so that no
+        ``cu_seqlens``, checked or not, makes a kernel address a row outside its tensors."""
+        tile, group = program_tile(pid, num_tiles)
+        seq = group % num_seqs
+        start = tl.minimum(tl.maximum(tl.load(CuSeqlens + seq), 0), total)
+        end = tl.minimum(tl.maximum(tl.load(CuSeqlens + seq + 1), start), total)
+        return tile, group // num_seqs, start, end - start
+
+    @triton.jit
     def _varlen_fwd_key_blocks(
         q,
         m_i,
@@ -472,6 +509,9 @@ if TRITON_AVAILABLE:
         Out,
         Lse,
         CuSeqlens,
+        total,
+        max_seqlen,
+        num_seqs,
         stride_qt,
         stride_qh,
         stride_kt,
@@ -492,15 +532,14 @@ if TRITON_AVAILABLE:
 
         Pointers: Q, K, V ``(T, H, D)`` with strides ``stride_*t``, ``stride_*h`` and unit stride on D; Out likewise;
         Lse ``(H, T)`` fp32 (base 2) with row stride ``stride_lse_h``; CuSeqlens ``(B + 1,)`` int32.
-        Scalars: ``qk_scale_log2`` = softmax scale * log2(e).
+        Scalars: ``total`` = T, ``max_seqlen`` (the bound the grid was sized by), ``num_seqs`` = B,
+        ``qk_scale_log2`` = softmax scale * log2(e).
         Constexprs: HEAD_DIM (D), BLOCK_D (next power of two >= D), INPUT_PRECISION of the dots, BLOCK_M, BLOCK_N.
-        Grid: ``(cdiv(max_seqlen, BLOCK_M), B, H)``.
+        Grid: ``flat_grid(cdiv(max_seqlen, BLOCK_M), B * H)``.
         """
-        pid_m = tl.program_id(0)
-        seq = tl.program_id(1)
-        head = tl.program_id(2)
-        seq_start = tl.load(CuSeqlens + seq)
-        seq_len = tl.load(CuSeqlens + seq + 1) - seq_start
+        pid_m, head, seq_start, seq_len = _sequence_tile(
+            tl.program_id(0), CuSeqlens, total, tl.cdiv(max_seqlen, BLOCK_M), num_seqs
+        )
         if pid_m * BLOCK_M >= seq_len:  # this tile lies past the sequence (max_seqlen is only a bound)
             return
 
@@ -591,10 +630,10 @@ if TRITON_AVAILABLE:
         Pointers: Out, DOut ``(T, H, D)`` with strides ``stride_ot/oh``, ``stride_dot/doh``; Delta ``(H, T)`` fp32 with
         row stride ``stride_delta_h``. Scalars: ``total`` = T.
         Constexprs: HEAD_DIM, BLOCK_D (next power of two >= D), BLOCK_M.
-        Grid: ``(cdiv(T, BLOCK_M), H)``.
+        Grid: ``flat_grid(cdiv(T, BLOCK_M), H)``.
         """
-        head = tl.program_id(1)
-        rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        tile, head = program_tile(tl.program_id(0), tl.cdiv(total, BLOCK_M))
+        rows = (tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         offs_d = tl.arange(0, BLOCK_D)
         mask = (rows < total)[:, None] & (offs_d < HEAD_DIM)[None, :]
         o = tl.load(Out + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :], mask=mask, other=0.0)
@@ -658,6 +697,9 @@ if TRITON_AVAILABLE:
         DK,
         DV,
         CuSeqlens,
+        total,
+        max_seqlen,
+        num_seqs,
         stride_qt,
         stride_qh,
         stride_kt,
@@ -680,15 +722,14 @@ if TRITON_AVAILABLE:
 
         Pointers: Q, K, V, DOut ``(T, H, D)`` with strides ``stride_*t``, ``stride_*h`` and unit stride on D;
         Lse (base 2) and Delta ``(H, T)`` fp32 sharing row stride ``stride_lse_h``; DK, DV ``(T, H, D)`` sharing
-        strides ``stride_dkt``, ``stride_dkh``; CuSeqlens ``(B + 1,)`` int32. Scalars: softmax ``scale``.
+        strides ``stride_dkt``, ``stride_dkh``; CuSeqlens ``(B + 1,)`` int32. Scalars: ``total``, ``max_seqlen``,
+        ``num_seqs`` as in the forward, softmax ``scale``.
         Constexprs: HEAD_DIM, BLOCK_D (next power of two >= D), INPUT_PRECISION of the dots, BLOCK_M, BLOCK_N.
-        Grid: ``(cdiv(max_seqlen, BLOCK_N), B, H)``.
+        Grid: ``flat_grid(cdiv(max_seqlen, BLOCK_N), B * H)``.
         """
-        pid_n = tl.program_id(0)
-        seq = tl.program_id(1)
-        head = tl.program_id(2)
-        seq_start = tl.load(CuSeqlens + seq)
-        seq_len = tl.load(CuSeqlens + seq + 1) - seq_start
+        pid_n, head, seq_start, seq_len = _sequence_tile(
+            tl.program_id(0), CuSeqlens, total, tl.cdiv(max_seqlen, BLOCK_N), num_seqs
+        )
         if pid_n * BLOCK_N >= seq_len:
             return
 
@@ -813,6 +854,9 @@ if TRITON_AVAILABLE:
         Delta,
         DQ,
         CuSeqlens,
+        total,
+        max_seqlen,
+        num_seqs,
         stride_qt,
         stride_qh,
         stride_kt,
@@ -835,15 +879,14 @@ if TRITON_AVAILABLE:
 
         Pointers: Q, K, V, DOut ``(T, H, D)`` with strides ``stride_*t``, ``stride_*h`` and unit stride on D;
         Lse (base 2) and Delta ``(H, T)`` fp32 sharing row stride ``stride_lse_h``; DQ ``(T, H, D)`` with strides
-        ``stride_dqt``, ``stride_dqh``; CuSeqlens ``(B + 1,)`` int32. Scalars: softmax ``scale``.
+        ``stride_dqt``, ``stride_dqh``; CuSeqlens ``(B + 1,)`` int32. Scalars: ``total``, ``max_seqlen``,
+        ``num_seqs`` as in the forward, softmax ``scale``.
         Constexprs: HEAD_DIM, BLOCK_D (next power of two >= D), INPUT_PRECISION of the dots, BLOCK_M, BLOCK_N.
-        Grid: ``(cdiv(max_seqlen, BLOCK_M), B, H)``.
+        Grid: ``flat_grid(cdiv(max_seqlen, BLOCK_M), B * H)``.
         """
-        pid_m = tl.program_id(0)
-        seq = tl.program_id(1)
-        head = tl.program_id(2)
-        seq_start = tl.load(CuSeqlens + seq)
-        seq_len = tl.load(CuSeqlens + seq + 1) - seq_start
+        pid_m, head, seq_start, seq_len = _sequence_tile(
+            tl.program_id(0), CuSeqlens, total, tl.cdiv(max_seqlen, BLOCK_M), num_seqs
+        )
         if pid_m * BLOCK_M >= seq_len:
             return
 

@@ -178,6 +178,106 @@ def test_dropped_keys_have_exactly_zero_influence():
         assert torch.isfinite(clean[1][3]).all()
 
 
+def _assert_same_non_finite(got, want, name):
+    """Non-finite exactly where the float64 reference is, and close to it everywhere else."""
+    got, want = got.double(), want.double()
+    finite = torch.isfinite(want)
+    assert torch.equal(torch.isfinite(got), finite), f"{name}: non-finite at other positions than the reference"
+    scale = 1.0 + want[finite].abs().max().item() if finite.any() else 1.0
+    err = (got[finite] - want[finite]).abs().max().item() if finite.any() else 0.0
+    assert err <= 1e-4 * scale, f"{name}: max error {err:.3g} where finite"
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
+@pytest.mark.parametrize("skip", [True, False])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("poisoned", ["q", "k", "v"])
+def test_non_finite_kept_tokens_propagate_as_in_the_reference(poisoned, value, skip):
+    """NaN/Inf in one kept token reaches exactly the outputs and gradients (gate included) it reaches in the float64
+    reference (which matches SDPA, see test_reference.py): one in a full block (the loops without per-token masks),
+    one in a partly kept block, each in head 0 of its own image; image 2 and head 1 stay clean."""
+    q, k, v, _ = _qkv(3, 2, 37, 16, torch.float32)
+    keep = _random_keep(3, 37)
+    keep[0, :16] = True  # a full block
+    keep[1, 16:32] = torch.arange(16, device=DEVICE) % 2 == 0  # a partly kept block
+    tensors = {"q": q.detach().clone(), "k": k.detach().clone(), "v": v.detach().clone()}
+    tensors[poisoned][0, 0, 5, 3] = value
+    tensors[poisoned][1, 0, 20, 7] = value
+    gate = keep.float()
+    grad_out = torch.randn(q.shape, device=q.device, dtype=torch.float64)
+    args = (tensors["q"], tensors["k"], tensors["v"], keep, grad_out)
+    got = _forward_backward(_kernel, *args, gate=gate, skip_dropped_queries=skip)
+    want = _forward_backward(_ref64, *args, gate=gate, skip_dropped_queries=skip)
+    for name, a, r in zip(["out", "dq", "dk", "dv", "dgate"], [got[0], *got[1]], [want[0], *want[1]]):
+        _assert_same_non_finite(a, r, name)
+    assert not torch.isfinite(want[0][:2, 0]).all(), "the poison must reach the reference output"
+    for t in (got[0], *got[1][:3]):
+        assert torch.isfinite(t[2]).all() and torch.isfinite(t[:, 1]).all()
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_skipped_dropped_queries_change_nothing_else(backend):
+    """NaN/Inf in the q, k, v and output gradient of dropped tokens changes no output and no gradient (gate: at
+    kept keys), bit for bit, when dropped queries are skipped: no 0 * NaN in the dK/dV products."""
+    q, k, v, _ = _qkv(2, 2, 40, 16, torch.float32)
+    keep = _random_keep(2, 40)
+    keep[1, :16] = True  # a full block besides partly kept ones
+    dropped = ~keep[:, None, :, None]
+    grad_out = torch.randn(q.shape, device=q.device)
+    dirty = [t.detach().masked_fill(dropped, fill) for t, fill in ((q, float("nan")), (k, float("inf")), (v, -1e30))]
+    dirty_grad_out = grad_out.masked_fill(dropped, float("nan"))
+
+    def run(q, k, v, grad_out):
+        fn = lambda *a, **kw: masked_attention(*a, backend=backend, **kw)  # noqa: E731
+        return _forward_backward(fn, q, k, v, keep, grad_out, gate=keep.float(), skip_dropped_queries=True)
+
+    clean = run(q, k, v, grad_out)
+    poisoned = run(*dirty, dirty_grad_out)
+    for name, a, b in zip(["out", "dq", "dk", "dv"], [clean[0], *clean[1][:3]], [poisoned[0], *poisoned[1][:3]]):
+        assert torch.equal(a, b), f"{name} changed"
+    assert torch.equal(clean[1][3][keep], poisoned[1][3][keep]), "gate gradient at kept keys changed"
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("shape", [(2, 2, 0, 16), (0, 2, 5, 16), (2, 0, 5, 16)])
+def test_empty_batch_heads_or_tokens(shape, backend):
+    q, k, v = (torch.randn(shape, device=DEVICE) for _ in range(3))
+    keep = torch.ones(shape[0], shape[2], dtype=torch.bool, device=DEVICE)
+    for skip in (True, False):
+        fn = lambda *a, **kw: masked_attention(*a, backend=backend, **kw)  # noqa: E731
+        grad_out = torch.randn(shape, device=DEVICE)
+        out, grads = _forward_backward(fn, q, k, v, keep, grad_out, gate=keep.float(), skip_dropped_queries=skip)
+        assert out.shape == shape and [g.shape for g in grads] == [shape] * 3 + [keep.shape]
+        assert all(torch.equal(g, torch.zeros_like(g)) for g in grads[3:])  # no key (N = 0) or no head (H = 0)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("bad", [0.5, float("nan"), "one where dropped"])
+def test_gate_differing_from_keep_makes_its_image_nan(bad, backend):
+    """The gate's value must be keep: any other value (checked on the device) turns that image's output into NaN,
+    leaves the other images and every gradient as they are with gate = keep."""
+    q, k, v, _ = _qkv(2, 2, 24, 16, torch.float32)
+    keep = _random_keep(2, 24)
+    keep[:, :2] = torch.tensor([True, False], device=DEVICE)
+    gate = keep.float()
+    wrong = gate.clone()
+    if bad == "one where dropped":
+        wrong[0, 1] = 1.0
+    else:
+        wrong[0, 0] = bad
+    grad_out = torch.randn(q.shape, device=q.device)
+    fn = lambda *a, **kw: masked_attention(*a, backend=backend, **kw)  # noqa: E731
+    right = _forward_backward(fn, q, k, v, keep, grad_out, gate=gate)
+    got = _forward_backward(fn, q, k, v, keep, grad_out, gate=wrong)
+    assert torch.isnan(got[0][0]).all()
+    assert torch.equal(got[0][1], right[0][1])
+    for a, b in zip(got[1], right[1]):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("skip", [True, False])
 def test_image_without_kept_token_gives_zeros(skip):
     q, k, v, _ = _qkv(2, 2, 33, 16, torch.float32)
@@ -310,6 +410,98 @@ def test_compaction_leaves_only_the_needed_live_blocks():
     kept = keep.sum(1).tolist()
     assert counts[:, 1].tolist() == [math.ceil(n / 16) for n in kept]
     assert counts[:, 0].tolist() == [n // 16 for n in kept]  # all full but the last
+
+
+# ---- Grids -------------------------------------------------------------------------------------------------------
+
+CUDA_GRID_LIMITS = (2**31 - 1, 65535, 65535)
+
+
+class GridRecorder:
+    """A launcher's ``launch`` that records ``(kernel, grid, args, kwargs)`` instead of running the kernel."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __call__(self, kernel):
+        recorder = self
+
+        class _Grid:
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: recorder.launches.append((kernel, grid, args, kwargs))
+
+        return _Grid()
+
+
+if impl.TRITON_AVAILABLE:
+    import triton
+    import triton.language as tl
+
+    from faithful_vit.kernels._attention_core import program_tile
+
+    @triton.jit
+    def _decode_program_tiles(TILE, GROUP, num_programs, num_tiles, BLOCK: tl.constexpr):
+        pid = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tile, group = program_tile(pid, num_tiles)
+        tl.store(TILE + pid, tile, mask=pid < num_programs)
+        tl.store(GROUP + pid, group, mask=pid < num_programs)
+
+
+def assert_grid_within_cuda_limits(grid):
+    assert 1 <= len(grid) <= 3 and all(0 <= n <= limit for n, limit in zip(grid, CUDA_GRID_LIMITS)), grid
+
+
+def decode_program_tiles(num_programs: int, num_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tile, group)`` of every program of a 1-d grid, as the kernels decode them (their own ``program_tile``)."""
+    tile, group = (torch.empty(num_programs, dtype=torch.int32, device=DEVICE) for _ in range(2))
+    block = 4096
+    _decode_program_tiles[(triton.cdiv(num_programs, block),)](tile, group, num_programs, num_tiles, BLOCK=block)
+    return tile, group
+
+
+def _vit_b_batch_inputs(monkeypatch, batch, heads, seq_len, head_dim):
+    """Zero-stride q, k, v and outputs (the launchers only record here), a random keep."""
+    monkeypatch.setattr(impl, "empty", lambda *shape, dtype, device: torch.zeros((), dtype=dtype).expand(shape))
+    monkeypatch.setattr(
+        impl, "empty_like_strided", lambda x, shape, dim_order: torch.zeros((), dtype=x.dtype).expand(shape)
+    )
+    q = torch.zeros((), dtype=torch.float16).expand(batch, heads, seq_len, head_dim)
+    return q, torch.rand(batch, seq_len) < 0.5
+
+
+def test_grids_fit_cuda_and_cover_every_image_and_head(monkeypatch):
+    """ViT-B at batch 5462 has B x H = 65544 (image, head) pairs, over CUDA's 65535 on grid axes 1 and 2: every
+    launch must stay within the limits and its programs must still cover every (tile, image x head) exactly once."""
+    batch, heads, seq_len, head_dim = 5462, 12, 197, 64
+    q, keep = _vit_b_batch_inputs(monkeypatch, batch, heads, seq_len, head_dim)
+    cuda = torch.device("cuda")
+    fwd_cfg = impl.get_fwd_config(seq_len, head_dim, q.dtype, cuda)
+    bwd_cfg = impl.get_bwd_config(seq_len, head_dim, q.dtype, cuda)
+    record = GridRecorder()
+    out, lse = impl._launch_fwd(q, q, q, keep, 0.125, True, fwd_cfg, record)
+    for skip, gate_grad in ((True, False), (True, True), (False, False)):
+        impl._launch_bwd(out, q, q, q, keep, out, lse, 0.125, skip, gate_grad, bwd_cfg, record)
+    attention = [launch for launch in record.launches if launch[0] is not impl._block_lists_kernel]
+    assert len(attention) == 1 + 3 * 3
+    for kernel, grid, _, kwargs in record.launches:
+        assert_grid_within_cuda_limits(grid)
+        if kernel is impl._block_lists_kernel:
+            assert grid == (batch,)
+            continue
+        block = kwargs["BLOCK_N"] if kernel is impl._masked_attn_bwd_dkdv_kernel else kwargs["BLOCK_M"]
+        num_tiles = triton.cdiv(seq_len, block)
+        assert grid == (num_tiles * batch * heads,), kernel.__name__
+        tile, group = decode_program_tiles(grid[0], num_tiles)
+        pairs = group.long() * num_tiles + tile.long()
+        assert torch.equal(pairs, torch.arange(grid[0], dtype=torch.long, device=DEVICE)), kernel.__name__
+        assert int(group.max()) == batch * heads - 1 and int(tile.max()) == num_tiles - 1
+
+
+def test_a_grid_past_cudas_limit_is_a_clear_error():
+    with pytest.raises(
+        ValueError, match=r"q: 4 tiles x 600000000 \(image or sequence, head\) pairs need 2400000000 programs, over"
+    ):
+        impl.flat_grid(4, 600_000_000)
 
 
 # ---- Registration, backends, configs ----------------------------------------------------------------------------

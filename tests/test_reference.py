@@ -107,6 +107,72 @@ def test_masked_attention_ref_ignores_nan_in_dropped_keys():
         assert torch.equal(a, b), name
 
 
+def _forward_and_grads(fn, q, k, v, grad_out):
+    inputs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = fn(*inputs)
+    return (out, *torch.autograd.grad(out, inputs, grad_out))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("poisoned", ["q", "k", "v"])
+def test_masked_attention_ref_non_finite_kept_tokens_as_sdpa(poisoned, value):
+    """The reference's NaN/Inf semantics are SDPA's (math backend, float64, boolean attn_mask): for computed
+    queries (all of them without skipping) the output and dq are non-finite exactly where SDPA's are, and so are dk
+    and dv at kept keys (SDPA's gradients at dropped keys are not defined by the mask); with skipping, the kept rows
+    of the output match."""
+    q, k, v, keep = make_inputs(2, 2, 9, 4, 0.6, requires_grad=False)
+    keep[:, :2] = True
+    tensors = {"q": q, "k": k, "v": v}
+    tensors[poisoned][0, 0, 1, 2] = value  # a kept token of image 0, head 0
+    grad_out = torch.randn_like(q)
+    mask = keep[:, None, None, :]
+    sdpa = _forward_and_grads(lambda *t: F.scaled_dot_product_attention(*t, attn_mask=mask), q, k, v, grad_out)
+    full = _forward_and_grads(
+        lambda *t: ref.masked_attention_ref(*t, keep, skip_dropped_queries=False), q, k, v, grad_out
+    )
+    kept_keys = keep[:, None, :].expand(-1, 2, -1)
+    for name, got, want in zip(("out", "dq", "dk", "dv"), full, sdpa):
+        if name in ("dk", "dv"):
+            got, want = got[kept_keys], want[kept_keys]
+        finite = torch.isfinite(want)
+        assert torch.equal(torch.isnan(got), torch.isnan(want)), f"{name}: NaN elsewhere than SDPA's"
+        assert torch.equal(torch.isfinite(got), finite), f"{name}: non-finite elsewhere than SDPA's"
+        torch.testing.assert_close(got[finite], want[finite])
+    assert not torch.isfinite(sdpa[0][0, 0]).all(), "the poison must reach SDPA's output"
+    skipped = ref.masked_attention_ref(q, k, v, keep)
+    kept_rows = keep[:, None, :].expand(-1, 2, -1)
+    torch.testing.assert_close(skipped[kept_rows], sdpa[0][kept_rows], equal_nan=True)
+
+
+def test_masked_attention_ref_isolates_skipped_dropped_queries():
+    """NaN in the q and the output gradient of dropped (skipped) queries changes no output or gradient, bit for bit
+    (no 0 * NaN through the softmax's backward), gate gradient included."""
+    q, k, v, keep = make_inputs(2, 2, 9, 4, 0.5, requires_grad=False)
+    keep[:, 0] = True
+    keep[:, 1] = False
+    gate = keep.double()
+    dropped = ~keep[:, None, :, None]
+    grad_out = torch.randn_like(q)
+
+    def run(q, grad_out):
+        inputs = [t.clone().requires_grad_() for t in (q, k, v, gate)]
+        out = ref.masked_attention_ref(*inputs[:3], keep, gate=inputs[3])
+        return (out, *torch.autograd.grad(out, inputs, grad_out))
+
+    clean = run(q, grad_out)
+    dirty = run(q.masked_fill(dropped, float("nan")), grad_out.masked_fill(dropped, float("nan")))
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dgate"), clean, dirty):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("skip_dropped_queries", [True, False])
+def test_masked_attention_ref_without_tokens(skip_dropped_queries):
+    q, k, v, keep = make_inputs(2, 3, 0, 4, 0.5)
+    out = ref.masked_attention_ref(q, k, v, keep, skip_dropped_queries=skip_dropped_queries)
+    assert out.shape == (2, 3, 0, 4)
+    assert [g.shape for g in torch.autograd.grad(out, (q, k, v), torch.randn_like(out))] == [q.shape] * 3
+
+
 def loop_varlen_attention(q, k, v, cu_seqlens, scale):
     T, H, _ = q.shape
     rows = [[None] * H for _ in range(T)]

@@ -201,6 +201,168 @@ def test_sequences_are_independent(monkeypatch, tile):
         torch.testing.assert_close(got[middle].double(), expected, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("poisoned", ["q", "k", "v"])
+def test_non_finite_values_propagate_as_in_the_reference(poisoned, value):
+    """NaN/Inf in a row reaches exactly the outputs and gradients it reaches in the float64 reference: within its
+    sequence and head (one in a full block, one in a ragged last block), never the others."""
+    lengths = [20, 9, 11]
+    q, k, v = (torch.randn(sum(lengths), 2, 16, device=DEVICE) for _ in range(3))
+    tensors = {"q": q, "k": k, "v": v}
+    tensors[poisoned][3, 0, 5] = value  # sequence 0, full first block of 16
+    tensors[poisoned][25, 0, 2] = value  # sequence 1, its ragged block
+    cu = _cu_seqlens(lengths)
+    grad_out = torch.randn_like(q, dtype=torch.float64)
+    with_grad = [t.clone().requires_grad_() for t in (q, k, v)]
+    got = _forward_backward(lambda *t: varlen_attention(*t, cu, 20, backend="triton"), *with_grad, grad_out.float())
+    exact = [t.double().requires_grad_() for t in (q, k, v)]
+    want = _forward_backward(lambda *t: reference.varlen_attention_ref(*t, cu), *exact, grad_out)
+    for name, a, r in zip(("out", "dq", "dk", "dv"), got, want):
+        a, r = a.double(), r.detach()
+        finite = torch.isfinite(r)
+        assert torch.equal(torch.isfinite(a), finite), f"{name}: non-finite at other positions than the reference"
+        torch.testing.assert_close(a[finite], r[finite], atol=1e-4, rtol=1e-4)
+    assert not torch.isfinite(want[0][:29, 0]).all(), "the poison must reach the reference output"
+    for t in got:
+        assert torch.isfinite(t[29:]).all() and torch.isfinite(t[:, 1]).all()
+
+
+GUARD_ROWS = 64  # rows of sentinel before and after every tensor of the offsets test
+
+
+def _guarded(shape, fill, dtype=torch.float32):
+    """A ``shape`` view into a buffer with ``GUARD_ROWS`` rows of ``fill`` before and after it (on the first dim)."""
+    buffer = torch.full((shape[0] + 2 * GUARD_ROWS, *shape[1:]), fill, dtype=dtype, device=DEVICE)
+    return buffer, buffer[GUARD_ROWS : GUARD_ROWS + shape[0]]
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize(
+    ("offsets", "max_seqlen", "clamped"),
+    [
+        ([0, 7, 60], 64, [0, 7, 20]),  # past T
+        ([-30, 8, 20], 64, [0, 8, 20]),  # before 0
+        ([0, 12, 3, 20], 64, None),  # decreasing: unspecified values, still in bounds
+        ([0, 70, 90], 64, None),  # every sequence past T
+        ([0, 20], 4, None),  # max_seqlen below the length
+    ],
+)
+def test_unchecked_offsets_never_leave_the_tensors(monkeypatch, offsets, max_seqlen, clamped):
+    """With check_cu_seqlens=False no offset makes a kernel read or write outside its tensors: q, k, v and every
+    buffer the kernels write (outputs, lse, delta, gradients) sit between rows of sentinel that must be neither read
+    (NaN there would show in the results) nor written. Offsets that are valid once clamped into [0, T] give the
+    result of the clamped offsets."""
+    total, heads, head_dim = 20, 2, 16
+    buffers = []
+
+    def guarded_empty(*shape, dtype, device):
+        buffer, view = _guarded(shape, -7.0, dtype)
+        buffers.append((buffer, view))
+        return view.fill_(float("nan"))
+
+    monkeypatch.setattr(varlen_module, "empty", guarded_empty)
+    inputs = []
+    for _ in range(3):
+        _, view = _guarded((total, heads, head_dim), float("nan"))
+        view.copy_(torch.randn(total, heads, head_dim))
+        inputs.append(view.requires_grad_())
+    cu = torch.tensor(offsets, dtype=torch.int32, device=DEVICE)
+    out = varlen_attention(*inputs, cu, max_seqlen, check_cu_seqlens=False, backend="triton")
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    assert buffers, "the kernels' buffers were not guarded"
+    for buffer, view in buffers:
+        for guard in (buffer[:GUARD_ROWS], buffer[-GUARD_ROWS:]):
+            assert (guard == -7).all(), f"a kernel wrote outside a {tuple(view.shape)} buffer"
+    if clamped is not None:
+        detached = [t.detach().double().requires_grad_() for t in inputs]
+        cu_clamped = torch.tensor(clamped, dtype=torch.int32, device=DEVICE)
+        want = _forward_backward(
+            lambda *t: reference.varlen_attention_ref(*t, cu_clamped), *detached, grad_out.double()
+        )
+        for got, expected in zip((out, *grads), want):
+            torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=2e-5)
+
+
+def test_unchecked_max_seqlen_below_a_length_stays_in_bounds(monkeypatch):
+    """A max_seqlen below a sequence's length leaves rows unspecified, but never moves a kernel out of its
+    tensors, and the rows within the first max_seqlen of every sequence are still exact in the forward."""
+    lengths = [37, 5]
+    total = sum(lengths)
+    _, (q, k, v) = _qkv(total, 1, 16, torch.float32)
+    cu = _cu_seqlens(lengths)
+    out = varlen_attention(q, k, v, cu, 16, check_cu_seqlens=False, backend="triton")
+    want = reference.varlen_attention_ref(q, k, v, cu)
+    rows = [*range(16), *range(37, 42)]
+    torch.testing.assert_close(out[rows], want[rows], atol=2e-5, rtol=2e-5)
+    torch.autograd.grad(out, (q, k, v), torch.randn_like(out))  # runs, in bounds
+
+
+if varlen_module.TRITON_AVAILABLE:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _decode_sequence_tiles(
+        TILE, HEAD, START, LENGTH, CuSeqlens, num_programs, total, num_tiles, num_seqs, BLOCK: tl.constexpr
+    ):
+        pid = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tile, head, start, length = varlen_module._sequence_tile(pid, CuSeqlens, total, num_tiles, num_seqs)
+        mask = pid < num_programs
+        tl.store(TILE + pid, tile, mask=mask)
+        tl.store(HEAD + pid, head, mask=mask)
+        tl.store(START + pid, start, mask=mask)
+        tl.store(LENGTH + pid, length, mask=mask)
+
+
+def test_grids_fit_cuda_and_cover_every_sequence_and_head(monkeypatch):
+    """70000 sequences (images of a packed batch) exceed CUDA's 65535 on grid axes 1 and 2: every launch must stay
+    within the limits and its programs must cover every (tile, sequence, head) exactly once."""
+    lengths = torch.randint(0, 20, (70_000,))
+    lengths[-1] = 40
+    heads, head_dim, max_seqlen = 2, 64, 40
+    cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    total = int(cu[-1])
+    monkeypatch.setattr(
+        varlen_module, "empty", lambda *shape, dtype, device: torch.zeros((), dtype=dtype).expand(shape)
+    )
+    q = torch.zeros((), dtype=torch.float16).expand(total, heads, head_dim)
+    lse = torch.zeros(()).expand(heads, total)
+    record = []
+
+    def launch(kernel):  # records (kernel, grid, kwargs) instead of running
+        class Grid:
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: record.append((kernel, grid, kwargs))
+
+        return Grid()
+
+    fwd_cfg = varlen_module.get_fwd_config(max_seqlen, head_dim, q.dtype)
+    bwd_cfg = varlen_module.get_bwd_config(max_seqlen, head_dim, q.dtype)
+    varlen_module._launch_fwd(q, q, q, cu, max_seqlen, 0.125, fwd_cfg, launch, q, lse)
+    varlen_module._launch_bwd(q, q, q, cu, q, lse, q, max_seqlen, 0.125, bwd_cfg, launch, q, q, q)
+    assert len(record) == 4
+    for launched, grid, kwargs in record:
+        assert 1 <= len(grid) <= 3 and grid[0] <= 2**31 - 1 and all(n <= 65535 for n in grid[1:]), grid
+        if launched is varlen_module._varlen_attn_bwd_preprocess_kernel:
+            assert grid == (triton.cdiv(total, kwargs["BLOCK_M"]) * heads,)
+            continue
+        block = kwargs["BLOCK_N"] if launched is varlen_module._varlen_attn_bwd_dkdv_kernel else kwargs["BLOCK_M"]
+        num_tiles = triton.cdiv(max_seqlen, block)
+        assert grid == (num_tiles * len(lengths) * heads,), launched.__name__
+        decoded = [torch.empty(grid[0], dtype=torch.int32, device=DEVICE) for _ in range(4)]
+        _decode_sequence_tiles[(triton.cdiv(grid[0], 4096),)](
+            *decoded, cu.to(DEVICE), grid[0], total, num_tiles, len(lengths), BLOCK=4096
+        )
+        tile, head, start, length = (t.long().cpu() for t in decoded)
+        seq = torch.arange(grid[0]) // num_tiles % len(lengths)
+        assert torch.equal((head * len(lengths) + seq) * num_tiles + tile, torch.arange(grid[0]))
+        assert int(tile.max()) == num_tiles - 1 and int(head.max()) == heads - 1
+        assert torch.equal(start, cu[:-1].long()[seq]) and torch.equal(length, lengths[seq])
+
+
 def test_works_on_pack_tokens_output():
     x = torch.randn(3, 20, 3 * 2 * 16, device=DEVICE, requires_grad=True)  # the qkv projection of every token
     keep = torch.rand(3, 20, device=DEVICE) < 0.5
