@@ -40,7 +40,9 @@ import torch.nn as nn
 import yaml
 
 from faithful_vit import engine
+from faithful_vit.data.backgrounds import VARIANTS, VariantDataset, background_variants
 from faithful_vit.data.mask_stats import gt_patch_fraction
+from faithful_vit.interventions import calibrate_part_thresholds
 from faithful_vit.metrics import MetricAccumulator, keep_to_pixels
 from faithful_vit.model import FaithfulViT
 from faithful_vit.model_spec import SpecError, build_dataset, data_spec, describe_data, load_model
@@ -48,7 +50,10 @@ from faithful_vit.run_folder import RunFolderError, write_text
 
 __all__ = ["PROTOCOLS", "evaluate_model", "main"]
 
-PROTOCOLS = ("accuracy", "faithfulness")
+PROTOCOLS = ("accuracy", "faithfulness", "backgrounds", "remove_parts", "thresholds")
+TWO_STAGE_PROTOCOLS = ("remove_parts", "thresholds")
+# The calibration quantiles of the authors' code.
+THRESHOLD_QUANTILES = (0.01, 0.03, 0.05, 0.10)
 REPLACEMENTS = ("noise", "other_image")
 
 
@@ -167,6 +172,99 @@ class _FaithfulnessObserver:
         }
 
 
+class _RemovePartsObserver:
+    """Accuracy of a two-stage model with each foreground part removed in turn (its patches become background)."""
+
+    def __init__(self, model: nn.Module, num_groups: int, device: torch.device):
+        self.module = engine.unwrap(model)
+        self.accumulators = [MetricAccumulator(num_groups, device) for _ in range(self.module.num_parts)]
+
+    def __call__(self, images, labels, groups, fg_mask, out) -> None:
+        for part, accumulator in enumerate(self.accumulators):
+            removed = self.module(images, remove_parts=[part])
+            accumulator.update(removed.stage2_logits.float(), labels, groups, removed.keep)
+
+    def results(self, full: dict) -> dict:
+        parts = []
+        for part, accumulator in enumerate(self.accumulators):
+            metrics = accumulator.compute()
+            parts.append(
+                {
+                    "part": part,
+                    "accuracy": metrics["accuracy"],
+                    "accuracy_drop": full["accuracy"] - metrics["accuracy"],
+                    "worst_group_accuracy": metrics["worst_group_accuracy"],
+                    "group_accuracy": metrics["group_accuracy"],
+                    "kept_fraction": metrics["kept_fraction"],
+                }
+            )
+        return {
+            "accuracy": full["accuracy"],
+            "worst_group_accuracy": full["worst_group_accuracy"],
+            "kept_fraction": full["kept_fraction"],
+            "parts": parts,
+        }
+
+
+_SUMMARY = ("accuracy", "worst_group_accuracy", "group_accuracy", "kept_fraction")
+
+
+def _summary(metrics: dict) -> dict:
+    return {key: metrics[key] for key in _SUMMARY}
+
+
+def _backgrounds(model, dataset, run_evaluation, seed: int) -> dict:
+    arrays = getattr(dataset, "arrays", None)
+    if not isinstance(arrays, dict) or not {"images", "fg_masks", "places"} <= set(arrays):
+        raise SpecError(
+            "--protocol backgrounds: needs a generated dataset with ground-truth masks and places "
+            f"(synthetic, waterbirds_lite), got {type(dataset).__name__}"
+        )
+    image_size = arrays["images"].shape[1]
+    # The object's neutral band (SpuriousShapes' clear_margin, in pixels at 64 px) travels with it.
+    surround = round(getattr(getattr(dataset, "config", None), "clear_margin", 0.0) * image_size / 64)
+    variants = background_variants(arrays, surround=surround, seed=seed)
+    results = {
+        name: _summary(run_evaluation(VariantDataset(variants[name], dataset), f"backgrounds {name}"))
+        for name in VARIANTS
+    }
+    return {
+        "definition": "background_variants in faithful_vit/data/backgrounds.py; bg_gap = acc(mixed_same) - "
+        "acc(mixed_rand)",
+        "surround_pixels": surround,
+        "partner_seed": seed,
+        "variants": results,
+        "bg_gap": results["mixed_same"]["accuracy"] - results["mixed_rand"]["accuracy"],
+    }
+
+
+def _finite_or_none(values: torch.Tensor) -> list[float | None]:
+    return [value if math.isfinite(value) else None for value in values.tolist()]
+
+
+def _thresholds(model, calibration_set, run_evaluation, batch_size: int) -> dict:
+    module = engine.unwrap(model)
+    before = run_evaluation(None, "thresholds (none)")
+    loader = torch.utils.data.DataLoader(
+        calibration_set, batch_size=batch_size, collate_fn=engine.collate_skipping_corrupt
+    )
+    previous = module.part_thresholds.clone()
+    rows = []
+    try:
+        for quantile in THRESHOLD_QUANTILES:
+            batches = (fields[0] for fields, _ in loader if fields)
+            thresholds = calibrate_part_thresholds(module, batches, quantile)
+            after = run_evaluation(None, f"thresholds q={quantile}")
+            rows.append({"quantile": quantile, "thresholds": _finite_or_none(thresholds), **_summary(after)})
+    finally:
+        module.part_thresholds.copy_(previous)
+    return {
+        "calibrated_on": f"{len(calibration_set)} images of the calibration split (None: a part never dropped)",
+        "without": _summary(before),
+        "quantiles": rows,
+    }
+
+
 def evaluate_model(
     model: nn.Module,
     dataset,
@@ -175,8 +273,9 @@ def evaluate_model(
     cfg: engine.TrainConfig | None = None,
     device: str | torch.device = "cpu",
     noise_seed: int = 0,
+    calibration_set=None,
 ) -> dict:
-    """Run ``protocols`` on ``dataset``; one pass over the data per protocol.
+    """Run ``protocols`` on ``dataset``; one pass over the data per protocol (per variant or quantile).
 
     Args:
         model: a model of ``train.py`` (two-stage, baseline or oracle).
@@ -185,7 +284,8 @@ def evaluate_model(
         cfg: the evaluation settings (batch size, autocast, channels-last, patch threshold, seed); default: those
             of :class:`~faithful_vit.engine.TrainConfig`.
         device: where to run.
-        noise_seed: seed of the faithfulness protocol's noise.
+        noise_seed: seed of the faithfulness protocol's noise and of the backgrounds protocol's partner images.
+        calibration_set: the split the ``thresholds`` protocol calibrates on (e.g. validation).
 
     Returns:
         ``{protocol: metrics}``; see the module docstring.
@@ -193,20 +293,46 @@ def evaluate_model(
     unknown = [name for name in protocols if name not in PROTOCOLS]
     if unknown or not protocols:
         raise SpecError(f"--protocol: expected a comma list of {PROTOCOLS}, got {list(protocols)}")
+    needs_two_stage = [name for name in protocols if name in TWO_STAGE_PROTOCOLS]
+    if needs_two_stage and not isinstance(engine.unwrap(model), FaithfulViT):
+        raise SpecError(
+            f"--protocol {needs_two_stage[0]}: needs a two-stage model (parts and a mask), "
+            f"got {type(engine.unwrap(model)).__name__}"
+        )
+    if "thresholds" in protocols and calibration_set is None:
+        raise SpecError("--protocol thresholds: needs a calibration split (calibration_set=)")
     cfg = cfg or engine.TrainConfig()
     dist_info = engine.DistInfo(device=torch.device(device))
     model = model.to(dist_info.device)
     num_groups = len(dataset.group_names)
+
+    def run_evaluation(on, desc: str, observe=None) -> dict:
+        return engine.evaluate(
+            model,
+            dataset if on is None else on,
+            num_groups=num_groups,
+            cfg=cfg,
+            dist_info=dist_info,
+            desc=desc,
+            observe=observe,
+        )
+
     results = {}
     for protocol in protocols:
         if protocol == "accuracy":
             observer = _AccuracyObserver(dataset.num_classes, num_groups, dist_info.device)
-        else:
+            results[protocol] = {**run_evaluation(None, protocol, observer), **observer.results()}
+        elif protocol == "faithfulness":
             observer = _FaithfulnessObserver(model, cfg.patch_threshold, noise_seed)
-        metrics = engine.evaluate(
-            model, dataset, num_groups=num_groups, cfg=cfg, dist_info=dist_info, desc=protocol, observe=observer
-        )
-        results[protocol] = {**metrics, **observer.results()} if protocol == "accuracy" else observer.results()
+            run_evaluation(None, protocol, observer)
+            results[protocol] = observer.results()
+        elif protocol == "remove_parts":
+            observer = _RemovePartsObserver(model, num_groups, dist_info.device)
+            results[protocol] = observer.results(run_evaluation(None, protocol, observer))
+        elif protocol == "backgrounds":
+            results[protocol] = _backgrounds(model, dataset, run_evaluation, noise_seed)
+        else:
+            results[protocol] = _thresholds(model, calibration_set, run_evaluation, cfg.eval_batch_size)
     return results
 
 
@@ -244,6 +370,11 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--split", default="test", help="train, val or test (default: %(default)s)")
     parser.add_argument(
+        "--calibration-split",
+        default="val",
+        help="the split the thresholds protocol calibrates on (default: %(default)s)",
+    )
+    parser.add_argument(
         "--protocol", default="accuracy", help=f"comma list of {', '.join(PROTOCOLS)} (default: %(default)s)"
     )
     parser.add_argument(
@@ -258,7 +389,12 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--attn-impl", choices=("auto", "triton", "torch"), default=None, help="attention kernels (as train.py)"
     )
-    parser.add_argument("--noise-seed", type=int, default=0, help="seed of the faithfulness noise (default: 0)")
+    parser.add_argument(
+        "--noise-seed",
+        type=int,
+        default=0,
+        help="seed of the faithfulness noise and of the backgrounds protocol's partner images (default: 0)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -325,6 +461,17 @@ def format_report(report: dict) -> str:
     if faithfulness is not None:
         rows.append(("faithfulness mask", faithfulness["mask"]))
         rows += [(f"  changed ({k})", _percent(v)) for k, v in faithfulness["prediction_changed"].items()]
+    backgrounds = report["protocols"].get("backgrounds")
+    if backgrounds is not None:
+        rows += [(f"  background {k}", _percent(v["accuracy"])) for k, v in backgrounds["variants"].items()]
+        rows.append(("BG-GAP", _percent(backgrounds["bg_gap"])))
+    remove_parts = report["protocols"].get("remove_parts")
+    if remove_parts is not None:
+        rows += [(f"  without part {p['part']}", _percent(p["accuracy"])) for p in remove_parts["parts"]]
+    thresholds = report["protocols"].get("thresholds")
+    if thresholds is not None:
+        rows.append(("  thresholds none", _percent(thresholds["without"]["accuracy"])))
+        rows += [(f"  thresholds q={q['quantile']}", _percent(q["accuracy"])) for q in thresholds["quantiles"]]
     width = max(len(name) for name, _ in rows)
     title = (
         f"{report['model']['name']} ({report['checkpoint']}, epoch {report['epoch']}) on {data['name']} "
@@ -364,7 +511,10 @@ def run(args) -> dict:
     cfg.compile, cfg.progress = False, not args.no_progress
     if args.batch_size is not None:
         cfg.eval_batch_size = args.batch_size
-    results = evaluate_model(model, dataset, protocols, cfg=cfg, device=device, noise_seed=args.noise_seed)
+    calibration = build_dataset(data, args.calibration_split, augment=False) if "thresholds" in protocols else None
+    results = evaluate_model(
+        model, dataset, protocols, cfg=cfg, device=device, noise_seed=args.noise_seed, calibration_set=calibration
+    )
     checkpoint = Path(spec["checkpoint"])
     report = {
         "checkpoint": str(checkpoint),

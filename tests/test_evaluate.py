@@ -3,6 +3,7 @@
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 from test_train_cli import TINY, load_train
@@ -10,6 +11,7 @@ from test_train_cli import TINY, load_train
 import faithful_vit
 from faithful_vit import engine, evaluate, model_spec
 from faithful_vit.baseline import FullImageViT, OracleMaskViT
+from faithful_vit.data import backgrounds, normalize
 from faithful_vit.data.mask_stats import gt_patch_fraction
 from faithful_vit.kernels import use_backend
 from faithful_vit.metrics import keep_to_pixels
@@ -46,9 +48,14 @@ def run_dir(_data_cache, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def test_set(run_dir):
-    spec = faithful_vit.load_model(run_dir, model="baseline", seed=0).spec
-    return model_spec.build_dataset(spec["data"], "test")
+def data(run_dir):
+    """The data spec of the run, as its checkpoints hold it."""
+    return faithful_vit.load_model(run_dir, model="baseline", seed=0).spec["data"]
+
+
+@pytest.fixture(scope="module")
+def test_set(data):
+    return model_spec.build_dataset(data, "test")
 
 
 def cli(argv, capsys):
@@ -215,3 +222,112 @@ def test_bad_input_is_one_line_and_exit_2(run_dir, capsys, tmp_path):
         code, _, err = cli(argv, capsys)
         assert code == 2 and len(err) == 1, (argv, err)
         assert re.search(message, err[0]), (argv, err)
+
+
+@pytest.fixture(scope="module")
+def varied_two_stage():
+    """An untrained tiny two-stage model whose predictions differ between images (larger Linear weights)."""
+    torch.manual_seed(0)
+    kwargs = {"backbone_kwargs": {"embed_dim": 32, "depth": 1, "num_heads": 2}, "mask_morphology": "none"}
+    spec = model_spec.model_spec("faithful_tiny", num_classes=2, image_size=32, model_kwargs=kwargs)
+    model = model_spec.build_model(spec)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.normal_(0, 3 / module.in_features**0.5)
+    return model.eval()
+
+
+def accuracy_of(predicted: torch.Tensor, labels: torch.Tensor) -> float:
+    return (predicted == labels).double().mean().item()
+
+
+def test_background_variants_are_composed_from_the_masks(test_set):
+    arrays = test_set.arrays
+    variants = backgrounds.background_variants(arrays, surround=4, seed=1)
+    images, fg, places = arrays["images"], arrays["fg_masks"].astype(bool), arrays["places"]
+    region = backgrounds.dilate(fg, 4)
+    assert region.sum() > fg.sum() and (region >= fg).all()
+    assert np.array_equal(variants["original"], images)
+    assert np.array_equal(variants["only_fg"], np.where(fg[..., None], images, 0))
+    only_bg = variants["only_bg"]
+    assert np.array_equal(only_bg[~region], images[~region]) and not np.array_equal(only_bg[region], images[region])
+    for name, same in (("mixed_same", True), ("mixed_next", False)):
+        partner = variants["partners"][name]
+        assert ((places[partner] == places) == same).all()
+        if same:
+            assert (partner != np.arange(len(places))).all()
+        expected = np.where(region[..., None], images, only_bg[partner])
+        assert np.array_equal(variants[name], expected)
+    assert np.array_equal(
+        variants["mixed_rand"], np.where(region[..., None], images, only_bg[variants["partners"]["mixed_rand"]])
+    )
+
+
+def test_backgrounds_protocol_matches_a_direct_computation(varied_two_stage, test_set):
+    cfg = engine.TrainConfig(eval_batch_size=6, progress=False)
+    result = evaluate.evaluate_model(varied_two_stage, test_set, ["backgrounds"], cfg=cfg, noise_seed=2)["backgrounds"]
+    surround = round(test_set.config.clear_margin * 32 / 64)
+    assert result["surround_pixels"] == surround
+    variants = backgrounds.background_variants(test_set.arrays, surround=surround, seed=2)
+    labels = torch.from_numpy(test_set.arrays["labels"])
+    expected = {}
+    for name in backgrounds.VARIANTS:
+        images = normalize(torch.from_numpy(variants[name]).permute(0, 3, 1, 2).float() / 255)
+        with torch.no_grad():
+            expected[name] = accuracy_of(varied_two_stage(images).stage2_logits.argmax(1), labels)
+        assert result["variants"][name]["accuracy"] == pytest.approx(expected[name], abs=1e-12), name
+    assert result["bg_gap"] == pytest.approx(expected["mixed_same"] - expected["mixed_rand"], abs=1e-12)
+    assert len(set(expected.values())) > 1  # the variants change the predictions of this model
+
+
+def test_remove_parts_protocol_matches_a_direct_computation(varied_two_stage, test_set):
+    cfg = engine.TrainConfig(eval_batch_size=7, progress=False)
+    result = evaluate.evaluate_model(varied_two_stage, test_set, ["remove_parts"], cfg=cfg)["remove_parts"]
+    images, labels, _, _, out = direct_predictions(varied_two_stage, test_set)
+    full = accuracy_of(out.stage2_logits.argmax(1), labels)
+    assert result["accuracy"] == pytest.approx(full, abs=1e-12)
+    assert [part["part"] for part in result["parts"]] == [0, 1, 2]
+    for part in result["parts"]:
+        with torch.no_grad():
+            removed = varied_two_stage(images, remove_parts=[part["part"]])
+        accuracy = accuracy_of(removed.stage2_logits.argmax(1), labels)
+        assert part["accuracy"] == pytest.approx(accuracy, abs=1e-12)
+        assert part["accuracy_drop"] == pytest.approx(full - accuracy, abs=1e-12)
+        assert part["kept_fraction"] == pytest.approx(removed.keep.double().mean().item(), abs=1e-12)
+
+
+def test_thresholds_protocol_calibrates_on_one_split_and_applies_on_another(varied_two_stage, data, test_set):
+    val_set = model_spec.build_dataset(data, "val")
+    cfg = engine.TrainConfig(eval_batch_size=5, progress=False)
+    result = evaluate.evaluate_model(varied_two_stage, test_set, ["thresholds"], cfg=cfg, calibration_set=val_set)
+    result = result["thresholds"]
+    assert torch.isinf(varied_two_stage.part_thresholds).all()  # restored
+    val_images = torch.stack([sample.image for sample in val_set])
+    images, labels, _, _, out = direct_predictions(varied_two_stage, test_set)
+    assert result["without"]["accuracy"] == pytest.approx(accuracy_of(out.stage2_logits.argmax(1), labels))
+    assert [row["quantile"] for row in result["quantiles"]] == list(evaluate.THRESHOLD_QUANTILES)
+    changed = False
+    try:
+        for row in result["quantiles"]:
+            thresholds = faithful_vit.calibrate_part_thresholds(varied_two_stage, [val_images], row["quantile"])
+            assert row["thresholds"] == pytest.approx(thresholds.tolist())
+            with torch.no_grad():
+                after = varied_two_stage(images)
+            assert row["accuracy"] == pytest.approx(accuracy_of(after.stage2_logits.argmax(1), labels), abs=1e-12)
+            assert row["kept_fraction"] == pytest.approx(after.keep.double().mean().item(), abs=1e-12)
+            changed |= row["kept_fraction"] != result["without"]["kept_fraction"]
+    finally:
+        varied_two_stage.set_part_thresholds(None)
+    assert changed  # the thresholds drop some patches
+
+
+def test_protocols_refuse_models_and_data_they_do_not_apply_to(run_dir, test_set):
+    baseline = faithful_vit.load_model(run_dir, model="baseline", seed=0)
+    cfg = engine.TrainConfig(progress=False)
+    for protocol in ("remove_parts", "thresholds"):
+        with pytest.raises(model_spec.SpecError, match=f"--protocol {protocol}: needs a two-stage model"):
+            evaluate.evaluate_model(baseline, test_set, [protocol], cfg=cfg, calibration_set=test_set)
+    plain = backgrounds.VariantDataset(test_set.arrays["images"], test_set)
+    with pytest.raises(model_spec.SpecError, match="--protocol backgrounds: needs a generated dataset"):
+        evaluate.evaluate_model(baseline, plain, ["backgrounds"], cfg=cfg)
