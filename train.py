@@ -443,57 +443,40 @@ def _config_value(action: argparse.Action, value, where: str):
     return value
 
 
-def build_datasets(args) -> tuple[list, int]:
-    """The train/val/test datasets and their image size; a missing or malformed dataset is a :class:`UsageError`."""
-    from faithful_vit import get_config
-    from faithful_vit.data import datasets, synthetic, transforms, waterbirds_lite
+def build_datasets(args) -> tuple[list, dict]:
+    """The train/val/test datasets and their data spec; a missing or malformed dataset is a :class:`UsageError`."""
+    from faithful_vit.model_spec import SpecError, build_dataset, data_spec, describe_data
 
-    splits = ("train", "val", "test")
-    try:
-        if args.data in ("synthetic", "waterbirds_lite"):
-            module, name = (
-                (synthetic, "SpuriousShapes") if args.data == "synthetic" else (waterbirds_lite, "WaterbirdsLite")
-            )
-            config = getattr(module, f"{name}Config")(**args.data_kwargs)
-            built = [
-                getattr(module, name)(split, config=config, transform=transforms.synthetic_transforms(split == "train"))
-                for split in splits
-            ]
-            return built, config.image_size
-        size = args.img_size or get_config(args.reference_model).img_size
-        loaders = {"waterbirds": datasets.Waterbirds, "cub": datasets.CUB200, "metashift": datasets.MetaShiftCatDog}
-        built = []
-        for split in splits:
-            transform = transforms.cub_original(size, train=split == "train")
-            if args.data == "imagefolder":
-                built.append(datasets.ImageFolder(Path(args.data_dir) / split, transform=transform))
-            elif args.data in ("waterbirds", "cub"):
-                built.append(loaders[args.data](args.data_dir, split, mask_root=args.mask_dir, transform=transform))
-            else:
-                built.append(loaders[args.data](args.data_dir, split, transform=transform))
-        return built, size
-    except (FileNotFoundError, ValueError, TypeError) as error:
-        if isinstance(error, UsageError):
-            raise
-        raise UsageError(f"--data {args.data}: {error}") from None
+    with _usage_error_from(SpecError):
+        spec = data_spec(
+            args.data,
+            data_dir=args.data_dir,
+            mask_dir=args.mask_dir,
+            data_kwargs=args.data_kwargs,
+            img_size=args.img_size,
+            reference_model=args.reference_model,
+        )
+        built = [build_dataset(spec, split) for split in ("train", "val", "test")]
+    return built, describe_data(spec, built[0])
 
 
 def build_model(name: str, args, num_classes: int, image_size: int):
-    """A two-stage preset, or the baseline / oracle at the size of the reference preset's stage 2."""
-    import faithful_vit
-    from faithful_vit.baseline import FullImageViT, OracleMaskViT, vit_kwargs_like
+    """A two-stage preset, or the baseline / oracle at the size of the reference preset's stage 2, and its spec."""
+    from faithful_vit.model_spec import build_model as build_from_spec
+    from faithful_vit.model_spec import model_spec
 
-    kwargs = {"num_classes": num_classes, "img_size": image_size, **args.model_kwargs}
     try:
-        if name not in COMPARISON_MODELS:
-            return faithful_vit.create_model(name, pretrained_file=args.pretrained_file, **kwargs)
-        reference = faithful_vit.create_model(args.reference_model, **kwargs)
+        spec = model_spec(
+            name,
+            num_classes=num_classes,
+            image_size=image_size,
+            model_kwargs=args.model_kwargs,
+            reference_model=args.reference_model,
+            oracle_threshold=args.oracle_threshold,
+        )
+        return build_from_spec(spec, pretrained_file=args.pretrained_file), spec
     except (TypeError, ValueError) as error:
         raise UsageError(f"--model-kwargs: {error}") from None
-    vit_kwargs = vit_kwargs_like(reference.stage2)
-    if name == "baseline":
-        return FullImageViT(num_classes, **vit_kwargs)
-    return OracleMaskViT(num_classes, threshold=args.oracle_threshold, **vit_kwargs)
 
 
 FOLDER_DATASETS = ("waterbirds", "cub", "metashift", "imagefolder")
@@ -583,8 +566,8 @@ def run(args, args_text: str) -> dict:
 
     names = _check_args(args)
     seeds = [int(seed) for seed in args.seeds.split(",")] if args.seeds else [args.seed]
-    (train_set, val_set, test_set), image_size = build_datasets(args)
-    group_names, num_classes = list(train_set.group_names), train_set.num_classes
+    (train_set, val_set, test_set), data = build_datasets(args)
+    group_names, num_classes, image_size = data["group_names"], train_set.num_classes, data["image_size"]
     _check_datasets_and_models(args, names, [train_set, val_set, test_set], image_size)
     dist_info = engine.setup_distributed(args.device)
     if args.resume:  # args.yaml stays as written: it is what produced the results
@@ -637,7 +620,7 @@ def run(args, args_text: str) -> dict:
                 results[name].append(test)
                 continue
             engine.seed_everything(seed)
-            model = build_model(name, args, num_classes, image_size)
+            model, spec = build_model(name, args, num_classes, image_size)
             trainer = engine.Trainer(
                 model,
                 train_set,
@@ -647,6 +630,7 @@ def run(args, args_text: str) -> dict:
                 run_dir=model_dir,
                 dist_info=dist_info,
                 name=f"{name}/seed{seed}",
+                spec={"model": spec, "data": data},
             )
             start = time.perf_counter()
             histories[f"{name}/seed{seed}"] = trainer.fit(resume=args.resume is not None)

@@ -6,6 +6,7 @@ from .attention import MaskedAttention
 from .audit import AuditReport, audit
 from .interventions import calibrate_part_thresholds
 from .model import FaithfulViT, FaithfulViTConfig, FaithfulViTOutput, Stage1Output
+from .model_spec import load_model
 from .registry import create_model, get_config, list_models, register_model
 from .sparsify import forward_kept, sparsify
 
@@ -25,6 +26,7 @@ __all__ = [
     "forward_kept",
     "get_config",
     "list_models",
+    "load_model",
     "register_model",
     "sparsify",
 ]

@@ -32,6 +32,7 @@ import resource
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -422,9 +423,19 @@ def _to_device(fields: tuple[torch.Tensor, ...], device: torch.device, channels_
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, dataset: Dataset, *, num_groups: int, cfg: TrainConfig, dist_info: DistInfo, desc: str = "eval"
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    num_groups: int,
+    cfg: TrainConfig,
+    dist_info: DistInfo,
+    desc: str = "eval",
+    observe: Callable[..., None] | None = None,
 ) -> dict:
     """Accuracy, group accuracies and mask metrics of ``model`` on ``dataset`` (sharded over ranks, all-reduced).
+
+    ``observe(images, labels, groups, fg_mask, out)``, when given, sees every batch and the model's output (under
+    the same autocast), for metrics beyond these (:mod:`faithful_vit.evaluate`).
 
     Returns:
         :meth:`MetricAccumulator.compute`'s dict plus ``images_per_second`` (inference, data loading included),
@@ -457,6 +468,8 @@ def evaluate(
         images, labels, groups, fg_mask = _to_device(fields, dist_info.device, cfg.channels_last)
         with _autocast(cfg, dist_info.device):
             out = model_forward(runner, images, fg_mask)
+            if observe is not None:
+                observe(images, labels, groups, fg_mask, out)
         accumulator.update(final_logits(out).float(), labels, groups, getattr(out, "keep", None), fg_mask, patch_size)
     accumulator.all_reduce()
     if dist_info.distributed:
@@ -499,6 +512,7 @@ class Trainer:
         run_dir: output folder of this model.
         dist_info: from :func:`setup_distributed`.
         name: how log lines name this run (default: the folder name).
+        spec: what rebuilds the model and its data (:mod:`faithful_vit.model_spec`), stored in every checkpoint.
     """
 
     def __init__(
@@ -512,8 +526,10 @@ class Trainer:
         run_dir: Path,
         dist_info: DistInfo | None = None,
         name: str | None = None,
+        spec: dict | None = None,
     ):
         self.cfg, self.run_dir, self.num_groups = cfg, Path(run_dir), num_groups
+        self.spec = spec
         self.name = name or self.run_dir.name
         self.dist = dist_info or DistInfo()
         self.val_set = val_set
@@ -596,6 +612,7 @@ class Trainer:
             "rng": rng,
             "world_size": self.dist.world_size,
             "config": asdict(self.cfg),
+            "spec": self.spec,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -752,7 +769,8 @@ class Trainer:
         self.step_in_epoch, self.loss_sums, self.loss_steps = 0, {}, 0
         # best.pt before last.pt: a kill between the two must not leave last.pt pointing at a best.pt never written.
         if improved and self.dist.is_main:
-            save_checkpoint(self.best_path, {"model": self.module.state_dict(), "epoch": self.epoch, "val": val})
+            best = {"model": self.module.state_dict(), "epoch": self.epoch, "val": val, "config": asdict(cfg)}
+            save_checkpoint(self.best_path, {**best, "spec": self.spec})
         self._save_last()
         if self.dist.is_main:
             self._write_history()
