@@ -349,7 +349,7 @@ def _launch_fwd(q, k, v, keep, scale, skip_dropped_queries, cfg, launch):
         BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"],
         SKIP_DROPPED_QUERIES=skip_dropped_queries,
-        DOT_PRECISION=dot_precision(q.dtype),
+        INPUT_PRECISION=dot_precision(q.dtype),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
@@ -434,7 +434,7 @@ def _launch_bwd(grad_out, q, k, v, keep, out, lse, scale, skip_dropped_queries, 
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         GATE_GRAD=gate_grad,
-        DOT_PRECISION=precision,
+        INPUT_PRECISION=precision,
         **options,
     )
     launch(_masked_attn_bwd_dq_kernel)[flat_grid(triton.cdiv(seq_len, block_m), batch * heads)](
@@ -463,7 +463,7 @@ def _launch_bwd(grad_out, q, k, v, keep, out, lse, scale, skip_dropped_queries, 
         BLOCK_D=block_d,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        DOT_PRECISION=precision,
+        INPUT_PRECISION=precision,
         **options,
     )
     return dq, dk, dv, (dgate_heads if gate_grad else None)
@@ -643,7 +643,7 @@ if TRITON_AVAILABLE:
         qk_scale,
         BLOCK_N: tl.constexpr,
         MASK_KEYS: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
     ):
         """The online softmax over the key blocks ``K_ORDER_b[start:stop]`` of one (image, head): full blocks
         (``MASK_KEYS`` False, no per-token masks) or partly kept ones (dropped keys loaded as zeros, never read, and
@@ -652,7 +652,9 @@ if TRITON_AVAILABLE:
             k, v, keep_k = _masked_key_block(
                 K_bh, V_bh, KEEP_b, K_ORDER_b, i, stride_kn, stride_vn, N, offs_d, in_d, BLOCK_N, MASK_KEYS
             )
-            m_i, l_i, acc = attn_fwd_step(q, tl.trans(k), v, keep_k, m_i, l_i, acc, qk_scale, MASK_KEYS, DOT_PRECISION)
+            m_i, l_i, acc = attn_fwd_step(
+                q, tl.trans(k), v, keep_k, m_i, l_i, acc, qk_scale, MASK_KEYS, INPUT_PRECISION
+            )
         return m_i, l_i, acc
 
     @triton.jit
@@ -691,7 +693,7 @@ if TRITON_AVAILABLE:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         SKIP_DROPPED_QUERIES: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
     ):
         """Forward over the live key blocks of one query block of one (image, head).
 
@@ -700,7 +702,7 @@ if TRITON_AVAILABLE:
         blocks; OUT ``(B, H, N, D)``; LSE ``(B, H, N)`` fp32 contiguous (base 2, -inf for rows not computed). Strides
         in (b, h, n, d) order; ``qk_scale`` is ``scale * log2(e)``. Constexprs: HEAD_DIM (D), BLOCK_D (next power of
         two >= D), BLOCK_M / BLOCK_N (query / key rows per block, also the block size of K_ORDER),
-        SKIP_DROPPED_QUERIES, DOT_PRECISION.
+        SKIP_DROPPED_QUERIES, INPUT_PRECISION.
 
         Grid: ``flat_grid(cdiv(N, BLOCK_M), B * H)``.
         """
@@ -758,7 +760,7 @@ if TRITON_AVAILABLE:
             qk_scale,
             BLOCK_N,
             False,
-            DOT_PRECISION,
+            INPUT_PRECISION,
         )
         m_i, l_i, acc = _masked_fwd_key_blocks(
             q,
@@ -779,7 +781,7 @@ if TRITON_AVAILABLE:
             qk_scale,
             BLOCK_N,
             True,
-            DOT_PRECISION,
+            INPUT_PRECISION,
         )
 
         # The rows computed: every one in an image with a kept key (l_i > 0 there unless NaN or Inf made it NaN,
@@ -860,7 +862,7 @@ if TRITON_AVAILABLE:
         BLOCK_M: tl.constexpr,
         MASK_QUERIES: tl.constexpr,
         GATE_GRAD: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
     ):
         """Accumulate dK, dV (and the gate term) of one key block over the query blocks ``Q_ORDER_b[start:stop]``:
         full blocks (``MASK_QUERIES`` False: every row inside N and computed) or partly valid ones (rows with
@@ -885,7 +887,7 @@ if TRITON_AVAILABLE:
             q = tl.load(Q_bh + offs_m[:, None] * stride_qn + offs_d[None, :], mask=qd_mask, other=0.0)
             do = tl.load(DO_bh + offs_m[:, None] * stride_don + offs_d[None, :], mask=qd_mask, other=0.0)
             dk, dv, ds_sum = attn_bwd_dkdv_step(
-                k, v, q, do, lse, delta, row_valid, dk, dv, qk_scale, MASK_QUERIES, DOT_PRECISION
+                k, v, q, do, lse, delta, row_valid, dk, dv, qk_scale, MASK_QUERIES, INPUT_PRECISION
             )
             if GATE_GRAD:
                 # d(loss)/d(gate_j) = sum_i p_ij (dp_ij - delta_i) = sum_i ds_ij, from the real k, v of key j.
@@ -941,7 +943,7 @@ if TRITON_AVAILABLE:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         GATE_GRAD: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
     ):
         """dK, dV (and the per-head gate gradient) of one key block, looping over the listed query blocks.
 
@@ -951,7 +953,7 @@ if TRITON_AVAILABLE:
         (written only when GATE_GRAD). Strides in (b, h, n, d) order; ``sm_scale`` is the softmax scale,
         ``qk_scale = sm_scale * log2(e)``. Constexprs: HEAD_DIM, BLOCK_D, BLOCK_M (query rows per visited block, the
         block size of Q_ORDER), BLOCK_N (key rows of this program), GATE_GRAD (also visit dead key blocks and compute
-        the gate term from the real k/v), DOT_PRECISION.
+        the gate term from the real k/v), INPUT_PRECISION.
 
         Grid: ``flat_grid(cdiv(N, BLOCK_N), B * H)``.
         """
@@ -1017,7 +1019,7 @@ if TRITON_AVAILABLE:
             BLOCK_M,
             False,
             GATE_GRAD,
-            DOT_PRECISION,
+            INPUT_PRECISION,
         )
         dk, dv, dgate = _masked_dkdv_query_blocks(
             k,
@@ -1041,7 +1043,7 @@ if TRITON_AVAILABLE:
             BLOCK_M,
             True,
             GATE_GRAD,
-            DOT_PRECISION,
+            INPUT_PRECISION,
         )
 
         # Rows of dropped keys hold garbage of their own only: select zero.
@@ -1071,7 +1073,7 @@ if TRITON_AVAILABLE:
         qk_scale,
         BLOCK_N: tl.constexpr,
         MASK_KEYS: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
     ):
         """Accumulate dQ of one query block over the key blocks ``K_ORDER_b[start:stop]``: full blocks (``MASK_KEYS``
         False) or partly kept ones (dropped keys loaded as zeros and given weight 0)."""
@@ -1080,7 +1082,7 @@ if TRITON_AVAILABLE:
                 K_bh, V_bh, KEEP_b, K_ORDER_b, i, stride_kn, stride_vn, N, offs_d, in_d, BLOCK_N, MASK_KEYS
             )
             dq = attn_bwd_dq_step(
-                q, do, tl.trans(k), tl.trans(v), lse, delta, keep_k, dq, qk_scale, MASK_KEYS, DOT_PRECISION
+                q, do, tl.trans(k), tl.trans(v), lse, delta, keep_k, dq, qk_scale, MASK_KEYS, INPUT_PRECISION
             )
         return dq
 
@@ -1126,7 +1128,7 @@ if TRITON_AVAILABLE:
         BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
     ):
         """dQ of one query block, looping over the live key blocks.
 
@@ -1134,7 +1136,7 @@ if TRITON_AVAILABLE:
         full, then partly kept key blocks, K_COUNTS ``(B, 2)`` int32 contiguous, how many are full and live; LSE,
         DELTA ``(B, H, N)`` fp32 contiguous; DQ ``(B, H, N, D)``. Strides in (b, h, n, d) order; ``sm_scale`` is the
         softmax scale, ``qk_scale = sm_scale * log2(e)``. Constexprs: HEAD_DIM, BLOCK_D, BLOCK_M (query rows of this
-        program), BLOCK_N (key rows per visited block, the block size of K_ORDER), DOT_PRECISION.
+        program), BLOCK_N (key rows per visited block, the block size of K_ORDER), INPUT_PRECISION.
 
         Grid: ``flat_grid(cdiv(N, BLOCK_M), B * H)``.
         """
@@ -1193,7 +1195,7 @@ if TRITON_AVAILABLE:
             qk_scale,
             BLOCK_N,
             False,
-            DOT_PRECISION,
+            INPUT_PRECISION,
         )
         dq = _masked_dq_key_blocks(
             q,
@@ -1215,7 +1217,7 @@ if TRITON_AVAILABLE:
             qk_scale,
             BLOCK_N,
             True,
-            DOT_PRECISION,
+            INPUT_PRECISION,
         )
         # Rows not computed (lse = -inf) hold garbage of their own only: select zero.
         tl.store(dq_ptrs, tl.where(row_valid[:, None], dq * sm_scale, 0.0).to(DQ.dtype.element_ty), mask=qd_mask)
