@@ -78,6 +78,17 @@ def flat_grid(tiles: int, groups: int) -> tuple[int]:
     return (tiles * groups,)
 
 
+# torch >= 2.6 registers each family's launchers as ``triton_op``s, which torch.compile traces as single ops.
+OPS_AVAILABLE = TRITON_AVAILABLE and hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
+
+
+def uses_registered_ops(q: torch.Tensor) -> bool:
+    """Whether a family's autograd Function calls its ``faithful_vit::*`` ops (CUDA, so that torch.compile sees one
+    op per pass, without a graph break) or its launchers directly (elsewhere: Inductor cannot compile a
+    ``triton_op`` for the CPU, where the kernels run under the Triton interpreter)."""
+    return OPS_AVAILABLE and q.is_cuda
+
+
 def launch_directly(kernel):
     """The default ``launch`` of the launchers: the kernel itself (:func:`launch_in_op` inside a ``triton_op``)."""
     return kernel

@@ -55,12 +55,14 @@ import torch
 
 from . import reference
 from ._attention_core import (
+    OPS_AVAILABLE,
     check_interpreter_dtype,
     check_qkv,
     dot_precision,
     flat_grid,
     launch_directly,
     launch_in_op,
+    uses_registered_ops,
 )
 from ._autotune import tuned_config
 from ._backend import TRITON_AVAILABLE, resolve_backend
@@ -134,10 +136,7 @@ def masked_attention(
         return _torch_masked_attention(q, k, v, keep, scale, gate, skip_dropped_queries)
     check_interpreter_dtype(q)
     q, k, v = (unit_last_stride(t) for t in (q, k, v))
-    if q.is_cuda and _OPS_REGISTERED:
-        out, _ = torch.ops.faithful_vit.masked_attention_fwd(q, k, v, keep, gate, scale, skip_dropped_queries)
-    else:
-        out = MaskedAttentionFunction.apply(q, k, v, keep, gate, scale, skip_dropped_queries)
+    out = MaskedAttentionFunction.apply(q, k, v, keep, gate, scale, skip_dropped_queries)
     if gate is not None:  # the torch backend applies the same rule inside the reference
         out = out + reference.gate_mismatch_nan(gate, keep, out.dtype)
     return out
@@ -177,11 +176,13 @@ def _torch_masked_attention(q, k, v, keep, scale, gate, skip_dropped_queries):
 
 
 class MaskedAttentionFunction(torch.autograd.Function):
-    """Triton masked attention with gradients for q, k, v and the (optional) key gate."""
+    """Triton masked attention with gradients for q, k, v and the (optional) key gate: the one autograd path, on the
+    registered ops on CUDA and on the launchers elsewhere (:func:`._attention_core.uses_registered_ops`)."""
 
     @staticmethod
     def forward(ctx, q, k, v, keep, gate, scale, skip_dropped_queries):
-        out, lse = _masked_attention_fwd(q, k, v, keep, scale, skip_dropped_queries)
+        fwd = torch.ops.faithful_vit.masked_attention_fwd if uses_registered_ops(q) else _masked_attention_fwd
+        out, lse = fwd(q, k, v, keep, scale, skip_dropped_queries)
         ctx.save_for_backward(q, k, v, keep, out, lse)
         ctx.scale = scale
         ctx.skip_dropped_queries = skip_dropped_queries
@@ -192,17 +193,15 @@ class MaskedAttentionFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, keep, out, lse = ctx.saved_tensors
         gate_grad = ctx.needs_input_grad[4]
-        dq, dk, dv, dgate_heads = _masked_attention_bwd(
-            grad_out, q, k, v, keep, out, lse, ctx.scale, ctx.skip_dropped_queries, gate_grad
-        )
+        bwd = torch.ops.faithful_vit.masked_attention_bwd if uses_registered_ops(q) else _masked_attention_bwd
+        dq, dk, dv, dgate_heads = bwd(grad_out, q, k, v, keep, out, lse, ctx.scale, ctx.skip_dropped_queries, gate_grad)
         dgate = dgate_heads.sum(1).to(ctx.gate_dtype) if gate_grad else None
         return dq, dk, dv, None, dgate, None, None
 
 
-# ---- torch.compile registration (CUDA only: compiling a triton_op on CPU fails, so the CPU path never uses it) ----
+# ---- Registered ops (what torch.compile traces on CUDA, see :func:`._attention_core.uses_registered_ops`) ---------
 
-_OPS_REGISTERED = False
-if TRITON_AVAILABLE and hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton"):
+if OPS_AVAILABLE:
 
     @torch.library.triton_op("faithful_vit::masked_attention_fwd", mutates_args=())
     def _masked_attention_fwd_op(
@@ -210,11 +209,9 @@ if TRITON_AVAILABLE and hasattr(torch.library, "triton_op") and hasattr(torch.li
         k: torch.Tensor,
         v: torch.Tensor,
         keep: torch.Tensor,
-        gate: torch.Tensor | None,
         scale: float,
         skip_dropped_queries: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # ``gate`` is an input only so that the autograd registration can return its gradient.
         return _masked_attention_fwd(q, k, v, keep, scale, skip_dropped_queries, launch=launch_in_op)
 
     @torch.library.triton_op("faithful_vit::masked_attention_bwd", mutates_args=())
@@ -235,27 +232,6 @@ if TRITON_AVAILABLE and hasattr(torch.library, "triton_op") and hasattr(torch.li
         )
         # An op has a fixed number of tensor outputs: an empty tensor stands for "no gate gradient asked".
         return dq, dk, dv, dgate_heads if gate_grad else lse.new_empty(0)
-
-    def _setup_context(ctx, inputs, output):
-        q, k, v, keep, gate, scale, skip_dropped_queries = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, keep, out, lse)
-        ctx.scale = scale
-        ctx.skip_dropped_queries = skip_dropped_queries
-        ctx.gate_dtype = None if gate is None else gate.dtype
-        ctx.mark_non_differentiable(lse)
-
-    def _backward(ctx, grad_out, _grad_lse):
-        q, k, v, keep, out, lse = ctx.saved_tensors
-        gate_grad = ctx.gate_dtype is not None and ctx.needs_input_grad[4]
-        dq, dk, dv, dgate_heads = torch.ops.faithful_vit.masked_attention_bwd(
-            grad_out, q, k, v, keep, out, lse, ctx.scale, ctx.skip_dropped_queries, gate_grad
-        )
-        dgate = dgate_heads.sum(1).to(ctx.gate_dtype) if gate_grad else None
-        return dq, dk, dv, None, dgate, None, None
-
-    torch.library.register_autograd("faithful_vit::masked_attention_fwd", _backward, setup_context=_setup_context)
-    _OPS_REGISTERED = True
 
 
 # ---- Launchers ---------------------------------------------------------------------------------------------------

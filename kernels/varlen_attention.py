@@ -46,12 +46,14 @@ import torch
 
 from . import reference
 from ._attention_core import (
+    OPS_AVAILABLE,
     check_interpreter_dtype,
     check_qkv,
     dot_precision,
     flat_grid,
     launch_directly,
     launch_in_op,
+    uses_registered_ops,
 )
 from ._autotune import tuned_config
 from ._backend import TRITON_AVAILABLE, resolve_backend
@@ -125,9 +127,6 @@ def varlen_attention(
         return reference.varlen_attention_ref(q, k, v, cu_seqlens, scale=scale, upcast=False)
     check_interpreter_dtype(q)
     q, k, v = (unit_last_stride(t) for t in (q, k, v))
-    if q.is_cuda and _OPS_REGISTERED:
-        out, _ = torch.ops.faithful_vit.varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale)
-        return out
     return VarlenAttentionFunction.apply(q, k, v, cu_seqlens, max_seqlen, scale)
 
 
@@ -135,11 +134,13 @@ def varlen_attention(
 
 
 class VarlenAttentionFunction(torch.autograd.Function):
-    """Launches the Triton kernels directly: the CPU (interpreter) path; CUDA goes through the ``triton_op``s below."""
+    """Triton varlen attention with gradients for q, k, v: the one autograd path, on the registered ops on CUDA and
+    on the launchers elsewhere (:func:`._attention_core.uses_registered_ops`)."""
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale):
-        out, lse = _varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale)
+        fwd = torch.ops.faithful_vit.varlen_attention_fwd if uses_registered_ops(q) else _varlen_attention_fwd
+        out, lse = fwd(q, k, v, cu_seqlens, max_seqlen, scale)
         ctx.save_for_backward(q, k, v, cu_seqlens, out, lse)
         ctx.max_seqlen, ctx.scale = max_seqlen, scale
         return out
@@ -147,14 +148,14 @@ class VarlenAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, cu_seqlens, out, lse = ctx.saved_tensors
-        dq, dk, dv = _varlen_attention_bwd(q, k, v, cu_seqlens, out, lse, grad_out, ctx.max_seqlen, ctx.scale)
+        bwd = torch.ops.faithful_vit.varlen_attention_bwd if uses_registered_ops(q) else _varlen_attention_bwd
+        dq, dk, dv = bwd(q, k, v, cu_seqlens, out, lse, grad_out, ctx.max_seqlen, ctx.scale)
         return dq, dk, dv, None, None, None
 
 
-# ---- torch.compile registration (CUDA only: Inductor cannot compile a triton_op for the CPU) ----
+# ---- Registered ops (what torch.compile traces on CUDA, see :func:`._attention_core.uses_registered_ops`) ----
 
-_OPS_REGISTERED = False
-if TRITON_AVAILABLE and hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton"):
+if OPS_AVAILABLE:
 
     @torch.library.triton_op("faithful_vit::varlen_attention_fwd", mutates_args=())
     def _varlen_attention_fwd_op(
@@ -175,23 +176,6 @@ if TRITON_AVAILABLE and hasattr(torch.library, "triton_op") and hasattr(torch.li
         scale: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return _varlen_attention_bwd(q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, scale, launch=launch_in_op)
-
-    def _setup_context(ctx, inputs, output):
-        q, k, v, cu_seqlens, max_seqlen, scale = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, cu_seqlens, out, lse)
-        ctx.max_seqlen, ctx.scale = max_seqlen, scale
-        ctx.mark_non_differentiable(lse)
-
-    def _backward(ctx, grad_out, _grad_lse):
-        q, k, v, cu_seqlens, out, lse = ctx.saved_tensors
-        dq, dk, dv = torch.ops.faithful_vit.varlen_attention_bwd(
-            q, k, v, cu_seqlens, out, lse, grad_out, ctx.max_seqlen, ctx.scale
-        )
-        return dq, dk, dv, None, None, None
-
-    torch.library.register_autograd("faithful_vit::varlen_attention_fwd", _backward, setup_context=_setup_context)
-    _OPS_REGISTERED = True
 
 
 # ---- Launchers ----

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from faithful_vit.kernels import compaction_order, masked_attention, reference
+from faithful_vit.kernels import check, compaction_order, masked_attention, reference
+from faithful_vit.kernels._attention_core import OPS_AVAILABLE
 
 impl = sys.modules["faithful_vit.kernels.masked_attention"]
 HAS_CUDA = torch.cuda.is_available()
@@ -507,42 +508,24 @@ def test_a_grid_past_cudas_limit_is_a_clear_error():
 # ---- Registration, backends, configs ----------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not impl._OPS_REGISTERED, reason="torch.library.triton_op is not available")
-def test_registered_op_matches_the_autograd_function():
-    """The CUDA path goes through the triton_op + register_autograd; run it eagerly here (interpreter on CPU)."""
+@pytest.mark.skipif(not OPS_AVAILABLE, reason="torch.library.triton_op is not available")
+def test_registered_ops_match_the_launchers(monkeypatch):
+    """CUDA runs the autograd Function on the triton_ops; run it on them eagerly here (interpreter on CPU)."""
     q, k, v, _ = _qkv(1, 2, 27, 16, torch.float32)
     keep = _random_keep(1, 27)
     grad_out = torch.randn(q.shape, device=q.device)
-    scale = 16**-0.5
-
-    def via_op(q, k, v, keep, gate=None):
-        return torch.ops.faithful_vit.masked_attention_fwd(q, k, v, keep, gate, scale, True)[0]
-
-    def via_function(q, k, v, keep, gate=None):
-        return impl.MaskedAttentionFunction.apply(q, k, v, keep, gate, scale, True)
-
-    got = _forward_backward(via_op, q, k, v, keep, grad_out, gate=keep.float())
-    want = _forward_backward(via_function, q, k, v, keep, grad_out, gate=keep.float())
+    want = _forward_backward(_kernel, q, k, v, keep, grad_out, gate=keep.float())
+    monkeypatch.setattr(impl, "uses_registered_ops", lambda q: True)
+    got = _forward_backward(_kernel, q, k, v, keep, grad_out, gate=keep.float())
     for a, b in zip([got[0], *got[1]], [want[0], *want[1]]):
         assert torch.equal(a, b)
 
 
-def _opcheck_fwd(test_utils):
-    q, k, v, _ = _qkv(1, 2, 20, 16, torch.float32)
-    keep = _random_keep(1, 20)
-    args = (q, k, v, keep, keep.float().requires_grad_(), 0.25, True)
-    torch.library.opcheck(torch.ops.faithful_vit.masked_attention_fwd.default, args, test_utils=test_utils)
-
-
-@pytest.mark.skipif(not impl._OPS_REGISTERED, reason="torch.library.triton_op is not available")
-def test_registered_op_schema_and_autograd():
-    # FakeTensor tracing of a triton_op needs compiled Triton (CUDA); the full opcheck is a GPU test.
-    _opcheck_fwd(("test_schema", "test_autograd_registration"))
-
-
-@pytest.mark.gpu
-def test_gpu_registered_op_passes_opcheck():
-    _opcheck_fwd(("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+@pytest.mark.skipif(not OPS_AVAILABLE, reason="torch.library.triton_op is not available")
+def test_registered_ops_pass_opcheck():
+    """opcheck of the forward and backward ops: the schemas on the CPU, FakeTensor and AOT dispatch on CUDA too."""
+    (case,) = check.select(check.build_cases(torch.device(DEVICE), "quick"), ["opcheck/masked*"], [])
+    assert case.run()[0]
 
 
 def test_torch_backend_matches_reference_in_half_precision():
