@@ -289,7 +289,7 @@ def _masked_attention_fwd(q, k, v, keep, scale, skip_dropped_queries, launch=lau
         "masked_attention_fwd",
         (triton.next_power_of_2(seq_len), head_dim, q.dtype, skip_dropped_queries),
         get_fwd_config(seq_len, head_dim, q.dtype, q.device),
-        fwd_candidates(head_dim, q.dtype, q.device),
+        fwd_candidates(seq_len, head_dim, q.dtype, q.device),
         lambda c: _launch_fwd(q, k, v, keep, scale, skip_dropped_queries, c, launch),
         (q, k, v, keep),
     )
@@ -344,7 +344,7 @@ def _masked_attention_bwd(
         "masked_attention_bwd",
         (triton.next_power_of_2(seq_len), head_dim, q.dtype, skip_dropped_queries, gate_grad),
         get_bwd_config(seq_len, head_dim, q.dtype, q.device),
-        bwd_candidates(head_dim, q.dtype, q.device),
+        bwd_candidates(seq_len, head_dim, q.dtype, q.device),
         lambda c: _launch_bwd(*args, c, launch),
         (q, k, v, keep),
     )
@@ -481,7 +481,7 @@ def _configs(*rows: tuple[int, int, int, int]) -> list[dict[str, int]]:
     return [dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), row)) for row in rows]
 
 
-def fwd_candidates(head_dim: int, dtype: torch.dtype, device: torch.device) -> list[dict[str, int]]:
+def fwd_candidates(seq_len: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> list[dict[str, int]]:
     """Configs the forward's autotuning times besides :func:`get_fwd_config` (configs that do not fit are skipped)."""
     if device.type != "cuda":
         return _configs((32, 16, 1, 1))
@@ -490,7 +490,7 @@ def fwd_candidates(head_dim: int, dtype: torch.dtype, device: torch.device) -> l
     return _configs((64, 32, 4, 3), (128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (128, 128, 8, 2))
 
 
-def bwd_candidates(head_dim: int, dtype: torch.dtype, device: torch.device) -> list[dict[str, int]]:
+def bwd_candidates(seq_len: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> list[dict[str, int]]:
     """Configs the backward's autotuning times besides :func:`get_bwd_config` (shared by its three kernels)."""
     if device.type != "cuda":
         return _configs((16, 32, 1, 1))

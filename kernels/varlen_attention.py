@@ -194,7 +194,7 @@ def _varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale, launch=launch_
     cfg = tuned_config(
         "varlen_attention_fwd",
         (triton.next_power_of_2(max_seqlen), head_dim, q.dtype),
-        get_fwd_config(max_seqlen, head_dim, q.dtype),
+        get_fwd_config(max_seqlen, head_dim, q.dtype, q.device),
         fwd_candidates(max_seqlen, head_dim, q.dtype, q.device),
         lambda c: _launch_fwd(q, k, v, cu_seqlens, max_seqlen, scale, c, launch, *map(torch.empty_like, (out, lse))),
         (q, k, v),
@@ -250,7 +250,7 @@ def _varlen_attention_bwd(q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, s
     cfg = tuned_config(
         "varlen_attention_bwd",
         (triton.next_power_of_2(max_seqlen), head_dim, q.dtype),
-        get_bwd_config(max_seqlen, head_dim, q.dtype),
+        get_bwd_config(max_seqlen, head_dim, q.dtype, q.device),
         bwd_candidates(max_seqlen, head_dim, q.dtype, q.device),
         lambda c: _launch_bwd(*args, c, launch, *map(torch.empty_like, (dq, dk, dv))),
         (q, k, v),
@@ -352,7 +352,7 @@ def _short_tile(max_seqlen: int, preferred: int) -> int:
     return max(16, min(preferred, triton.next_power_of_2(max(max_seqlen, 1))))
 
 
-def get_fwd_config(max_seqlen: int, head_dim: int, dtype: torch.dtype) -> dict[str, int]:
+def get_fwd_config(max_seqlen: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> dict[str, int]:
     """Forward tiles: ``BLOCK_M`` query rows per program, ``BLOCK_N`` keys per step. Override by reassigning.
 
     Short sequences (ViT images keep ~50-200 tokens) waste little on 64-row tiles; large head dims halve the key tile
@@ -374,7 +374,7 @@ def get_fwd_config(max_seqlen: int, head_dim: int, dtype: torch.dtype) -> dict[s
     }
 
 
-def get_bwd_config(max_seqlen: int, head_dim: int, dtype: torch.dtype) -> dict[str, int]:
+def get_bwd_config(max_seqlen: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> dict[str, int]:
     """Backward tiles: ``BLOCK_M`` query rows and ``BLOCK_N`` keys per step of both the dK/dV and the dQ kernels,
     ``BLOCK_PRE`` rows per preprocess program. Override by reassigning. Above head dim 64, 8 warps hold the dK/dV
     accumulators without spilling."""

@@ -340,8 +340,8 @@ def test_grids_fit_cuda_and_cover_every_sequence_and_head(monkeypatch):
 
         return Grid()
 
-    fwd_cfg = varlen_module.get_fwd_config(max_seqlen, head_dim, q.dtype)
-    bwd_cfg = varlen_module.get_bwd_config(max_seqlen, head_dim, q.dtype)
+    fwd_cfg = varlen_module.get_fwd_config(max_seqlen, head_dim, q.dtype, q.device)
+    bwd_cfg = varlen_module.get_bwd_config(max_seqlen, head_dim, q.dtype, q.device)
     varlen_module._launch_fwd(q, q, q, cu, max_seqlen, 0.125, fwd_cfg, launch, q, lse)
     varlen_module._launch_bwd(q, q, q, cu, q, lse, q, max_seqlen, 0.125, bwd_cfg, launch, q, q, q)
     assert len(record) == 4
