@@ -504,10 +504,17 @@ def bwd_candidates(seq_len: int, head_dim: int, dtype: torch.dtype, device: torc
 if TRITON_AVAILABLE:
 
     @triton.jit
+    def _token_kept(KEEP_b, tokens, N):
+        """The per-token predicate: which of ``tokens`` (indices, any shape) of one image are kept, tokens past N
+        counting as dropped; ``KEEP_b`` is the image's row of int8 keep bytes. Every kernel asks it, and
+        :func:`.reference.token_kept` mirrors it: a mask variant changes these two functions."""
+        return tl.load(KEEP_b + tokens, mask=tokens < N, other=0) != 0
+
+    @triton.jit
     def _kept_per_block(KEEP_b, blocks, N, BLOCK: tl.constexpr):
-        """Kept tokens in each of ``blocks`` (block indices) of one image; tokens past N count as dropped."""
+        """Kept tokens in each of ``blocks`` (block indices) of one image."""
         tokens = blocks[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
-        return tl.sum((tl.load(KEEP_b + tokens, mask=tokens < N, other=0) != 0).to(tl.int32), 1)
+        return tl.sum(_token_kept(KEEP_b, tokens, N).to(tl.int32), 1)
 
     @triton.jit
     def _block_lists_kernel(
@@ -590,7 +597,7 @@ if TRITON_AVAILABLE:
         zeros, so NaN/Inf stored there is never read."""
         offs_n = tl.load(K_ORDER_b + i) * BLOCK_N + tl.arange(0, BLOCK_N)
         if MASK_KEYS:
-            keep_k = tl.load(KEEP_b + offs_n, mask=offs_n < N, other=0) != 0
+            keep_k = _token_kept(KEEP_b, offs_n, N)
             kv_mask = keep_k[:, None] & in_d[None, :]
         else:
             keep_k = offs_n < N  # every key of a full block is kept; unused by the steps
@@ -689,7 +696,7 @@ if TRITON_AVAILABLE:
         offs_d = tl.arange(0, BLOCK_D)
         in_m = offs_m < N
         in_d = offs_d < HEAD_DIM
-        keep_q = tl.load(KEEP + b * stride_keep_b + offs_m, mask=in_m, other=0) != 0
+        keep_q = _token_kept(KEEP + b * stride_keep_b, offs_m, N)
         out_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
         lse_ptrs = LSE + pid_bh * N + offs_m
         if SKIP_DROPPED_QUERIES:
@@ -940,7 +947,7 @@ if TRITON_AVAILABLE:
         offs_d = tl.arange(0, BLOCK_D)
         in_n = offs_n < N
         in_d = offs_d < HEAD_DIM
-        keep_k = tl.load(KEEP + b * stride_keep_b + offs_n, mask=in_n, other=0) != 0
+        keep_k = _token_kept(KEEP + b * stride_keep_b, offs_n, N)
         dk_ptrs = DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
         dv_ptrs = DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
         out_mask = in_n[:, None] & in_d[None, :]
