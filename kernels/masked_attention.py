@@ -1,32 +1,26 @@
 """Fused block-sparse masked attention: every query attends only to the kept keys of its image.
 
-Algorithm (FlashAttention-2 style, exp2 domain, fp32 accumulation):
-    * Per image, the kept tokens define live blocks: a block of ``BLOCK`` consecutive tokens is live when it holds at
-      least one kept token, and full when every token of it is kept. :func:`_block_lists` builds, on the device and
-      without a host synchronisation, each image's list of block indices (full, then partly kept, then dead) and the
-      two counts.
-    * Forward, one program per (query block, batch x head): a query block with no kept query writes zeros when
-      ``skip_dropped_queries`` and returns; otherwise it loops over the live key blocks only, with an online softmax:
-      first the full ones, without any per-token mask, then the partly kept ones, masked per token (dropped keys are
-      loaded as zeros, so NaN/Inf there is never read, and their scores are set to -inf with ``tl.where``). The
-      output is stored in a ``(B, N, H, D)`` memory layout, so that timm's ``out.transpose(1, 2).reshape(B, N, C)``
-      is free. The log-sum-exp (base 2) is kept for the backward; it is -inf for the rows that are not computed or
-      have no kept key (their output is zero).
-    * Backward: ``delta_i = rowsum(dO_i * O_i)``; a dK/dV kernel per key block loops over the live query blocks (all
-      query blocks when dropped queries are computed), full ones first; a dQ kernel per query block loops over the
-      live key blocks, full ones first. A program's own rows need no per-score mask (row j of dK/dV depends on key j
-      alone, row i of dQ on query i alone): the rows of dropped keys and of queries not computed are set to zero
-      when stored. Dead key blocks write zero dK/dV. No atomics, so the backward is deterministic.
-    * After :func:`compaction_order` is applied to the token sequence (kept tokens first), the live blocks are the
-      first ``ceil(kept / BLOCK)`` ones, all full but the last, and the work is proportional to (kept blocks)^2.
-    * The per-block math of the three loops (online softmax step, dK/dV step, dQ step) is shared with varlen
-      attention through :mod:`._attention_core`, with ``keep`` as the per-token validity mask; this module holds the
-      block lists, the masked loads, the gate term, grids, configs and autograd wiring.
+The scheme, its limits, the autograd path and the configs are those of :mod:`._attention_core`, with ``keep`` as the
+per-token validity mask (:func:`_token_kept`, mirrored by :func:`.reference.token_kept`). This module adds which
+blocks a program visits, the gate gradient, and the ``(B, N, H, D)`` output layout.
 
-Non-finite values: rows that are computed are never masked, so a NaN or Inf in a kept key or a computed query
-propagates exactly as in SDPA (and in :func:`~faithful_vit.kernels.reference.masked_attention_ref`). Dropped keys,
-and queries that are not computed, are loaded as zeros wherever they meet other tokens (never multiplied by a zero
-weight), so whatever they hold changes nothing else. Grids are 1-d (:func:`._attention_core.flat_grid`): any B x H.
+Blocks: per image, a block of ``BLOCK`` consecutive tokens is live when it holds a kept token and full when every
+token of it is kept. :func:`_block_lists` builds, on the device and without a host synchronisation, each image's list
+of block indices (full, then partly kept, then dead) and the two counts; the loops walk the full then the partly kept
+ones. The forward (one program per query block and image x head) walks the live key blocks; a query block without a
+kept query writes zeros when ``skip_dropped_queries`` and returns. The dK/dV kernel walks the live query blocks (all
+query blocks when dropped queries are computed), the dQ kernel the live key blocks; dead key blocks write zero dK/dV.
+After :func:`compaction_order` (kept tokens first) the live blocks are the first ``ceil(kept / BLOCK)`` ones, all full
+but the last, and the work is proportional to (kept blocks)^2. Grids are 1-d (:func:`._attention_core.flat_grid`):
+any B x H.
+
+Outputs and gradients are stored in a ``(B, N, H, D)`` memory layout, so that timm's
+``out.transpose(1, 2).reshape(B, N, C)`` is free. The log-sum-exp (base 2) kept for the backward is -inf for the rows
+that are not computed or have no kept key (their output is zero).
+
+Non-finite values: dropped keys, and queries that are not computed, count as invalid rows of the scheme, so whatever
+they hold changes nothing else; a NaN or Inf in a kept key or a computed query propagates as in SDPA (and in
+:func:`~faithful_vit.kernels.reference.masked_attention_ref`).
 
 Gate gradient: when ``gate`` requires grad, the backward returns the derivative of the multiplicative key gate
 ``out_i = sum_j g_j exp(s_ij) v_j / sum_j g_j exp(s_ij)`` at ``g = keep``, for every key, kept or dropped. It equals
@@ -34,19 +28,9 @@ Gate gradient: when ``gate`` requires grad, the backward returns the derivative 
 always computes from the real k/v of its own key block (whatever a dropped key holds stays in its own rows, zeroed
 on store). So the gate costs one row sum per block step, and for dropped keys the dK/dV kernel visits ALL key blocks
 (dense over keys); dQ still reads dropped keys as zeros, so a NaN in a dropped key changes nothing but that key's own
-gate gradient. The per-head partial gate gradients ``(B, H, N)`` are summed over heads in torch (deterministic).
-
-Limits:
-    * Head dim 16..128 (any, not only powers of two: the kernels pad to the next power of two with masked loads).
-    * fp32 inputs use IEEE-precision dots (no TF32); fp16/bf16 accumulate in fp32.
-    * The softmax scale must be positive: it is applied after the row max, folded into one fma per score.
-    * The gate gradient of a dropped key computes ``exp(s_ij - lse_i)`` in fp32: a dropped key whose score exceeds
-      the kept ones by more than ~88 (natural log units) overflows to inf where the float64 reference is finite.
-    * Under the Triton interpreter (CPU) bf16 dots are not supported; use fp32 or fp16 there.
-    * Configs come from :func:`get_fwd_config` / :func:`get_bwd_config` (plain functions, replaceable by assigning
-      this module's attribute). Autotuning is opt-in (:func:`faithful_vit.kernels.set_autotune`): the first call per
-      (length bucket, head dim, dtype, variant) then times :func:`fwd_candidates` / :func:`bwd_candidates` on its own
-      inputs, keep mask included, and keeps the fastest.
+gate gradient. The per-head partial gate gradients ``(B, H, N)`` are summed over heads in torch (deterministic). It
+computes ``exp(s_ij - lse_i)`` in fp32: a dropped key whose score exceeds the kept ones by more than ``log(2**128)``
+(natural log units) overflows to inf where the float64 reference is finite.
 """
 
 from __future__ import annotations
@@ -248,8 +232,7 @@ def _block_lists(
     """Per-image lists of the blocks of ``block`` tokens a loop visits: full blocks first, then partly kept ones.
 
     One small kernel launch on the device, no host synchronisation: the attention kernels read the counts and the list
-    themselves. A full block (every token kept, none past N) is visited without per-token masks; after
-    :func:`compaction_order` all live blocks but the last of each image are full.
+    themselves. A full block has every token kept, none past N.
 
     Args:
         keep_bytes: ``(B, N)`` int8 (:func:`_keep_bytes`), nonzero for kept tokens.
@@ -449,12 +432,10 @@ def _launch_bwd(grad_out, q, k, v, keep, out, lse, scale, skip_dropped_queries, 
 
 
 def get_fwd_config(seq_len: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> dict[str, int]:
-    """Block sizes and launch options of the forward kernel (replace this function to try others).
+    """Tiles and launch options of the forward kernel (see :mod:`._attention_core` for the config functions).
 
-    ViT sequences are short (tens to ~1500 tokens) and the sparsity is per block, so blocks stay small: 64 x 64. The
-    configs of both passes are checked on sm_90 code generation (``scripts/compile_kernels.py --check``): no register
-    spills, and for fp16/bf16 warp-group MMAs with pipelined loads. fp32 dots are exact FMA loops whose operand tiles
-    live in registers, so fp32 takes small tiles over 8 warps.
+    ViT sequences are short and the sparsity is per block, so blocks stay small. fp32 dots are exact FMA loops whose
+    operand tiles live in registers, so fp32 takes small tiles over 8 warps.
     """
     if device.type != "cuda":  # the interpreter: the smallest blocks tl.dot accepts keep CPU tests fast
         return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
@@ -465,10 +446,9 @@ def get_fwd_config(seq_len: int, head_dim: int, dtype: torch.dtype, device: torc
 
 
 def get_bwd_config(seq_len: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> dict[str, int]:
-    """Block sizes and launch options of the backward kernels (``BLOCK_M`` query rows, ``BLOCK_N`` key rows).
+    """Tiles and launch options of the three backward kernels (see :mod:`._attention_core`).
 
-    Above head dim 64 the dK/dV accumulators need 8 warps (4 spill). fp32 (exact FMA dots) takes 16 x 16 tiles on
-    8 warps: the larger fp32 tiles tried spill in the dQ or the dK/dV kernel.
+    Above head dim 64 the dK/dV accumulators take 8 warps; fp32 (exact FMA dots) takes the smallest tiles on 8 warps.
     """
     if device.type != "cuda":
         return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
@@ -592,9 +572,8 @@ if TRITON_AVAILABLE:
         BLOCK_N: tl.constexpr,
         MASK_KEYS: tl.constexpr,
     ):
-        """Load key block ``K_ORDER_b[i]`` of one (image, head): k, v ``(BLOCK_N, BLOCK_D)`` and which keys are kept.
-        A full block (``MASK_KEYS`` False) loads without per-token masks; a partly kept one loads dropped keys as
-        zeros, so NaN/Inf stored there is never read."""
+        """Load key block ``K_ORDER_b[i]`` of one (image, head): k, v ``(BLOCK_N, BLOCK_D)`` and which keys are kept
+        (dropped keys as zeros when ``MASK_KEYS``, see :mod:`._attention_core`)."""
         offs_n = tl.load(K_ORDER_b + i) * BLOCK_N + tl.arange(0, BLOCK_N)
         if MASK_KEYS:
             keep_k = _token_kept(KEEP_b, offs_n, N)
@@ -628,9 +607,9 @@ if TRITON_AVAILABLE:
         MASK_KEYS: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
     ):
-        """The online softmax over the key blocks ``K_ORDER_b[start:stop]`` of one (image, head): full blocks
-        (``MASK_KEYS`` False, no per-token masks) or partly kept ones (dropped keys loaded as zeros, never read, and
-        given weight 0). ``K_bh``, ``V_bh``, ``KEEP_b``, ``K_ORDER_b`` point at this image (and head)."""
+        """The online softmax over the key blocks ``K_ORDER_b[start:stop]`` of one (image, head), full ones or
+        (``MASK_KEYS``) partly kept ones. ``K_bh``, ``V_bh``, ``KEEP_b``, ``K_ORDER_b`` point at this image (and
+        head)."""
         for i in range(start, stop):
             k, v, keep_k = _masked_key_block(
                 K_bh, V_bh, KEEP_b, K_ORDER_b, i, stride_kn, stride_vn, N, offs_d, in_d, BLOCK_N, MASK_KEYS
@@ -847,9 +826,9 @@ if TRITON_AVAILABLE:
         GATE_GRAD: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
     ):
-        """Accumulate dK, dV (and the gate term) of one key block over the query blocks ``Q_ORDER_b[start:stop]``:
-        full blocks (``MASK_QUERIES`` False: every row inside N and computed) or partly valid ones (rows with
-        lse = -inf, not computed or without a kept key, are loaded as zeros and contribute exactly zero)."""
+        """Accumulate dK, dV (and the gate term) of one key block over the query blocks ``Q_ORDER_b[start:stop]``,
+        full ones (every row inside N and computed) or (``MASK_QUERIES``) partly valid ones, whose invalid rows are
+        those with lse = -inf (not computed, or without a kept key)."""
         offs_block = tl.arange(0, BLOCK_M)
         for i in range(start, stop):
             offs_m = tl.load(Q_ORDER_b + i) * BLOCK_M + offs_block
@@ -1058,8 +1037,8 @@ if TRITON_AVAILABLE:
         MASK_KEYS: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
     ):
-        """Accumulate dQ of one query block over the key blocks ``K_ORDER_b[start:stop]``: full blocks (``MASK_KEYS``
-        False) or partly kept ones (dropped keys loaded as zeros and given weight 0)."""
+        """Accumulate dQ of one query block over the key blocks ``K_ORDER_b[start:stop]``, full ones or
+        (``MASK_KEYS``) partly kept ones."""
         for i in range(start, stop):
             k, v, keep_k = _masked_key_block(
                 K_bh, V_bh, KEEP_b, K_ORDER_b, i, stride_kn, stride_vn, N, offs_d, in_d, BLOCK_N, MASK_KEYS
