@@ -1,21 +1,47 @@
-"""What the two attention kernel families share: the per-block math of their loops and the checks of q, k, v.
+"""What the two attention kernel families share: the scheme, the per-block math of their loops, the autograd and
+torch.compile wiring, the config functions, and the checks of q, k, v. Each family's module docstring says only what
+is its own and links here.
 
 Masked attention (:mod:`.masked_attention`, ``(B, H, N, D)`` with a keep mask) and varlen attention
 (:mod:`.varlen_attention`, packed ``(T, H, D)`` rows with ``cu_seqlens``) are the same FlashAttention-2 scheme: a
-forward with an online softmax in the exp2 domain and fp32 state, and an atomics-free backward made of a dK/dV kernel
-(one key block, looping over query blocks) and a dQ kernel (one query block, looping over key blocks). They differ only
-in which blocks a program visits and how it addresses their rows (live-block lists vs sequence offsets), so each
-family keeps its kernels, grids and autograd wiring, and calls the ``@triton.jit`` steps below on tiles it has loaded,
-with per-token validity masks that say which keys and queries are real (kept, or inside the sequence).
+forward with an online softmax in the exp2 domain and fp32 state, and an atomics-free (deterministic) backward made of
+a ``delta = rowsum(dO * O)`` preprocess, a dK/dV kernel (one key block, looping over query blocks) and a dQ kernel (one
+query block, looping over key blocks). They differ only in which blocks a program visits and how it addresses their
+rows (live-block lists vs sequence offsets), so each family keeps its kernels, grids and launchers, and calls the
+``@triton.jit`` steps below on tiles it has loaded, with per-token validity masks that say which keys and queries are
+real (kept, or inside the sequence).
 
-Validity costs a select per score only where it is needed. Each loop visits first the blocks whose tokens are all
-valid (most of them once the kept tokens are contiguous: compacted images, packed sequences) with the select compiled
-out (``MASK_KEYS`` / ``MASK_QUERIES`` False), then the partly valid ones with it. The side a program owns needs no
-per-score select at all: row i of the output or of dQ depends on query i alone, row j of dK/dV on key j alone, so
-the kernels select zero for invalid rows once, when they store them. Invalid (query, key) pairs that a sum crosses
-get exactly zero weight through ``tl.where``, and the callers load rows outside their masks as zeros, so non-finite
-values there are never read (a zero weight times a NaN would still be NaN). Valid rows are never masked: a NaN or Inf
-in them propagates as in SDPA. The softmax scale is folded into one fma per score, so it must be positive.
+Fully valid blocks first. Validity costs a select per score only where it is needed. Each loop visits first the
+blocks whose tokens are all valid (most of them once the kept tokens are contiguous: compacted images, packed
+sequences) with the select compiled out (``MASK_KEYS`` / ``MASK_QUERIES`` False), then the partly valid ones with it.
+The side a program owns needs no per-score select at all: row i of the output or of dQ depends on query i alone, row
+j of dK/dV on key j alone, so the kernels select zero for invalid rows once, when they store them (or skip storing
+them). Invalid (query, key) pairs that a sum crosses get exactly zero weight through ``tl.where``, and the callers
+load rows outside their masks as zeros, so non-finite values there are never read (a zero weight times a NaN would
+still be NaN). Valid rows are never masked: a NaN or Inf in them propagates as in SDPA. The softmax scale is folded
+into one fma per score after the row max, so it must be positive.
+
+Shared limits: head dims 16..128, any of them (non-powers of two are padded to the next power of two, ``BLOCK_D``,
+with masked loads); fp32 inputs get IEEE-precision dots (:func:`dot_precision`), fp16/bf16 accumulate in fp32; the
+Triton interpreter (CPU) has no bf16 dots (:func:`check_interpreter_dtype`).
+
+Autograd and torch.compile: each family has one ``torch.autograd.Function``, the only autograd path. Its forward and
+backward call the family's ``faithful_vit::<family>_attention_fwd`` / ``_bwd`` ``triton_op``s on CUDA (torch >= 2.6),
+which torch.compile traces as one op per pass without a graph break, and the same launchers directly elsewhere
+(:func:`uses_registered_ops`): Inductor cannot compile a ``triton_op`` for the CPU. The ops have no autograd formula
+of their own.
+
+Configs: each family's ``get_fwd_config(seq_len, head_dim, dtype, device)`` and ``get_bwd_config(...)`` return the
+tiles (``BLOCK_M`` query rows, ``BLOCK_N`` key rows) and launch options (``num_warps``, ``num_stages``) of its kernels;
+``seq_len`` is N for masked attention and ``max_seqlen`` for varlen attention, and a family may ignore an argument.
+They are plain functions, replaceable by assigning the module's attribute. The CUDA defaults are chosen for sm_90 code
+generation, without register spills and with warp-group MMAs for fp16/bf16, which ``scripts/compile_kernels.py
+--check`` checks (the CPU suite runs it). ``fwd_candidates`` / ``bwd_candidates``, with the same arguments, list what
+opt-in autotuning (:func:`faithful_vit.kernels.set_autotune`) times besides the default on the first call per
+(length bucket, head dim, dtype, variant), keeping the fastest.
+
+Constexprs have one name in both families: ``HEAD_DIM`` (D), ``BLOCK_D``, ``BLOCK_M``, ``BLOCK_N``,
+``INPUT_PRECISION`` (of the dots), ``MASK_KEYS`` / ``MASK_QUERIES`` (the block is partly valid).
 
 Tile layouts: ``q``, ``do``, ``k``, ``v`` are ``(rows, BLOCK_D)``; ``kt``, ``vt`` are the key-side tiles transposed,
 ``(BLOCK_D, BLOCK_N)`` (a caller that loaded ``k`` passes ``tl.trans(k)``). Log-sum-exps and scores are in log2 units
@@ -76,6 +102,16 @@ def flat_grid(tiles: int, groups: int) -> tuple[int]:
             f"CUDA's grid limit of {MAX_GRID_X}; split the batch"
         )
     return (tiles * groups,)
+
+
+# torch >= 2.6 has triton_op: each family then registers its launchers as ops.
+OPS_AVAILABLE = TRITON_AVAILABLE and hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
+
+
+def uses_registered_ops(q: torch.Tensor) -> bool:
+    """Whether the families' autograd Functions call the registered ops (CUDA) or the launchers (see the module
+    docstring)."""
+    return OPS_AVAILABLE and q.is_cuda
 
 
 def launch_directly(kernel):

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _utils, reference
+from ._attention_core import OPS_AVAILABLE
 from ._backend import TRITON_AVAILABLE, TRITON_INTERPRET
 from .masked_attention import masked_attention
 from .varlen_attention import varlen_attention
@@ -362,25 +363,40 @@ def _varlen_nan_case(dtype, head_dim, lengths, max_seqlen, tensor, device) -> Ca
 # ---- torch.library.opcheck ---------------------------------------------------------------------------------------
 
 
-def _opcheck_case(op_name: str, device, dtype) -> Case:
-    # FakeTensor tracing of a triton_op needs compiled Triton: on the CPU only the schema and autograd registration.
-    utils = ("test_schema", "test_autograd_registration")
+def _opcheck_inputs(family: str, device, dtype) -> tuple:
+    """The forward op's inputs of ``family`` (``"masked"`` or ``"varlen"``): small, awkward, without gradients (the
+    ops are differentiated through the families' autograd Functions, not by autograd registrations of their own)."""
+    if family == "masked":
+        q, k, v = (torch.randn(2, 2, 40, 16, dtype=dtype, device=device) for _ in range(3))
+        return q, k, v, _keep("mixed", 40, device)[:2], 0.25, True
+    q, k, v = (torch.randn(32, 2, 16, dtype=dtype, device=device) for _ in range(3))
+    return q, k, v, _cu_seqlens([11, 0, 1, 20], device), 20, 0.25
+
+
+def _opcheck_case(family: str, device, dtype) -> Case:
+    """``torch.library.opcheck`` of the forward and backward ops of ``family``, the backward on the forward's outputs
+    (with a gate gradient for masked attention)."""
+    # FakeTensor tracing of a triton_op needs compiled Triton: on the CPU only the schemas.
+    utils = ("test_schema",)
     if device.type == "cuda":
         utils += ("test_faketensor", "test_aot_dispatch_dynamic")
-    name = f"opcheck/{op_name}"
+    name = f"opcheck/{family}_attention"
 
     def run():
-        op = getattr(torch.ops.faithful_vit, op_name).default
-        if op_name == "masked_attention_fwd":
-            q, k, v = (torch.randn(2, 2, 40, 16, dtype=dtype, device=device, requires_grad=True) for _ in range(3))
-            keep = _keep("mixed", 40, device)[:2]
-            args = (q, k, v, keep, keep.to(dtype).requires_grad_(), 0.25, True)
+        fwd = getattr(torch.ops.faithful_vit, f"{family}_attention_fwd").default
+        bwd = getattr(torch.ops.faithful_vit, f"{family}_attention_bwd").default
+        fwd_args = _opcheck_inputs(family, device, dtype)
+        out, lse = fwd(*fwd_args)
+        grad_out = torch.randn_like(out)
+        if family == "masked":
+            q, k, v, keep, scale, skip = fwd_args
+            bwd_args = (grad_out, q, k, v, keep, out, lse, scale, skip, True)
         else:
-            lengths = [11, 0, 1, 20]
-            q, k, v = (torch.randn(32, 2, 16, dtype=dtype, device=device, requires_grad=True) for _ in range(3))
-            args = (q, k, v, _cu_seqlens(lengths, device), 20, 0.25)
-        torch.library.opcheck(op, args, test_utils=utils)
-        return True, ", ".join(u.removeprefix("test_") for u in utils)
+            q, k, v, cu_seqlens, max_seqlen, scale = fwd_args
+            bwd_args = (q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, scale)
+        torch.library.opcheck(fwd, fwd_args, test_utils=utils)
+        torch.library.opcheck(bwd, bwd_args, test_utils=utils)
+        return True, "fwd, bwd: " + ", ".join(u.removeprefix("test_") for u in utils)
 
     return Case(name, run)
 
@@ -450,9 +466,9 @@ def build_cases(device: torch.device, mode: str = "default") -> list[Case]:
         cases.append(_varlen_nan_case(train_dtype, base_dim, *vit[1:], tensor, device))
 
     # Registered with torch >= 2.6 (torch.library.triton_op). Masked in fp32, varlen in train_dtype, as the tests do.
-    for op_name, dtype in (("masked_attention_fwd", torch.float32), ("varlen_attention_fwd", train_dtype)):
-        if hasattr(torch.ops.faithful_vit, op_name):
-            cases.append(_opcheck_case(op_name, device, dtype))
+    if OPS_AVAILABLE:
+        cases.append(_opcheck_case("masked", device, torch.float32))
+        cases.append(_opcheck_case("varlen", device, train_dtype))
     return cases
 
 

@@ -1,32 +1,26 @@
 """Fused block-sparse masked attention: every query attends only to the kept keys of its image.
 
-Algorithm (FlashAttention-2 style, exp2 domain, fp32 accumulation):
-    * Per image, the kept tokens define live blocks: a block of ``BLOCK`` consecutive tokens is live when it holds at
-      least one kept token, and full when every token of it is kept. :func:`_block_lists` builds, on the device and
-      without a host synchronisation, each image's list of block indices (full, then partly kept, then dead) and the
-      two counts.
-    * Forward, one program per (query block, batch x head): a query block with no kept query writes zeros when
-      ``skip_dropped_queries`` and returns; otherwise it loops over the live key blocks only, with an online softmax:
-      first the full ones, without any per-token mask, then the partly kept ones, masked per token (dropped keys are
-      loaded as zeros, so NaN/Inf there is never read, and their scores are set to -inf with ``tl.where``). The
-      output is stored in a ``(B, N, H, D)`` memory layout, so that timm's ``out.transpose(1, 2).reshape(B, N, C)``
-      is free. The log-sum-exp (base 2) is kept for the backward; it is -inf for the rows that are not computed or
-      have no kept key (their output is zero).
-    * Backward: ``delta_i = rowsum(dO_i * O_i)``; a dK/dV kernel per key block loops over the live query blocks (all
-      query blocks when dropped queries are computed), full ones first; a dQ kernel per query block loops over the
-      live key blocks, full ones first. A program's own rows need no per-score mask (row j of dK/dV depends on key j
-      alone, row i of dQ on query i alone): the rows of dropped keys and of queries not computed are set to zero
-      when stored. Dead key blocks write zero dK/dV. No atomics, so the backward is deterministic.
-    * After :func:`compaction_order` is applied to the token sequence (kept tokens first), the live blocks are the
-      first ``ceil(kept / BLOCK)`` ones, all full but the last, and the work is proportional to (kept blocks)^2.
-    * The per-block math of the three loops (online softmax step, dK/dV step, dQ step) is shared with varlen
-      attention through :mod:`._attention_core`, with ``keep`` as the per-token validity mask; this module holds the
-      block lists, the masked loads, the gate term, grids, configs and autograd wiring.
+The scheme, its limits, the autograd path and the configs are those of :mod:`._attention_core`, with ``keep`` as the
+per-token validity mask (:func:`_token_kept`, mirrored by :func:`.reference.token_kept`). This module adds which
+blocks a program visits, the gate gradient, and the ``(B, N, H, D)`` output layout.
 
-Non-finite values: rows that are computed are never masked, so a NaN or Inf in a kept key or a computed query
-propagates exactly as in SDPA (and in :func:`~faithful_vit.kernels.reference.masked_attention_ref`). Dropped keys,
-and queries that are not computed, are loaded as zeros wherever they meet other tokens (never multiplied by a zero
-weight), so whatever they hold changes nothing else. Grids are 1-d (:func:`._attention_core.flat_grid`): any B x H.
+Blocks: per image, a block of ``BLOCK`` consecutive tokens is live when it holds a kept token and full when every
+token of it is kept. :func:`_block_lists` builds, on the device and without a host synchronisation, each image's list
+of block indices (full, then partly kept, then dead) and the two counts; the loops walk the full then the partly kept
+ones. The forward (one program per query block and image x head) walks the live key blocks; a query block without a
+kept query writes zeros when ``skip_dropped_queries`` and returns. The dK/dV kernel walks the live query blocks (all
+query blocks when dropped queries are computed), the dQ kernel the live key blocks; dead key blocks write zero dK/dV.
+After :func:`compaction_order` (kept tokens first) the live blocks are the first ``ceil(kept / BLOCK)`` ones, all full
+but the last, and the work is proportional to (kept blocks)^2. Grids are 1-d (:func:`._attention_core.flat_grid`):
+any B x H.
+
+Outputs and gradients are stored in a ``(B, N, H, D)`` memory layout, so that timm's
+``out.transpose(1, 2).reshape(B, N, C)`` is free. The log-sum-exp (base 2) kept for the backward is -inf for the rows
+that are not computed or have no kept key (their output is zero).
+
+Non-finite values: dropped keys, and queries that are not computed, count as invalid rows of the scheme, so whatever
+they hold changes nothing else; a NaN or Inf in a kept key or a computed query propagates as in SDPA (and in
+:func:`~faithful_vit.kernels.reference.masked_attention_ref`).
 
 Gate gradient: when ``gate`` requires grad, the backward returns the derivative of the multiplicative key gate
 ``out_i = sum_j g_j exp(s_ij) v_j / sum_j g_j exp(s_ij)`` at ``g = keep``, for every key, kept or dropped. It equals
@@ -34,19 +28,9 @@ Gate gradient: when ``gate`` requires grad, the backward returns the derivative 
 always computes from the real k/v of its own key block (whatever a dropped key holds stays in its own rows, zeroed
 on store). So the gate costs one row sum per block step, and for dropped keys the dK/dV kernel visits ALL key blocks
 (dense over keys); dQ still reads dropped keys as zeros, so a NaN in a dropped key changes nothing but that key's own
-gate gradient. The per-head partial gate gradients ``(B, H, N)`` are summed over heads in torch (deterministic).
-
-Limits:
-    * Head dim 16..128 (any, not only powers of two: the kernels pad to the next power of two with masked loads).
-    * fp32 inputs use IEEE-precision dots (no TF32); fp16/bf16 accumulate in fp32.
-    * The softmax scale must be positive: it is applied after the row max, folded into one fma per score.
-    * The gate gradient of a dropped key computes ``exp(s_ij - lse_i)`` in fp32: a dropped key whose score exceeds
-      the kept ones by more than ~88 (natural log units) overflows to inf where the float64 reference is finite.
-    * Under the Triton interpreter (CPU) bf16 dots are not supported; use fp32 or fp16 there.
-    * Configs come from :func:`get_fwd_config` / :func:`get_bwd_config` (plain functions, replaceable by assigning
-      this module's attribute). Autotuning is opt-in (:func:`faithful_vit.kernels.set_autotune`): the first call per
-      (length bucket, head dim, dtype, variant) then times :func:`fwd_candidates` / :func:`bwd_candidates` on its own
-      inputs, keep mask included, and keeps the fastest.
+gate gradient. The per-head partial gate gradients ``(B, H, N)`` are summed over heads in torch (deterministic). It
+computes ``exp(s_ij - lse_i)`` in fp32: a dropped key whose score exceeds the kept ones by more than ``log(2**128)``
+(natural log units) overflows to inf where the float64 reference is finite.
 """
 
 from __future__ import annotations
@@ -55,12 +39,14 @@ import torch
 
 from . import reference
 from ._attention_core import (
+    OPS_AVAILABLE,
     check_interpreter_dtype,
     check_qkv,
     dot_precision,
     flat_grid,
     launch_directly,
     launch_in_op,
+    uses_registered_ops,
 )
 from ._autotune import tuned_config
 from ._backend import TRITON_AVAILABLE, resolve_backend
@@ -134,10 +120,7 @@ def masked_attention(
         return _torch_masked_attention(q, k, v, keep, scale, gate, skip_dropped_queries)
     check_interpreter_dtype(q)
     q, k, v = (unit_last_stride(t) for t in (q, k, v))
-    if q.is_cuda and _OPS_REGISTERED:
-        out, _ = torch.ops.faithful_vit.masked_attention_fwd(q, k, v, keep, gate, scale, skip_dropped_queries)
-    else:
-        out = MaskedAttentionFunction.apply(q, k, v, keep, gate, scale, skip_dropped_queries)
+    out = MaskedAttentionFunction.apply(q, k, v, keep, gate, scale, skip_dropped_queries)
     if gate is not None:  # the torch backend applies the same rule inside the reference
         out = out + reference.gate_mismatch_nan(gate, keep, out.dtype)
     return out
@@ -177,11 +160,13 @@ def _torch_masked_attention(q, k, v, keep, scale, gate, skip_dropped_queries):
 
 
 class MaskedAttentionFunction(torch.autograd.Function):
-    """Triton masked attention with gradients for q, k, v and the (optional) key gate."""
+    """Triton masked attention with gradients for q, k, v and the (optional) key gate: the one autograd path, on the
+    registered ops on CUDA and on the launchers elsewhere (:func:`._attention_core.uses_registered_ops`)."""
 
     @staticmethod
     def forward(ctx, q, k, v, keep, gate, scale, skip_dropped_queries):
-        out, lse = _masked_attention_fwd(q, k, v, keep, scale, skip_dropped_queries)
+        fwd = torch.ops.faithful_vit.masked_attention_fwd if uses_registered_ops(q) else _masked_attention_fwd
+        out, lse = fwd(q, k, v, keep, scale, skip_dropped_queries)
         ctx.save_for_backward(q, k, v, keep, out, lse)
         ctx.scale = scale
         ctx.skip_dropped_queries = skip_dropped_queries
@@ -192,17 +177,15 @@ class MaskedAttentionFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, keep, out, lse = ctx.saved_tensors
         gate_grad = ctx.needs_input_grad[4]
-        dq, dk, dv, dgate_heads = _masked_attention_bwd(
-            grad_out, q, k, v, keep, out, lse, ctx.scale, ctx.skip_dropped_queries, gate_grad
-        )
+        bwd = torch.ops.faithful_vit.masked_attention_bwd if uses_registered_ops(q) else _masked_attention_bwd
+        dq, dk, dv, dgate_heads = bwd(grad_out, q, k, v, keep, out, lse, ctx.scale, ctx.skip_dropped_queries, gate_grad)
         dgate = dgate_heads.sum(1).to(ctx.gate_dtype) if gate_grad else None
         return dq, dk, dv, None, dgate, None, None
 
 
-# ---- torch.compile registration (CUDA only: compiling a triton_op on CPU fails, so the CPU path never uses it) ----
+# ---- Registered ops (what torch.compile traces on CUDA, see :func:`._attention_core.uses_registered_ops`) ---------
 
-_OPS_REGISTERED = False
-if TRITON_AVAILABLE and hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton"):
+if OPS_AVAILABLE:
 
     @torch.library.triton_op("faithful_vit::masked_attention_fwd", mutates_args=())
     def _masked_attention_fwd_op(
@@ -210,11 +193,9 @@ if TRITON_AVAILABLE and hasattr(torch.library, "triton_op") and hasattr(torch.li
         k: torch.Tensor,
         v: torch.Tensor,
         keep: torch.Tensor,
-        gate: torch.Tensor | None,
         scale: float,
         skip_dropped_queries: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # ``gate`` is an input only so that the autograd registration can return its gradient.
         return _masked_attention_fwd(q, k, v, keep, scale, skip_dropped_queries, launch=launch_in_op)
 
     @torch.library.triton_op("faithful_vit::masked_attention_bwd", mutates_args=())
@@ -236,27 +217,6 @@ if TRITON_AVAILABLE and hasattr(torch.library, "triton_op") and hasattr(torch.li
         # An op has a fixed number of tensor outputs: an empty tensor stands for "no gate gradient asked".
         return dq, dk, dv, dgate_heads if gate_grad else lse.new_empty(0)
 
-    def _setup_context(ctx, inputs, output):
-        q, k, v, keep, gate, scale, skip_dropped_queries = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, keep, out, lse)
-        ctx.scale = scale
-        ctx.skip_dropped_queries = skip_dropped_queries
-        ctx.gate_dtype = None if gate is None else gate.dtype
-        ctx.mark_non_differentiable(lse)
-
-    def _backward(ctx, grad_out, _grad_lse):
-        q, k, v, keep, out, lse = ctx.saved_tensors
-        gate_grad = ctx.gate_dtype is not None and ctx.needs_input_grad[4]
-        dq, dk, dv, dgate_heads = torch.ops.faithful_vit.masked_attention_bwd(
-            grad_out, q, k, v, keep, out, lse, ctx.scale, ctx.skip_dropped_queries, gate_grad
-        )
-        dgate = dgate_heads.sum(1).to(ctx.gate_dtype) if gate_grad else None
-        return dq, dk, dv, None, dgate, None, None
-
-    torch.library.register_autograd("faithful_vit::masked_attention_fwd", _backward, setup_context=_setup_context)
-    _OPS_REGISTERED = True
-
 
 # ---- Launchers ---------------------------------------------------------------------------------------------------
 
@@ -272,8 +232,7 @@ def _block_lists(
     """Per-image lists of the blocks of ``block`` tokens a loop visits: full blocks first, then partly kept ones.
 
     One small kernel launch on the device, no host synchronisation: the attention kernels read the counts and the list
-    themselves. A full block (every token kept, none past N) is visited without per-token masks; after
-    :func:`compaction_order` all live blocks but the last of each image are full.
+    themselves. A full block has every token kept, none past N.
 
     Args:
         keep_bytes: ``(B, N)`` int8 (:func:`_keep_bytes`), nonzero for kept tokens.
@@ -313,7 +272,7 @@ def _masked_attention_fwd(q, k, v, keep, scale, skip_dropped_queries, launch=lau
         "masked_attention_fwd",
         (triton.next_power_of_2(seq_len), head_dim, q.dtype, skip_dropped_queries),
         get_fwd_config(seq_len, head_dim, q.dtype, q.device),
-        fwd_candidates(head_dim, q.dtype, q.device),
+        fwd_candidates(seq_len, head_dim, q.dtype, q.device),
         lambda c: _launch_fwd(q, k, v, keep, scale, skip_dropped_queries, c, launch),
         (q, k, v, keep),
     )
@@ -349,7 +308,7 @@ def _launch_fwd(q, k, v, keep, scale, skip_dropped_queries, cfg, launch):
         BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"],
         SKIP_DROPPED_QUERIES=skip_dropped_queries,
-        DOT_PRECISION=dot_precision(q.dtype),
+        INPUT_PRECISION=dot_precision(q.dtype),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
@@ -368,7 +327,7 @@ def _masked_attention_bwd(
         "masked_attention_bwd",
         (triton.next_power_of_2(seq_len), head_dim, q.dtype, skip_dropped_queries, gate_grad),
         get_bwd_config(seq_len, head_dim, q.dtype, q.device),
-        bwd_candidates(head_dim, q.dtype, q.device),
+        bwd_candidates(seq_len, head_dim, q.dtype, q.device),
         lambda c: _launch_bwd(*args, c, launch),
         (q, k, v, keep),
     )
@@ -434,7 +393,7 @@ def _launch_bwd(grad_out, q, k, v, keep, out, lse, scale, skip_dropped_queries, 
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         GATE_GRAD=gate_grad,
-        DOT_PRECISION=precision,
+        INPUT_PRECISION=precision,
         **options,
     )
     launch(_masked_attn_bwd_dq_kernel)[flat_grid(triton.cdiv(seq_len, block_m), batch * heads)](
@@ -463,7 +422,7 @@ def _launch_bwd(grad_out, q, k, v, keep, out, lse, scale, skip_dropped_queries, 
         BLOCK_D=block_d,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        DOT_PRECISION=precision,
+        INPUT_PRECISION=precision,
         **options,
     )
     return dq, dk, dv, (dgate_heads if gate_grad else None)
@@ -473,12 +432,10 @@ def _launch_bwd(grad_out, q, k, v, keep, out, lse, scale, skip_dropped_queries, 
 
 
 def get_fwd_config(seq_len: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> dict[str, int]:
-    """Block sizes and launch options of the forward kernel (replace this function to try others).
+    """Tiles and launch options of the forward kernel (see :mod:`._attention_core` for the config functions).
 
-    ViT sequences are short (tens to ~1500 tokens) and the sparsity is per block, so blocks stay small: 64 x 64. The
-    configs of both passes are checked on sm_90 code generation (``scripts/compile_kernels.py --check``): no register
-    spills, and for fp16/bf16 warp-group MMAs with pipelined loads. fp32 dots are exact FMA loops whose operand tiles
-    live in registers, so fp32 takes small tiles over 8 warps.
+    ViT sequences are short and the sparsity is per block, so blocks stay small. fp32 dots are exact FMA loops whose
+    operand tiles live in registers, so fp32 takes small tiles over 8 warps.
     """
     if device.type != "cuda":  # the interpreter: the smallest blocks tl.dot accepts keep CPU tests fast
         return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
@@ -489,10 +446,9 @@ def get_fwd_config(seq_len: int, head_dim: int, dtype: torch.dtype, device: torc
 
 
 def get_bwd_config(seq_len: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> dict[str, int]:
-    """Block sizes and launch options of the backward kernels (``BLOCK_M`` query rows, ``BLOCK_N`` key rows).
+    """Tiles and launch options of the three backward kernels (see :mod:`._attention_core`).
 
-    Above head dim 64 the dK/dV accumulators need 8 warps (4 spill). fp32 (exact FMA dots) takes 16 x 16 tiles on
-    8 warps: the larger fp32 tiles tried spill in the dQ or the dK/dV kernel.
+    Above head dim 64 the dK/dV accumulators take 8 warps; fp32 (exact FMA dots) takes the smallest tiles on 8 warps.
     """
     if device.type != "cuda":
         return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
@@ -505,7 +461,7 @@ def _configs(*rows: tuple[int, int, int, int]) -> list[dict[str, int]]:
     return [dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), row)) for row in rows]
 
 
-def fwd_candidates(head_dim: int, dtype: torch.dtype, device: torch.device) -> list[dict[str, int]]:
+def fwd_candidates(seq_len: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> list[dict[str, int]]:
     """Configs the forward's autotuning times besides :func:`get_fwd_config` (configs that do not fit are skipped)."""
     if device.type != "cuda":
         return _configs((32, 16, 1, 1))
@@ -514,7 +470,7 @@ def fwd_candidates(head_dim: int, dtype: torch.dtype, device: torch.device) -> l
     return _configs((64, 32, 4, 3), (128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (128, 128, 8, 2))
 
 
-def bwd_candidates(head_dim: int, dtype: torch.dtype, device: torch.device) -> list[dict[str, int]]:
+def bwd_candidates(seq_len: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> list[dict[str, int]]:
     """Configs the backward's autotuning times besides :func:`get_bwd_config` (shared by its three kernels)."""
     if device.type != "cuda":
         return _configs((16, 32, 1, 1))
@@ -528,10 +484,17 @@ def bwd_candidates(head_dim: int, dtype: torch.dtype, device: torch.device) -> l
 if TRITON_AVAILABLE:
 
     @triton.jit
+    def _token_kept(KEEP_b, tokens, N):
+        """The per-token predicate: which of ``tokens`` (indices, any shape) of one image are kept, tokens past N
+        counting as dropped; ``KEEP_b`` is the image's row of int8 keep bytes. Every kernel asks it, and
+        :func:`.reference.token_kept` mirrors it: a mask variant changes these two functions."""
+        return tl.load(KEEP_b + tokens, mask=tokens < N, other=0) != 0
+
+    @triton.jit
     def _kept_per_block(KEEP_b, blocks, N, BLOCK: tl.constexpr):
-        """Kept tokens in each of ``blocks`` (block indices) of one image; tokens past N count as dropped."""
+        """Kept tokens in each of ``blocks`` (block indices) of one image."""
         tokens = blocks[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
-        return tl.sum((tl.load(KEEP_b + tokens, mask=tokens < N, other=0) != 0).to(tl.int32), 1)
+        return tl.sum(_token_kept(KEEP_b, tokens, N).to(tl.int32), 1)
 
     @triton.jit
     def _block_lists_kernel(
@@ -609,12 +572,11 @@ if TRITON_AVAILABLE:
         BLOCK_N: tl.constexpr,
         MASK_KEYS: tl.constexpr,
     ):
-        """Load key block ``K_ORDER_b[i]`` of one (image, head): k, v ``(BLOCK_N, BLOCK_D)`` and which keys are kept.
-        A full block (``MASK_KEYS`` False) loads without per-token masks; a partly kept one loads dropped keys as
-        zeros, so NaN/Inf stored there is never read."""
+        """Load key block ``K_ORDER_b[i]`` of one (image, head): k, v ``(BLOCK_N, BLOCK_D)`` and which keys are kept
+        (dropped keys as zeros when ``MASK_KEYS``, see :mod:`._attention_core`)."""
         offs_n = tl.load(K_ORDER_b + i) * BLOCK_N + tl.arange(0, BLOCK_N)
         if MASK_KEYS:
-            keep_k = tl.load(KEEP_b + offs_n, mask=offs_n < N, other=0) != 0
+            keep_k = _token_kept(KEEP_b, offs_n, N)
             kv_mask = keep_k[:, None] & in_d[None, :]
         else:
             keep_k = offs_n < N  # every key of a full block is kept; unused by the steps
@@ -643,16 +605,18 @@ if TRITON_AVAILABLE:
         qk_scale,
         BLOCK_N: tl.constexpr,
         MASK_KEYS: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
     ):
-        """The online softmax over the key blocks ``K_ORDER_b[start:stop]`` of one (image, head): full blocks
-        (``MASK_KEYS`` False, no per-token masks) or partly kept ones (dropped keys loaded as zeros, never read, and
-        given weight 0). ``K_bh``, ``V_bh``, ``KEEP_b``, ``K_ORDER_b`` point at this image (and head)."""
+        """The online softmax over the key blocks ``K_ORDER_b[start:stop]`` of one (image, head), full ones or
+        (``MASK_KEYS``) partly kept ones. ``K_bh``, ``V_bh``, ``KEEP_b``, ``K_ORDER_b`` point at this image (and
+        head)."""
         for i in range(start, stop):
             k, v, keep_k = _masked_key_block(
                 K_bh, V_bh, KEEP_b, K_ORDER_b, i, stride_kn, stride_vn, N, offs_d, in_d, BLOCK_N, MASK_KEYS
             )
-            m_i, l_i, acc = attn_fwd_step(q, tl.trans(k), v, keep_k, m_i, l_i, acc, qk_scale, MASK_KEYS, DOT_PRECISION)
+            m_i, l_i, acc = attn_fwd_step(
+                q, tl.trans(k), v, keep_k, m_i, l_i, acc, qk_scale, MASK_KEYS, INPUT_PRECISION
+            )
         return m_i, l_i, acc
 
     @triton.jit
@@ -691,7 +655,7 @@ if TRITON_AVAILABLE:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         SKIP_DROPPED_QUERIES: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
     ):
         """Forward over the live key blocks of one query block of one (image, head).
 
@@ -700,7 +664,7 @@ if TRITON_AVAILABLE:
         blocks; OUT ``(B, H, N, D)``; LSE ``(B, H, N)`` fp32 contiguous (base 2, -inf for rows not computed). Strides
         in (b, h, n, d) order; ``qk_scale`` is ``scale * log2(e)``. Constexprs: HEAD_DIM (D), BLOCK_D (next power of
         two >= D), BLOCK_M / BLOCK_N (query / key rows per block, also the block size of K_ORDER),
-        SKIP_DROPPED_QUERIES, DOT_PRECISION.
+        SKIP_DROPPED_QUERIES, INPUT_PRECISION.
 
         Grid: ``flat_grid(cdiv(N, BLOCK_M), B * H)``.
         """
@@ -711,7 +675,7 @@ if TRITON_AVAILABLE:
         offs_d = tl.arange(0, BLOCK_D)
         in_m = offs_m < N
         in_d = offs_d < HEAD_DIM
-        keep_q = tl.load(KEEP + b * stride_keep_b + offs_m, mask=in_m, other=0) != 0
+        keep_q = _token_kept(KEEP + b * stride_keep_b, offs_m, N)
         out_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
         lse_ptrs = LSE + pid_bh * N + offs_m
         if SKIP_DROPPED_QUERIES:
@@ -758,7 +722,7 @@ if TRITON_AVAILABLE:
             qk_scale,
             BLOCK_N,
             False,
-            DOT_PRECISION,
+            INPUT_PRECISION,
         )
         m_i, l_i, acc = _masked_fwd_key_blocks(
             q,
@@ -779,7 +743,7 @@ if TRITON_AVAILABLE:
             qk_scale,
             BLOCK_N,
             True,
-            DOT_PRECISION,
+            INPUT_PRECISION,
         )
 
         # The rows computed: every one in an image with a kept key (l_i > 0 there unless NaN or Inf made it NaN,
@@ -860,11 +824,11 @@ if TRITON_AVAILABLE:
         BLOCK_M: tl.constexpr,
         MASK_QUERIES: tl.constexpr,
         GATE_GRAD: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
     ):
-        """Accumulate dK, dV (and the gate term) of one key block over the query blocks ``Q_ORDER_b[start:stop]``:
-        full blocks (``MASK_QUERIES`` False: every row inside N and computed) or partly valid ones (rows with
-        lse = -inf, not computed or without a kept key, are loaded as zeros and contribute exactly zero)."""
+        """Accumulate dK, dV (and the gate term) of one key block over the query blocks ``Q_ORDER_b[start:stop]``,
+        full ones (every row inside N and computed) or (``MASK_QUERIES``) partly valid ones, whose invalid rows are
+        those with lse = -inf (not computed, or without a kept key)."""
         offs_block = tl.arange(0, BLOCK_M)
         for i in range(start, stop):
             offs_m = tl.load(Q_ORDER_b + i) * BLOCK_M + offs_block
@@ -885,7 +849,7 @@ if TRITON_AVAILABLE:
             q = tl.load(Q_bh + offs_m[:, None] * stride_qn + offs_d[None, :], mask=qd_mask, other=0.0)
             do = tl.load(DO_bh + offs_m[:, None] * stride_don + offs_d[None, :], mask=qd_mask, other=0.0)
             dk, dv, ds_sum = attn_bwd_dkdv_step(
-                k, v, q, do, lse, delta, row_valid, dk, dv, qk_scale, MASK_QUERIES, DOT_PRECISION
+                k, v, q, do, lse, delta, row_valid, dk, dv, qk_scale, MASK_QUERIES, INPUT_PRECISION
             )
             if GATE_GRAD:
                 # d(loss)/d(gate_j) = sum_i p_ij (dp_ij - delta_i) = sum_i ds_ij, from the real k, v of key j.
@@ -941,7 +905,7 @@ if TRITON_AVAILABLE:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         GATE_GRAD: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
     ):
         """dK, dV (and the per-head gate gradient) of one key block, looping over the listed query blocks.
 
@@ -951,7 +915,7 @@ if TRITON_AVAILABLE:
         (written only when GATE_GRAD). Strides in (b, h, n, d) order; ``sm_scale`` is the softmax scale,
         ``qk_scale = sm_scale * log2(e)``. Constexprs: HEAD_DIM, BLOCK_D, BLOCK_M (query rows per visited block, the
         block size of Q_ORDER), BLOCK_N (key rows of this program), GATE_GRAD (also visit dead key blocks and compute
-        the gate term from the real k/v), DOT_PRECISION.
+        the gate term from the real k/v), INPUT_PRECISION.
 
         Grid: ``flat_grid(cdiv(N, BLOCK_N), B * H)``.
         """
@@ -962,7 +926,7 @@ if TRITON_AVAILABLE:
         offs_d = tl.arange(0, BLOCK_D)
         in_n = offs_n < N
         in_d = offs_d < HEAD_DIM
-        keep_k = tl.load(KEEP + b * stride_keep_b + offs_n, mask=in_n, other=0) != 0
+        keep_k = _token_kept(KEEP + b * stride_keep_b, offs_n, N)
         dk_ptrs = DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
         dv_ptrs = DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
         out_mask = in_n[:, None] & in_d[None, :]
@@ -1017,7 +981,7 @@ if TRITON_AVAILABLE:
             BLOCK_M,
             False,
             GATE_GRAD,
-            DOT_PRECISION,
+            INPUT_PRECISION,
         )
         dk, dv, dgate = _masked_dkdv_query_blocks(
             k,
@@ -1041,7 +1005,7 @@ if TRITON_AVAILABLE:
             BLOCK_M,
             True,
             GATE_GRAD,
-            DOT_PRECISION,
+            INPUT_PRECISION,
         )
 
         # Rows of dropped keys hold garbage of their own only: select zero.
@@ -1071,16 +1035,16 @@ if TRITON_AVAILABLE:
         qk_scale,
         BLOCK_N: tl.constexpr,
         MASK_KEYS: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
     ):
-        """Accumulate dQ of one query block over the key blocks ``K_ORDER_b[start:stop]``: full blocks (``MASK_KEYS``
-        False) or partly kept ones (dropped keys loaded as zeros and given weight 0)."""
+        """Accumulate dQ of one query block over the key blocks ``K_ORDER_b[start:stop]``, full ones or
+        (``MASK_KEYS``) partly kept ones."""
         for i in range(start, stop):
             k, v, keep_k = _masked_key_block(
                 K_bh, V_bh, KEEP_b, K_ORDER_b, i, stride_kn, stride_vn, N, offs_d, in_d, BLOCK_N, MASK_KEYS
             )
             dq = attn_bwd_dq_step(
-                q, do, tl.trans(k), tl.trans(v), lse, delta, keep_k, dq, qk_scale, MASK_KEYS, DOT_PRECISION
+                q, do, tl.trans(k), tl.trans(v), lse, delta, keep_k, dq, qk_scale, MASK_KEYS, INPUT_PRECISION
             )
         return dq
 
@@ -1126,7 +1090,7 @@ if TRITON_AVAILABLE:
         BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
     ):
         """dQ of one query block, looping over the live key blocks.
 
@@ -1134,7 +1098,7 @@ if TRITON_AVAILABLE:
         full, then partly kept key blocks, K_COUNTS ``(B, 2)`` int32 contiguous, how many are full and live; LSE,
         DELTA ``(B, H, N)`` fp32 contiguous; DQ ``(B, H, N, D)``. Strides in (b, h, n, d) order; ``sm_scale`` is the
         softmax scale, ``qk_scale = sm_scale * log2(e)``. Constexprs: HEAD_DIM, BLOCK_D, BLOCK_M (query rows of this
-        program), BLOCK_N (key rows per visited block, the block size of K_ORDER), DOT_PRECISION.
+        program), BLOCK_N (key rows per visited block, the block size of K_ORDER), INPUT_PRECISION.
 
         Grid: ``flat_grid(cdiv(N, BLOCK_M), B * H)``.
         """
@@ -1193,7 +1157,7 @@ if TRITON_AVAILABLE:
             qk_scale,
             BLOCK_N,
             False,
-            DOT_PRECISION,
+            INPUT_PRECISION,
         )
         dq = _masked_dq_key_blocks(
             q,
@@ -1215,7 +1179,7 @@ if TRITON_AVAILABLE:
             qk_scale,
             BLOCK_N,
             True,
-            DOT_PRECISION,
+            INPUT_PRECISION,
         )
         # Rows not computed (lse = -inf) hold garbage of their own only: select zero.
         tl.store(dq_ptrs, tl.where(row_valid[:, None], dq * sm_scale, 0.0).to(DQ.dtype.element_ty), mask=qd_mask)

@@ -19,6 +19,7 @@ import torch
 
 __all__ = [
     "masked_attention_ref",
+    "token_kept",
     "masked_attention_gate_grad_ref",
     "gate_mismatch_nan",
     "varlen_attention_ref",
@@ -48,6 +49,13 @@ def _safe_softmax(scores: torch.Tensor, allowed: torch.Tensor) -> tuple[torch.Te
     probs = weights / torch.where(denom == 0, torch.ones_like(denom), denom)
     lse = (row_max + torch.log(denom)).squeeze(-1)  # log(0) = -inf for empty rows
     return probs, lse
+
+
+def token_kept(keep: torch.Tensor) -> torch.Tensor:
+    """The per-token predicate of masked attention: ``(B, N)`` bool, True for the tokens that take part (every kept
+    key; the kept queries when dropped queries are skipped). The kernels' ``_token_kept`` mirrors it: a mask variant
+    changes these two functions."""
+    return keep
 
 
 def masked_attention_gate_grad_ref(
@@ -150,7 +158,8 @@ def masked_attention_ref(
     dtype = q.dtype
     cdt = _compute_dtype(q, upcast)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    key_mask = keep[:, None, :, None]
+    kept = token_kept(keep)
+    key_mask = kept[:, None, :, None]
     # Dropped keys (and skipped dropped queries) are zeroed before use, so their values (NaN, Inf) never enter an
     # output or a gradient: their rows of the products are exact zeros, never 0 * NaN.
     qc = q.to(cdt)
@@ -159,13 +168,13 @@ def masked_attention_ref(
     kc = k.to(cdt).masked_fill(~key_mask, 0.0)
     vc = v.to(cdt).masked_fill(~key_mask, 0.0)
     scores = torch.einsum("bhid,bhjd->bhij", qc, kc) * scale
-    probs, lse = _safe_softmax(scores, keep[:, None, None, :])
+    probs, lse = _safe_softmax(scores, kept[:, None, None, :])
     out = torch.einsum("bhij,bhjd->bhid", probs, vc)
-    query_rows = keep if skip_dropped_queries else torch.ones_like(keep)
+    query_rows = kept if skip_dropped_queries else torch.ones_like(kept)
     if skip_dropped_queries:
-        out = out.masked_fill(~keep[:, None, :, None], 0.0)
+        out = out.masked_fill(~key_mask, 0.0)
     if gate is not None:
-        out = _GateGradient.apply(out, gate.to(cdt), qc, k.to(cdt), v.to(cdt), keep, lse.detach(), query_rows, scale)
+        out = _GateGradient.apply(out, gate.to(cdt), qc, k.to(cdt), v.to(cdt), kept, lse.detach(), query_rows, scale)
         out = out + gate_mismatch_nan(gate, keep, cdt)
     out = out.to(dtype)
     if return_lse:

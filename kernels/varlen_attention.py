@@ -1,43 +1,27 @@
 """Varlen attention over packed sequences (the token-gather path): each sequence attends only within itself.
 
-Algorithm: FlashAttention-2 style tiling over a ragged batch. The rows of all sequences lie back to back in
-``(T, H, D)`` tensors; ``cu_seqlens`` gives the first row of every sequence. One program owns ``BLOCK_M`` query rows
-of one (sequence, head) pair, walks the key blocks of the same sequence only, and keeps an online softmax in fp32 in
-the exp2 domain. It stores the output and the log-sum-exp per row (fp32, ``(H, T)``, base 2 of the scores scaled by
-``scale * log2(e)``) for the backward.
+The scheme, its limits, the autograd path and the configs are those of :mod:`._attention_core`, with "inside the
+sequence" as the per-token validity mask. This module adds the sequence indexing and the grids.
 
-Backward (no atomics): a preprocess computes ``delta = rowsum(dO * O)``; one kernel owns a key block and walks the
-query blocks of its sequence to accumulate dK and dV; another owns a query block and walks the key blocks for dQ.
-
-Every walk visits the blocks that lie inside the sequence first, without any per-token mask, and then its ragged last
-block, masked. Rows a program owns past the end of its sequence are loaded as zeros and never stored, so they need no
-mask at all. The softmax scale must be positive (it is folded into one fma per score).
+The rows of all sequences lie back to back in ``(T, H, D)`` tensors; ``cu_seqlens`` gives the first row of every
+sequence. One program owns ``BLOCK_M`` query rows (or ``BLOCK_N`` key rows) of one (sequence, head) pair and walks the
+blocks of the same sequence only: the blocks inside it, then its ragged last block. Rows a program owns past the end
+of its sequence are loaded as zeros and never stored. The log-sum-exp per row is kept for the backward (fp32,
+``(H, T)``, base 2 of the scores scaled by ``scale * log2(e)``).
 
 Cost: projections and MLP around it scale with the kept rows ``T``; attention scales with ``sum_b len_b ** 2``. Every
 sequence's programs past its own length exit at once, so the grid is sized by ``max_seqlen`` (a host int, no sync).
+The kernels run on 1-d grids (tiles x sequences x heads on CUDA's axis 0), so any number of sequences and heads fits.
 
-Supported: fp32 (``input_precision="ieee"`` dots), fp16, bf16 (GPU only; the interpreter has no bf16 dots); head dims
-16..128, any of them (non-powers of two are padded to the next power of two with masked loads); sequences of length 0
-and 1; q, k, v with any strides on the T and H dims (e.g. ``qkv.view(T, 3, H, D).unbind(1)``), unit stride on D.
+Supported: sequences of length 0 and 1; q, k, v with any strides on the T and H dims (e.g.
+``qkv.view(T, 3, H, D).unbind(1)``), unit stride on D.
 
-Configs: :func:`get_fwd_config` / :func:`get_bwd_config` (plain functions, replaceable by assigning this module's
-attribute). Autotuning is opt-in (:func:`faithful_vit.kernels.set_autotune`): the first call per (``max_seqlen`` bucket,
-head dim, dtype) then times :func:`fwd_candidates` / :func:`bwd_candidates` on its own inputs and keeps the fastest.
-
-Limits: ``max_seqlen`` must bound every sequence length (checked on the host unless ``check_cu_seqlens=False``; rows of
-a longer sequence past the bound are left unwritten). Tiles suit tens to a few thousand tokens per sequence. The
-kernels run on 1-d grids (tiles x sequences x heads on CUDA's axis 0), so any number of sequences and heads fits.
+Limits: ``max_seqlen`` must bound every sequence length (checked on the host unless ``check_cu_seqlens=False``, and
+skipped while torch.compile traces; rows of a longer sequence past the bound are left unwritten). Tiles suit tens to a
+few thousand tokens per sequence.
 
 Bounds: every kernel clamps the offsets it reads into ``[0, T]`` (a sequence that ends before it starts is empty), so
 no ``cu_seqlens`` can make it read or write outside its tensors, whether or not the host checked them.
-
-torch.compile: on CUDA the kernels run inside the ``faithful_vit::varlen_attention_fwd/_bwd`` ``triton_op``s (torch
->= 2.6), which Inductor traces without a graph break (the host check of ``cu_seqlens`` is skipped while compiling).
-On the CPU (the Triton interpreter, for tests; no bf16 there) they are launched directly through
-:class:`VarlenAttentionFunction`, because Inductor cannot compile a ``triton_op`` for the CPU.
-
-The per-block math (online softmax step, dK/dV and dQ steps) is shared with masked attention through
-:mod:`._attention_core`; this module holds the sequence indexing, grids, configs and autograd wiring.
 """
 
 from __future__ import annotations
@@ -46,12 +30,14 @@ import torch
 
 from . import reference
 from ._attention_core import (
+    OPS_AVAILABLE,
     check_interpreter_dtype,
     check_qkv,
     dot_precision,
     flat_grid,
     launch_directly,
     launch_in_op,
+    uses_registered_ops,
 )
 from ._autotune import tuned_config
 from ._backend import TRITON_AVAILABLE, resolve_backend
@@ -125,9 +111,6 @@ def varlen_attention(
         return reference.varlen_attention_ref(q, k, v, cu_seqlens, scale=scale, upcast=False)
     check_interpreter_dtype(q)
     q, k, v = (unit_last_stride(t) for t in (q, k, v))
-    if q.is_cuda and _OPS_REGISTERED:
-        out, _ = torch.ops.faithful_vit.varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale)
-        return out
     return VarlenAttentionFunction.apply(q, k, v, cu_seqlens, max_seqlen, scale)
 
 
@@ -135,11 +118,13 @@ def varlen_attention(
 
 
 class VarlenAttentionFunction(torch.autograd.Function):
-    """Launches the Triton kernels directly: the CPU (interpreter) path; CUDA goes through the ``triton_op``s below."""
+    """Triton varlen attention with gradients for q, k, v: the one autograd path, on the registered ops on CUDA and
+    on the launchers elsewhere (:func:`._attention_core.uses_registered_ops`)."""
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale):
-        out, lse = _varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale)
+        fwd = torch.ops.faithful_vit.varlen_attention_fwd if uses_registered_ops(q) else _varlen_attention_fwd
+        out, lse = fwd(q, k, v, cu_seqlens, max_seqlen, scale)
         ctx.save_for_backward(q, k, v, cu_seqlens, out, lse)
         ctx.max_seqlen, ctx.scale = max_seqlen, scale
         return out
@@ -147,14 +132,14 @@ class VarlenAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, cu_seqlens, out, lse = ctx.saved_tensors
-        dq, dk, dv = _varlen_attention_bwd(q, k, v, cu_seqlens, out, lse, grad_out, ctx.max_seqlen, ctx.scale)
+        bwd = torch.ops.faithful_vit.varlen_attention_bwd if uses_registered_ops(q) else _varlen_attention_bwd
+        dq, dk, dv = bwd(q, k, v, cu_seqlens, out, lse, grad_out, ctx.max_seqlen, ctx.scale)
         return dq, dk, dv, None, None, None
 
 
-# ---- torch.compile registration (CUDA only: Inductor cannot compile a triton_op for the CPU) ----
+# ---- Registered ops (what torch.compile traces on CUDA, see :func:`._attention_core.uses_registered_ops`) ----
 
-_OPS_REGISTERED = False
-if TRITON_AVAILABLE and hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton"):
+if OPS_AVAILABLE:
 
     @torch.library.triton_op("faithful_vit::varlen_attention_fwd", mutates_args=())
     def _varlen_attention_fwd_op(
@@ -176,23 +161,6 @@ if TRITON_AVAILABLE and hasattr(torch.library, "triton_op") and hasattr(torch.li
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return _varlen_attention_bwd(q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, scale, launch=launch_in_op)
 
-    def _setup_context(ctx, inputs, output):
-        q, k, v, cu_seqlens, max_seqlen, scale = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, cu_seqlens, out, lse)
-        ctx.max_seqlen, ctx.scale = max_seqlen, scale
-        ctx.mark_non_differentiable(lse)
-
-    def _backward(ctx, grad_out, _grad_lse):
-        q, k, v, cu_seqlens, out, lse = ctx.saved_tensors
-        dq, dk, dv = torch.ops.faithful_vit.varlen_attention_bwd(
-            q, k, v, cu_seqlens, out, lse, grad_out, ctx.max_seqlen, ctx.scale
-        )
-        return dq, dk, dv, None, None, None
-
-    torch.library.register_autograd("faithful_vit::varlen_attention_fwd", _backward, setup_context=_setup_context)
-    _OPS_REGISTERED = True
-
 
 # ---- Launchers ----
 
@@ -210,7 +178,7 @@ def _varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale, launch=launch_
     cfg = tuned_config(
         "varlen_attention_fwd",
         (triton.next_power_of_2(max_seqlen), head_dim, q.dtype),
-        get_fwd_config(max_seqlen, head_dim, q.dtype),
+        get_fwd_config(max_seqlen, head_dim, q.dtype, q.device),
         fwd_candidates(max_seqlen, head_dim, q.dtype, q.device),
         lambda c: _launch_fwd(q, k, v, cu_seqlens, max_seqlen, scale, c, launch, *map(torch.empty_like, (out, lse))),
         (q, k, v),
@@ -266,7 +234,7 @@ def _varlen_attention_bwd(q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, s
     cfg = tuned_config(
         "varlen_attention_bwd",
         (triton.next_power_of_2(max_seqlen), head_dim, q.dtype),
-        get_bwd_config(max_seqlen, head_dim, q.dtype),
+        get_bwd_config(max_seqlen, head_dim, q.dtype, q.device),
         bwd_candidates(max_seqlen, head_dim, q.dtype, q.device),
         lambda c: _launch_bwd(*args, c, launch, *map(torch.empty_like, (dq, dk, dv))),
         (q, k, v),
@@ -368,13 +336,11 @@ def _short_tile(max_seqlen: int, preferred: int) -> int:
     return max(16, min(preferred, triton.next_power_of_2(max(max_seqlen, 1))))
 
 
-def get_fwd_config(max_seqlen: int, head_dim: int, dtype: torch.dtype) -> dict[str, int]:
-    """Forward tiles: ``BLOCK_M`` query rows per program, ``BLOCK_N`` keys per step. Override by reassigning.
+def get_fwd_config(max_seqlen: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> dict[str, int]:
+    """Tiles and launch options of the forward kernel (see :mod:`._attention_core` for the config functions).
 
-    Short sequences (ViT images keep ~50-200 tokens) waste little on 64-row tiles; large head dims halve the key tile
-    to keep the K/V tiles and the accumulator in registers. Checked on sm_90 code generation like the masked kernels'
-    configs (``scripts/compile_kernels.py --check``): no register spills; fp32's exact FMA dots take small tiles over
-    8 warps.
+    Large head dims halve the key tile to keep the K/V tiles and the accumulator in registers; fp32's exact FMA dots
+    take small tiles over 8 warps; tiles shrink for short sequences.
     """
     if dtype == torch.float32:
         block_m, block_n, num_warps, num_stages = 32, 64, 8, 1
@@ -390,10 +356,9 @@ def get_fwd_config(max_seqlen: int, head_dim: int, dtype: torch.dtype) -> dict[s
     }
 
 
-def get_bwd_config(max_seqlen: int, head_dim: int, dtype: torch.dtype) -> dict[str, int]:
-    """Backward tiles: ``BLOCK_M`` query rows and ``BLOCK_N`` keys per step of both the dK/dV and the dQ kernels,
-    ``BLOCK_PRE`` rows per preprocess program. Override by reassigning. Above head dim 64, 8 warps hold the dK/dV
-    accumulators without spilling."""
+def get_bwd_config(max_seqlen: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> dict[str, int]:
+    """Tiles and launch options of the dK/dV and dQ kernels, and ``BLOCK_PRE`` rows per preprocess program (see
+    :mod:`._attention_core`). Above head dim 64 the dK/dV accumulators take 8 warps."""
     if dtype == torch.float32:
         block_m, block_n, num_warps, num_stages = (32, 32, 8, 1) if head_dim <= 64 else (32, 16, 8, 1)
     else:
@@ -483,9 +448,9 @@ if TRITON_AVAILABLE:
         MASK_KEYS: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
     ):
-        """The online softmax over the keys ``start:stop`` of one (sequence, head) in blocks of ``BLOCK_N``:
-        blocks inside the sequence (``MASK_KEYS`` False, no per-token masks) or its ragged last block (keys past the
-        end loaded as zeros and given weight 0). ``K_seq``, ``V_seq`` point at the sequence's first row (and head)."""
+        """The online softmax over the keys ``start:stop`` of one (sequence, head) in blocks of ``BLOCK_N``, inside
+        the sequence or (``MASK_KEYS``) its ragged last block. ``K_seq``, ``V_seq`` point at the sequence's first row
+        (and head)."""
         offs_n = tl.arange(0, BLOCK_N)
         for start_n in range(start, stop, BLOCK_N):
             cols = start_n + offs_n
@@ -664,9 +629,8 @@ if TRITON_AVAILABLE:
         INPUT_PRECISION: tl.constexpr,
     ):
         """Accumulate dK, dV of one key block over the queries ``start:stop`` of its sequence in blocks of
-        ``BLOCK_M``: blocks inside the sequence (``MASK_QUERIES`` False) or its ragged last block (queries past the
-        end contribute exactly zero). ``Q_seq``, ``DOut_seq`` point at the sequence's first row (and head),
-        ``Lse_seq``, ``Delta_seq`` at its first entry of the head's row."""
+        ``BLOCK_M``, inside the sequence or (``MASK_QUERIES``) its ragged last block. ``Q_seq``, ``DOut_seq`` point at
+        the sequence's first row (and head), ``Lse_seq``, ``Delta_seq`` at its first entry of the head's row."""
         offs_m = tl.arange(0, BLOCK_M)
         for start_m in range(start, stop, BLOCK_M):
             cols = start_m + offs_m
@@ -828,9 +792,8 @@ if TRITON_AVAILABLE:
         MASK_KEYS: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
     ):
-        """Accumulate dQ of one query block over the keys ``start:stop`` of its sequence in blocks of ``BLOCK_N``:
-        blocks inside the sequence (``MASK_KEYS`` False) or its ragged last block (keys past the end loaded as zeros
-        and given weight 0)."""
+        """Accumulate dQ of one query block over the keys ``start:stop`` of its sequence in blocks of ``BLOCK_N``,
+        inside the sequence or (``MASK_KEYS``) its ragged last block."""
         offs_n = tl.arange(0, BLOCK_N)
         for start_n in range(start, stop, BLOCK_N):
             cols = start_n + offs_n

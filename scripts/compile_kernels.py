@@ -111,18 +111,10 @@ def _config_pairs(family, seq_len, head_dim, dtype, candidates: bool, configs: l
     ``candidates``) every autotuning candidate alone."""
     if configs:
         return [(cfg, cfg | {"BLOCK_PRE": 64} if family == "varlen" else cfg) for cfg in configs]
-    if family == "masked":
-        default = (
-            masked.get_fwd_config(seq_len, head_dim, dtype, CUDA),
-            masked.get_bwd_config(seq_len, head_dim, dtype, CUDA),
-        )
-        others = (masked.fwd_candidates(head_dim, dtype, CUDA), masked.bwd_candidates(head_dim, dtype, CUDA))
-    else:
-        default = (varlen.get_fwd_config(seq_len, head_dim, dtype), varlen.get_bwd_config(seq_len, head_dim, dtype))
-        others = (
-            varlen.fwd_candidates(seq_len, head_dim, dtype, CUDA),
-            varlen.bwd_candidates(seq_len, head_dim, dtype, CUDA),
-        )
+    shape = (seq_len, head_dim, dtype, CUDA)
+    module = masked if family == "masked" else varlen  # the families' config functions share one signature
+    default = (module.get_fwd_config(*shape), module.get_bwd_config(*shape))
+    others = (module.fwd_candidates(*shape), module.bwd_candidates(*shape))
     pairs = [default]
     if candidates:
         pairs += [(cfg, None) for cfg in others[0] if cfg != default[0]]

@@ -2,11 +2,11 @@
 fit, and leaves results equal to the float64 reference (both kernel families, forward and backward)."""
 
 import importlib
-import itertools
 import time
 
 import pytest
 import torch
+from _kernel_helpers import DEVICE, cu_seqlens
 from triton.runtime.errors import OutOfResources
 
 from faithful_vit.kernels import (
@@ -20,7 +20,6 @@ from faithful_vit.kernels import (
 )
 
 autotune = importlib.import_module("faithful_vit.kernels._autotune")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.float16 if DEVICE == "cuda" else torch.float32
 
 
@@ -103,14 +102,14 @@ def test_tuned_kernels_match_the_reference(tuning):
         torch.testing.assert_close(g.double(), r, atol=tol, rtol=tol)
 
     lengths = [0, 1, 23, 9]
-    cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=DEVICE)
+    cu = cu_seqlens(lengths)
     total = sum(lengths)
     qv, kv, vv = (torch.randn(total, heads, head_dim, device=DEVICE, dtype=DTYPE, requires_grad=True) for _ in range(3))
-    out = varlen_attention(qv, kv, vv, cu_seqlens, max(lengths), backend="triton")
+    out = varlen_attention(qv, kv, vv, cu, max(lengths), backend="triton")
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, (qv, kv, vv), grad_out)
     ref_inputs = [t.detach().double().requires_grad_() for t in (qv, kv, vv)]
-    ref = reference.varlen_attention_ref(*ref_inputs, cu_seqlens)
+    ref = reference.varlen_attention_ref(*ref_inputs, cu)
     ref_grads = torch.autograd.grad(ref, ref_inputs, grad_out.double())
     torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
     for g, r in zip(grads, ref_grads):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from faithful_vit.kernels import check
+from faithful_vit.kernels._attention_core import OPS_AVAILABLE
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SMALL = ["masked/*/n1/*/skip", "varlen/*/single2/*", "opcheck/varlen*"]
@@ -127,6 +128,18 @@ def test_in_process_the_interpreter_must_fit_the_device(monkeypatch, capsys):
     err = capsys.readouterr().err
     want = "set TRITON_INTERPRET=1" if DEVICE.type == "cpu" else "unset TRITON_INTERPRET"
     assert err.count("\n") == 1 and f"{want} before faithful_vit is imported" in err
+
+
+@pytest.mark.skipif(not OPS_AVAILABLE, reason="torch.library.triton_op is not available")
+@pytest.mark.parametrize("family", ["masked", "varlen"])
+def test_registered_ops_pass_opcheck(family):
+    """opcheck of each family's forward and backward ops: the schemas on the CPU, FakeTensor and AOT dispatch on CUDA
+    too (the ops have no autograd formula: the families' autograd Functions differentiate them)."""
+    (case,) = _cases(f"opcheck/{family}*")
+    assert case.run() == (
+        True,
+        "fwd, bwd: " + ("schema" if DEVICE.type == "cpu" else "schema, faketensor, aot_dispatch_dynamic"),
+    )
 
 
 @pytest.mark.parametrize("mode", check.MODES)

@@ -9,14 +9,22 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from _kernel_helpers import (
+    DEVICE,
+    GridRecorder,
+    assert_grid_within_cuda_limits,
+    forward_backward,
+    fresh_leaves,
+    zero_stride_empty,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from faithful_vit.kernels import compaction_order, masked_attention, reference
+from faithful_vit.kernels._attention_core import OPS_AVAILABLE
 
 impl = sys.modules["faithful_vit.kernels.masked_attention"]
 HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
 def _random_keep(batch: int, seq_len: int, frac: float = 0.5) -> torch.Tensor:
@@ -43,13 +51,14 @@ def _qkv(batch, heads, seq_len, head_dim, dtype, layout="contiguous"):
 
 
 def _forward_backward(fn, q, k, v, keep, grad_out, gate=None, **kwargs):
-    """Output and gradients of (q, k, v[, gate]) for the upstream gradient ``grad_out``."""
-    inputs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    if gate is not None:
-        inputs.append(gate.detach().clone().requires_grad_())
-    out = fn(*inputs[:3], keep, gate=inputs[3] if gate is not None else None, **kwargs)
-    grads = torch.autograd.grad(out, inputs, grad_out.to(out.dtype))
-    return out.detach(), [g.detach() for g in grads]
+    """Output and gradients of fresh copies of (q, k, v[, gate]) for the upstream gradient ``grad_out``."""
+    inputs = [t for t in fresh_leaves(q, k, v, gate) if t is not None]
+
+    def run(q, k, v, gate=None):
+        return fn(q, k, v, keep, gate=gate, **kwargs)
+
+    out, *grads = forward_backward(run, inputs, grad_out)
+    return out, grads
 
 
 def _kernel(q, k, v, keep, **kwargs):
@@ -414,25 +423,6 @@ def test_compaction_leaves_only_the_needed_live_blocks():
 
 # ---- Grids -------------------------------------------------------------------------------------------------------
 
-CUDA_GRID_LIMITS = (2**31 - 1, 65535, 65535)
-
-
-class GridRecorder:
-    """A launcher's ``launch`` that records ``(kernel, grid, args, kwargs)`` instead of running the kernel."""
-
-    def __init__(self):
-        self.launches = []
-
-    def __call__(self, kernel):
-        recorder = self
-
-        class _Grid:
-            def __getitem__(self, grid):
-                return lambda *args, **kwargs: recorder.launches.append((kernel, grid, args, kwargs))
-
-        return _Grid()
-
-
 if impl.TRITON_AVAILABLE:
     import triton
     import triton.language as tl
@@ -447,10 +437,6 @@ if impl.TRITON_AVAILABLE:
         tl.store(GROUP + pid, group, mask=pid < num_programs)
 
 
-def assert_grid_within_cuda_limits(grid):
-    assert 1 <= len(grid) <= 3 and all(0 <= n <= limit for n, limit in zip(grid, CUDA_GRID_LIMITS)), grid
-
-
 def decode_program_tiles(num_programs: int, num_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(tile, group)`` of every program of a 1-d grid, as the kernels decode them (their own ``program_tile``)."""
     tile, group = (torch.empty(num_programs, dtype=torch.int32, device=DEVICE) for _ in range(2))
@@ -461,7 +447,7 @@ def decode_program_tiles(num_programs: int, num_tiles: int) -> tuple[torch.Tenso
 
 def _vit_b_batch_inputs(monkeypatch, batch, heads, seq_len, head_dim):
     """Zero-stride q, k, v and outputs (the launchers only record here), a random keep."""
-    monkeypatch.setattr(impl, "empty", lambda *shape, dtype, device: torch.zeros((), dtype=dtype).expand(shape))
+    monkeypatch.setattr(impl, "empty", zero_stride_empty)
     monkeypatch.setattr(
         impl, "empty_like_strided", lambda x, shape, dim_order: torch.zeros((), dtype=x.dtype).expand(shape)
     )
@@ -507,42 +493,17 @@ def test_a_grid_past_cudas_limit_is_a_clear_error():
 # ---- Registration, backends, configs ----------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not impl._OPS_REGISTERED, reason="torch.library.triton_op is not available")
-def test_registered_op_matches_the_autograd_function():
-    """The CUDA path goes through the triton_op + register_autograd; run it eagerly here (interpreter on CPU)."""
+@pytest.mark.skipif(not OPS_AVAILABLE, reason="torch.library.triton_op is not available")
+def test_registered_ops_match_the_launchers(monkeypatch):
+    """CUDA runs the autograd Function on the triton_ops; run it on them eagerly here (interpreter on CPU)."""
     q, k, v, _ = _qkv(1, 2, 27, 16, torch.float32)
     keep = _random_keep(1, 27)
     grad_out = torch.randn(q.shape, device=q.device)
-    scale = 16**-0.5
-
-    def via_op(q, k, v, keep, gate=None):
-        return torch.ops.faithful_vit.masked_attention_fwd(q, k, v, keep, gate, scale, True)[0]
-
-    def via_function(q, k, v, keep, gate=None):
-        return impl.MaskedAttentionFunction.apply(q, k, v, keep, gate, scale, True)
-
-    got = _forward_backward(via_op, q, k, v, keep, grad_out, gate=keep.float())
-    want = _forward_backward(via_function, q, k, v, keep, grad_out, gate=keep.float())
+    want = _forward_backward(_kernel, q, k, v, keep, grad_out, gate=keep.float())
+    monkeypatch.setattr(impl, "uses_registered_ops", lambda q: True)
+    got = _forward_backward(_kernel, q, k, v, keep, grad_out, gate=keep.float())
     for a, b in zip([got[0], *got[1]], [want[0], *want[1]]):
         assert torch.equal(a, b)
-
-
-def _opcheck_fwd(test_utils):
-    q, k, v, _ = _qkv(1, 2, 20, 16, torch.float32)
-    keep = _random_keep(1, 20)
-    args = (q, k, v, keep, keep.float().requires_grad_(), 0.25, True)
-    torch.library.opcheck(torch.ops.faithful_vit.masked_attention_fwd.default, args, test_utils=test_utils)
-
-
-@pytest.mark.skipif(not impl._OPS_REGISTERED, reason="torch.library.triton_op is not available")
-def test_registered_op_schema_and_autograd():
-    # FakeTensor tracing of a triton_op needs compiled Triton (CUDA); the full opcheck is a GPU test.
-    _opcheck_fwd(("test_schema", "test_autograd_registration"))
-
-
-@pytest.mark.gpu
-def test_gpu_registered_op_passes_opcheck():
-    _opcheck_fwd(("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
 def test_torch_backend_matches_reference_in_half_precision():

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from _kernel_helpers import cu_seqlens, forward_backward, fresh_leaves
 
 from faithful_vit.kernels import reference as ref
 
@@ -107,12 +108,6 @@ def test_masked_attention_ref_ignores_nan_in_dropped_keys():
         assert torch.equal(a, b), name
 
 
-def _forward_and_grads(fn, q, k, v, grad_out):
-    inputs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    out = fn(*inputs)
-    return (out, *torch.autograd.grad(out, inputs, grad_out))
-
-
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("poisoned", ["q", "k", "v"])
 def test_masked_attention_ref_non_finite_kept_tokens_as_sdpa(poisoned, value):
@@ -126,9 +121,11 @@ def test_masked_attention_ref_non_finite_kept_tokens_as_sdpa(poisoned, value):
     tensors[poisoned][0, 0, 1, 2] = value  # a kept token of image 0, head 0
     grad_out = torch.randn_like(q)
     mask = keep[:, None, None, :]
-    sdpa = _forward_and_grads(lambda *t: F.scaled_dot_product_attention(*t, attn_mask=mask), q, k, v, grad_out)
-    full = _forward_and_grads(
-        lambda *t: ref.masked_attention_ref(*t, keep, skip_dropped_queries=False), q, k, v, grad_out
+    sdpa = forward_backward(
+        lambda *t: F.scaled_dot_product_attention(*t, attn_mask=mask), fresh_leaves(q, k, v), grad_out
+    )
+    full = forward_backward(
+        lambda *t: ref.masked_attention_ref(*t, keep, skip_dropped_queries=False), fresh_leaves(q, k, v), grad_out
     )
     kept_keys = keep[:, None, :].expand(-1, 2, -1)
     for name, got, want in zip(("out", "dq", "dk", "dv"), full, sdpa):
@@ -190,9 +187,9 @@ def test_varlen_attention_ref_matches_loops():
     lengths = [3, 0, 1, 5]
     T = sum(lengths)
     q, k, v = (torch.randn(T, 2, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-    out = ref.varlen_attention_ref(q, k, v, cu_seqlens, scale=0.3)
-    expected = loop_varlen_attention(q, k, v, cu_seqlens, 0.3)
+    cu = cu_seqlens(lengths, "cpu")
+    out = ref.varlen_attention_ref(q, k, v, cu, scale=0.3)
+    expected = loop_varlen_attention(q, k, v, cu, 0.3)
     torch.testing.assert_close(out, expected)
     grad = torch.randn_like(out)
     for name, g, w in zip(

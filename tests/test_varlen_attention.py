@@ -5,20 +5,23 @@ reference computed in the same dtype, plus a floor of one ulp of the largest ref
 """
 
 import importlib
-import itertools
 import math
 
 import pytest
 import torch
+from _kernel_helpers import (
+    DEVICE,
+    GridRecorder,
+    assert_grid_within_cuda_limits,
+    cu_seqlens,
+    forward_backward,
+    zero_stride_empty,
+)
 
 from faithful_vit.kernels import pack_tokens, reference, varlen_attention
+from faithful_vit.kernels._attention_core import OPS_AVAILABLE
 
 varlen_module = importlib.import_module("faithful_vit.kernels.varlen_attention")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _cu_seqlens(lengths, device=DEVICE):
-    return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
 
 
 def _qkv(total, heads, head_dim, dtype, layout="packed", device=DEVICE):
@@ -35,33 +38,25 @@ def _qkv(total, heads, head_dim, dtype, layout="packed", device=DEVICE):
     return leaf, views
 
 
-def _forward_backward(fn, q, k, v, grad_out):
-    out = fn(q, k, v)
-    grads = torch.autograd.grad(out, (q, k, v), grad_out) if out.numel() else (torch.zeros_like(q),) * 3
-    return (out, *grads)
-
-
 def _assert_matches_reference(q, k, v, cu_seqlens, max_seqlen, check_cu_seqlens=True, **kwargs):
     """Kernel forward and dq/dk/dv against float64 (and, for half precision, the same-dtype reference)."""
     dtype = q.dtype
     grad_out = torch.randn_like(q)
-    kernel = _forward_backward(
+    kernel = forward_backward(
         lambda *t: varlen_attention(
             *t, cu_seqlens, max_seqlen, check_cu_seqlens=check_cu_seqlens, backend="triton", **kwargs
         ),
-        q,
-        k,
-        v,
+        (q, k, v),
         grad_out,
     )
     detached = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    exact = _forward_backward(
-        lambda *t: reference.varlen_attention_ref(*t, cu_seqlens, upcast=True, **kwargs), *detached, grad_out.double()
+    exact = forward_backward(
+        lambda *t: reference.varlen_attention_ref(*t, cu_seqlens, upcast=True, **kwargs), detached, grad_out.double()
     )
     if dtype != torch.float32:
         same = [t.detach().requires_grad_() for t in (q, k, v)]
-        rounded = _forward_backward(
-            lambda *t: reference.varlen_attention_ref(*t, cu_seqlens, upcast=False, **kwargs), *same, grad_out
+        rounded = forward_backward(
+            lambda *t: reference.varlen_attention_ref(*t, cu_seqlens, upcast=False, **kwargs), same, grad_out
         )
     for i, name in enumerate(("out", "dq", "dk", "dv")):
         got, want = kernel[i], exact[i]
@@ -97,7 +92,7 @@ def tiles(request, monkeypatch):
 def test_matches_reference(tiles, dtype, head_dim):
     lengths = [7, 0, 1, 33, 18]
     _, (q, k, v) = _qkv(sum(lengths), 2, head_dim, dtype)
-    _assert_matches_reference(q, k, v, _cu_seqlens(lengths), max_seqlen=40)
+    _assert_matches_reference(q, k, v, cu_seqlens(lengths), max_seqlen=40)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -106,7 +101,7 @@ def test_random_lengths(dtype):
     lengths = torch.randint(0, 41, (int(torch.randint(1, 5, ())),)).tolist()
     heads, head_dim = int(torch.randint(1, 3, ())), [16, 32][int(torch.randint(0, 2, ()))]
     _, (q, k, v) = _qkv(sum(lengths), heads, head_dim, dtype)
-    _assert_matches_reference(q, k, v, _cu_seqlens(lengths), max_seqlen=max(lengths) + int(torch.randint(0, 20, ())))
+    _assert_matches_reference(q, k, v, cu_seqlens(lengths), max_seqlen=max(lengths) + int(torch.randint(0, 20, ())))
 
 
 @pytest.mark.parametrize("layout", ["packed", "head_major", "separate"])
@@ -114,7 +109,7 @@ def test_strided_views_and_gradient_of_the_projection(layout):
     lengths = [12, 5, 20]
     total = sum(lengths)
     leaf, (q, k, v) = _qkv(total, 2, 16, torch.float32, layout)
-    cu = _cu_seqlens(lengths)
+    cu = cu_seqlens(lengths)
     _assert_matches_reference(q, k, v, cu, max_seqlen=20)
     # The gradient reaches the packed projection through the views.
     out = varlen_attention(q, k, v, cu, 20, backend="triton")
@@ -133,7 +128,7 @@ def test_strided_views_and_gradient_of_the_projection(layout):
 def test_non_power_of_two_head_dim_80_and_custom_scale():
     lengths = [9, 1, 14]
     _, (q, k, v) = _qkv(sum(lengths), 1, 80, torch.float32)
-    _assert_matches_reference(q, k, v, _cu_seqlens(lengths), max_seqlen=14, scale=0.3)
+    _assert_matches_reference(q, k, v, cu_seqlens(lengths), max_seqlen=14, scale=0.3)
 
 
 def test_non_unit_last_stride_is_accepted():
@@ -141,7 +136,7 @@ def test_non_unit_last_stride_is_accepted():
     q, v = (torch.randn(16, 2, 16, device=DEVICE) for _ in range(2))
     k = torch.randn(16, 2, 16, 2, device=DEVICE)[..., 1]  # last stride 2
     assert k.stride(-1) != 1
-    cu = _cu_seqlens(lengths)
+    cu = cu_seqlens(lengths)
     out = varlen_attention(q, k, v, cu, 10, backend="triton")
     torch.testing.assert_close(out, reference.varlen_attention_ref(q, k, v, cu), atol=2e-5, rtol=2e-5)
 
@@ -154,7 +149,7 @@ def test_non_unit_last_stride_is_accepted():
 def test_empty_and_single_token_sequences(lengths):
     total = sum(lengths)
     _, (q, k, v) = _qkv(total, 2, 16, torch.float32)
-    cu = _cu_seqlens(lengths)
+    cu = cu_seqlens(lengths)
     _assert_matches_reference(q, k, v, cu, max_seqlen=max(lengths, default=0) + 2)
     if total:  # a one-token sequence attends only to itself: its output is its own value row
         out = varlen_attention(q, k, v, cu, 5, backend="triton")
@@ -165,7 +160,7 @@ def test_empty_and_single_token_sequences(lengths):
 def test_max_seqlen_above_the_longest_changes_nothing():
     lengths = [4, 17, 9]
     _, (q, k, v) = _qkv(sum(lengths), 2, 16, torch.float32)
-    cu = _cu_seqlens(lengths)
+    cu = cu_seqlens(lengths)
     tight = varlen_attention(q, k, v, cu, 17, backend="triton")
     loose = varlen_attention(q, k, v, cu, 100, backend="triton")
     unchecked = varlen_attention(q, k, v, cu, 100, backend="triton", check_cu_seqlens=False)
@@ -188,14 +183,14 @@ def test_sequences_are_independent(monkeypatch, tile):
         t[:10] = float("nan")
         t[23:] = float("nan")
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    cu = _cu_seqlens(lengths)
+    cu = cu_seqlens(lengths)
     out = varlen_attention(q, k, v, cu, 13, backend="triton")
     grad_out = torch.randn_like(out)
     grad_out[:10] = float("nan")
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
     middle = slice(10, 23)
     q2, k2, v2 = (t[middle].detach().double().requires_grad_() for t in (q, k, v))
-    want = reference.varlen_attention_ref(q2, k2, v2, _cu_seqlens([13]))
+    want = reference.varlen_attention_ref(q2, k2, v2, cu_seqlens([13]))
     want_grads = torch.autograd.grad(want, (q2, k2, v2), grad_out[middle].double())
     for got, expected in zip((out, *grads), (want, *want_grads)):
         torch.testing.assert_close(got[middle].double(), expected, atol=2e-5, rtol=2e-5)
@@ -213,12 +208,12 @@ def test_non_finite_values_propagate_as_in_the_reference(poisoned, value):
     tensors = {"q": q, "k": k, "v": v}
     tensors[poisoned][3, 0, 5] = value  # sequence 0, full first block of 16
     tensors[poisoned][25, 0, 2] = value  # sequence 1, its ragged block
-    cu = _cu_seqlens(lengths)
+    cu = cu_seqlens(lengths)
     grad_out = torch.randn_like(q, dtype=torch.float64)
     with_grad = [t.clone().requires_grad_() for t in (q, k, v)]
-    got = _forward_backward(lambda *t: varlen_attention(*t, cu, 20, backend="triton"), *with_grad, grad_out.float())
+    got = forward_backward(lambda *t: varlen_attention(*t, cu, 20, backend="triton"), with_grad, grad_out.float())
     exact = [t.double().requires_grad_() for t in (q, k, v)]
-    want = _forward_backward(lambda *t: reference.varlen_attention_ref(*t, cu), *exact, grad_out)
+    want = forward_backward(lambda *t: reference.varlen_attention_ref(*t, cu), exact, grad_out)
     for name, a, r in zip(("out", "dq", "dk", "dv"), got, want):
         a, r = a.double(), r.detach()
         finite = torch.isfinite(r)
@@ -279,9 +274,7 @@ def test_unchecked_offsets_never_leave_the_tensors(monkeypatch, offsets, max_seq
     if clamped is not None:
         detached = [t.detach().double().requires_grad_() for t in inputs]
         cu_clamped = torch.tensor(clamped, dtype=torch.int32, device=DEVICE)
-        want = _forward_backward(
-            lambda *t: reference.varlen_attention_ref(*t, cu_clamped), *detached, grad_out.double()
-        )
+        want = forward_backward(lambda *t: reference.varlen_attention_ref(*t, cu_clamped), detached, grad_out.double())
         for got, expected in zip((out, *grads), want):
             torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=2e-5)
 
@@ -292,7 +285,7 @@ def test_unchecked_max_seqlen_below_a_length_stays_in_bounds(monkeypatch):
     lengths = [37, 5]
     total = sum(lengths)
     _, (q, k, v) = _qkv(total, 1, 16, torch.float32)
-    cu = _cu_seqlens(lengths)
+    cu = cu_seqlens(lengths)
     out = varlen_attention(q, k, v, cu, 16, check_cu_seqlens=False, backend="triton")
     want = reference.varlen_attention_ref(q, k, v, cu)
     rows = [*range(16), *range(37, 42)]
@@ -325,27 +318,18 @@ def test_grids_fit_cuda_and_cover_every_sequence_and_head(monkeypatch):
     heads, head_dim, max_seqlen = 2, 64, 40
     cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
     total = int(cu[-1])
-    monkeypatch.setattr(
-        varlen_module, "empty", lambda *shape, dtype, device: torch.zeros((), dtype=dtype).expand(shape)
-    )
+    monkeypatch.setattr(varlen_module, "empty", zero_stride_empty)
     q = torch.zeros((), dtype=torch.float16).expand(total, heads, head_dim)
     lse = torch.zeros(()).expand(heads, total)
-    record = []
+    launch = GridRecorder()
 
-    def launch(kernel):  # records (kernel, grid, kwargs) instead of running
-        class Grid:
-            def __getitem__(self, grid):
-                return lambda *args, **kwargs: record.append((kernel, grid, kwargs))
-
-        return Grid()
-
-    fwd_cfg = varlen_module.get_fwd_config(max_seqlen, head_dim, q.dtype)
-    bwd_cfg = varlen_module.get_bwd_config(max_seqlen, head_dim, q.dtype)
+    fwd_cfg = varlen_module.get_fwd_config(max_seqlen, head_dim, q.dtype, q.device)
+    bwd_cfg = varlen_module.get_bwd_config(max_seqlen, head_dim, q.dtype, q.device)
     varlen_module._launch_fwd(q, q, q, cu, max_seqlen, 0.125, fwd_cfg, launch, q, lse)
     varlen_module._launch_bwd(q, q, q, cu, q, lse, q, max_seqlen, 0.125, bwd_cfg, launch, q, q, q)
-    assert len(record) == 4
-    for launched, grid, kwargs in record:
-        assert 1 <= len(grid) <= 3 and grid[0] <= 2**31 - 1 and all(n <= 65535 for n in grid[1:]), grid
+    assert len(launch.launches) == 4
+    for launched, grid, _, kwargs in launch.launches:
+        assert_grid_within_cuda_limits(grid)
         if launched is varlen_module._varlen_attn_bwd_preprocess_kernel:
             assert grid == (triton.cdiv(total, kwargs["BLOCK_M"]) * heads,)
             continue
@@ -372,34 +356,31 @@ def test_works_on_pack_tokens_output():
     _assert_matches_reference(q, k, v, packed.cu_seqlens, packed.max_seqlen, check_cu_seqlens=False)
 
 
-def test_triton_op_matches_the_function_in_eager_mode():
-    # CUDA dispatches to the triton_op; here (interpreter) it must agree with the Function and pass opcheck's schema
-    # and autograd-registration checks (FakeTensor tracing of the interpreter is not meaningful on the CPU).
+@pytest.mark.skipif(not OPS_AVAILABLE, reason="torch.library.triton_op is not available")
+def test_registered_ops_match_the_launchers(monkeypatch):
+    # CUDA runs the autograd Function on the triton_ops; here (interpreter) they must agree with the launchers, and
+    # the forward op's log-sum-exps are base 2.
     lengths = [5, 0, 11]
     q, k, v = (torch.randn(16, 2, 16, device=DEVICE, requires_grad=True) for _ in range(3))
-    cu = _cu_seqlens(lengths)
-    out, lse = torch.ops.faithful_vit.varlen_attention_fwd(q, k, v, cu, 11, 0.25)
-    grad_out = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), grad_out)
-    out_fn = varlen_module.VarlenAttentionFunction.apply(q, k, v, cu, 11, 0.25)
-    grads_fn = torch.autograd.grad(out_fn, (q, k, v), grad_out)
-    assert torch.equal(out, out_fn) and all(torch.equal(a, b) for a, b in zip(grads, grads_fn))
+    cu = cu_seqlens(lengths)
+    grad_out = torch.randn(16, 2, 16, device=DEVICE)
+    want = forward_backward(lambda *t: varlen_attention(*t, cu, 11, scale=0.25, backend="triton"), (q, k, v), grad_out)
+    monkeypatch.setattr(varlen_module, "uses_registered_ops", lambda q: True)
+    got = forward_backward(lambda *t: varlen_attention(*t, cu, 11, scale=0.25, backend="triton"), (q, k, v), grad_out)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    out, lse = torch.ops.faithful_vit.varlen_attention_fwd(q.detach(), k.detach(), v.detach(), cu, 11, 0.25)
+    assert torch.equal(out, want[0])
     assert lse.shape == (2, 16) and lse.dtype == torch.float32
     for start, end in ((0, 5), (5, 16)):
         scores = torch.einsum("ihd,jhd->hij", q[start:end].double(), k[start:end].double()) * 0.25
         lse_log2 = scores.logsumexp(-1) / math.log(2)  # the kernels keep log-sum-exps in base 2
         torch.testing.assert_close(lse[:, start:end].double(), lse_log2, atol=1e-5, rtol=1e-5)
-    torch.library.opcheck(
-        torch.ops.faithful_vit.varlen_attention_fwd,
-        (q, k, v, cu, 11, 0.25),
-        test_utils=("test_schema", "test_autograd_registration"),
-    )
 
 
 def test_torch_backend_needs_no_triton():
     lengths = [3, 4]
     q, k, v = (torch.randn(7, 1, 16, device=DEVICE) for _ in range(3))
-    cu = _cu_seqlens(lengths)
+    cu = cu_seqlens(lengths)
     got = varlen_attention(q, k, v, cu, 4, backend="torch")
     torch.testing.assert_close(got, reference.varlen_attention_ref(q, k, v, cu), atol=1e-5, rtol=1e-5)
 
@@ -412,7 +393,7 @@ def _good(**overrides):
         "q": torch.randn(7, 2, 16),
         "k": torch.randn(7, 2, 16),
         "v": torch.randn(7, 2, 16),
-        "cu_seqlens": _cu_seqlens([3, 4], "cpu"),
+        "cu_seqlens": cu_seqlens([3, 4], "cpu"),
         "max_seqlen": 4,
     }
     args.update(overrides)
@@ -462,7 +443,7 @@ def test_bad_input_names_the_argument(overrides, error, match, backend):
 def test_bf16_under_the_interpreter_is_a_clear_error():
     q = torch.randn(4, 1, 16, dtype=torch.bfloat16)
     with pytest.raises(TypeError, match="q: the Triton interpreter .*bf16"):
-        varlen_attention(q, q, q, _cu_seqlens([4], "cpu"), 4, backend="triton")
+        varlen_attention(q, q, q, cu_seqlens([4], "cpu"), 4, backend="triton")
 
 
 # ---- GPU, real sizes ----
@@ -482,7 +463,7 @@ def _vit_lengths(batch, tokens, kept_fraction, generator=None):
 def test_gpu_vit_batch(dtype, head_dim):
     lengths = _vit_lengths(32, 197, 0.5)
     _, (q, k, v) = _qkv(sum(lengths), 768 // head_dim, head_dim, dtype, "packed", "cuda")
-    _assert_matches_reference(q, k, v, _cu_seqlens(lengths, "cuda"), max_seqlen=197)
+    _assert_matches_reference(q, k, v, cu_seqlens(lengths, "cuda"), max_seqlen=197)
 
 
 @pytest.mark.gpu
@@ -490,20 +471,20 @@ def test_gpu_vit_batch(dtype, head_dim):
 def test_gpu_long_sequences(head_dim):
     lengths = [1374, 700, 1, 0, 1100]
     _, (q, k, v) = _qkv(sum(lengths), 2, head_dim, torch.bfloat16, "packed", "cuda")
-    _assert_matches_reference(q, k, v, _cu_seqlens(lengths, "cuda"), max_seqlen=1374)
+    _assert_matches_reference(q, k, v, cu_seqlens(lengths, "cuda"), max_seqlen=1374)
 
 
 @pytest.mark.gpu
 def test_gpu_fp32_is_exact():
     lengths = _vit_lengths(8, 197, 0.5)
     _, (q, k, v) = _qkv(sum(lengths), 4, 64, torch.float32, "packed", "cuda")
-    _assert_matches_reference(q, k, v, _cu_seqlens(lengths, "cuda"), max_seqlen=197)
+    _assert_matches_reference(q, k, v, cu_seqlens(lengths, "cuda"), max_seqlen=197)
 
 
 @pytest.mark.gpu
-def test_gpu_torch_compile_full_graph_and_opcheck():
+def test_gpu_torch_compile_full_graph():
     lengths = _vit_lengths(16, 197, 0.5)
-    cu = _cu_seqlens(lengths, "cuda")
+    cu = cu_seqlens(lengths, "cuda")
     leaf, (q, k, v) = _qkv(sum(lengths), 6, 64, torch.bfloat16, "packed", "cuda")
 
     def block(qkv):
@@ -517,4 +498,3 @@ def test_gpu_torch_compile_full_graph_and_opcheck():
     compiled_grad = torch.autograd.grad(compiled_loss, leaf)[0]
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(compiled_grad.float(), eager_grad.float(), rtol=2e-2, atol=2e-2)
-    torch.library.opcheck(torch.ops.faithful_vit.varlen_attention_fwd, (q, k, v, cu, 197, 0.125))
