@@ -31,15 +31,15 @@ import argparse
 import json
 import math
 import sys
-from contextlib import nullcontext
 from dataclasses import fields
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-import yaml
 
 from faithful_vit import engine
+from faithful_vit.cli import ParseKwargs, Parser, UsageError, add_backend_flag, backend_context, positive_int
+from faithful_vit.data import list_datasets
 from faithful_vit.data.backgrounds import VARIANTS, VariantDataset, background_variants
 from faithful_vit.data.mask_stats import gt_patch_fraction
 from faithful_vit.interventions import calibrate_part_thresholds
@@ -340,17 +340,8 @@ def evaluate_model(
 # Command line
 
 
-class UsageError(ValueError):
-    """Bad input from the command line (one line on stderr, exit code 2)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UsageError(message)
-
-
 def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog="python -m faithful_vit.evaluate",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -358,13 +349,16 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("checkpoint", help="a run folder of train.py, a model or seed folder in it, or a .pt file")
     parser.add_argument("--model", default=None, help="which model of a run folder that holds several")
     parser.add_argument("--seed", type=int, default=None, help="which seed of a run folder that holds several")
-    parser.add_argument("--data", default=None, help="dataset (train.py --data names; default: the training data)")
+    parser.add_argument(
+        "--data", default=None, help=f"dataset, one of {', '.join(list_datasets())} (default: the training data)"
+    )
     parser.add_argument("--data-dir", default=None, help="dataset folder (default: the training data's)")
     parser.add_argument("--mask-dir", default=None, help="CUB segmentations folder (default: the training data's)")
     parser.add_argument(
         "--data-kwargs",
         nargs="*",
         default=None,
+        action=ParseKwargs,
         metavar="KEY=VALUE",
         help="generator settings of synthetic/waterbirds_lite (default: the training data's)",
     )
@@ -383,12 +377,10 @@ def _build_parser() -> argparse.ArgumentParser:
         help="JSON file to write (default: eval_<data>_<split>.json in the model's folder of the run)",
     )
     parser.add_argument(
-        "--batch-size", type=int, default=None, help="evaluation batch size (default: the training run's)"
+        "--batch-size", type=positive_int, default=None, help="evaluation batch size (default: the training run's)"
     )
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda (default: auto)")
-    parser.add_argument(
-        "--attn-impl", choices=("auto", "triton", "torch"), default=None, help="attention kernels (as train.py)"
-    )
+    add_backend_flag(parser)
     parser.add_argument(
         "--noise-seed",
         type=int,
@@ -399,19 +391,9 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _parse_kwargs(items: list[str]) -> dict:
-    kwargs = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UsageError(f"--data-kwargs: expected key=value, got {item!r}")
-        kwargs[key] = yaml.safe_load(value)
-    return kwargs
-
-
 def _evaluation_data(args, trained: dict, image_size: int) -> dict:
     """The data spec to evaluate on: the training data's, with the flags given on the command line."""
-    data_kwargs = None if args.data_kwargs is None else _parse_kwargs(args.data_kwargs)
+    data_kwargs = args.data_kwargs
     if args.data is not None and args.data != trained.get("name"):
         return data_spec(
             args.data, data_dir=args.data_dir, mask_dir=args.mask_dir, data_kwargs=data_kwargs, img_size=image_size
@@ -485,8 +467,6 @@ def run(args) -> dict:
     unknown = [name for name in protocols if name not in PROTOCOLS]
     if unknown or not protocols:
         raise UsageError(f"--protocol: expected a comma list of {PROTOCOLS}, got {args.protocol!r}")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise UsageError(f"--batch-size: expected a positive int, got {args.batch_size}")
     if args.device not in ("auto", "cpu") and not args.device.startswith("cuda"):
         raise UsageError(f"--device: expected auto, cpu or cuda[:N], got {args.device!r}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -535,11 +515,9 @@ def run(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; bad input is one line on stderr and exit code 2."""
-    from faithful_vit.kernels import use_backend
-
     try:
         args = _build_parser().parse_args(argv)
-        with use_backend(args.attn_impl) if args.attn_impl else nullcontext():
+        with backend_context(args.backend):
             run(args)
     except (UsageError, SpecError, RunFolderError) as error:
         print(f"evaluate: error: {error}", file=sys.stderr)

@@ -28,7 +28,6 @@ import torch.nn as nn
 
 __all__ = [
     "COMPARISON_MODELS",
-    "DATASETS",
     "SpecError",
     "build_dataset",
     "build_model",
@@ -39,8 +38,6 @@ __all__ = [
     "model_spec",
 ]
 
-DATASETS = ("synthetic", "waterbirds_lite", "waterbirds", "cub", "metashift", "imagefolder")
-GENERATED_DATASETS = ("synthetic", "waterbirds_lite")
 COMPARISON_MODELS = ("baseline", "oracle")
 MODEL_KINDS = ("two_stage", *COMPARISON_MODELS)
 SPLITS = ("train", "val", "test")
@@ -133,27 +130,27 @@ def data_spec(
     """The spec of a dataset (``train.py``'s data flags), with its image size resolved.
 
     Args:
-        name: one of :data:`DATASETS`.
-        data_dir: dataset folder (folder datasets).
-        mask_dir: CUB segmentations folder (waterbirds, cub).
-        data_kwargs: generator settings of the built-in datasets (synthetic, waterbirds_lite).
-        img_size: image side of folder datasets (default: the reference preset's).
-        reference_model: the preset whose image size folder datasets default to.
+        name: one of :func:`faithful_vit.data.list_datasets`.
+        data_dir: dataset folder (datasets that read one).
+        mask_dir: ground-truth masks folder (datasets that accept one).
+        data_kwargs: generator settings (datasets with settings, e.g. synthetic, waterbirds_lite).
+        img_size: image side of datasets without settings (default: the reference preset's).
+        reference_model: the preset whose image size those datasets default to.
 
     Raises:
         SpecError: an unknown dataset or bad generator settings.
     """
+    from faithful_vit.data import dataset_info, list_datasets
     from faithful_vit.registry import get_config
 
-    if name not in DATASETS:
-        raise SpecError(f"--data: expected one of {DATASETS}, got {name!r}")
+    if name not in list_datasets():
+        raise SpecError(f"--data: expected one of {list_datasets()}, got {name!r}")
     data_kwargs = dict(data_kwargs or {})
-    if name in GENERATED_DATASETS:
-        try:
-            image_size = _generator_config(name, data_kwargs).image_size
-        except (TypeError, ValueError) as error:
-            raise SpecError(f"--data {name}: {error}") from None
-    else:
+    try:
+        image_size = dataset_info(name).image_size(data_kwargs)
+    except (TypeError, ValueError) as error:
+        raise SpecError(f"--data {name}: {error}") from None
+    if image_size is None:
         image_size = img_size or get_config(reference_model).img_size
     return {
         "name": name,
@@ -162,12 +159,6 @@ def data_spec(
         "data_kwargs": data_kwargs,
         "image_size": int(image_size),
     }
-
-
-def _generator_config(name: str, data_kwargs: dict):
-    from faithful_vit.data import SpuriousShapesConfig, WaterbirdsLiteConfig
-
-    return (SpuriousShapesConfig if name == "synthetic" else WaterbirdsLiteConfig)(**data_kwargs)
 
 
 def build_dataset(spec: dict, split: str, *, augment: bool | None = None):
@@ -181,28 +172,21 @@ def build_dataset(spec: dict, split: str, *, augment: bool | None = None):
     Raises:
         SpecError: a bad split, a missing folder, or a dataset that cannot be read (the message says which).
     """
-    from faithful_vit.data import datasets, synthetic, transforms, waterbirds_lite
+    from faithful_vit.data import create_dataset, dataset_info
 
     if split not in SPLITS:
         raise SpecError(f"--split: expected one of {SPLITS}, got {split!r}")
-    name, augment = spec["name"], split == "train" if augment is None else augment
+    name, data_dir = spec["name"], spec["data_dir"]
+    info = dataset_info(name)
+    kwargs = dict(spec["data_kwargs"])
+    if info.settings is None:
+        kwargs["image_size"] = spec["image_size"]
+    if info.accepts_mask_root:
+        kwargs["mask_root"] = spec["mask_dir"]
+    if info.needs_root and (data_dir is None or not Path(data_dir).is_dir()):
+        raise SpecError(f"--data-dir: dataset folder not found: {data_dir}")
     try:
-        if name in GENERATED_DATASETS:
-            dataset_class = synthetic.SpuriousShapes if name == "synthetic" else waterbirds_lite.WaterbirdsLite
-            config = _generator_config(name, spec["data_kwargs"])
-            return dataset_class(split, config=config, transform=transforms.synthetic_transforms(augment))
-        data_dir = spec["data_dir"]
-        if data_dir is None or not Path(data_dir).is_dir():
-            raise SpecError(f"--data-dir: dataset folder not found: {data_dir}")
-        transform = transforms.cub_original(spec["image_size"], train=augment)
-        if name == "imagefolder":
-            return datasets.ImageFolder(Path(data_dir) / split, transform=transform)
-        if name in ("waterbirds", "cub"):
-            loader = datasets.Waterbirds if name == "waterbirds" else datasets.CUB200
-            return loader(data_dir, split, mask_root=spec["mask_dir"], transform=transform)
-        return datasets.MetaShiftCatDog(data_dir, split, transform=transform)
-    except SpecError:
-        raise
+        return create_dataset(name, split, data_dir, augment=augment, **kwargs)
     except (FileNotFoundError, ValueError, TypeError) as error:
         raise SpecError(f"--data {name}: {error}") from None
 

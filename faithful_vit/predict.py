@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from faithful_vit import engine, viz
+from faithful_vit.cli import Parser, UsageError, add_backend_flag, backend_context, positive_int
 from faithful_vit.data.datasets import IMAGE_EXTENSIONS, load_image
 from faithful_vit.data.sample import CorruptImageError, normalize
 from faithful_vit.data.transforms import cub_original
@@ -33,10 +33,6 @@ from faithful_vit.model_spec import SpecError, load_model
 from faithful_vit.run_folder import RunFolderError, write_text
 
 __all__ = ["find_images", "main", "predict_images"]
-
-
-class UsageError(ValueError):
-    """Bad input from the command line (one line on stderr, exit code 2)."""
 
 
 def find_images(inputs: list[str | Path]) -> list[Path]:
@@ -93,9 +89,6 @@ def _write_sheet(out_dir: Path, number: int, sheet: list[dict], patch_size: int,
 
 
 def run(args) -> dict:
-    if args.batch_size < 1 or args.sheet_size < 1:
-        flag, value = ("--batch-size", args.batch_size) if args.batch_size < 1 else ("--sheet-size", args.sheet_size)
-        raise UsageError(f"{flag}: expected a positive int, got {value}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device: expected a device this machine has, got {args.device!r} but CUDA is not available")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -174,13 +167,8 @@ def run(args) -> dict:
     return report
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UsageError(message)
-
-
 def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog="python -m faithful_vit.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("checkpoint", help="a run folder of train.py, a model or seed folder in it, or a .pt file")
@@ -188,23 +176,23 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="output folder (figures, contact sheets, predictions.json)")
     parser.add_argument("--model", default=None, help="which model of a run folder that holds several")
     parser.add_argument("--seed", type=int, default=None, help="which seed of a run folder that holds several")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
-    parser.add_argument("--sheet-size", type=int, default=24, help="images per contact sheet (default: %(default)s)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda (default: auto)")
     parser.add_argument(
-        "--attn-impl", choices=("auto", "triton", "torch"), default=None, help="attention kernels (as train.py)"
+        "--batch-size", type=positive_int, default=32, help="images per forward pass (default: %(default)s)"
     )
+    parser.add_argument(
+        "--sheet-size", type=positive_int, default=24, help="images per contact sheet (default: %(default)s)"
+    )
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda (default: auto)")
+    add_backend_flag(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; bad input is one line on stderr and exit code 2."""
-    from faithful_vit.kernels import use_backend
-
     try:
         args = _build_parser().parse_args(argv)
-        with use_backend(args.attn_impl) if args.attn_impl else nullcontext():
+        with backend_context(args.backend):
             run(args)
     except (UsageError, SpecError, RunFolderError) as error:
         print(f"predict: error: {error}", file=sys.stderr)

@@ -42,7 +42,7 @@ def test_torchrun_two_processes_gloo(tmp_path):
         str(ROOT / "train.py"),
         "--device",
         "cpu",
-        "--attn-impl",
+        "--backend",
         "torch",
         "--no-progress",
         "--model",

@@ -9,7 +9,7 @@ import torch
 from test_train_cli import TINY, load_train
 
 import faithful_vit
-from faithful_vit import engine, evaluate, model_spec
+from faithful_vit import engine, evaluate, experiment, model_spec
 from faithful_vit.baseline import FullImageViT, OracleMaskViT
 from faithful_vit.data import backgrounds, normalize
 from faithful_vit.data.mask_stats import gt_patch_fraction
@@ -59,7 +59,7 @@ def test_set(data):
 
 
 def cli(argv, capsys):
-    code = evaluate.main([*argv, "--no-progress", "--attn-impl", "torch"])
+    code = evaluate.main([*argv, "--no-progress", "--backend", "torch"])
     captured = capsys.readouterr()
     return code, captured.out, [line for line in captured.err.splitlines() if line.startswith("evaluate")]
 
@@ -116,19 +116,18 @@ def test_load_model_asks_which_model_and_names_the_candidates(run_dir, tmp_path)
 
 
 def test_train_and_load_build_through_the_same_spec(run_dir):
-    """train.py's build_model returns the spec it built from; building that spec again gives the same model."""
-    train = load_train()
-    args = train._parse_args([*TINY])[0]
+    """train.py's build_model (in faithful_vit.experiment) returns the spec it built from; building that spec again
+    gives the same model."""
+    args = load_train()._parse_args([*TINY])[0]
     args.reference_model = "faithful_tiny"
     for name in MODELS:
-        model, spec = train.build_model(name, args, num_classes=2, image_size=32)
+        model, spec = experiment.build_model(name, args, num_classes=2, image_size=32)
         stored = torch.load(run_dir / name / "seed0/checkpoints/best.pt", weights_only=True)["spec"]["model"]
         assert spec == stored
         rebuilt = model_spec.build_model(spec)
         assert type(rebuilt) is type(model)
         shapes = {key: value.shape for key, value in model.state_dict().items()}
         assert {key: value.shape for key, value in rebuilt.state_dict().items()} == shapes
-    assert train.DATASETS == model_spec.DATASETS
 
 
 def test_evaluating_best_pt_reproduces_the_runs_test_metrics_exactly(run_dir, capsys, tmp_path):

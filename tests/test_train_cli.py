@@ -30,7 +30,7 @@ TINY = [
     "--eval-batch-size",
     "32",
     "--no-progress",
-    "--attn-impl",
+    "--backend",
     "torch",
 ]
 
@@ -89,6 +89,20 @@ def test_every_flag_has_help():
 def test_help_runs():
     result = run_cli(["--help"], timeout=120)
     assert result.returncode == 0 and "usage:" in result.stdout and "Data:" in result.stdout
+
+
+def test_help_imports_neither_torch_nor_the_datasets():
+    """--help stays fast: the flag machinery (faithful_vit.cli) is imported without the package's heavy modules."""
+    code = (
+        "import runpy, sys\n"
+        "sys.argv = ['train.py', '--help']\n"
+        "try:\n    runpy.run_path('train.py', run_name='__main__')\n"
+        "except SystemExit as stop:\n    assert stop.code == 0\n"
+        "heavy = sorted(m for m in sys.modules if m in ('torch', 'faithful_vit.data', 'faithful_vit.model'))\n"
+        "assert not heavy, heavy"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0 and "usage:" in result.stdout, result.stderr
 
 
 def test_bad_input_is_one_line_and_exit_2():
@@ -175,6 +189,11 @@ SMALL = [*TINY, "--model", "faithful_tiny", "--output"]
         (["--model-kwargs", "depth=[1,"], "argument --model-kwargs: 'depth=[1,' is not valid YAML"),
         (["--model-kwargs", "=1"], "argument --model-kwargs: expected key=value, got '=1'"),
         (["--min-lr", "0.1", "--lr", "0.01"], "--min-lr: expected at most --lr (0.01), got 0.1"),
+        (
+            ["--data", "nope"],
+            "--data: expected one of ['cub', 'imagefolder', 'metashift', 'synthetic', 'waterbirds', "
+            "'waterbirds_lite'], got 'nope'",
+        ),
         (["--data-dir", "somewhere"], "--data-dir: not used by --data synthetic"),
         (["--img-size", "32"], "--img-size: not used by --data synthetic"),
         (["--pretrained-file", "/nonexistent/vit.pth"], "--pretrained-file: no such file: /nonexistent/vit.pth"),

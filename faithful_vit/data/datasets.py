@@ -33,7 +33,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from faithful_vit.data.registry import register_dataset
 from faithful_vit.data.sample import CorruptImageError, Sample, normalize
+from faithful_vit.data.transforms import cub_original
 
 
 class DatasetError(ValueError):
@@ -368,3 +370,36 @@ class MetaShiftCatDog(ImageListDataset):
                 entries += [Entry(p, label, label) for p in _list_images(class_dir)]
         group_names = [f"{c}/{p}" for c in self.class_names for p in contexts] if contexts else self.class_names
         super().__init__(entries, num_classes=2, group_names=group_names, transform=transform, on_corrupt=on_corrupt)
+
+
+@register_dataset(
+    "waterbirds",
+    summary="Waterbirds in --data-dir (metadata.csv); masks from --mask-dir (CUB segmentations)",
+    needs_root=True,
+    accepts_mask_root=True,
+)
+def _waterbirds(split, root, *, augment, image_size, mask_root=None):
+    return Waterbirds(root, split, mask_root=mask_root, transform=cub_original(image_size, train=augment))
+
+
+@register_dataset(
+    "cub",
+    summary="CUB-200-2011 in --data-dir; masks from --mask-dir (its segmentations)",
+    needs_root=True,
+    accepts_mask_root=True,
+    has_groups=False,
+)
+def _cub(split, root, *, augment, image_size, mask_root=None):
+    return CUB200(root, split, mask_root=mask_root, transform=cub_original(image_size, train=augment))
+
+
+@register_dataset("metashift", summary="MetaShift cat/dog in --data-dir (DISC layout)", needs_root=True)
+def _metashift(split, root, *, augment, image_size):
+    return MetaShiftCatDog(root, split, transform=cub_original(image_size, train=augment))
+
+
+@register_dataset(
+    "imagefolder", summary="<--data-dir>/{train,val,test}/<class>/*, group = class", needs_root=True, has_groups=False
+)
+def _imagefolder(split, root, *, augment, image_size):
+    return ImageFolder(Path(root) / split, transform=cub_original(image_size, train=augment))

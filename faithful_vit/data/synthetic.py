@@ -40,7 +40,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from faithful_vit.data.registry import register_dataset
 from faithful_vit.data.sample import Batch, Sample, normalize
+from faithful_vit.data.transforms import synthetic_transforms
 
 SPLITS = ("train", "val", "test")
 CLASS_NAMES = ("ellipse", "cross")
@@ -342,3 +344,15 @@ class SpuriousShapes(ArrayDataset):
         self.split = split
         self.config = config or SpuriousShapesConfig()
         super().__init__(load_or_generate(self.config, split, cache_dir), transform)
+
+
+@register_dataset(
+    "synthetic",
+    summary="the built-in benchmark SpuriousShapes (generated and cached on first use; settings: --data-kwargs)",
+    needs_root=False,
+    settings=SpuriousShapesConfig,
+    has_masks=True,
+)
+def _spurious_shapes(split, root, *, augment, **settings):
+    config = SpuriousShapesConfig(**settings)
+    return SpuriousShapes(split, config=config, cache_dir=root, transform=synthetic_transforms(augment))

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from faithful_vit.data.registry import register_dataset
 from faithful_vit.data.synthetic import (
     SPLITS,
     ArrayDataset,
@@ -30,6 +31,7 @@ from faithful_vit.data.synthetic import (
     default_cache_dir,
     labels_and_places,
 )
+from faithful_vit.data.transforms import synthetic_transforms
 
 SETUP_COMMAND = "bash scripts/setup_waterbirds_lite.sh"
 BIRDS_DIR = Path("usr/share/tuxpaint/stamps/animals/birds")
@@ -225,3 +227,16 @@ class WaterbirdsLite(ArrayDataset):
             cache_dir,
         )
         super().__init__(arrays, transform)
+
+
+@register_dataset(
+    "waterbirds_lite",
+    summary="Waterbirds-like images built offline from local assets by scripts/setup_waterbirds_lite.sh "
+    "(settings: --data-kwargs)",
+    needs_root=False,
+    settings=WaterbirdsLiteConfig,
+    has_masks=True,
+)
+def _waterbirds_lite(split, root, *, augment, **settings):
+    config = WaterbirdsLiteConfig(**settings)
+    return WaterbirdsLite(split, config=config, cache_dir=root, transform=synthetic_transforms(augment))
