@@ -48,6 +48,14 @@ def check_qkv(q, k, v, *, ndim: int, ndim_doc: str) -> None:
     check_head_dim("q", q.shape[-1])
 
 
+def one_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q, k, v with one set of strides, which the kernels take once: views of one projection (timm's qkv) and
+    same-shape contiguous tensors already share it; any other mix is made contiguous (a copy)."""
+    if k.stride() == q.stride() and v.stride() == q.stride():
+        return q, k, v
+    return q.contiguous(), k.contiguous(), v.contiguous()
+
+
 def check_interpreter_dtype(q: torch.Tensor) -> None:
     """The Triton interpreter (CPU) has no bf16 dots: refuse bf16 there rather than fail inside a kernel."""
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:

@@ -60,7 +60,8 @@ class LaunchRecorder:
         self._patched: list[KernelInterface] = []
 
     def record(self, kernel: KernelInterface, grid: tuple, args: tuple, kwargs: dict) -> None:
-        kwargs = {name: guard_scalar(v) if isinstance(v, _SYMBOLIC) else v for name, v in kwargs.items()}
+        if type(args[0]) is not torch.Tensor:  # fake or functional tensors: tracing (real calls skip the loop)
+            kwargs = {name: guard_scalar(v) if isinstance(v, _SYMBOLIC) else v for name, v in kwargs.items()}
         if self._bindings is not None:
             binding = self._bindings.get(id(kernel))
             if binding is None:
