@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from faithful_vit.kernels import compaction_order, masked_attention, reference
+from faithful_vit.kernels._launch_record import LaunchRecorder
 
 impl = sys.modules["faithful_vit.kernels.masked_attention"]
 HAS_CUDA = torch.cuda.is_available()
@@ -417,22 +418,6 @@ def test_compaction_leaves_only_the_needed_live_blocks():
 CUDA_GRID_LIMITS = (2**31 - 1, 65535, 65535)
 
 
-class GridRecorder:
-    """A launcher's ``launch`` that records ``(kernel, grid, args, kwargs)`` instead of running the kernel."""
-
-    def __init__(self):
-        self.launches = []
-
-    def __call__(self, kernel):
-        recorder = self
-
-        class _Grid:
-            def __getitem__(self, grid):
-                return lambda *args, **kwargs: recorder.launches.append((kernel, grid, args, kwargs))
-
-        return _Grid()
-
-
 if impl.TRITON_AVAILABLE:
     import triton
     import triton.language as tl
@@ -477,7 +462,7 @@ def test_grids_fit_cuda_and_cover_every_image_and_head(monkeypatch):
     cuda = torch.device("cuda")
     fwd_cfg = impl.get_fwd_config(seq_len, head_dim, q.dtype, cuda)
     bwd_cfg = impl.get_bwd_config(seq_len, head_dim, q.dtype, cuda)
-    record = GridRecorder()
+    record = LaunchRecorder()
     out, lse = impl._launch_fwd(q, q, q, keep, 0.125, True, fwd_cfg, record)
     for skip, gate_grad in ((True, False), (True, True), (False, False)):
         impl._launch_bwd(out, q, q, q, keep, out, lse, 0.125, skip, gate_grad, bwd_cfg, record)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from faithful_vit.kernels import pack_tokens, reference, varlen_attention
+from faithful_vit.kernels._launch_record import LaunchRecorder
 
 varlen_module = importlib.import_module("faithful_vit.kernels.varlen_attention")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -330,21 +331,13 @@ def test_grids_fit_cuda_and_cover_every_sequence_and_head(monkeypatch):
     )
     q = torch.zeros((), dtype=torch.float16).expand(total, heads, head_dim)
     lse = torch.zeros(()).expand(heads, total)
-    record = []
-
-    def launch(kernel):  # records (kernel, grid, kwargs) instead of running
-        class Grid:
-            def __getitem__(self, grid):
-                return lambda *args, **kwargs: record.append((kernel, grid, kwargs))
-
-        return Grid()
-
+    launch = LaunchRecorder()
     fwd_cfg = varlen_module.get_fwd_config(max_seqlen, head_dim, q.dtype)
     bwd_cfg = varlen_module.get_bwd_config(max_seqlen, head_dim, q.dtype)
     varlen_module._launch_fwd(q, q, q, cu, max_seqlen, 0.125, fwd_cfg, launch, q, lse)
     varlen_module._launch_bwd(q, q, q, cu, q, lse, q, max_seqlen, 0.125, bwd_cfg, launch, q, q, q)
-    assert len(record) == 4
-    for launched, grid, kwargs in record:
+    assert len(launch.launches) == 4
+    for launched, grid, _, kwargs in launch.launches:
         assert 1 <= len(grid) <= 3 and grid[0] <= 2**31 - 1 and all(n <= 65535 for n in grid[1:]), grid
         if launched is varlen_module._varlen_attn_bwd_preprocess_kernel:
             assert grid == (triton.cdiv(total, kwargs["BLOCK_M"]) * heads,)
