@@ -5,6 +5,8 @@ config lookup, block-list setup, allocations, argument lists, autograd) can be w
 the public calls on CPU tensors with the launches recorded instead of run (:class:`faithful_vit.kernels._launch_record.
 LaunchRecorder`), so what it times is that host work alone:
 
+* ``autograd_floor``: forward and ``torch.autograd.grad`` of an autograd function that only allocates its output
+  and gradients: what torch itself costs around any attention with a backward, the floor of ``masked_fwd_bwd``;
 * ``masked_fwd``: ``masked_attention(q, k, v, keep)`` without grad; ``masked_fwd_bwd``: the same with grad, then
   ``torch.autograd.grad`` of the output (backward launches included);
 * ``masked_fwd_op``, ``masked_fwd_bwd_op``: the same through the ``faithful_vit::masked_attention_fwd`` op, the route
@@ -61,6 +63,21 @@ BATCH, SEQ_LEN, HEADS, HEAD_DIM = 2, 197, 12, 64  # ViT-B/16 at 224: CLS + 14 x 
 KEPT = 0.5
 
 
+class _EmptyAttention(torch.autograd.Function):
+    """The floor of any autograd-wrapped attention: saves q, k, v and the mask, allocates the output and the three
+    gradients, computes nothing."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, keep):
+        ctx.save_for_backward(q, k, v, keep)
+        return torch.empty_like(q)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, _, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(q), torch.empty_like(q), None
+
+
 def _kernel_cases(generator: torch.Generator) -> dict[str, Callable[..., Callable[[], object]]]:
     """Case name -> a builder of the call to time (run inside a FakeTensorMode, it builds fake inputs)."""
     keep = with_prefix(blob_keep(BATCH, (14, 14), KEPT, generator), 1)
@@ -96,7 +113,17 @@ def _kernel_cases(generator: torch.Generator) -> dict[str, Callable[..., Callabl
 
         return build
 
+    def autograd_floor():
+        def build():
+            views = torch.randn(BATCH, SEQ_LEN, 3, HEADS, HEAD_DIM).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k, v = (view.detach().requires_grad_() for view in views)
+            grad_out = torch.randn(BATCH, HEADS, SEQ_LEN, HEAD_DIM)
+            return lambda: torch.autograd.grad(_EmptyAttention.apply(q, k, v, keep), (q, k, v), grad_out)
+
+        return build
+
     return {
+        "autograd_floor": autograd_floor(),
         "masked_fwd": masked(False, False),
         "masked_fwd_bwd": masked(True, False),
         "masked_fwd_op": masked(False, True),
