@@ -29,10 +29,10 @@ HEADS, HEAD_DIM, BATCH = 2, 16, 2
 pytestmark = pytest.mark.skipif(not (masked._OPS_REGISTERED and varlen._OPS_REGISTERED), reason="no triton_op")
 
 
-def _compile(fn):
+def _compile(fn, fullgraph: bool = True):
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")
-    return torch.compile(fn, backend=counter, dynamic=True, fullgraph=True), counter
+    return torch.compile(fn, backend=counter, dynamic=True, fullgraph=fullgraph), counter
 
 
 @pytest.mark.parametrize("skip_dropped_queries", [True, False])
@@ -71,3 +71,45 @@ def test_varlen_attention_op_compiles_once_for_every_length_and_kept_fraction():
                 (grad,) = torch.autograd.grad(out, qkv, torch.ones_like(out))
                 assert out.shape == (qkv.shape[0], HEADS, HEAD_DIM) and grad.shape == qkv.shape
     assert counter.frame_count == 1, f"compiled {counter.frame_count} times for max_seqlen in {LENGTHS}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["masked", "packed"])
+def test_sparsified_vit_compiles_once_for_every_image_size_and_kept_fraction(mode):
+    """The model around the kernels (embedding, mask, compaction or packing, blocks, pooling) under dynamic shapes, on
+    the CPU path torch.compile takes (the reference attention: compiled Triton kernels need CUDA, and the launchers'
+    host code is what the op tests above trace)."""
+    import timm
+
+    from faithful_vit import forward_kept, sparsify
+
+    model = timm.create_model(
+        "vit_base_patch16_224",
+        pretrained=False,
+        num_classes=0,
+        img_size=64,
+        pos_embed="none",  # a learned position table would be resampled per size (timm specialises on it)
+        dynamic_img_size=True,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        mlp_ratio=1.0,
+    )
+    model = sparsify(model, backend="torch").eval()
+    # timm's patch embedding formats the image height into an assertion message, which specialises it; without an
+    # img_size the (shape-independent) check is skipped.
+    model.patch_embed.img_size = None
+    # Graph breaks are allowed (packing reads the kept count on the host); new frames after the first call are not.
+    compiled, counter = _compile(lambda x, keep: forward_kept(model, x, keep, mode), fullgraph=False)
+    frames = []
+    with torch.no_grad():
+        for side in (64, 80, 96, 128):  # N = 17, 26, 37, 65 tokens
+            grid = side // 16
+            for kept in KEPT:
+                keep = torch.rand(1, grid * grid) < kept
+                keep[:, 0] = True
+                features = compiled(torch.randn(1, 3, side, side), keep)
+                assert features.shape == (1, 32)
+                frames.append(counter.frame_count)
+    assert frames[0] >= 1
+    assert frames[-1] == frames[0], f"frames compiled after each call: {frames}"
