@@ -25,11 +25,11 @@ Shared limits: head dims 16..128, any of them (non-powers of two are padded to t
 with masked loads); fp32 inputs get IEEE-precision dots (:func:`dot_precision`), fp16/bf16 accumulate in fp32; the
 Triton interpreter (CPU) has no bf16 dots (:func:`check_interpreter_dtype`).
 
-Autograd and torch.compile: each family has one ``torch.autograd.Function``, the only autograd path. Its forward and
-backward call the family's ``faithful_vit::<family>_attention_fwd`` / ``_bwd`` ``triton_op``s on CUDA (torch >= 2.6),
-which torch.compile traces as one op per pass without a graph break, and the same launchers directly elsewhere
-(:func:`uses_registered_ops`): Inductor cannot compile a ``triton_op`` for the CPU. The ops have no autograd formula
-of their own.
+Autograd and torch.compile: each family has one ``torch.autograd.Function``, the only autograd path; calls that need
+no gradient skip it. Its forward and backward call the family's ``faithful_vit::<family>_attention_fwd`` / ``_bwd``
+``triton_op``s while torch.compile traces on CUDA (torch >= 2.6), one op per pass without a graph break, and the same
+launchers directly otherwise (:func:`uses_registered_ops`): eager calls skip the op's dispatch cost, and Inductor
+cannot compile a ``triton_op`` for the CPU. The ops have no autograd formula of their own.
 
 Configs: each family's ``get_fwd_config(seq_len, head_dim, dtype, device)`` and ``get_bwd_config(...)`` return the
 tiles (``BLOCK_M`` query rows, ``BLOCK_N`` key rows) and launch options (``num_warps``, ``num_stages``) of its kernels;
@@ -74,6 +74,14 @@ def check_qkv(q, k, v, *, ndim: int, ndim_doc: str) -> None:
     check_head_dim("q", q.shape[-1])
 
 
+def one_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q, k, v with one set of strides, which the kernels take once: views of one projection (timm's qkv) and
+    same-shape contiguous tensors already share it; any other mix is made contiguous (a copy)."""
+    if k.stride() == q.stride() and v.stride() == q.stride():
+        return q, k, v
+    return q.contiguous(), k.contiguous(), v.contiguous()
+
+
 def check_interpreter_dtype(q: torch.Tensor) -> None:
     """The Triton interpreter (CPU) has no bf16 dots: refuse bf16 there rather than fail inside a kernel."""
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
@@ -109,9 +117,9 @@ OPS_AVAILABLE = TRITON_AVAILABLE and hasattr(torch.library, "triton_op") and has
 
 
 def uses_registered_ops(q: torch.Tensor) -> bool:
-    """Whether the families' autograd Functions call the registered ops (CUDA) or the launchers (see the module
+    """Whether the families call the registered ops (compiling on CUDA) or the launchers (see the module
     docstring)."""
-    return OPS_AVAILABLE and q.is_cuda
+    return OPS_AVAILABLE and q.is_cuda and torch.compiler.is_compiling()
 
 
 def launch_directly(kernel):

@@ -30,21 +30,23 @@ __all__ = ["autotune_enabled", "clear_autotune_cache", "set_autotune", "tuned_co
 
 ENV_VAR = "FAITHFUL_VIT_AUTOTUNE"
 
-_enabled: bool | None = None
+_enabled: bool | None = None  # set_autotune's value, or the environment's once read; None: not read yet
 _tuned: dict[tuple, dict[str, int]] = {}
 
 
 def set_autotune(enabled: bool | None) -> None:
-    """Turn autotuning on or off process-wide; ``None`` restores the default (``$FAITHFUL_VIT_AUTOTUNE``, else off)."""
+    """Turn autotuning on or off process-wide; ``None`` restores the default (``$FAITHFUL_VIT_AUTOTUNE``, else off),
+    read again at the next call: the variable is read once, not on every launch."""
     global _enabled
     _enabled = None if enabled is None else bool(enabled)
 
 
 def autotune_enabled() -> bool:
     """Whether launches time candidate configs (see :func:`set_autotune`)."""
-    if _enabled is not None:
-        return _enabled
-    return os.environ.get(ENV_VAR, "0").strip().lower() in ("1", "true", "on", "yes")
+    global _enabled
+    if _enabled is None:
+        _enabled = os.environ.get(ENV_VAR, "0").strip().lower() in ("1", "true", "on", "yes")
+    return _enabled
 
 
 def tuned_configs() -> dict[tuple, dict[str, int]]:

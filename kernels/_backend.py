@@ -6,7 +6,9 @@ Backends:
     ``"torch"``   the PyTorch reference in :mod:`faithful_vit.kernels.reference` (the executable specification).
 
 Order of precedence: the ``backend=`` argument of a call, then the global override (:func:`set_backend` or the
-``FAITHFUL_VIT_BACKEND`` environment variable), then the automatic choice. ``"auto"`` at any level defers to the
+``FAITHFUL_VIT_BACKEND`` environment variable), then the automatic choice. The variable is read once, at the first
+call that needs it (and again after ``set_backend(None)``), not on every call: a call's host time matters at ViT
+sizes. ``"auto"`` at any level defers to the
 next. An explicitly requested backend that cannot run raises; only the automatic choice falls back, with one warning.
 """
 
@@ -40,7 +42,7 @@ try:
 except ImportError:  # the reference path must import without Triton (macOS, Windows)
     TRITON_AVAILABLE = False
 
-_global_backend: str | None = None
+_global_backend: str | None = None  # set_backend's value, or the environment's once read; None: not read yet
 _warned_fallback = False
 
 
@@ -51,7 +53,8 @@ def _check_name(name: str, what: str) -> str:
 
 
 def set_backend(name: str | None) -> None:
-    """Set the process-wide backend (``"auto"``, ``"triton"`` or ``"torch"``); ``None`` restores the default.
+    """Set the process-wide backend (``"auto"``, ``"triton"`` or ``"torch"``); ``None`` restores the default (the
+    ``FAITHFUL_VIT_BACKEND`` environment variable, read again at the next call).
 
     Like timm's ``set_fused_attn``: it overrides the ``FAITHFUL_VIT_BACKEND`` environment variable and is itself
     overridden by a ``backend=`` argument.
@@ -62,9 +65,10 @@ def set_backend(name: str | None) -> None:
 
 def get_backend() -> str:
     """The process-wide backend: the value given to :func:`set_backend`, else ``$FAITHFUL_VIT_BACKEND``, else auto."""
-    if _global_backend is not None:
-        return _global_backend
-    return _check_name(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", f"${ENV_VAR}")
+    global _global_backend
+    if _global_backend is None:
+        _global_backend = _check_name(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", f"${ENV_VAR}")
+    return _global_backend
 
 
 class use_backend:  # noqa: N801 - used like a function: `with use_backend("torch"): ...`

@@ -40,6 +40,18 @@ def empty_like_strided(x: torch.Tensor, shape: tuple[int, ...], dim_order: tuple
     return storage.permute(*inverse)
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for non-negative ints (also symbolic ones); ``triton.cdiv`` is a JIT function whose host call
+    costs several times more."""
+    return (a + b - 1) // b
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= ``n`` (a plain int >= 1): ``triton.next_power_of_2`` is a constexpr function whose
+    host call costs several times more."""
+    return 1 << (n - 1).bit_length()
+
+
 def fmt_shape(x: torch.Tensor) -> str:
     return f"shape {tuple(x.shape)}, dtype {x.dtype}, device {x.device}"
 
@@ -78,7 +90,9 @@ def softmax_scale(scale: float | None, head_dim: int) -> float:
     if scale is None:
         return head_dim**-0.5
     value = float(scale)
-    if not (value > 0 and math.isfinite(value)):
+    # Comparisons, not math.isfinite: torch.compile traces them on a symbolic float (a module's scale) without a
+    # graph break. NaN fails both.
+    if not 0 < value < math.inf:
         raise ValueError(f"scale: expected a positive finite float, got {scale!r}")
     return value
 

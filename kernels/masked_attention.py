@@ -46,11 +46,21 @@ from ._attention_core import (
     flat_grid,
     launch_directly,
     launch_in_op,
+    one_layout,
     uses_registered_ops,
 )
-from ._autotune import tuned_config
+from ._autotune import autotune_enabled, tuned_config
 from ._backend import TRITON_AVAILABLE, resolve_backend
-from ._utils import check_tensor, empty, empty_like_strided, fmt_shape, softmax_scale, unit_last_stride
+from ._utils import (
+    cdiv,
+    check_tensor,
+    empty,
+    empty_like_strided,
+    fmt_shape,
+    next_power_of_2,
+    softmax_scale,
+    unit_last_stride,
+)
 
 if TRITON_AVAILABLE:
     import triton
@@ -120,7 +130,12 @@ def masked_attention(
         return _torch_masked_attention(q, k, v, keep, scale, gate, skip_dropped_queries)
     check_interpreter_dtype(q)
     q, k, v = (unit_last_stride(t) for t in (q, k, v))
-    out = MaskedAttentionFunction.apply(q, k, v, keep, gate, scale, skip_dropped_queries)
+    # Calls that need no gradient skip the autograd Function: at ViT sizes a call's host time is comparable to the
+    # kernels' own.
+    if torch.is_grad_enabled() and _any_requires_grad(q, k, v, gate):
+        out = MaskedAttentionFunction.apply(q, k, v, keep, gate, scale, skip_dropped_queries)
+    else:
+        out, _ = _forward(q, k, v, keep, scale, skip_dropped_queries)
     if gate is not None:  # the torch backend applies the same rule inside the reference
         out = out + reference.gate_mismatch_nan(gate, keep, out.dtype)
     return out
@@ -165,8 +180,9 @@ class MaskedAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, keep, gate, scale, skip_dropped_queries):
-        fwd = torch.ops.faithful_vit.masked_attention_fwd if uses_registered_ops(q) else _masked_attention_fwd
-        out, lse = fwd(q, k, v, keep, scale, skip_dropped_queries)
+        # The launchers' block lists of the forward serve the backward; the registered ops rebuild their own.
+        ctx.block_lists = None if uses_registered_ops(q) else {}
+        out, lse = _forward(q, k, v, keep, scale, skip_dropped_queries, ctx.block_lists)
         ctx.save_for_backward(q, k, v, keep, out, lse)
         ctx.scale = scale
         ctx.skip_dropped_queries = skip_dropped_queries
@@ -177,10 +193,25 @@ class MaskedAttentionFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, keep, out, lse = ctx.saved_tensors
         gate_grad = ctx.needs_input_grad[4]
-        bwd = torch.ops.faithful_vit.masked_attention_bwd if uses_registered_ops(q) else _masked_attention_bwd
-        dq, dk, dv, dgate_heads = bwd(grad_out, q, k, v, keep, out, lse, ctx.scale, ctx.skip_dropped_queries, gate_grad)
+        args = (grad_out, q, k, v, keep, out, lse, ctx.scale, ctx.skip_dropped_queries, gate_grad)
+        if uses_registered_ops(q):
+            dq, dk, dv, dgate_heads = torch.ops.faithful_vit.masked_attention_bwd(*args)
+        else:
+            dq, dk, dv, dgate_heads = _masked_attention_bwd(*args, ctx.block_lists)
         dgate = dgate_heads.sum(1).to(ctx.gate_dtype) if gate_grad else None
         return dq, dk, dv, None, dgate, None, None
+
+
+def _forward(q, k, v, keep, scale, skip_dropped_queries, block_lists=None):
+    """The forward on the registered op (compiling on CUDA) or the launcher (``block_lists`` memoises its block lists
+    for the backward)."""
+    if uses_registered_ops(q):
+        return torch.ops.faithful_vit.masked_attention_fwd(q, k, v, keep, scale, skip_dropped_queries)
+    return _masked_attention_fwd(q, k, v, keep, scale, skip_dropped_queries, block_lists=block_lists)
+
+
+def _any_requires_grad(*tensors: torch.Tensor | None) -> bool:
+    return any(t is not None and t.requires_grad for t in tensors)
 
 
 # ---- Registered ops (what torch.compile traces on CUDA, see :func:`._attention_core.uses_registered_ops`) ---------
@@ -221,6 +252,9 @@ if OPS_AVAILABLE:
 # ---- Launchers ---------------------------------------------------------------------------------------------------
 
 
+_BLOCK_LIST_TOKENS = 1024  # tokens per step of the block-list kernel (a power of two, at least any block)
+
+
 def _keep_bytes(keep: torch.Tensor) -> torch.Tensor:
     """``keep`` as int8 bytes the kernels index densely along N: a free view of a bool tensor with unit last stride."""
     return (keep if keep.stride(1) == 1 else keep.contiguous()).view(torch.int8)
@@ -245,10 +279,12 @@ def _block_lists(
         visit (live ones, or all with ``every_block``).
     """
     batch, seq_len = keep_bytes.shape
-    num_blocks = triton.cdiv(seq_len, block)
+    num_blocks = cdiv(seq_len, block)
     order = empty(batch, num_blocks, dtype=torch.int32, device=keep_bytes.device)
     counts = empty(batch, 2, dtype=torch.int32, device=keep_bytes.device)
-    chunk = max(1, min(triton.next_power_of_2(num_blocks), 4096 // block))  # blocks per step: <= 4096 tokens
+    # Blocks per step: a fixed 1024 tokens' worth, never a function of N (under torch.compile a constexpr computed from
+    # a symbolic N would be specialised, and every other length would recompile).
+    chunk = max(1, _BLOCK_LIST_TOKENS // block)
     launch(_block_lists_kernel)[(batch,)](
         keep_bytes,
         order,
@@ -264,28 +300,42 @@ def _block_lists(
     return order, counts
 
 
-def _masked_attention_fwd(q, k, v, keep, scale, skip_dropped_queries, launch=launch_directly):
+def _reused_block_lists(memo, keep_bytes, block, every_block, launch):
+    """:func:`_block_lists`, kept in ``memo`` (``(block, every_block) -> lists``) so that each list is built once per
+    call: the key lists of the forward serve the backward's queries and keys when the block sizes agree."""
+    lists = memo.get((block, every_block))
+    if lists is None:
+        lists = memo[(block, every_block)] = _block_lists(keep_bytes, block, every_block=every_block, launch=launch)
+    return lists
+
+
+def _masked_attention_fwd(q, k, v, keep, scale, skip_dropped_queries, launch=launch_directly, block_lists=None):
     """Launch the forward kernel. Returns ``out`` ``(B, H, N, D)`` (memory ``(B, N, H, D)``) and ``lse`` ``(B, H, N)``
     fp32 (base 2, of scores scaled by ``scale * log2(e)``; -inf where the row is not computed)."""
     _, _, seq_len, head_dim = q.shape
-    cfg = tuned_config(
-        "masked_attention_fwd",
-        (triton.next_power_of_2(seq_len), head_dim, q.dtype, skip_dropped_queries),
-        get_fwd_config(seq_len, head_dim, q.dtype, q.device),
-        fwd_candidates(seq_len, head_dim, q.dtype, q.device),
-        lambda c: _launch_fwd(q, k, v, keep, scale, skip_dropped_queries, c, launch),
-        (q, k, v, keep),
-    )
-    return _launch_fwd(q, k, v, keep, scale, skip_dropped_queries, cfg, launch)
+    cfg = get_fwd_config(seq_len, head_dim, q.dtype, q.device)
+    if autotune_enabled():  # the candidates and the tuning key are built only then
+        cfg = tuned_config(
+            "masked_attention_fwd",
+            (triton.next_power_of_2(seq_len), head_dim, q.dtype, skip_dropped_queries),
+            cfg,
+            fwd_candidates(seq_len, head_dim, q.dtype, q.device),
+            lambda c: _launch_fwd(q, k, v, keep, scale, skip_dropped_queries, c, launch),
+            (q, k, v, keep),
+        )
+    return _launch_fwd(q, k, v, keep, scale, skip_dropped_queries, cfg, launch, block_lists)
 
 
-def _launch_fwd(q, k, v, keep, scale, skip_dropped_queries, cfg, launch):
+def _launch_fwd(q, k, v, keep, scale, skip_dropped_queries, cfg, launch, block_lists=None):
+    q, k, v = one_layout(q, k, v)
     batch, heads, seq_len, head_dim = q.shape
+    head_dim = int(head_dim)  # a constexpr: specialised under torch.compile (here, before any arithmetic on it)
     keep_i8 = _keep_bytes(keep)
-    k_order, k_counts = _block_lists(keep_i8, cfg["BLOCK_N"], launch=launch)
+    memo = {} if block_lists is None else block_lists
+    k_order, k_counts = _reused_block_lists(memo, keep_i8, cfg["BLOCK_N"], False, launch)
     out = empty_like_strided(q, (batch, heads, seq_len, head_dim), _BNHD)
     lse = empty(batch, heads, seq_len, dtype=torch.float32, device=q.device)
-    launch(_masked_attn_fwd_kernel)[flat_grid(triton.cdiv(seq_len, cfg["BLOCK_M"]), batch * heads)](
+    launch(_masked_attn_fwd_kernel)[flat_grid(cdiv(seq_len, cfg["BLOCK_M"]), batch * heads)](
         q,
         k,
         v,
@@ -294,17 +344,15 @@ def _launch_fwd(q, k, v, keep, scale, skip_dropped_queries, cfg, launch):
         k_counts,
         out,
         lse,
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        *out.stride(),
+        *q.stride()[:3],  # q, k, v: one layout, unit last stride
+        *out.stride()[:3],
         keep_i8.stride(0),
         k_order.stride(0),
         heads,
         seq_len,
         scale * LOG2E.value,
         HEAD_DIM=head_dim,
-        BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_D=next_power_of_2(head_dim),
         BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"],
         SKIP_DROPPED_QUERIES=skip_dropped_queries,
@@ -316,44 +364,48 @@ def _launch_fwd(q, k, v, keep, scale, skip_dropped_queries, cfg, launch):
 
 
 def _masked_attention_bwd(
-    grad_out, q, k, v, keep, out, lse, scale, skip_dropped_queries, gate_grad, launch=launch_directly
+    grad_out, q, k, v, keep, out, lse, scale, skip_dropped_queries, gate_grad, block_lists=None, launch=launch_directly
 ):
     """Launch the backward kernels. Returns dq, dk, dv ``(B, H, N, D)`` and, when ``gate_grad``, the per-head gate
     gradient ``(B, H, N)`` fp32 (else None)."""
     _, _, seq_len, head_dim = q.shape
     grad_out = unit_last_stride(grad_out)
     args = (grad_out, q, k, v, keep, out, lse, scale, skip_dropped_queries, gate_grad)
-    cfg = tuned_config(
-        "masked_attention_bwd",
-        (triton.next_power_of_2(seq_len), head_dim, q.dtype, skip_dropped_queries, gate_grad),
-        get_bwd_config(seq_len, head_dim, q.dtype, q.device),
-        bwd_candidates(seq_len, head_dim, q.dtype, q.device),
-        lambda c: _launch_bwd(*args, c, launch),
-        (q, k, v, keep),
-    )
-    return _launch_bwd(*args, cfg, launch)
+    cfg = get_bwd_config(seq_len, head_dim, q.dtype, q.device)
+    if autotune_enabled():
+        cfg = tuned_config(
+            "masked_attention_bwd",
+            (triton.next_power_of_2(seq_len), head_dim, q.dtype, skip_dropped_queries, gate_grad),
+            cfg,
+            bwd_candidates(seq_len, head_dim, q.dtype, q.device),
+            lambda c: _launch_bwd(*args, c, launch),
+            (q, k, v, keep),
+        )
+    return _launch_bwd(*args, cfg, launch, block_lists)
 
 
-def _launch_bwd(grad_out, q, k, v, keep, out, lse, scale, skip_dropped_queries, gate_grad, cfg, launch):
+def _launch_bwd(
+    grad_out, q, k, v, keep, out, lse, scale, skip_dropped_queries, gate_grad, cfg, launch, block_lists=None
+):
+    q, k, v = one_layout(q, k, v)
     batch, heads, seq_len, head_dim = q.shape
+    head_dim = int(head_dim)
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     keep_i8 = _keep_bytes(keep)
-    q_order, q_counts = _block_lists(keep_i8, block_m, every_block=not skip_dropped_queries, launch=launch)
-    if skip_dropped_queries and block_n == block_m:  # the key lists are the query lists
-        k_order, k_counts = q_order, q_counts
-    else:
-        k_order, k_counts = _block_lists(keep_i8, block_n, launch=launch)
-    block_d = triton.next_power_of_2(head_dim)
+    memo = {} if block_lists is None else block_lists
+    q_order, q_counts = _reused_block_lists(memo, keep_i8, block_m, not skip_dropped_queries, launch)
+    k_order, k_counts = _reused_block_lists(memo, keep_i8, block_n, False, launch)
+    block_d = next_power_of_2(head_dim)
     precision = dot_precision(q.dtype)
     options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
 
     delta = empty(batch, heads, seq_len, dtype=torch.float32, device=q.device)
-    launch(_masked_attn_bwd_preprocess_kernel)[flat_grid(triton.cdiv(seq_len, block_m), batch * heads)](
+    launch(_masked_attn_bwd_preprocess_kernel)[flat_grid(cdiv(seq_len, block_m), batch * heads)](
         out,
         grad_out,
         delta,
-        *out.stride(),
-        *grad_out.stride(),
+        *out.stride()[:3],
+        *grad_out.stride()[:3],
         heads,
         seq_len,
         HEAD_DIM=head_dim,
@@ -362,8 +414,9 @@ def _launch_bwd(grad_out, q, k, v, keep, out, lse, scale, skip_dropped_queries, 
     )
 
     dq, dk, dv = (empty_like_strided(q, (batch, heads, seq_len, head_dim), _BNHD) for _ in range(3))
-    dgate_heads = empty(batch, heads, seq_len if gate_grad else 1, dtype=torch.float32, device=q.device)
-    launch(_masked_attn_bwd_dkdv_kernel)[flat_grid(triton.cdiv(seq_len, block_n), batch * heads)](
+    # Without GATE_GRAD the kernel never writes DGATE: any fp32 pointer will do, so nothing is allocated for it.
+    dgate_heads = empty(batch, heads, seq_len, dtype=torch.float32, device=q.device) if gate_grad else lse
+    launch(_masked_attn_bwd_dkdv_kernel)[flat_grid(cdiv(seq_len, block_n), batch * heads)](
         q,
         k,
         v,
@@ -376,12 +429,9 @@ def _launch_bwd(grad_out, q, k, v, keep, out, lse, scale, skip_dropped_queries, 
         dk,
         dv,
         dgate_heads,
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        *grad_out.stride(),
-        *dk.stride(),
-        *dv.stride(),
+        *q.stride()[:3],
+        *grad_out.stride()[:3],
+        *dk.stride()[:3],  # dk, dv: one layout
         keep_i8.stride(0),
         q_order.stride(0),
         heads,
@@ -396,7 +446,7 @@ def _launch_bwd(grad_out, q, k, v, keep, out, lse, scale, skip_dropped_queries, 
         INPUT_PRECISION=precision,
         **options,
     )
-    launch(_masked_attn_bwd_dq_kernel)[flat_grid(triton.cdiv(seq_len, block_m), batch * heads)](
+    launch(_masked_attn_bwd_dq_kernel)[flat_grid(cdiv(seq_len, block_m), batch * heads)](
         q,
         k,
         v,
@@ -407,11 +457,9 @@ def _launch_bwd(grad_out, q, k, v, keep, out, lse, scale, skip_dropped_queries, 
         lse,
         delta,
         dq,
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        *grad_out.stride(),
-        *dq.stride(),
+        *q.stride()[:3],
+        *grad_out.stride()[:3],
+        *dq.stride()[:3],
         keep_i8.stride(0),
         k_order.stride(0),
         heads,
@@ -629,22 +677,12 @@ if TRITON_AVAILABLE:
         K_COUNTS,
         OUT,
         LSE,
-        stride_qb,
-        stride_qh,
-        stride_qn,
-        stride_qd,
-        stride_kb,
-        stride_kh,
-        stride_kn,
-        stride_kd,
-        stride_vb,
-        stride_vh,
-        stride_vn,
-        stride_vd,
+        stride_b,
+        stride_h,
+        stride_n,
         stride_ob,
         stride_oh,
         stride_on,
-        stride_od,
         stride_keep_b,
         stride_order_b,
         H,
@@ -659,12 +697,12 @@ if TRITON_AVAILABLE:
     ):
         """Forward over the live key blocks of one query block of one (image, head).
 
-        Pointers: Q, K, V ``(B, H, N, D)`` (unit last stride: the d strides are 1); KEEP ``(B, N)`` int8; K_ORDER
+        Pointers: Q, K, V ``(B, H, N, D)`` in one layout (one set of strides); KEEP ``(B, N)`` int8; K_ORDER
         ``(B, NB)`` int32 full, then partly kept key blocks; K_COUNTS ``(B, 2)`` int32 contiguous, full and live key
         blocks; OUT ``(B, H, N, D)``; LSE ``(B, H, N)`` fp32 contiguous (base 2, -inf for rows not computed). Strides
-        in (b, h, n, d) order; ``qk_scale`` is ``scale * log2(e)``. Constexprs: HEAD_DIM (D), BLOCK_D (next power of
-        two >= D), BLOCK_M / BLOCK_N (query / key rows per block, also the block size of K_ORDER),
-        SKIP_DROPPED_QUERIES, INPUT_PRECISION.
+        in (b, h, n) order (every last stride is 1); ``qk_scale`` is ``scale * log2(e)``. Constexprs: HEAD_DIM (D),
+        BLOCK_D (next power of two >= D), BLOCK_M / BLOCK_N (query / key rows per block, also the block size of
+        K_ORDER), SKIP_DROPPED_QUERIES, INPUT_PRECISION.
 
         Grid: ``flat_grid(cdiv(N, BLOCK_M), B * H)``.
         """
@@ -676,7 +714,7 @@ if TRITON_AVAILABLE:
         in_m = offs_m < N
         in_d = offs_d < HEAD_DIM
         keep_q = _token_kept(KEEP + b * stride_keep_b, offs_m, N)
-        out_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
+        out_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
         lse_ptrs = LSE + pid_bh * N + offs_m
         if SKIP_DROPPED_QUERIES:
             if tl.max(keep_q.to(tl.int32), 0) == 0:
@@ -689,7 +727,7 @@ if TRITON_AVAILABLE:
                 return
 
         q = tl.load(
-            Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+            Q + b * stride_b + h * stride_h + offs_m[:, None] * stride_n + offs_d[None, :],
             mask=in_m[:, None] & in_d[None, :],
             other=0.0,
         )
@@ -698,8 +736,8 @@ if TRITON_AVAILABLE:
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         full_count = tl.load(K_COUNTS + 2 * b)
         live_count = tl.load(K_COUNTS + 2 * b + 1)
-        k_bh = K + b * stride_kb + h * stride_kh
-        v_bh = V + b * stride_vb + h * stride_vh
+        k_bh = K + b * stride_b + h * stride_h
+        v_bh = V + b * stride_b + h * stride_h
         keep_b = KEEP + b * stride_keep_b
         order_b = K_ORDER + b * stride_order_b
         # Every visited block has a kept key, so the running max is finite after the first step: no guard is needed.
@@ -714,8 +752,8 @@ if TRITON_AVAILABLE:
             order_b,
             0,
             full_count,
-            stride_kn,
-            stride_vn,
+            stride_n,
+            stride_n,
             N,
             offs_d,
             in_d,
@@ -735,8 +773,8 @@ if TRITON_AVAILABLE:
             order_b,
             full_count,
             live_count,
-            stride_kn,
-            stride_vn,
+            stride_n,
+            stride_n,
             N,
             offs_d,
             in_d,
@@ -765,11 +803,9 @@ if TRITON_AVAILABLE:
         stride_ob,
         stride_oh,
         stride_on,
-        stride_od,
         stride_dob,
         stride_doh,
         stride_don,
-        stride_dod,
         H,
         N,
         HEAD_DIM: tl.constexpr,
@@ -778,7 +814,8 @@ if TRITON_AVAILABLE:
     ):
         """``DELTA[b, h, i] = sum_d DO[b, h, i, d] * OUT[b, h, i, d]`` in fp32.
 
-        Pointers: OUT, DO ``(B, H, N, D)``; DELTA ``(B, H, N)`` fp32 contiguous. Strides in (b, h, n, d) order.
+        Pointers: OUT, DO ``(B, H, N, D)``; DELTA ``(B, H, N)`` fp32 contiguous. Strides in (b, h, n) order (every
+        last stride is 1).
         Constexprs: HEAD_DIM, BLOCK_D, BLOCK_M (rows per program).
 
         Grid: ``flat_grid(cdiv(N, BLOCK_M), B * H)``.
@@ -790,12 +827,12 @@ if TRITON_AVAILABLE:
         offs_d = tl.arange(0, BLOCK_D)
         mask = (offs_m < N)[:, None] & (offs_d < HEAD_DIM)[None, :]
         o = tl.load(
-            OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
+            OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
             mask=mask,
             other=0.0,
         ).to(tl.float32)
         do = tl.load(
-            DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
+            DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
             mask=mask,
             other=0.0,
         ).to(tl.float32)
@@ -870,30 +907,15 @@ if TRITON_AVAILABLE:
         DK,
         DV,
         DGATE,
-        stride_qb,
-        stride_qh,
-        stride_qn,
-        stride_qd,
-        stride_kb,
-        stride_kh,
-        stride_kn,
-        stride_kd,
-        stride_vb,
-        stride_vh,
-        stride_vn,
-        stride_vd,
+        stride_b,
+        stride_h,
+        stride_n,
         stride_dob,
         stride_doh,
         stride_don,
-        stride_dod,
-        stride_dkb,
-        stride_dkh,
-        stride_dkn,
-        stride_dkd,
-        stride_dvb,
-        stride_dvh,
-        stride_dvn,
-        stride_dvd,
+        stride_dkvb,
+        stride_dkvh,
+        stride_dkvn,
         stride_keep_b,
         stride_order_b,
         H,
@@ -912,7 +934,8 @@ if TRITON_AVAILABLE:
         Pointers: Q, K, V, DO ``(B, H, N, D)`` (unit last stride); KEEP ``(B, N)`` int8; Q_ORDER ``(B, NBM)`` int32
         query blocks to visit, full ones first, Q_COUNTS ``(B, 2)`` int32 contiguous, how many are full and how many
         in all; LSE, DELTA ``(B, H, N)`` fp32 contiguous; DK, DV ``(B, H, N, D)``; DGATE ``(B, H, N)`` fp32 contiguous
-        (written only when GATE_GRAD). Strides in (b, h, n, d) order; ``sm_scale`` is the softmax scale,
+        (written only when GATE_GRAD). Strides in (b, h, n) order (unit last strides; Q, K, V share one set, DK and DV
+        another); ``sm_scale`` is the softmax scale,
         ``qk_scale = sm_scale * log2(e)``. Constexprs: HEAD_DIM, BLOCK_D, BLOCK_M (query rows per visited block, the
         block size of Q_ORDER), BLOCK_N (key rows of this program), GATE_GRAD (also visit dead key blocks and compute
         the gate term from the real k/v), INPUT_PRECISION.
@@ -927,8 +950,8 @@ if TRITON_AVAILABLE:
         in_n = offs_n < N
         in_d = offs_d < HEAD_DIM
         keep_k = _token_kept(KEEP + b * stride_keep_b, offs_n, N)
-        dk_ptrs = DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
-        dv_ptrs = DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
+        dk_ptrs = DK + b * stride_dkvb + h * stride_dkvh + offs_n[:, None] * stride_dkvn + offs_d[None, :]
+        dv_ptrs = DV + b * stride_dkvb + h * stride_dkvh + offs_n[:, None] * stride_dkvn + offs_d[None, :]
         out_mask = in_n[:, None] & in_d[None, :]
         if not GATE_GRAD:
             if tl.max(keep_k.to(tl.int32), 0) == 0:
@@ -940,12 +963,12 @@ if TRITON_AVAILABLE:
         # dropped key holds (even NaN) stays in its own rows, which the store below replaces with zeros; the gate term
         # of a dropped key needs its real score.
         k = tl.load(
-            K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+            K + b * stride_b + h * stride_h + offs_n[:, None] * stride_n + offs_d[None, :],
             mask=out_mask,
             other=0.0,
         )
         v = tl.load(
-            V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+            V + b * stride_b + h * stride_h + offs_n[:, None] * stride_n + offs_d[None, :],
             mask=out_mask,
             other=0.0,
         )
@@ -954,7 +977,7 @@ if TRITON_AVAILABLE:
         dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         full_count = tl.load(Q_COUNTS + 2 * b)
         query_count = tl.load(Q_COUNTS + 2 * b + 1)
-        q_bh = Q + b * stride_qb + h * stride_qh
+        q_bh = Q + b * stride_b + h * stride_h
         do_bh = DO + b * stride_dob + h * stride_doh
         order_b = Q_ORDER + b * stride_order_b
         lse_bh = LSE + pid_bh * N
@@ -972,7 +995,7 @@ if TRITON_AVAILABLE:
             order_b,
             0,
             full_count,
-            stride_qn,
+            stride_n,
             stride_don,
             N,
             offs_d,
@@ -996,7 +1019,7 @@ if TRITON_AVAILABLE:
             order_b,
             full_count,
             query_count,
-            stride_qn,
+            stride_n,
             stride_don,
             N,
             offs_d,
@@ -1060,26 +1083,15 @@ if TRITON_AVAILABLE:
         LSE,
         DELTA,
         DQ,
-        stride_qb,
-        stride_qh,
-        stride_qn,
-        stride_qd,
-        stride_kb,
-        stride_kh,
-        stride_kn,
-        stride_kd,
-        stride_vb,
-        stride_vh,
-        stride_vn,
-        stride_vd,
+        stride_b,
+        stride_h,
+        stride_n,
         stride_dob,
         stride_doh,
         stride_don,
-        stride_dod,
         stride_dqb,
         stride_dqh,
         stride_dqn,
-        stride_dqd,
         stride_keep_b,
         stride_order_b,
         H,
@@ -1094,11 +1106,11 @@ if TRITON_AVAILABLE:
     ):
         """dQ of one query block, looping over the live key blocks.
 
-        Pointers: Q, K, V, DO ``(B, H, N, D)`` (unit last stride); KEEP ``(B, N)`` int8; K_ORDER ``(B, NBN)`` int32
-        full, then partly kept key blocks, K_COUNTS ``(B, 2)`` int32 contiguous, how many are full and live; LSE,
-        DELTA ``(B, H, N)`` fp32 contiguous; DQ ``(B, H, N, D)``. Strides in (b, h, n, d) order; ``sm_scale`` is the
-        softmax scale, ``qk_scale = sm_scale * log2(e)``. Constexprs: HEAD_DIM, BLOCK_D, BLOCK_M (query rows of this
-        program), BLOCK_N (key rows per visited block, the block size of K_ORDER), INPUT_PRECISION.
+        Pointers: Q, K, V (one layout), DO ``(B, H, N, D)``; KEEP ``(B, N)`` int8; K_ORDER ``(B, NBN)`` int32 full,
+        then partly kept key blocks, K_COUNTS ``(B, 2)`` int32 contiguous, how many are full and live; LSE, DELTA
+        ``(B, H, N)`` fp32 contiguous; DQ ``(B, H, N, D)``. Strides in (b, h, n) order (every last stride is 1);
+        ``sm_scale`` is the softmax scale, ``qk_scale = sm_scale * log2(e)``. Constexprs: HEAD_DIM, BLOCK_D, BLOCK_M
+        (query rows of this program), BLOCK_N (key rows per visited block, the block size of K_ORDER), INPUT_PRECISION.
 
         Grid: ``flat_grid(cdiv(N, BLOCK_M), B * H)``.
         """
@@ -1110,7 +1122,7 @@ if TRITON_AVAILABLE:
         in_m = offs_m < N
         in_d = offs_d < HEAD_DIM
         qd_mask = in_m[:, None] & in_d[None, :]
-        dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd
+        dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :]
         lse = tl.load(LSE + pid_bh * N + offs_m, mask=in_m, other=float("-inf"))
         row_valid = lse != float("-inf")
         # Skipped query blocks, and images without a kept token: nothing to compute.
@@ -1120,12 +1132,12 @@ if TRITON_AVAILABLE:
 
         lse = tl.where(row_valid, lse, 0.0)
         q = tl.load(
-            Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+            Q + b * stride_b + h * stride_h + offs_m[:, None] * stride_n + offs_d[None, :],
             mask=qd_mask,
             other=0.0,
         )
         do = tl.load(
-            DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
+            DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
             mask=qd_mask,
             other=0.0,
         )
@@ -1133,8 +1145,8 @@ if TRITON_AVAILABLE:
         dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         full_count = tl.load(K_COUNTS + 2 * b)
         live_count = tl.load(K_COUNTS + 2 * b + 1)
-        k_bh = K + b * stride_kb + h * stride_kh
-        v_bh = V + b * stride_vb + h * stride_vh
+        k_bh = K + b * stride_b + h * stride_h
+        v_bh = V + b * stride_b + h * stride_h
         keep_b = KEEP + b * stride_keep_b
         order_b = K_ORDER + b * stride_order_b
         dq = _masked_dq_key_blocks(
@@ -1149,8 +1161,8 @@ if TRITON_AVAILABLE:
             order_b,
             0,
             full_count,
-            stride_kn,
-            stride_vn,
+            stride_n,
+            stride_n,
             N,
             offs_d,
             in_d,
@@ -1171,8 +1183,8 @@ if TRITON_AVAILABLE:
             order_b,
             full_count,
             live_count,
-            stride_kn,
-            stride_vn,
+            stride_n,
+            stride_n,
             N,
             offs_d,
             in_d,

@@ -39,9 +39,17 @@ from ._attention_core import (
     launch_in_op,
     uses_registered_ops,
 )
-from ._autotune import tuned_config
+from ._autotune import autotune_enabled, tuned_config
 from ._backend import TRITON_AVAILABLE, resolve_backend
-from ._utils import check_tensor, empty, fmt_shape, softmax_scale, unit_last_stride
+from ._utils import (
+    cdiv,
+    check_tensor,
+    empty,
+    fmt_shape,
+    next_power_of_2,
+    softmax_scale,
+    unit_last_stride,
+)
 
 if TRITON_AVAILABLE:
     import triton
@@ -111,7 +119,10 @@ def varlen_attention(
         return reference.varlen_attention_ref(q, k, v, cu_seqlens, scale=scale, upcast=False)
     check_interpreter_dtype(q)
     q, k, v = (unit_last_stride(t) for t in (q, k, v))
-    return VarlenAttentionFunction.apply(q, k, v, cu_seqlens, max_seqlen, scale)
+    # Calls that need no gradient skip the autograd Function (host time per call matters at ViT sizes).
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return VarlenAttentionFunction.apply(q, k, v, cu_seqlens, max_seqlen, scale)
+    return _forward(q, k, v, cu_seqlens, max_seqlen, scale)[0]
 
 
 # ---- Autograd ----
@@ -123,8 +134,7 @@ class VarlenAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale):
-        fwd = torch.ops.faithful_vit.varlen_attention_fwd if uses_registered_ops(q) else _varlen_attention_fwd
-        out, lse = fwd(q, k, v, cu_seqlens, max_seqlen, scale)
+        out, lse = _forward(q, k, v, cu_seqlens, max_seqlen, scale)
         ctx.save_for_backward(q, k, v, cu_seqlens, out, lse)
         ctx.max_seqlen, ctx.scale = max_seqlen, scale
         return out
@@ -135,6 +145,11 @@ class VarlenAttentionFunction(torch.autograd.Function):
         bwd = torch.ops.faithful_vit.varlen_attention_bwd if uses_registered_ops(q) else _varlen_attention_bwd
         dq, dk, dv = bwd(q, k, v, cu_seqlens, out, lse, grad_out, ctx.max_seqlen, ctx.scale)
         return dq, dk, dv, None, None, None
+
+
+def _forward(q, k, v, cu_seqlens, max_seqlen, scale):
+    fwd = torch.ops.faithful_vit.varlen_attention_fwd if uses_registered_ops(q) else _varlen_attention_fwd
+    return fwd(q, k, v, cu_seqlens, max_seqlen, scale)
 
 
 # ---- Registered ops (what torch.compile traces on CUDA, see :func:`._attention_core.uses_registered_ops`) ----
@@ -173,23 +188,28 @@ def _varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale, launch=launch_
     lse = empty(num_heads, total, dtype=torch.float32, device=q.device)
     if total == 0 or batch == 0 or max_seqlen == 0:
         return out, lse
-    # Tiles and HEAD_DIM are constexprs, so under torch.compile these sizes are specialised (int() guards on them).
-    head_dim, max_seqlen = int(head_dim), int(max_seqlen)
-    cfg = tuned_config(
-        "varlen_attention_fwd",
-        (triton.next_power_of_2(max_seqlen), head_dim, q.dtype),
-        get_fwd_config(max_seqlen, head_dim, q.dtype, q.device),
-        fwd_candidates(max_seqlen, head_dim, q.dtype, q.device),
-        lambda c: _launch_fwd(q, k, v, cu_seqlens, max_seqlen, scale, c, launch, *map(torch.empty_like, (out, lse))),
-        (q, k, v),
-    )
+    # HEAD_DIM is a constexpr, so under torch.compile the head dim is specialised; max_seqlen stays symbolic (the
+    # tiles depend on it only through comparisons, see _short_tile), so one graph serves every length.
+    head_dim = int(head_dim)
+    cfg = get_fwd_config(max_seqlen, head_dim, q.dtype, q.device)
+    if autotune_enabled():  # the candidates and the tuning key are built only then
+        cfg = tuned_config(
+            "varlen_attention_fwd",
+            (triton.next_power_of_2(max_seqlen), head_dim, q.dtype),
+            cfg,
+            fwd_candidates(max_seqlen, head_dim, q.dtype, q.device),
+            lambda c: _launch_fwd(
+                q, k, v, cu_seqlens, max_seqlen, scale, c, launch, *map(torch.empty_like, (out, lse))
+            ),
+            (q, k, v),
+        )
     return _launch_fwd(q, k, v, cu_seqlens, max_seqlen, scale, cfg, launch, out, lse)
 
 
 def _launch_fwd(q, k, v, cu_seqlens, max_seqlen, scale, cfg, launch, out, lse):
     num_heads, head_dim = q.shape[1], int(q.shape[2])
     batch = cu_seqlens.shape[0] - 1
-    grid = flat_grid(triton.cdiv(max_seqlen, cfg["BLOCK_M"]), batch * num_heads)
+    grid = flat_grid(cdiv(max_seqlen, cfg["BLOCK_M"]), batch * num_heads)
     launch(_varlen_attn_fwd_kernel)[grid](
         q,
         k,
@@ -211,7 +231,7 @@ def _launch_fwd(q, k, v, cu_seqlens, max_seqlen, scale, cfg, launch, out, lse):
         lse.stride(0),
         scale * LOG2E.value,
         HEAD_DIM=head_dim,
-        BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_D=next_power_of_2(head_dim),
         INPUT_PRECISION=dot_precision(q.dtype),
         BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"],
@@ -229,28 +249,30 @@ def _varlen_attention_bwd(q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, s
     dq, dk, dv = (empty(total, num_heads, head_dim, dtype=q.dtype, device=q.device) for _ in range(3))
     if total == 0 or batch == 0 or max_seqlen == 0:
         return dq, dk, dv
-    head_dim, max_seqlen = int(head_dim), int(max_seqlen)
+    head_dim = int(head_dim)
     args = (q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, scale)
-    cfg = tuned_config(
-        "varlen_attention_bwd",
-        (triton.next_power_of_2(max_seqlen), head_dim, q.dtype),
-        get_bwd_config(max_seqlen, head_dim, q.dtype, q.device),
-        bwd_candidates(max_seqlen, head_dim, q.dtype, q.device),
-        lambda c: _launch_bwd(*args, c, launch, *map(torch.empty_like, (dq, dk, dv))),
-        (q, k, v),
-    )
+    cfg = get_bwd_config(max_seqlen, head_dim, q.dtype, q.device)
+    if autotune_enabled():
+        cfg = tuned_config(
+            "varlen_attention_bwd",
+            (triton.next_power_of_2(max_seqlen), head_dim, q.dtype),
+            cfg,
+            bwd_candidates(max_seqlen, head_dim, q.dtype, q.device),
+            lambda c: _launch_bwd(*args, c, launch, *map(torch.empty_like, (dq, dk, dv))),
+            (q, k, v),
+        )
     return _launch_bwd(*args, cfg, launch, dq, dk, dv)
 
 
 def _launch_bwd(q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, scale, cfg, launch, dq, dk, dv):
     total, num_heads, head_dim = q.shape[0], q.shape[1], int(q.shape[2])
     batch = cu_seqlens.shape[0] - 1
-    block_d = triton.next_power_of_2(head_dim)
+    block_d = next_power_of_2(head_dim)
     precision = dot_precision(q.dtype)
 
     delta = empty(num_heads, total, dtype=torch.float32, device=q.device)
     pre_block = cfg["BLOCK_PRE"]
-    launch(_varlen_attn_bwd_preprocess_kernel)[flat_grid(triton.cdiv(total, pre_block), num_heads)](
+    launch(_varlen_attn_bwd_preprocess_kernel)[flat_grid(cdiv(total, pre_block), num_heads)](
         out,
         grad_out,
         delta,
@@ -276,7 +298,7 @@ def _launch_bwd(q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, scale, cfg,
         lse.stride(0),
     )
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    launch(_varlen_attn_bwd_dkdv_kernel)[flat_grid(triton.cdiv(max_seqlen, block_n), batch * num_heads)](
+    launch(_varlen_attn_bwd_dkdv_kernel)[flat_grid(cdiv(max_seqlen, block_n), batch * num_heads)](
         q,
         k,
         v,
@@ -301,7 +323,7 @@ def _launch_bwd(q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, scale, cfg,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
-    launch(_varlen_attn_bwd_dq_kernel)[flat_grid(triton.cdiv(max_seqlen, block_m), batch * num_heads)](
+    launch(_varlen_attn_bwd_dq_kernel)[flat_grid(cdiv(max_seqlen, block_m), batch * num_heads)](
         q,
         k,
         v,
@@ -332,8 +354,12 @@ def _launch_bwd(q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, scale, cfg,
 
 
 def _short_tile(max_seqlen: int, preferred: int) -> int:
-    """The preferred tile, shrunk (not below 16, the smallest dot) when every sequence is shorter."""
-    return max(16, min(preferred, triton.next_power_of_2(max(max_seqlen, 1))))
+    """The preferred tile (a power of two), halved (not below 16, the smallest dot) while every sequence fits in half
+    of it. Only comparisons of ``max_seqlen``: under torch.compile they guard on a range, not on its value."""
+    tile = preferred
+    while tile > 16 and tile // 2 >= max_seqlen:
+        tile //= 2
+    return tile
 
 
 def get_fwd_config(max_seqlen: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> dict[str, int]:

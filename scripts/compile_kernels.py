@@ -43,6 +43,7 @@ if os.environ.get("TRITON_INTERPRET", "0") == "1":
     sys.exit("compile_kernels.py compiles for a GPU target: unset TRITON_INTERPRET")
 
 import faithful_vit.kernels  # noqa: E402, F401
+from faithful_vit.kernels._launch_record import LaunchRecorder  # noqa: E402
 
 masked = sys.modules["faithful_vit.kernels.masked_attention"]
 varlen = sys.modules["faithful_vit.kernels.varlen_attention"]
@@ -52,28 +53,12 @@ BATCH, HEADS = 2, 4
 CUDA = torch.device("cuda")  # the device the configs are chosen for; the recorded launches run on CPU tensors
 
 
-class _Recorder:
-    """Stands in for a launcher's ``launch``: ``launch(kernel)[grid](*args, **kwargs)`` records instead of running."""
-
-    def __init__(self):
-        self.launches = []
-
-    def __call__(self, kernel):
-        recorder = self
-
-        class _Grid:
-            def __getitem__(self, grid):
-                return lambda *args, **kwargs: recorder.launches.append((kernel, args, kwargs))
-
-        return _Grid()
-
-
 def _masked_launches(fwd, bwd, seq_len, head_dim, dtype):
     # q, k, v (B, H, N, D): strided views of one projection, permuted as timm's Attention does.
     q, k, v = torch.randn(BATCH, seq_len, 3, HEADS, head_dim).to(dtype).permute(2, 0, 3, 1, 4).unbind(0)
     keep = torch.rand(BATCH, seq_len) < 0.5
     keep[:, 0] = True
-    record = _Recorder()
+    record = LaunchRecorder()
     scale = head_dim**-0.5
     out, lse = masked._launch_fwd(q, k, v, keep, scale, True, fwd or bwd, record)  # out, lse: the backward's inputs
     if fwd is None:
@@ -93,7 +78,7 @@ def _varlen_launches(fwd, bwd, seq_len, head_dim, dtype):
     q, k, v = torch.randn(total, 3, HEADS, head_dim).to(dtype).unbind(1)  # (T, H, D) rows of a packed projection
     out = torch.empty(total, HEADS, head_dim, dtype=dtype)
     lse = torch.empty(HEADS, total)
-    record = _Recorder()
+    record = LaunchRecorder()
     scale = head_dim**-0.5
     if fwd is not None:
         varlen._launch_fwd(q, k, v, cu_seqlens, seq_len, scale, fwd, record, out, lse)
@@ -228,7 +213,7 @@ def _launches(args, configs):
             dtype = DTYPES[dtype_name]
             for head_dim in args.head_dim:
                 for fwd, bwd in _config_pairs(family, args.seq_len, head_dim, dtype, args.candidates, configs):
-                    for kernel, call_args, call_kwargs in FAMILIES[family](fwd, bwd, args.seq_len, head_dim, dtype):
+                    for kernel, _, call_args, call_kwargs in FAMILIES[family](fwd, bwd, args.seq_len, head_dim, dtype):
                         yield f"{family} {dtype_name} D={head_dim}", kernel, call_args, call_kwargs
 
 

@@ -1,4 +1,5 @@
-"""What the kernel tests share: the device, offsets, forward-and-backward runs, and launch recording for grid checks."""
+"""What the kernel tests share: the device, offsets, forward-and-backward runs, and CUDA grid limits for grid checks
+(launches are recorded with :class:`faithful_vit.kernels._launch_record.LaunchRecorder`)."""
 
 from __future__ import annotations
 
@@ -35,22 +36,6 @@ def forward_backward(fn, inputs, grad_out: torch.Tensor) -> tuple[torch.Tensor, 
 def zero_stride_empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A stand-in for the launchers' ``empty`` that allocates nothing: for launches that are only recorded."""
     return torch.zeros((), dtype=dtype).expand(shape)
-
-
-class GridRecorder:
-    """A launcher's ``launch`` that records ``(kernel, grid, args, kwargs)`` instead of running the kernel."""
-
-    def __init__(self):
-        self.launches = []
-
-    def __call__(self, kernel):
-        recorder = self
-
-        class _Grid:
-            def __getitem__(self, grid):
-                return lambda *args, **kwargs: recorder.launches.append((kernel, grid, args, kwargs))
-
-        return _Grid()
 
 
 def assert_grid_within_cuda_limits(grid) -> None:

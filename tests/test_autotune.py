@@ -41,6 +41,8 @@ def test_off_by_default_and_env_var(monkeypatch):
     assert autotune.tuned_config("f", 1, default, [{"BLOCK_M": 32}], runs.append, (torch.ones(1),)) is default
     assert runs == []  # nothing timed
     monkeypatch.setenv(autotune.ENV_VAR, "1")
+    assert not autotune_enabled()  # the variable is read once, not per call
+    set_autotune(None)  # the default: the variable, read again at the next call
     assert autotune_enabled()
     set_autotune(False)  # the setter overrides the environment
     assert not autotune_enabled()

@@ -30,7 +30,10 @@ def test_unknown_backend_names_argument():
 
 def test_global_override_and_context_manager(monkeypatch):
     monkeypatch.setenv(_backend.ENV_VAR, "torch")
+    set_backend(None)  # the default: the variable, read again at the next call
     assert get_backend() == "torch"
+    monkeypatch.setenv(_backend.ENV_VAR, "auto")
+    assert get_backend() == "torch"  # read once, not per call
     set_backend("auto")
     assert get_backend() == "auto"
     with use_backend("torch"):

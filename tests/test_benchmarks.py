@@ -271,3 +271,21 @@ def test_add_speedups_compares_within_a_configuration_only():
     assert not any(key.startswith("speedup") for row in rows[1:] for key in row)
     C.add_speedups(rows, ("n",), ("ours",))  # every provider against one baseline
     assert rows[1]["speedup_vs_ours"] == 2.0 / 6.0
+
+
+def test_bench_host_finds_the_host_syncs():
+    """bench_host's ``host_sync`` column: the masked paths and unchecked varlen read nothing from the device; varlen
+    with its default offset check does (one sync, by design)."""
+    from benchmarks import bench_host
+
+    cases = bench_host._kernel_cases(torch.Generator().manual_seed(0))
+    syncs = {name: bench_host._needs_host_values(build) for name, build in cases.items()}
+    assert syncs == {
+        "autograd_floor": False,
+        "masked_fwd": False,
+        "masked_fwd_bwd": False,
+        "masked_fwd_op": False,
+        "masked_fwd_bwd_op": False,
+        "varlen_fwd": True,
+        "varlen_fwd_unchecked": False,
+    }

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from _kernel_helpers import (
     DEVICE,
-    GridRecorder,
     assert_grid_within_cuda_limits,
     forward_backward,
     fresh_leaves,
@@ -22,6 +21,7 @@ from hypothesis import strategies as st
 
 from faithful_vit.kernels import compaction_order, masked_attention, reference
 from faithful_vit.kernels._attention_core import OPS_AVAILABLE
+from faithful_vit.kernels._launch_record import LaunchRecorder
 
 impl = sys.modules["faithful_vit.kernels.masked_attention"]
 HAS_CUDA = torch.cuda.is_available()
@@ -463,7 +463,7 @@ def test_grids_fit_cuda_and_cover_every_image_and_head(monkeypatch):
     cuda = torch.device("cuda")
     fwd_cfg = impl.get_fwd_config(seq_len, head_dim, q.dtype, cuda)
     bwd_cfg = impl.get_bwd_config(seq_len, head_dim, q.dtype, cuda)
-    record = GridRecorder()
+    record = LaunchRecorder()
     out, lse = impl._launch_fwd(q, q, q, keep, 0.125, True, fwd_cfg, record)
     for skip, gate_grad in ((True, False), (True, True), (False, False)):
         impl._launch_bwd(out, q, q, q, keep, out, lse, 0.125, skip, gate_grad, bwd_cfg, record)

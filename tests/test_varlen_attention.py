@@ -11,7 +11,6 @@ import pytest
 import torch
 from _kernel_helpers import (
     DEVICE,
-    GridRecorder,
     assert_grid_within_cuda_limits,
     cu_seqlens,
     forward_backward,
@@ -20,6 +19,7 @@ from _kernel_helpers import (
 
 from faithful_vit.kernels import pack_tokens, reference, varlen_attention
 from faithful_vit.kernels._attention_core import OPS_AVAILABLE
+from faithful_vit.kernels._launch_record import LaunchRecorder
 
 varlen_module = importlib.import_module("faithful_vit.kernels.varlen_attention")
 
@@ -321,7 +321,7 @@ def test_grids_fit_cuda_and_cover_every_sequence_and_head(monkeypatch):
     monkeypatch.setattr(varlen_module, "empty", zero_stride_empty)
     q = torch.zeros((), dtype=torch.float16).expand(total, heads, head_dim)
     lse = torch.zeros(()).expand(heads, total)
-    launch = GridRecorder()
+    launch = LaunchRecorder()
 
     fwd_cfg = varlen_module.get_fwd_config(max_seqlen, head_dim, q.dtype, q.device)
     bwd_cfg = varlen_module.get_bwd_config(max_seqlen, head_dim, q.dtype, q.device)
