@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -245,3 +246,16 @@ def backend_context(backend: str | None):
     from faithful_vit.kernels import use_backend
 
     return use_backend(backend)
+
+
+def run_command(prog: str, parser: argparse.ArgumentParser, run, argv: list[str] | None, errors: tuple = ()) -> int:
+    """Parse ``argv``, run ``run(args)`` under ``--backend``; a usage error or one of ``errors`` is one line on
+    stderr and exit code 2 (the library's own errors name what is wrong)."""
+    try:
+        args = parser.parse_args(argv)
+        with backend_context(args.backend):
+            run(args)
+    except (UsageError, *errors) as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 
 from faithful_vit import engine
-from faithful_vit.cli import ParseKwargs, Parser, UsageError, add_backend_flag, backend_context, positive_int
+from faithful_vit.cli import ParseKwargs, Parser, UsageError, add_backend_flag, positive_int, run_command
 from faithful_vit.data import list_datasets
 from faithful_vit.data.backgrounds import VARIANTS, VariantDataset, background_variants
 from faithful_vit.data.mask_stats import gt_patch_fraction
@@ -515,14 +515,7 @@ def run(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; bad input is one line on stderr and exit code 2."""
-    try:
-        args = _build_parser().parse_args(argv)
-        with backend_context(args.backend):
-            run(args)
-    except (UsageError, SpecError, RunFolderError) as error:
-        print(f"evaluate: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command("evaluate", _build_parser(), run, argv, errors=(SpecError, RunFolderError))
 
 
 if __name__ == "__main__":

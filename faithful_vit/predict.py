@@ -25,7 +25,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from faithful_vit import engine, viz
-from faithful_vit.cli import Parser, UsageError, add_backend_flag, backend_context, positive_int
+from faithful_vit.cli import Parser, UsageError, add_backend_flag, positive_int, run_command
 from faithful_vit.data.datasets import IMAGE_EXTENSIONS, load_image
 from faithful_vit.data.sample import CorruptImageError, normalize
 from faithful_vit.data.transforms import cub_original
@@ -190,14 +190,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; bad input is one line on stderr and exit code 2."""
-    try:
-        args = _build_parser().parse_args(argv)
-        with backend_context(args.backend):
-            run(args)
-    except (UsageError, SpecError, RunFolderError) as error:
-        print(f"predict: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command("predict", _build_parser(), run, argv, errors=(SpecError, RunFolderError))
 
 
 if __name__ == "__main__":
