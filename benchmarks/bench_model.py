@@ -371,9 +371,7 @@ def run_layer_suite(args, device: torch.device, env: dict) -> list[dict]:
 def _create_model(preset: str, device: torch.device, backend: str):
     import faithful_vit
 
-    overrides = {}
-    if hasattr(faithful_vit.FaithfulViTConfig, "kernel_backend"):  # stage 2's kernels on --backend, explicitly
-        overrides["kernel_backend"] = backend
+    overrides = {"backend": backend}  # stage 2's kernels on --backend, explicitly
     with warnings.catch_warnings():  # random weights are fine for timing; the frozen-backbone warning is about accuracy
         warnings.simplefilter("ignore")
         return faithful_vit.create_model(preset, **overrides).to(device)

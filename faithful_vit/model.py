@@ -105,7 +105,7 @@ class FaithfulViTConfig:
             equivariance loss: angle in U(-degrees, degrees), integer translation up to translate * img_size pixels
             per axis, scale in U(*scale).
         drop_path_rate: stochastic depth of both backbones.
-        kernel_backend: attention-kernel backend of stage 2's "masked" and "packed" modes ("auto", "triton",
+        backend: attention-kernel backend of stage 2's "masked" and "packed" modes ("auto", "triton",
             "torch"; see :func:`faithful_vit.sparsify`).
     """
 
@@ -132,7 +132,7 @@ class FaithfulViTConfig:
     equivariance_translate: float = 0.11
     equivariance_scale: tuple[float, float] = (0.8, 1.4)
     drop_path_rate: float = 0.0
-    kernel_backend: str = "auto"
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_parts, int) or self.num_parts < 1:
@@ -275,7 +275,7 @@ class FaithfulViT(nn.Module):
         self.grid_size: tuple[int, int] = tuple(self.stage1.patch_embed.grid_size)
         self.patch_size: tuple[int, int] = tuple(self.stage1.patch_embed.patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
-        sparsify(self.stage2, backend=cfg.kernel_backend)  # in place; parameters and state dict unchanged
+        sparsify(self.stage2, backend=cfg.backend)  # in place; parameters and state dict unchanged
 
         dim1, dim2 = self.stage1.embed_dim, self.stage2.embed_dim
         k1 = cfg.num_parts + 1
