@@ -96,7 +96,7 @@ def mask_source(model: nn.Module, patch_threshold: float) -> str:
     module = unwrap(model)
     if isinstance(module, FaithfulViT):
         return "the model's own mask (stage 1 on the clean image)"
-    if getattr(module, "uses_ground_truth_mask", False):
+    if module.uses_ground_truth_mask:
         return "the model's own mask (the oracle's ground-truth patches)"
     return f"the ground-truth object patches (foreground fraction > {patch_threshold}): the model has no mask"
 

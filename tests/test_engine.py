@@ -5,10 +5,11 @@ import os
 import numpy as np
 import pytest
 import torch
+from _tiny import tiny_model
 from PIL import Image
 from torch.utils.data import Dataset, TensorDataset
 
-from faithful_vit import engine, losses, run_folder
+from faithful_vit import FaithfulViT, engine, losses, run_folder
 from faithful_vit.baseline import FullImageViT, OracleMaskViT, vit_kwargs_like
 from faithful_vit.data.datasets import DatasetError, ImageFolder
 from faithful_vit.data.loading import EpochSampler, SeededSamples
@@ -64,15 +65,24 @@ def interrupting_trainer(stop_at: int):
     return InterruptingTrainer
 
 
-def test_resume_replays_the_uninterrupted_run_exactly(tmp_path):
-    reference = make_trainer(tmp_path / "a")
+def two_stage_model(num_classes: int, **_) -> FaithfulViT:
+    """The tiny two-stage model on the 16 px test images (its equivariance pass draws random numbers every step)."""
+    model = tiny_model(img_size=16, num_classes=num_classes)
+    assert model.loss_weights["equivariance"] != 0
+    return model
+
+
+@pytest.mark.parametrize("model_cls", [FullImageViT, two_stage_model], ids=["baseline", "two_stage"])
+def test_resume_replays_the_uninterrupted_run_exactly(tmp_path, model_cls):
+    reference = make_trainer(tmp_path / "a", model_cls=model_cls)
     reference.fit()
     # 48 samples / batch 8 = 6 steps per epoch; stop at step 9, the last checkpoint is at step 8 (mid epoch 2).
     with pytest.raises(Interrupted):
-        make_trainer(tmp_path / "b", trainer_cls=interrupting_trainer(9)).fit()
+        make_trainer(tmp_path / "b", trainer_cls=interrupting_trainer(9), model_cls=model_cls).fit()
     state = run_folder.load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")
     assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 2, 8)
-    resumed = make_trainer(tmp_path / "b", model_seed=123)  # a different init: everything must come from the file
+    # A different init: everything must come from the file.
+    resumed = make_trainer(tmp_path / "b", model_seed=123, model_cls=model_cls)
     resumed.fit(resume=True)
     for (name, expected), actual in zip(reference.module.state_dict().items(), resumed.module.state_dict().values()):
         assert torch.equal(expected, actual), name
@@ -273,8 +283,6 @@ def test_oracle_trains_and_reports_mask_metrics(tmp_path):
 
 
 def test_the_three_models_satisfy_the_engine_contract(tmp_path):
-    from _tiny import tiny_model
-
     from faithful_vit.model_protocol import EquivariantModel, ModelOutput, TrainableModel
 
     two_stage = tiny_model().eval()
