@@ -19,7 +19,7 @@ Suites (``--suites``):
     stage2     ``FaithfulViT.forward_stage2(images, keep, mode=...)``: inference (img/s) and a training step of stage 2
                alone (fwd + bwd + AdamW on its parameters).
     two_stage  the whole model: inference ``model(images)`` (img/s) and the training step ``model(images)`` ->
-               ``compute_losses`` -> backward -> AdamW over ``param_groups`` (the presets' recipe: frozen stage-1
+               ``training_losses`` -> backward -> AdamW over ``param_groups`` (the presets' recipe: frozen stage-1
                backbone with trainable tokens, straight-through gate in "masked" mode).
 
 Kept fractions come with per-image variation (``_common.blob_keep``). In the model suites the mask is forced by
@@ -51,6 +51,7 @@ if __package__ in (None, ""):  # `python benchmarks/bench_model.py`
 
 from benchmarks import _common as C  # noqa: E402
 from faithful_vit import kernels as K  # noqa: E402
+from faithful_vit.losses import training_losses  # noqa: E402
 
 STAGE2_MODES = ("dense", "masked", "packed")
 LAYER_FORMULATIONS = ("dense", "dense_mask", "masked", "masked_compact", "packed")
@@ -371,9 +372,7 @@ def run_layer_suite(args, device: torch.device, env: dict) -> list[dict]:
 def _create_model(preset: str, device: torch.device, backend: str):
     import faithful_vit
 
-    overrides = {}
-    if hasattr(faithful_vit.FaithfulViTConfig, "kernel_backend"):  # stage 2's kernels on --backend, explicitly
-        overrides["kernel_backend"] = backend
+    overrides = {"backend": backend}  # stage 2's kernels on --backend, explicitly
     with warnings.catch_warnings():  # random weights are fine for timing; the frozen-backbone warning is about accuracy
         warnings.simplefilter("ignore")
         return faithful_vit.create_model(preset, **overrides).to(device)
@@ -500,7 +499,7 @@ def _model_step(model, suite: str, phase: str, mode: str, images, labels, keep, 
         optimizer.zero_grad(set_to_none=True)
         with _autocast(device, args.amp):
             out = model(images, mode=mode)
-            losses = model.compute_losses(out, images, labels)
+            losses = training_losses(model, out, images, labels)
         losses["total"].float().backward()
         optimizer.step()
 

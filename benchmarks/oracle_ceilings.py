@@ -40,7 +40,7 @@ if __package__ in (None, ""):  # `python benchmarks/oracle_ceilings.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import _common as C  # noqa: E402
-from faithful_vit import engine  # noqa: E402
+from faithful_vit import distributed, engine  # noqa: E402
 from faithful_vit.baseline import FullImageViT, OracleMaskViT  # noqa: E402
 from faithful_vit.data.mask_stats import gt_patch_fraction, patch_mask_stats  # noqa: E402
 from faithful_vit.data.synthetic import SpuriousShapes, SpuriousShapesConfig  # noqa: E402
@@ -93,7 +93,7 @@ def leak_stats(model: FullImageViT, fg_masks: torch.Tensor, visibility: torch.Te
     return patch_mask_stats(keep, fg_masks, patch, place_visibility=visibility)
 
 
-def train_one(rule: str, splits: dict, args, dist_info: engine.DistInfo) -> dict:
+def train_one(rule: str, splits: dict, args, dist_info: distributed.DistInfo) -> dict:
     torch.manual_seed(args.seed)
     model = build_model(rule, args)
     cfg = engine.TrainConfig(
@@ -179,7 +179,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    dist_info = engine.setup_distributed(args.device)
+    dist_info = distributed.setup_distributed(args.device)
 
     overrides = {"image_size": args.image_size, "seed": args.data_seed}
     for name in ("clear_margin", "n_train", "n_val", "n_test"):

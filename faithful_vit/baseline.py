@@ -1,8 +1,8 @@
 """Comparison models for the two-stage ViT: a full-image ViT baseline and a ground-truth-mask oracle.
 
-Both share the interface the training engine expects of a model: ``forward`` returns a :class:`ClassifierOutput`,
-``compute_losses(out, images, labels)`` returns a dict with ``"total"``, and ``param_groups(lr, weight_decay)``
-returns AdamW parameter groups.
+Both are :class:`~faithful_vit.model_protocol.TrainableModel` s: ``forward`` returns a :class:`ClassifierOutput`,
+``loss_weights`` is the cross-entropy on its logits alone (term ``ce`` of :func:`faithful_vit.losses.compute_losses`),
+and ``param_groups(lr, weight_decay)`` returns AdamW parameter groups.
 
 * :class:`FullImageViT` is a timm ViT that sees every patch and classifies from its CLS token: the baseline a
   two-stage model must beat on worst-group accuracy.
@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from faithful_vit.data.mask_stats import gt_patch_fraction
@@ -35,11 +34,13 @@ class ClassifierOutput:
         logits: ``[B, num_classes]``.
         keep: ``[B, num_patches]`` bool, the patches attention could use; None when every patch is used.
         kept_fraction: scalar tensor, mean of ``keep`` (1.0 for the full-image baseline).
+        part_maps: always None: comparison models discover no parts.
     """
 
     logits: torch.Tensor
     keep: torch.Tensor | None = None
     kept_fraction: torch.Tensor | None = None
+    part_maps: None = None
 
 
 def vit_kwargs_like(vit: VisionTransformer) -> dict:
@@ -90,6 +91,7 @@ class FullImageViT(nn.Module):
     """
 
     uses_ground_truth_mask = False
+    area_target = 0.0  # unused: loss_weights has no area term
 
     def __init__(self, num_classes: int, head_lr_factor: float = 1.0, **vit_kwargs):
         super().__init__()
@@ -105,12 +107,10 @@ class FullImageViT(nn.Module):
         """Classify ``images`` ``[B, 3, H, W]`` from all patches."""
         return ClassifierOutput(logits=self.vit(images), kept_fraction=images.new_ones(()))
 
-    def compute_losses(
-        self, out: ClassifierOutput, images: torch.Tensor, labels: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        """Cross-entropy on the logits; ``images`` is unused (the two-stage model needs it for equivariance)."""
-        ce = F.cross_entropy(out.logits.float(), labels)
-        return {"total": ce, "ce": ce}
+    @property
+    def loss_weights(self) -> dict[str, float]:
+        """Cross-entropy on the logits only."""
+        return {"ce": 1.0}
 
     def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
         """AdamW parameter groups (weight decay on matrices only)."""

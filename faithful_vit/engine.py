@@ -1,11 +1,16 @@
-"""Training engine: the train/eval loop, atomic checkpoints, exact resume, per-epoch metrics and DDP helpers.
+"""Training engine: the train/eval loop, exact resume, checkpoint selection and per-epoch metrics.
+
+Its pieces live where they belong: data order, per-sample seeds and batching in :mod:`faithful_vit.data.loading`;
+checkpoints, RNG states and the run folder in :mod:`faithful_vit.run_folder`; DDP in :mod:`faithful_vit.distributed`;
+the loss terms in :mod:`faithful_vit.losses`; what a model must provide in :mod:`faithful_vit.model_protocol`.
 
 Design points:
 
 * **No host synchronisation in the step.** Losses are summed on device; ``.item()`` happens only every
   ``log_interval`` steps, at checkpoints and at epoch ends.
-* **Exact resume.** The data order is a pure function of ``(seed, epoch)`` (:class:`EpochSampler`), every sample's
-  augmentation randomness is a pure function of ``(seed, epoch, index)`` (:class:`SeededSamples`), and a checkpoint
+* **Exact resume.** The data order is a pure function of ``(seed, epoch)``
+  (:class:`~faithful_vit.data.loading.EpochSampler`), every sample's augmentation randomness is a pure function of
+  ``(seed, epoch, index)`` (:class:`~faithful_vit.data.loading.SeededSamples`), and a checkpoint
   holds the model, optimizer, scheduler, epoch, position inside the epoch, running loss sums, the history and every
   rank's RNG states. ``--resume`` therefore replays the same steps as an uninterrupted run.
 * **Safe.** Every file is written atomically (:func:`~faithful_vit.run_folder.atomic_open`); checkpoints hold only
@@ -15,8 +20,8 @@ Design points:
   ``max_corrupt_fraction`` of a split skipped in one pass stops the run (:class:`~faithful_vit.data.DatasetError`).
 * **Validation picks the checkpoint** (``best.pt``, by validation worst-group accuracy, ties broken by accuracy);
   the test split is only evaluated once, on that checkpoint.
-* **DDP** through torchrun: :func:`setup_distributed` reads the torchrun environment (gloo on CPU, NCCL on CUDA);
-  only rank 0 writes files.
+* **DDP** through torchrun: :func:`~faithful_vit.distributed.setup_distributed` reads the torchrun environment (gloo
+  on CPU, NCCL on CUDA); only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -24,31 +29,36 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import pickle
-import random
-import re
 import resource
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from faithful_vit import losses
 from faithful_vit.data.datasets import DatasetError
-from faithful_vit.data.sample import CorruptImageError
+from faithful_vit.data.loading import EpochSampler, SeededSamples, make_loader
+from faithful_vit.data.sample import Batch, collate
+from faithful_vit.distributed import DistInfo, unwrap
 from faithful_vit.metrics import MetricAccumulator
-from faithful_vit.run_folder import RunFolderError, atomic_open, write_text
+from faithful_vit.model_protocol import ModelOutput, TrainableModel
+from faithful_vit.run_folder import (
+    atomic_open,
+    load_checkpoint,
+    rng_states,
+    save_checkpoint,
+    seed_everything,
+    set_rng_states,
+    write_text,
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -56,294 +66,31 @@ class NonFiniteLossError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Distributed helpers
+# Models: the two-stage model, the baseline and the oracle behind one contract (faithful_vit.model_protocol)
 
 
-@dataclass
-class DistInfo:
-    """Where this process runs: its rank among ``world_size`` processes and its device."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def setup_distributed(device: str = "auto") -> DistInfo:
-    """Join the torchrun process group if launched by torchrun, and pick this process's device.
-
-    Args:
-        device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
-
-    Returns:
-        The :class:`DistInfo` of this process.
-    """
-    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    if use_cuda and not torch.cuda.is_available():
-        raise ValueError(f"--device: expected a device this machine has, got {device!r} but CUDA is not available")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    torch_device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=torch_device)
-
-
-def broadcast_from_main(value: Any, dist_info: DistInfo) -> Any:
-    """Rank 0's ``value`` on every rank (e.g. the default run-folder name, a timestamp that ranks could disagree on)."""
-    if not dist_info.distributed:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def barrier(dist_info: DistInfo) -> None:
-    """Wait for every rank (no-op in a single process)."""
-    if dist_info.distributed:
-        dist.barrier()
-
-
-def cleanup_distributed() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under DistributedDataParallel and torch.compile wrappers."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Data: resumable order, per-sample seeds, corrupt-image skipping
-
-
-class EpochSampler(Sampler[int]):
-    """A shuffle that is a pure function of ``(seed, epoch)``, sharded over ranks, resumable mid-epoch.
-
-    Args:
-        num_samples: dataset length.
-        shuffle: permute each epoch (training) or keep the order (evaluation).
-        seed: base seed of the permutation.
-        rank, world_size: this process's shard: indices ``rank, rank + world_size, ...`` of the epoch order.
-        drop_last: drop the tail so that every rank gets the same number of samples (training); without it the
-            shards are uneven and no sample is seen twice (evaluation).
-    """
-
-    def __init__(
-        self,
-        num_samples: int,
-        *,
-        shuffle: bool,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        drop_last: bool = False,
-    ):
-        self.num_samples, self.shuffle, self.seed = num_samples, shuffle, seed
-        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Iterate epoch ``epoch``'s order, skipping this rank's first ``start`` samples (a mid-epoch resume)."""
-        self.epoch, self.start = epoch, start
-
-    def _shard(self) -> list[int]:
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(self.num_samples, generator=generator).tolist()
-        else:
-            order = list(range(self.num_samples))
-        if self.drop_last:
-            order = order[: self.num_samples // self.world_size * self.world_size]
-        return order[self.rank :: self.world_size]
-
-    def __iter__(self):
-        return iter(self._shard()[self.start :])
-
-    def __len__(self) -> int:
-        return max(len(self._shard()) - self.start, 0)
-
-
-class SeededSamples(Dataset):
-    """Wraps a dataset so that each sample's random augmentation depends only on ``(seed, epoch, index)``.
-
-    The global Python, NumPy and torch CPU generators are seeded for the duration of ``dataset[index]`` and then
-    restored, so sample loading neither depends on nor disturbs the training RNG, with or without worker processes.
-    A sample whose image cannot be decoded (:class:`~faithful_vit.data.sample.CorruptImageError`, the datasets'
-    contract, or an ``OSError`` from PIL on a truncated or unidentified file) becomes ``None``:
-    :func:`collate_skipping_corrupt` drops it, warns and counts it. A file that is missing (or a folder) is a broken
-    dataset, not a bad image: its error propagates.
-    """
-
-    def __init__(self, dataset: Dataset, seed: int = 0):
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        sample_seed = (self.seed * 1_000_003 + self.epoch * 10_007 + index) % (2**31)
-        python_state, numpy_state = random.getstate(), np.random.get_state()
-        random.seed(sample_seed)
-        np.random.seed(sample_seed)
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(sample_seed)
-                try:
-                    return self.dataset[index]
-                except (FileNotFoundError, IsADirectoryError):
-                    raise
-                except (OSError, CorruptImageError) as error:
-                    warnings.warn(f"skipping sample {index}: its image could not be read ({error})", stacklevel=2)
-                    return None
-        finally:
-            random.setstate(python_state)
-            np.random.set_state(numpy_state)
-
-
-def collate_skipping_corrupt(samples: list) -> tuple[tuple[torch.Tensor, ...], int]:
-    """Stack ``(image, label[, group[, fg_mask]])`` samples, dropping ``None`` (corrupt) ones.
-
-    Returns:
-        The stacked fields (trailing fields that are None, e.g. a dataset without masks, are left out) and the number
-        of samples dropped.
-    """
-    good = [tuple(field for field in sample if field is not None) for sample in samples if sample is not None]
-    skipped = len(samples) - len(good)  # each was already warned about by SeededSamples
-    if not good:
-        return (), skipped
-    fields = tuple(torch.stack([torch.as_tensor(sample[i]) for sample in good]) for i in range(len(good[0])))
-    return fields, skipped
-
-
-def make_loader(
-    dataset: SeededSamples,
-    sampler: EpochSampler,
-    batch_size: int,
-    num_workers: int,
-    drop_last: bool,
-    device: torch.device,
-) -> DataLoader:
-    """A DataLoader whose iterator creation does not consume the global RNG (it has its own generator)."""
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=num_workers,
-        collate_fn=collate_skipping_corrupt,
-        drop_last=drop_last,
-        pin_memory=device.type == "cuda",
-        persistent_workers=False,
-        generator=torch.Generator().manual_seed(0),
-    )
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Model adapters: the two-stage model, the baseline and the oracle behind one call
-
-
-def model_forward(model: nn.Module, images: torch.Tensor, fg_mask: torch.Tensor | None):
+def model_forward(model: nn.Module, images: torch.Tensor, fg_mask: torch.Tensor | None) -> ModelOutput:
     """``model(images)``, or ``model(images, fg_mask)`` for a model that uses the ground-truth mask (the oracle)."""
-    if getattr(unwrap(model), "uses_ground_truth_mask", False):
+    if unwrap(model).uses_ground_truth_mask:
         return model(images, fg_mask)
     return model(images)
 
 
-def final_logits(out: Any) -> torch.Tensor:
-    """The prediction: stage-2 logits of a two-stage model, the logits of a comparison model."""
-    logits = getattr(out, "stage2_logits", None)
-    return out.logits if logits is None else logits
-
-
 def patch_size_of(model: nn.Module) -> int:
-    """Patch side in pixels: ``model.patch_size`` or the first timm ``patch_embed`` found inside the model."""
+    """Patch side in pixels of a :class:`~faithful_vit.model_protocol.TrainableModel` (under any wrapper)."""
+    patch_size = unwrap(model).patch_size
+    return patch_size if isinstance(patch_size, int) else int(patch_size[0])
+
+
+def check_trainable(model: nn.Module) -> None:
+    """Raise a TypeError naming what ``model`` lacks of :class:`~faithful_vit.model_protocol.TrainableModel`."""
     module = unwrap(model)
-    patch_size = getattr(module, "patch_size", None)
-    if isinstance(patch_size, (int, tuple)):
-        return patch_size if isinstance(patch_size, int) else int(patch_size[0])
-    for child in module.modules():
-        if hasattr(child, "patch_embed"):
-            return int(child.patch_embed.patch_size[0])
-    raise ValueError(f"model: expected a patch_size attribute or a timm patch_embed inside {type(module).__name__}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write ``state`` (tensors and plain Python data only) to ``path`` atomically."""
-    with atomic_open(path, "wb") as handle:
-        torch.save(state, handle)
-
-
-def load_checkpoint(path: Path) -> dict:
-    """Load a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``: no code in it can run.
-
-    Raises:
-        RunFolderError: the file holds anything but tensors and plain data (a pickle that could run code), or it
-            is truncated or not a checkpoint.
-    """
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        found = re.search(r"GLOBAL (\S+)", str(error))
-        holds = f"the global {found.group(1)}" if found else "objects other than tensors and plain data"
-        raise RunFolderError(
-            f"{path}: refused to load: it holds {holds}, which unpickling could execute; a checkpoint of this "
-            "code holds only tensors and plain data"
-        ) from None
-    except FileNotFoundError:
-        raise RunFolderError(f"{path}: no such checkpoint") from None
-    except Exception as error:  # torch raises RuntimeError, EOFError, KeyError, ... for a damaged file
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise RunFolderError(f"{path}: damaged or not a checkpoint ({reason})") from None
-
-
-def rng_states() -> dict:
-    """The Python, NumPy, torch (and CUDA) generator states as tensors and plain data (``weights_only`` loads)."""
-    numpy_state = np.random.get_state(legacy=False)
-    numpy_state["state"]["key"] = torch.from_numpy(numpy_state["state"]["key"].astype(np.int64))
-    states = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict) -> None:
-    numpy_state = {**states["numpy"], "state": dict(states["numpy"]["state"])}
-    numpy_state["state"]["key"] = numpy_state["state"]["key"].numpy().astype(np.uint32)
-    random.setstate(states["python"])
-    np.random.set_state(numpy_state)
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def seed_everything(seed: int, rank: int = 0) -> None:
-    random.seed(seed + rank)
-    np.random.seed(seed + rank)
-    torch.manual_seed(seed + rank)
+    if not isinstance(module, TrainableModel):
+        members = ("uses_ground_truth_mask", "patch_size", "loss_weights", "area_target", "param_groups")
+        missing = [name for name in members if not hasattr(module, name)]
+        raise TypeError(
+            f"model: expected a TrainableModel (faithful_vit.model_protocol), {type(module).__name__} lacks {missing}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -410,15 +157,13 @@ def _autocast(cfg: TrainConfig, device: torch.device):
     return nullcontext()
 
 
-def _to_device(fields: tuple[torch.Tensor, ...], device: torch.device, channels_last: bool):
-    """Split a collated batch into images, labels, groups (labels when absent) and fg masks (None when absent)."""
-    images = fields[0].to(device, non_blocking=True)
+def _to_device(batch: Batch, device: torch.device, channels_last: bool) -> Batch:
+    images = batch.images.to(device, non_blocking=True)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    labels = fields[1].to(device, non_blocking=True).long()
-    groups = fields[2].to(device, non_blocking=True).long() if len(fields) > 2 else labels
-    fg_mask = fields[3].to(device, non_blocking=True) if len(fields) > 3 else None
-    return images, labels, groups, fg_mask
+    fg_masks = None if batch.fg_masks is None else batch.fg_masks.to(device, non_blocking=True)
+    labels, groups = batch.labels.to(device, non_blocking=True), batch.groups.to(device, non_blocking=True)
+    return Batch(images, labels, groups, fg_masks, batch.num_skipped)
 
 
 @torch.no_grad()
@@ -461,16 +206,16 @@ def evaluate(
     if dist_info.device.type == "cuda":
         torch.cuda.synchronize(dist_info.device)
     start = time.perf_counter()
-    for fields, num_skipped in tqdm(loader, desc=desc, leave=False, disable=not _show_progress(cfg, dist_info)):
-        skipped += num_skipped
-        if not fields:
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not _show_progress(cfg, dist_info)):
+        skipped += batch.num_skipped
+        if batch.labels.numel() == 0:  # every sample of the batch was corrupt
             continue
-        images, labels, groups, fg_mask = _to_device(fields, dist_info.device, cfg.channels_last)
+        images, labels, groups, fg_mask, _ = _to_device(batch, dist_info.device, cfg.channels_last)
         with _autocast(cfg, dist_info.device):
             out = model_forward(runner, images, fg_mask)
             if observe is not None:
                 observe(images, labels, groups, fg_mask, out)
-        accumulator.update(final_logits(out).float(), labels, groups, getattr(out, "keep", None), fg_mask, patch_size)
+        accumulator.update(out.logits.float(), labels, groups, out.keep, fg_mask, patch_size)
     accumulator.all_reduce()
     if dist_info.distributed:
         dist.all_reduce(skipped)
@@ -503,9 +248,9 @@ class Trainer:
     (weights and validation metrics of the best epoch), ``metrics.jsonl`` and ``metrics.csv`` (one row per epoch).
 
     Args:
-        model: a model with ``compute_losses(out, images, labels)`` and ``param_groups(lr, weight_decay)``
-            (the two-stage model, :class:`~faithful_vit.baseline.FullImageViT` or
-            :class:`~faithful_vit.baseline.OracleMaskViT`).
+        model: a :class:`~faithful_vit.model_protocol.TrainableModel` (the two-stage model,
+            :class:`~faithful_vit.baseline.FullImageViT` or :class:`~faithful_vit.baseline.OracleMaskViT`); its
+            losses are :func:`faithful_vit.losses.training_losses`.
         train_set, val_set: datasets of ``(image, label[, group[, fg_mask]])``.
         num_groups: number of groups for worst-group accuracy.
         cfg: hyper-parameters.
@@ -533,6 +278,7 @@ class Trainer:
         self.name = name or self.run_dir.name
         self.dist = dist_info or DistInfo()
         self.val_set = val_set
+        check_trainable(model)
         self.module = model.to(self.dist.device)
         if cfg.channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)
@@ -691,10 +437,11 @@ class Trainer:
             disable=not _show_progress(cfg, self.dist),
         )
         start = time.perf_counter()
-        for fields, num_skipped in bar:
-            self.skipped += num_skipped
-            if fields:
-                self._train_step(*_to_device(fields, device, cfg.channels_last))
+        for batch in bar:
+            self.skipped += batch.num_skipped
+            if batch.labels.numel():  # else every sample of the batch was corrupt
+                images, labels, groups, fg_mask, _ = _to_device(batch, device, cfg.channels_last)
+                self._train_step(images, labels, groups, fg_mask)
             self.step_in_epoch += 1
             self.global_step += 1
             if cfg.sched_unit == "step":
@@ -719,13 +466,13 @@ class Trainer:
     ) -> None:
         with _autocast(self.cfg, self.dist.device):
             out = model_forward(self.model, images, fg_mask)
-            losses = self.module.compute_losses(out, images, labels)
+            terms = losses.training_losses(self.module, out, images, labels)
         self.optimizer.zero_grad(set_to_none=True)
-        losses["total"].backward()
+        terms["total"].backward()
         if self.cfg.clip_grad:
             nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.clip_grad, foreach=True)
         self.optimizer.step()
-        for name, value in losses.items():
+        for name, value in terms.items():
             value = value.detach().float()
             self.loss_sums[name] = self.loss_sums[name] + value if name in self.loss_sums else value
         self.loss_steps += 1
@@ -824,19 +571,17 @@ def predict_samples(model: nn.Module, dataset: Dataset, indices: list[int], devi
     module = unwrap(model)
     was_training = module.training
     module.eval()
-    fields, _ = collate_skipping_corrupt([dataset[i] for i in indices])
-    images, _, _, fg_mask = _to_device(fields, device, channels_last=False)
+    images, _, _, fg_mask, _ = _to_device(collate([dataset[i] for i in indices]), device, channels_last=False)
     out = model_forward(module, images, fg_mask)
     module.train(was_training)
 
     def cpu(value):
         return None if value is None else value.detach().float().cpu()
 
-    keep = getattr(out, "keep", None)
     return {
         "images": images.cpu(),
         "fg_masks": cpu(fg_mask),
-        "keep": None if keep is None else keep.cpu(),
-        "part_maps": cpu(getattr(out, "part_maps", None)),
+        "keep": None if out.keep is None else out.keep.cpu(),
+        "part_maps": cpu(out.part_maps),
         "patch_size": patch_size_of(module),
     }

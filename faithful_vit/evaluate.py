@@ -42,6 +42,8 @@ from faithful_vit.cli import ParseKwargs, Parser, UsageError, add_backend_flag, 
 from faithful_vit.data import list_datasets
 from faithful_vit.data.backgrounds import VARIANTS, VariantDataset, background_variants
 from faithful_vit.data.mask_stats import gt_patch_fraction
+from faithful_vit.data.sample import collate
+from faithful_vit.distributed import DistInfo, unwrap
 from faithful_vit.interventions import calibrate_part_thresholds
 from faithful_vit.metrics import MetricAccumulator, keep_to_pixels
 from faithful_vit.model import FaithfulViT
@@ -70,7 +72,7 @@ class _AccuracyObserver:
         self.has_stage1 = False
 
     def __call__(self, images, labels, groups, fg_mask, out) -> None:
-        self.per_class.update(engine.final_logits(out).float(), labels, labels)
+        self.per_class.update(out.logits.float(), labels, labels)
         stage1_logits = getattr(out, "stage1_logits", None)
         if stage1_logits is not None:
             self.has_stage1 = True
@@ -91,10 +93,10 @@ class _AccuracyObserver:
 
 def mask_source(model: nn.Module, patch_threshold: float) -> str:
     """How the faithfulness protocol gets the kept patches of ``model`` (a sentence for the JSON)."""
-    module = engine.unwrap(model)
+    module = unwrap(model)
     if isinstance(module, FaithfulViT):
         return "the model's own mask (stage 1 on the clean image)"
-    if getattr(module, "uses_ground_truth_mask", False):
+    if module.uses_ground_truth_mask:
         return "the model's own mask (the oracle's ground-truth patches)"
     return f"the ground-truth object patches (foreground fraction > {patch_threshold}): the model has no mask"
 
@@ -103,7 +105,7 @@ class _FaithfulnessObserver:
     """Counts the images whose prediction changes when the pixels outside the kept patches are replaced."""
 
     def __init__(self, model: nn.Module, patch_threshold: float, noise_seed: int):
-        self.module = engine.unwrap(model)
+        self.module = unwrap(model)
         self.patch_size = engine.patch_size_of(self.module)
         self.patch_threshold = patch_threshold
         self.generator = torch.Generator().manual_seed(noise_seed)
@@ -130,7 +132,7 @@ class _FaithfulnessObserver:
         """Predicted classes with the mask held fixed (stage 2 alone for a two-stage model)."""
         if self.two_stage:
             return self.module.forward_stage2(images, keep).argmax(1)
-        return engine.final_logits(engine.model_forward(self.module, images, fg_mask)).argmax(1)
+        return engine.model_forward(self.module, images, fg_mask).logits.argmax(1)
 
     def __call__(self, images, labels, groups, fg_mask, out) -> None:
         keep = self.kept(out, fg_mask)
@@ -147,7 +149,7 @@ class _FaithfulnessObserver:
             replaced = torch.where(kept_pixels, images, fill)
             predictions = {name: self.classify(replaced, keep, fg_mask)}
             if self.two_stage:
-                predictions[f"{name}_recomputed_mask"] = engine.final_logits(self.module(replaced)).argmax(1)
+                predictions[f"{name}_recomputed_mask"] = self.module(replaced).logits.argmax(1)
             for variant, predicted in predictions.items():
                 self.changed[variant] += int((predicted != clean).sum())
                 self.correct[variant] += int((predicted == labels).sum())
@@ -176,7 +178,7 @@ class _RemovePartsObserver:
     """Accuracy of a two-stage model with each foreground part removed in turn (its patches become background)."""
 
     def __init__(self, model: nn.Module, num_groups: int, device: torch.device):
-        self.module = engine.unwrap(model)
+        self.module = unwrap(model)
         self.accumulators = [MetricAccumulator(num_groups, device) for _ in range(self.module.num_parts)]
 
     def __call__(self, images, labels, groups, fg_mask, out) -> None:
@@ -243,16 +245,14 @@ def _finite_or_none(values: torch.Tensor) -> list[float | None]:
 
 
 def _thresholds(model, calibration_set, run_evaluation, batch_size: int) -> dict:
-    module = engine.unwrap(model)
+    module = unwrap(model)
     before = run_evaluation(None, "thresholds (none)")
-    loader = torch.utils.data.DataLoader(
-        calibration_set, batch_size=batch_size, collate_fn=engine.collate_skipping_corrupt
-    )
+    loader = torch.utils.data.DataLoader(calibration_set, batch_size=batch_size, collate_fn=collate)
     previous = module.part_thresholds.clone()
     rows = []
     try:
         for quantile in THRESHOLD_QUANTILES:
-            batches = (fields[0] for fields, _ in loader if fields)
+            batches = (batch.images for batch in loader if batch.labels.numel())
             thresholds = calibrate_part_thresholds(module, batches, quantile)
             after = run_evaluation(None, f"thresholds q={quantile}")
             rows.append({"quantile": quantile, "thresholds": _finite_or_none(thresholds), **_summary(after)})
@@ -294,15 +294,15 @@ def evaluate_model(
     if unknown or not protocols:
         raise SpecError(f"--protocol: expected a comma list of {PROTOCOLS}, got {list(protocols)}")
     needs_two_stage = [name for name in protocols if name in TWO_STAGE_PROTOCOLS]
-    if needs_two_stage and not isinstance(engine.unwrap(model), FaithfulViT):
+    if needs_two_stage and not isinstance(unwrap(model), FaithfulViT):
         raise SpecError(
             f"--protocol {needs_two_stage[0]}: needs a two-stage model (parts and a mask), "
-            f"got {type(engine.unwrap(model)).__name__}"
+            f"got {type(unwrap(model)).__name__}"
         )
     if "thresholds" in protocols and calibration_set is None:
         raise SpecError("--protocol thresholds: needs a calibration split (calibration_set=)")
     cfg = cfg or engine.TrainConfig()
-    dist_info = engine.DistInfo(device=torch.device(device))
+    dist_info = DistInfo(device=torch.device(device))
     model = model.to(dist_info.device)
     num_groups = len(dataset.group_names)
 

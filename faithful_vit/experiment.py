@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import faithful_vit
-from faithful_vit import engine, metrics, run_folder, viz
+from faithful_vit import distributed, engine, metrics, run_folder, viz
 from faithful_vit.cli import UsageError, usage_error_from
 from faithful_vit.data import dataset_info, list_datasets
 from faithful_vit.model_spec import COMPARISON_MODELS, SpecError, build_dataset, data_spec, describe_data, model_spec
@@ -118,7 +118,7 @@ def check_datasets_and_models(args, names: list[str], splits: list, image_size: 
     for split, dataset in zip(("train", "val", "test"), splits):
         if len(dataset) == 0:  # an empty validation split cannot select a checkpoint
             raise UsageError(f"--data {args.data}: the {split} split is empty")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's, as engine.setup_distributed reads it
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's, as distributed.setup_distributed reads it
     per_process = len(splits[0]) // world_size
     if args.batch_size > per_process:
         processes = f" per process ({world_size} processes)" if world_size > 1 else ""
@@ -140,16 +140,16 @@ def run(args, args_text: str) -> dict:
     (train_set, val_set, test_set), data = build_datasets(args)
     group_names, num_classes, image_size = data["group_names"], train_set.num_classes, data["image_size"]
     check_datasets_and_models(args, names, [train_set, val_set, test_set], image_size)
-    dist_info = engine.setup_distributed(args.device)
+    dist_info = distributed.setup_distributed(args.device)
     if args.resume:  # args.yaml stays as written: it is what produced the results
         run_dir = Path(args.resume)
         finished = {
             (name, seed): run_folder.read_finished(run_dir / name / f"seed{seed}") for seed in seeds for name in names
         }
     else:
-        timestamp = engine.broadcast_from_main(time.strftime("%Y%m%d-%H%M%S", time.gmtime()), dist_info)
+        timestamp = distributed.broadcast_from_main(time.strftime("%Y%m%d-%H%M%S", time.gmtime()), dist_info)
         run_dir, finished = run_folder.new_run_dir(args.output, args.experiment or timestamp), {}
-    engine.barrier(dist_info)  # every rank has checked the folder before rank 0 writes to it
+    distributed.barrier(dist_info)  # every rank has checked the folder before rank 0 writes to it
     if dist_info.is_main:
         if args.resume:
             stale = run_folder.remove_stale_temporaries(run_dir)
@@ -190,7 +190,7 @@ def run(args, args_text: str) -> dict:
                 test, histories[f"{name}/seed{seed}"] = finished[name, seed]
                 results[name].append(test)
                 continue
-            engine.seed_everything(seed)
+            run_folder.seed_everything(seed)
             model, spec = build_model(name, args, num_classes, image_size)
             trainer = engine.Trainer(
                 model,
@@ -237,5 +237,5 @@ def run(args, args_text: str) -> dict:
             f"\n{args.data} test split, {len(seeds)} seed(s), checkpoints chosen on validation worst-group "
             f"accuracy:\n{metrics.format_table(summary['models'])}\nrun folder: {run_dir}"
         )
-    engine.cleanup_distributed()
+    distributed.cleanup_distributed()
     return summary

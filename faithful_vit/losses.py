@@ -3,13 +3,15 @@
 Every function takes the soft part maps ``(B, K + 1, H, W)`` (index K is the background) or the modulated part
 embeddings ``(B, C, K + 1)`` and returns a scalar: the losses are functions of the model's outputs, and this module
 imports nothing of the model. :func:`compute_losses` combines them with given weights; terms with weight 0 are not
-computed. ``FaithfulViT.compute_losses`` calls it with the model's configured weights.
+computed. :func:`training_losses` calls it with a model's own weights (``loss_weights``), after the equivariance pass.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from faithful_vit.model_protocol import EquivariantModel, ModelOutput, TrainableModel
 
 __all__ = [
     "area_loss",
@@ -21,6 +23,7 @@ __all__ = [
     "orthogonality_loss",
     "presence_loss",
     "total_variation_loss",
+    "training_losses",
 ]
 
 _EPS = 1e-10
@@ -117,22 +120,31 @@ def area_loss(maps: torch.Tensor, target: float) -> torch.Tensor:
 
 
 def compute_losses(
-    out, labels: torch.Tensor, weights: dict[str, float], *, area_target: float, maps_back: torch.Tensor | None
+    out: ModelOutput,
+    labels: torch.Tensor,
+    weights: dict[str, float],
+    *,
+    area_target: float,
+    maps_back: torch.Tensor | None,
 ) -> dict[str, torch.Tensor]:
     """Named loss terms (unweighted) and ``"total"``, their sum weighted by ``weights``.
 
     Args:
-        out: a :class:`~faithful_vit.model.FaithfulViTOutput` (its logits, part maps and part embeddings).
+        out: a model's output: a :class:`~faithful_vit.model.FaithfulViTOutput` (its logits, part maps and part
+            embeddings) or, for a comparison model, any :class:`~faithful_vit.model_protocol.ModelOutput` (its
+            ``logits``, term ``ce``).
         labels: ``(B,)`` int64 class indices.
-        weights: the weight of every term (``FaithfulViTConfig.loss_weights``); terms of weight 0 are skipped.
+        weights: the weight of every term the model trains with (``FaithfulViTConfig.loss_weights``); terms it does
+            not name or weighs 0 are skipped.
         area_target: target soft foreground fraction of the ``area`` term.
         maps_back: ``(B, K + 1, H, W)`` the maps of a transformed copy of the images warped back
             (``FaithfulViT.equivariance_maps``); required when the equivariance weight is not 0.
     """
-    if weights["equivariance"] != 0 and maps_back is None:
+    if weights.get("equivariance", 0) != 0 and maps_back is None:
         raise ValueError("maps_back: the equivariance weight is not 0, expected the back-warped maps, got None")
     maps = out.part_maps
     terms = {
+        "ce": lambda: F.cross_entropy(out.logits.float(), labels),
         "ce_stage2": lambda: F.cross_entropy(out.stage2_logits.float(), labels),
         "ce_stage1": lambda: F.cross_entropy(out.stage1_logits.float(), labels),
         "presence": lambda: presence_loss(maps),
@@ -144,6 +156,42 @@ def compute_losses(
         "concentration": lambda: concentration_loss(maps),
         "area": lambda: area_loss(maps, area_target),
     }
-    losses = {name: term() for name, term in terms.items() if weights[name] != 0}
-    losses["total"] = sum((weights[name] * value for name, value in losses.items()), maps.new_zeros(()))
+    unknown = sorted(set(weights) - set(terms))
+    if unknown:
+        raise ValueError(f"weights: expected loss terms among {sorted(terms)}, got unknown {unknown}")
+    losses = {name: term() for name, term in terms.items() if weights.get(name, 0) != 0}
+    start = labels.new_zeros((), dtype=torch.float32)
+    losses["total"] = sum((weights[name] * value for name, value in losses.items()), start)
     return losses
+
+
+def training_losses(
+    model: TrainableModel, out: ModelOutput, images: torch.Tensor, labels: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The loss terms ``model`` trains with on ``out = model(images)``: :func:`compute_losses` with the model's
+    ``loss_weights`` and ``area_target``.
+
+    A non-zero equivariance weight first runs ``model.equivariance_maps(images)``: one extra stage-1 pass on a
+    randomly transformed copy of ``images`` (it draws from the torch generator, after the forward pass).
+
+    Args:
+        model: the plain module (not a DDP or compile wrapper), a
+            :class:`~faithful_vit.model_protocol.TrainableModel`; an
+            :class:`~faithful_vit.model_protocol.EquivariantModel` when it weighs the equivariance term.
+        out: ``model(images)``.
+        images: ``(B, C, H, W)``, the batch ``out`` came from.
+        labels: ``(B,)`` int64 class indices.
+
+    Returns:
+        ``{name: scalar}`` for every term with a non-zero weight, plus ``"total"``.
+    """
+    weights = model.loss_weights
+    maps_back = None
+    if weights.get("equivariance", 0) != 0:
+        if not isinstance(model, EquivariantModel):
+            raise TypeError(
+                f"model: the equivariance weight is not 0, expected a model with equivariance_maps, "
+                f"got {type(model).__name__}"
+            )
+        maps_back = model.equivariance_maps(images)[0]
+    return compute_losses(out, labels, weights, area_target=model.area_target, maps_back=maps_back)

@@ -27,7 +27,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import losses
 from .geometry import invert_affine, random_rigid_transform, warp
 from .morphology import KEEP_MORPHOLOGY
 from .sparsify import forward_kept, sparsify
@@ -105,7 +104,7 @@ class FaithfulViTConfig:
             equivariance loss: angle in U(-degrees, degrees), integer translation up to translate * img_size pixels
             per axis, scale in U(*scale).
         drop_path_rate: stochastic depth of both backbones.
-        kernel_backend: attention-kernel backend of stage 2's "masked" and "packed" modes ("auto", "triton",
+        backend: attention-kernel backend of stage 2's "masked" and "packed" modes ("auto", "triton",
             "torch"; see :func:`faithful_vit.sparsify`).
     """
 
@@ -132,7 +131,7 @@ class FaithfulViTConfig:
     equivariance_translate: float = 0.11
     equivariance_scale: tuple[float, float] = (0.8, 1.4)
     drop_path_rate: float = 0.0
-    kernel_backend: str = "auto"
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_parts, int) or self.num_parts < 1:
@@ -218,6 +217,11 @@ class FaithfulViTOutput:
     part_embeddings: torch.Tensor
     gate: torch.Tensor | None = None
 
+    @property
+    def logits(self) -> torch.Tensor:
+        """The prediction: :attr:`stage2_logits`."""
+        return self.stage2_logits
+
 
 def _build_backbone(name: str, cfg: FaithfulViTConfig, kwargs: dict) -> nn.Module:
     kwargs = {"drop_path_rate": cfg.drop_path_rate, **kwargs}
@@ -257,7 +261,12 @@ class FaithfulViT(nn.Module):
         part_classifier: bias-free ``Linear(C, num_classes)`` shared by all parts.
         fc_norm, head: stage-2 head on the pre-logit class token (a new LayerNorm, a bias-free Linear).
         part_thresholds: ``(K,)`` buffer of per-part confidence thresholds on ``z . p_k`` (-inf: off), section 11.1.
+
+    It is a :class:`~faithful_vit.model_protocol.EquivariantModel`: :func:`faithful_vit.losses.training_losses`
+    computes its losses (section 6) from its output, ``loss_weights``, ``area_target`` and :meth:`equivariance_maps`.
     """
+
+    uses_ground_truth_mask = False
 
     def __init__(self, cfg: FaithfulViTConfig) -> None:
         super().__init__()
@@ -275,7 +284,7 @@ class FaithfulViT(nn.Module):
         self.grid_size: tuple[int, int] = tuple(self.stage1.patch_embed.grid_size)
         self.patch_size: tuple[int, int] = tuple(self.stage1.patch_embed.patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
-        sparsify(self.stage2, backend=cfg.kernel_backend)  # in place; parameters and state dict unchanged
+        sparsify(self.stage2, backend=cfg.backend)  # in place; parameters and state dict unchanged
 
         dim1, dim2 = self.stage1.embed_dim, self.stage2.embed_dim
         k1 = cfg.num_parts + 1
@@ -526,6 +535,16 @@ class FaithfulViT(nn.Module):
             gate=gate,
         )
 
+    @property
+    def loss_weights(self) -> dict[str, float]:
+        """The weight of every loss term of section 6 (``cfg.loss_weights``)."""
+        return self.cfg.loss_weights
+
+    @property
+    def area_target(self) -> float:
+        """Target soft foreground fraction of the ``area`` loss (``cfg.area_target``)."""
+        return self.cfg.area_target
+
     def equivariance_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stage 1 only on a randomly transformed batch; its maps warped back to the frame of ``images``.
 
@@ -546,26 +565,6 @@ class FaithfulViT(nn.Module):
         )
         maps = self.forward_stage1(warp(images, invert_affine(theta))).part_maps
         return warp(maps, theta), theta
-
-    def compute_losses(
-        self, out: FaithfulViTOutput, images: torch.Tensor, labels: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        """All loss terms of section 6 (unweighted, by name) and their weighted sum under "total".
-
-        Terms whose weight is 0 are skipped. The equivariance term runs one extra stage-1-only pass
-        (:meth:`equivariance_maps`) on a randomly transformed copy of ``images``.
-
-        Args:
-            out: the output of :meth:`forward` on ``images``.
-            images: ``(B, in_chans, img_size, img_size)``.
-            labels: ``(B,)`` int64 class indices.
-
-        Returns:
-            ``{name: scalar}`` for every term with a non-zero weight, plus "total".
-        """
-        weights = self.cfg.loss_weights
-        maps_back = self.equivariance_maps(images)[0] if weights["equivariance"] != 0 else None
-        return losses.compute_losses(out, labels, weights, area_target=self.cfg.area_target, maps_back=maps_back)
 
     def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
         """Optimizer parameter groups of section 7.1 with ``cfg.lr_factors``.

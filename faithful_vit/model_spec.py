@@ -273,7 +273,7 @@ def load_model(
         SpecError: no checkpoint, several candidates, a checkpoint without a spec, or weights that do not fit it.
         faithful_vit.run_folder.RunFolderError: the file is damaged or holds more than tensors and plain data.
     """
-    from faithful_vit.engine import load_checkpoint
+    from faithful_vit.run_folder import load_checkpoint
 
     path = resolve_checkpoint(path_or_run_dir, model=model, seed=seed)
     state = load_checkpoint(path)

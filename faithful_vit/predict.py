@@ -29,6 +29,7 @@ from faithful_vit.cli import Parser, UsageError, add_backend_flag, positive_int,
 from faithful_vit.data.datasets import IMAGE_EXTENSIONS, load_image
 from faithful_vit.data.sample import CorruptImageError, normalize
 from faithful_vit.data.transforms import cub_original
+from faithful_vit.distributed import unwrap
 from faithful_vit.model_spec import SpecError, load_model
 from faithful_vit.run_folder import RunFolderError, write_text
 
@@ -62,13 +63,13 @@ def predict_images(model: nn.Module, images: torch.Tensor) -> dict:
         ``probabilities`` ``[B, num_classes]``, ``keep`` ``[B, N]`` or None, ``part_maps`` ``[B, K + 1, h, w]`` or
         None; all on the CPU.
     """
-    if getattr(engine.unwrap(model), "uses_ground_truth_mask", False):
+    if unwrap(model).uses_ground_truth_mask:
         raise UsageError("RUN_OR_CHECKPOINT: the oracle needs ground-truth masks; predict takes images only")
     model.eval()
     out = model(images)
-    keep, part_maps = getattr(out, "keep", None), getattr(out, "part_maps", None)
+    keep, part_maps = out.keep, out.part_maps
     return {
-        "probabilities": engine.final_logits(out).float().softmax(dim=1).cpu(),
+        "probabilities": out.logits.float().softmax(dim=1).cpu(),
         "keep": None if keep is None else keep.cpu(),
         "part_maps": None if part_maps is None else part_maps.float().cpu(),
     }

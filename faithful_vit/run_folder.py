@@ -1,21 +1,29 @@
-"""Run folders: atomic file writes, refusing to reuse or damage a run, and the rules of ``--resume``.
+"""Run folders: atomic file writes, safe checkpoints and RNG state, refusing to reuse or damage a run, and the rules
+of ``--resume``.
 
 Every file of a run (``args.yaml``, metrics, ``test_metrics.json``, ``summary.json``, figures, checkpoints) is
 written through :func:`atomic_open`: a temporary file ``.<name>.tmp<pid>`` in the same folder, fsync, then
 ``os.replace``, so a reader sees the old file or the new one, never a part. A kill can leave the temporary file
 behind; :func:`remove_stale_temporaries` deletes those when the run is resumed.
+
+Checkpoints (:func:`save_checkpoint`) hold only tensors and plain data, the RNG states included (:func:`rng_states`),
+and are loaded with ``weights_only=True`` (:func:`load_checkpoint`), so a crafted file cannot run code.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
+import random
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+import numpy as np
+import torch
 import yaml
 
 # Flags that only change speed or logging, never a number of the run: they may differ on --resume.
@@ -167,3 +175,60 @@ def _read_json_rows(path: Path, expected: str, remedy: str, *, lines: bool) -> l
     if not rows or not all(isinstance(row, dict) for row in rows):
         raise RunFolderError(f"--resume: {path} is damaged: expected {expected}; {remedy}")
     return rows
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write ``state`` (tensors and plain Python data only) to ``path`` atomically."""
+    with atomic_open(path, "wb") as handle:
+        torch.save(state, handle)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``: no code in it can run.
+
+    Raises:
+        RunFolderError: the file holds anything but tensors and plain data (a pickle that could run code), or it
+            is truncated or not a checkpoint.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL (\S+)", str(error))
+        holds = f"the global {found.group(1)}" if found else "objects other than tensors and plain data"
+        raise RunFolderError(
+            f"{path}: refused to load: it holds {holds}, which unpickling could execute; a checkpoint of this "
+            "code holds only tensors and plain data"
+        ) from None
+    except FileNotFoundError:
+        raise RunFolderError(f"{path}: no such checkpoint") from None
+    except Exception as error:  # torch raises RuntimeError, EOFError, KeyError, ... for a damaged file
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise RunFolderError(f"{path}: damaged or not a checkpoint ({reason})") from None
+
+
+def rng_states() -> dict:
+    """The Python, NumPy, torch (and CUDA) generator states as tensors and plain data (``weights_only`` loads)."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"]["key"] = torch.from_numpy(numpy_state["state"]["key"].astype(np.int64))
+    states = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    """Restore the generator states that :func:`rng_states` returned."""
+    numpy_state = {**states["numpy"], "state": dict(states["numpy"]["state"])}
+    numpy_state["state"]["key"] = numpy_state["state"]["key"].numpy().astype(np.uint32)
+    random.setstate(states["python"])
+    np.random.set_state(numpy_state)
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed the Python, NumPy and torch generators with ``seed + rank`` (each rank its own stream)."""
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)

@@ -161,7 +161,8 @@ def test_corrupt_images_raise_or_are_skipped_and_counted(tmp_path):
     loader = torch.utils.data.DataLoader(lenient, batch_size=3, collate_fn=collate)
     batch = next(iter(loader))
     assert batch.num_skipped == 1 and batch.images.shape == (2, 3, 8, 8) and batch.labels.tolist() == [1, 0]
-    assert collate([None, None]) is None
+    empty = collate([None, None])
+    assert empty.num_skipped == 2 and empty.labels.numel() == 0 and empty.fg_masks is None
     # A missing file is a broken dataset, not a corrupt image, in both modes.
     (tmp_path / "200.Common_Yellowthroat/e.jpg").unlink()
     with pytest.raises(FileNotFoundError, match="e.jpg"):

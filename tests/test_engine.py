@@ -5,13 +5,16 @@ import os
 import numpy as np
 import pytest
 import torch
+from _tiny import tiny_model
 from PIL import Image
 from torch.utils.data import Dataset, TensorDataset
 
-from faithful_vit import engine
+from faithful_vit import FaithfulViT, engine, losses, run_folder
 from faithful_vit.baseline import FullImageViT, OracleMaskViT, vit_kwargs_like
 from faithful_vit.data.datasets import DatasetError, ImageFolder
+from faithful_vit.data.loading import EpochSampler, SeededSamples
 from faithful_vit.data.sample import CorruptImageError
+from faithful_vit.distributed import DistInfo
 from faithful_vit.kernels import use_backend
 
 
@@ -62,15 +65,24 @@ def interrupting_trainer(stop_at: int):
     return InterruptingTrainer
 
 
-def test_resume_replays_the_uninterrupted_run_exactly(tmp_path):
-    reference = make_trainer(tmp_path / "a")
+def two_stage_model(num_classes: int, **_) -> FaithfulViT:
+    """The tiny two-stage model on the 16 px test images (its equivariance pass draws random numbers every step)."""
+    model = tiny_model(img_size=16, num_classes=num_classes)
+    assert model.loss_weights["equivariance"] != 0
+    return model
+
+
+@pytest.mark.parametrize("model_cls", [FullImageViT, two_stage_model], ids=["baseline", "two_stage"])
+def test_resume_replays_the_uninterrupted_run_exactly(tmp_path, model_cls):
+    reference = make_trainer(tmp_path / "a", model_cls=model_cls)
     reference.fit()
     # 48 samples / batch 8 = 6 steps per epoch; stop at step 9, the last checkpoint is at step 8 (mid epoch 2).
     with pytest.raises(Interrupted):
-        make_trainer(tmp_path / "b", trainer_cls=interrupting_trainer(9)).fit()
-    state = engine.load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")
+        make_trainer(tmp_path / "b", trainer_cls=interrupting_trainer(9), model_cls=model_cls).fit()
+    state = run_folder.load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")
     assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 2, 8)
-    resumed = make_trainer(tmp_path / "b", model_seed=123)  # a different init: everything must come from the file
+    # A different init: everything must come from the file.
+    resumed = make_trainer(tmp_path / "b", model_seed=123, model_cls=model_cls)
     resumed.fit(resume=True)
     for (name, expected), actual in zip(reference.module.state_dict().items(), resumed.module.state_dict().values()):
         assert torch.equal(expected, actual), name
@@ -103,21 +115,21 @@ def test_warmup_then_cosine_per_step():
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     trainer = make_trainer(tmp_path, tiny_config(log_interval=1))
-    compute_losses = trainer.module.compute_losses
+    training_losses = losses.training_losses
 
-    def poisoned(out, images, labels):
-        losses = compute_losses(out, images, labels)
+    def poisoned(model, out, images, labels):
+        terms = training_losses(model, out, images, labels)
         if trainer.global_step == 4:
-            losses["total"] = losses["total"] * float("nan")
-        return losses
+            terms["total"] = terms["total"] * float("nan")
+        return terms
 
-    monkeypatch.setattr(trainer.module, "compute_losses", poisoned)
+    monkeypatch.setattr(losses, "training_losses", poisoned)
     with pytest.raises(
         engine.NonFiniteLossError,
         match=r"non-finite training loss \(total = nan\).*the last good checkpoint \(step 4\) is kept: .*last\.pt",
     ):
         trainer.fit()
-    state = engine.load_checkpoint(trainer.last_path)
+    state = run_folder.load_checkpoint(trainer.last_path)
     assert state["global_step"] == 4
     assert all(torch.isfinite(value).all() for value in state["model"].values())
 
@@ -171,14 +183,14 @@ def test_corrupt_png_is_skipped_in_evaluation(tmp_path):
     model = FullImageViT(2, **TINY)
     with pytest.warns(UserWarning, match="could not be read"):
         cfg = tiny_config(max_corrupt_fraction=0.5)
-        result = engine.evaluate(model, folder, num_groups=2, cfg=cfg, dist_info=engine.DistInfo())
+        result = engine.evaluate(model, folder, num_groups=2, cfg=cfg, dist_info=DistInfo())
     assert result["skipped_corrupt"] == 1 and result["num_images"] == 7
     assert "mask_iou" not in result  # the folder has no masks
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    engine.save_checkpoint(path, {"value": torch.ones(3)})
+    run_folder.save_checkpoint(path, {"value": torch.ones(3)})
 
     def failing_save(obj, handle):
         handle.write(b"partial")
@@ -186,14 +198,14 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", failing_save)
     with pytest.raises(OSError, match="disk full"):
-        engine.save_checkpoint(path, {"value": torch.zeros(3)})
+        run_folder.save_checkpoint(path, {"value": torch.zeros(3)})
     monkeypatch.undo()
-    assert torch.equal(engine.load_checkpoint(path)["value"], torch.ones(3))
+    assert torch.equal(run_folder.load_checkpoint(path)["value"], torch.ones(3))
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # the partial temporary file is gone
 
 
 def test_sampler_shards_cover_the_epoch_and_resume_mid_epoch():
-    shards = [engine.EpochSampler(10, shuffle=True, seed=1, rank=r, world_size=3, drop_last=True) for r in range(3)]
+    shards = [EpochSampler(10, shuffle=True, seed=1, rank=r, world_size=3, drop_last=True) for r in range(3)]
     for sampler in shards:
         sampler.set_epoch(2)
     indices = [list(sampler) for sampler in shards]
@@ -213,7 +225,7 @@ def test_sample_seeds_make_augmentation_reproducible_and_leave_the_global_rng_al
         def __getitem__(self, index):
             return torch.rand(()) + float(np.random.rand())
 
-    samples = engine.SeededSamples(Noisy(), seed=5)
+    samples = SeededSamples(Noisy(), seed=5)
     torch.manual_seed(0)
     before = torch.get_rng_state()
     first = [samples[i] for i in range(4)]
@@ -268,3 +280,42 @@ def test_oracle_trains_and_reports_mask_metrics(tmp_path):
     ):
         assert result[key] is not None, key
     assert not [name for name in os.listdir(tmp_path / "checkpoints") if name.startswith(".")]
+
+
+def test_the_three_models_satisfy_the_engine_contract(tmp_path):
+    from faithful_vit.model_protocol import EquivariantModel, ModelOutput, TrainableModel
+
+    two_stage = tiny_model().eval()
+    baseline, oracle = FullImageViT(2, **TINY).eval(), OracleMaskViT(2, **TINY).eval()
+    for model in (two_stage, baseline, oracle):
+        assert isinstance(model, TrainableModel), type(model).__name__
+        assert engine.patch_size_of(model) == 8
+    assert isinstance(two_stage, EquivariantModel) and not isinstance(baseline, EquivariantModel)
+    assert [model.uses_ground_truth_mask for model in (two_stage, baseline, oracle)] == [False, False, True]
+    images, fg = torch.randn(2, 3, 16, 16), torch.ones(2, 1, 16, 16)
+    outputs = [
+        two_stage(torch.randn(2, 3, 32, 32)),
+        engine.model_forward(baseline, images, fg),
+        engine.model_forward(oracle, images, fg),
+    ]
+    assert all(isinstance(out, ModelOutput) for out in outputs)
+    assert outputs[0].logits is outputs[0].stage2_logits and outputs[1].part_maps is None
+    labels = torch.tensor([0, 1])
+    assert set(losses.training_losses(baseline, outputs[1], images, labels)) == {"ce", "total"}
+    with pytest.raises(TypeError, match=r"model: expected a TrainableModel .*Linear lacks \['uses_ground_truth_mask'"):
+        engine.Trainer(
+            torch.nn.Linear(2, 2), tiny_dataset(), tiny_dataset(16), num_groups=4, cfg=tiny_config(), run_dir=tmp_path
+        )
+
+
+def test_the_engine_reads_the_model_contract_without_probing():
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse(Path(engine.__file__).read_text())
+    probes = [
+        node.lineno
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr"
+    ]
+    assert probes == [], f"engine.py probes with getattr on lines {probes}"

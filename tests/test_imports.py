@@ -85,3 +85,13 @@ def test_import_graph_is_acyclic():
     assert "faithful_vit.sparsify" in graph["faithful_vit.model"]  # the graph sees the package's own imports
     cycle = find_cycle(graph)
     assert cycle is None, f"import cycle: {' -> '.join(cycle)}"
+
+
+def test_losses_are_a_function_of_outputs_and_the_model_does_not_import_them():
+    modules = package_modules()
+    graph = {name: imported_modules(name, path, modules) for name, path in modules.items()}
+    assert "faithful_vit.losses" not in graph["faithful_vit.model"]
+    assert "faithful_vit.losses" not in graph["faithful_vit.baseline"]
+    assert "faithful_vit.model" not in graph["faithful_vit.losses"]
+    assert "faithful_vit.model_protocol" in graph["faithful_vit.losses"]  # the graph sees what losses does import
+    assert graph["faithful_vit.model_protocol"] == set()  # the contract depends on no model

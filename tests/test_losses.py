@@ -92,7 +92,7 @@ def test_compute_losses_weights_and_skips_terms():
     images, labels = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
     with use_backend("torch"):
         out = model(images)
-        terms = model.compute_losses(out, images, labels)
+        terms = losses.training_losses(model, out, images, labels)
     assert "equivariance" not in terms and "concentration" not in terms
     assert set(terms) == {
         "ce_stage2",

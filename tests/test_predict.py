@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import faithful_vit
-from faithful_vit import engine, model_spec, predict, viz
+from faithful_vit import model_spec, predict, run_folder, viz
 from faithful_vit.data import SpuriousShapes, SpuriousShapesConfig, load_image, normalize
 from faithful_vit.kernels import use_backend
 
@@ -29,7 +29,7 @@ def save_model(path, name: str):
     spec = model_spec.model_spec(name, num_classes=2, image_size=32, model_kwargs=TINY_KWARGS)
     model = model_spec.build_model(spec)
     data = {**DATA, "class_names": ["ellipse", "cross"], "group_names": ["a", "b", "c", "d"]}
-    engine.save_checkpoint(path, {"model": model.state_dict(), "epoch": 1, "spec": {"model": spec, "data": data}})
+    run_folder.save_checkpoint(path, {"model": model.state_dict(), "epoch": 1, "spec": {"model": spec, "data": data}})
     return path
 
 

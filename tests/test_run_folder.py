@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_train_cli import TINY, load_train
 
-from faithful_vit import engine, run_folder
+from faithful_vit import run_folder
 
 BASELINE = [*TINY, "--model", "baseline"]
 
@@ -64,7 +64,7 @@ def test_a_malicious_checkpoint_is_refused_and_runs_nothing(tmp_path):
     path = tmp_path / "last.pt"
     torch.save({"model": {}, "payload": ShellCommand(f"touch {marker}")}, path)
     with pytest.raises(run_folder.RunFolderError, match=r"last\.pt: refused to load: it holds the global .*system"):
-        engine.load_checkpoint(path)
+        run_folder.load_checkpoint(path)
     assert not marker.exists()
 
 
@@ -82,7 +82,7 @@ def test_checkpoints_hold_only_tensors_and_plain_data(finished_run):
     for name in ("last.pt", "best.pt"):
         state = torch.load(finished_run[0] / "baseline" / "seed0" / "checkpoints" / name, weights_only=True)
         assert state["model"]
-    state = engine.load_checkpoint(finished_run[0] / "baseline" / "seed0" / "checkpoints" / "last.pt")
+    state = run_folder.load_checkpoint(finished_run[0] / "baseline" / "seed0" / "checkpoints" / "last.pt")
     assert isinstance(state["rng"][0]["numpy"]["state"]["key"], torch.Tensor)
 
 
@@ -91,11 +91,11 @@ def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
 
     import numpy as np
 
-    engine.seed_everything(7)
-    engine.save_checkpoint(tmp_path / "rng.pt", {"rng": engine.rng_states()})
+    run_folder.seed_everything(7)
+    run_folder.save_checkpoint(tmp_path / "rng.pt", {"rng": run_folder.rng_states()})
     expected = (random.random(), np.random.rand(), torch.rand(()).item())
-    engine.seed_everything(8)
-    engine.set_rng_states(engine.load_checkpoint(tmp_path / "rng.pt")["rng"])
+    run_folder.seed_everything(8)
+    run_folder.set_rng_states(run_folder.load_checkpoint(tmp_path / "rng.pt")["rng"])
     assert (random.random(), np.random.rand(), torch.rand(()).item()) == expected
 
 
@@ -212,12 +212,12 @@ def test_resume_allows_harmless_flags_keeps_args_yaml_and_removes_stale_temporar
 
 
 def test_nan_before_the_first_checkpoint_says_no_checkpoint_exists(tmp_path, capsys, monkeypatch):
-    from faithful_vit.baseline import FullImageViT
+    from faithful_vit import losses
 
-    def nan_losses(self, out, images, labels):
+    def nan_losses(model, out, images, labels):
         return {"total": out.logits.sum() * float("nan")}
 
-    monkeypatch.setattr(FullImageViT, "compute_losses", nan_losses)
+    monkeypatch.setattr(losses, "training_losses", nan_losses)
     argv = [*BASELINE, "--log-interval", "1", "--output", str(tmp_path), "--experiment", "nan"]
     code, err = main_error(capsys, argv)
     assert code == 1 and len(err) == 1 and "non-finite training loss (total = nan)" in err[0], err

@@ -437,13 +437,13 @@ def test_seeds_give_mean_and_std(tmp_path):
 
 
 def test_nan_loss_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch):
-    from faithful_vit.baseline import FullImageViT
+    from faithful_vit import losses
 
-    def nan_losses(self, out, images, labels):
+    def nan_losses(model, out, images, labels):
         total = out.logits.sum() * float("nan")
         return {"total": total}
 
-    monkeypatch.setattr(FullImageViT, "compute_losses", nan_losses)
+    monkeypatch.setattr(losses, "training_losses", nan_losses)
     train = load_train()
     code = train.main([*TINY, "--model", "baseline", "--log-interval", "1", "--output", str(tmp_path)])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train.py")]

@@ -56,36 +56,53 @@ class CorruptImageError(RuntimeError):
         self.path = path
 
 
-def collate(samples: Sequence[Sample | None]) -> Batch | None:
+def collate(samples: Sequence[Sample | tuple | None]) -> Batch:
     """Stack samples into a :class:`Batch`, dropping None entries (corrupt images skipped by a loader).
 
     Args:
-        samples: non-empty sequence of :class:`Sample` (images of one shape) or None.
+        samples: non-empty sequence of :class:`Sample` (images of one shape), plain ``(image, label[, group[,
+            fg_mask]])`` tuples (e.g. a ``TensorDataset``; ``group`` defaults to ``label``, ``fg_mask`` to None),
+            or None.
 
     Returns:
         :class:`Batch` with ``num_skipped`` = number of None entries; ``fg_masks`` is None when every sample's mask
-        is None. None when every entry is None (the training loop skips the batch).
+        is None. When every entry is None, the batch holds no images (``labels`` is empty; the training loop skips
+        it) but still counts them in ``num_skipped``.
 
     Raises:
-        ValueError: empty input, or masks present on some samples and missing on others.
+        ValueError: empty input, a sample of fewer than 2 or more than 4 fields, or masks present on some samples
+            and missing on others.
     """
     if len(samples) == 0:
         raise ValueError("collate: samples must be non-empty, got 0 samples")
     num_skipped = sum(s is None for s in samples)
-    samples = [s for s in samples if s is not None]
-    if not samples:
-        return None
-    masks = [s.fg_mask for s in samples]
+    fields = [_sample_fields(s) for s in samples if s is not None]
+    if not fields:
+        empty = torch.zeros(0, dtype=torch.int64)
+        return Batch(torch.zeros(0), empty, empty.clone(), None, num_skipped=num_skipped)
+    masks = [mask for *_, mask in fields]
     n_missing = sum(m is None for m in masks)
     if 0 < n_missing < len(masks):
         raise ValueError(f"collate: fg_mask is None for {n_missing} of {len(masks)} samples; expected all or none")
     return Batch(
-        images=torch.stack([s.image for s in samples]),
-        labels=torch.tensor([int(s.label) for s in samples], dtype=torch.int64),
-        groups=torch.tensor([int(s.group) for s in samples], dtype=torch.int64),
-        fg_masks=None if n_missing else torch.stack(masks),
+        images=torch.stack([torch.as_tensor(image) for image, *_ in fields]),
+        labels=torch.tensor([int(label) for _, label, _, _ in fields], dtype=torch.int64),
+        groups=torch.tensor([int(group) for _, _, group, _ in fields], dtype=torch.int64),
+        fg_masks=None if n_missing else torch.stack([torch.as_tensor(m) for m in masks]),
         num_skipped=num_skipped,
     )
+
+
+def _sample_fields(sample: Sample | tuple) -> tuple:
+    """``(image, label, group, fg_mask)`` of a sample of 2 to 4 fields (group defaults to label, fg_mask to None)."""
+    if not 2 <= len(sample) <= 4:
+        raise ValueError(
+            f"collate: expected samples of (image, label[, group[, fg_mask]]), got one of {len(sample)} fields"
+        )
+    image, label, *rest = sample
+    group = rest[0] if rest and rest[0] is not None else label
+    fg_mask = rest[1] if len(rest) > 1 else None
+    return image, label, group, fg_mask
 
 
 def normalize(images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):

@@ -11,7 +11,8 @@ are resampled nearest-neighbour, so a binary mask stays binary), a photometric o
 Planckian (black-body) jitter, which torchvision lacks, is ours.
 
 Randomness comes from torch's global generator, which the training engine seeds per sample
-(:class:`~faithful_vit.engine.SeededSamples`: a function of seed, epoch and index), so augmentations resume exactly.
+(:class:`~faithful_vit.data.loading.SeededSamples`: a function of seed, epoch and index), so augmentations resume
+exactly.
 """
 
 from __future__ import annotations
