@@ -11,7 +11,7 @@ Suites (``--suites``):
                tokens first so whole key blocks are skipped; compaction and its inverse included) and ``packed``
                (gather the kept tokens, run the block on them with ``varlen_attention``, scatter back; gather and
                scatter included). Models: ViT-B/14@518 + 4 registers
-               (N = 1374) and ViT-B/16@224 (N = 197), the layer targets of kernel_anchors.md section 10 (T6); and
+               (N = 1374) and ViT-B/16@224 (N = 197), the layer targets of benchmarks/README.md (T6); and
                DINOv3 layers (timm ``EvaBlock`` with rotary embeddings, 4 registers: ViT-B/16@512, N = 1029;
                ViT-S/16@224, N = 201; ``--layer-models dinov3_b16_512``, the S/16 one in ``--cpu-tiny``), where
                the rope is applied to every token (dense, masked) or to the kept rows only, gathered with them

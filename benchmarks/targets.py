@@ -1,4 +1,4 @@
-"""Evaluate the issue's performance targets (kernel_anchors.md section 10) on result files: a PASS / MISS table.
+"""Evaluate the issue's performance targets (benchmarks/README.md, "Targets") on result files: a PASS / MISS table.
 
 Run: ``python -m benchmarks.targets <results folder>`` (reads ``attention.json`` and ``model.json`` there; writes
 ``targets.md`` and ``targets.json`` beside them). A target with no measurement is ``NO DATA``, never a pass.

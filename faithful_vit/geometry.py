@@ -1,6 +1,6 @@
 """Rigid and affine warps of image batches in the normalised coordinates of ``torch.nn.functional.affine_grid``.
 
-The equivariance loss (section 6 of ``ifam_method.md``) warps a batch with a random rigid transform, runs stage 1 on
+The equivariance loss (``docs/method.md``, section 5) warps a batch with a random rigid transform, runs stage 1 on
 it and warps the part maps back with the inverse.
 """
 

@@ -1,4 +1,4 @@
-"""Test-time interventions (section 11 of ``ifam_method.md``): part removal and per-part confidence thresholds.
+"""Test-time interventions (``docs/method.md``, section 8): part removal and per-part confidence thresholds.
 
 * Part removal: ``model(images, remove_parts=[k, ...])`` turns the patches whose best part is a removed part into
   background, so stage 2 cannot read them; stage 1's outputs are unchanged. :func:`remove_parts_keep` does the same on

@@ -1,4 +1,4 @@
-"""The loss terms of section 6 of ``ifam_method.md`` (PDiscoFormer part priors plus both classifiers).
+"""The loss terms of ``docs/method.md`` section 5 (PDiscoFormer part priors plus both classifiers).
 
 Every function takes the soft part maps ``(B, K + 1, H, W)`` (index K is the background) or the modulated part
 embeddings ``(B, C, K + 1)`` and returns a scalar: the losses are functions of the model's outputs, and this module

@@ -5,16 +5,16 @@ foreground parts or to the background. A patch is kept iff its best part is a fo
 ViT, sparsified) classifies from the class token while every attention may only read the prefix tokens and the kept
 patches, so its prediction depends on the pixels of the kept patches only (:func:`faithful_vit.audit` checks this).
 
-Sections refer to ``ifam_method.md``. Deviations from the authors' code, all deliberate:
-    * the straight-through gate reaches stage 1 (section 4.3): ``gate = keep + (S - S.detach())`` in "masked" mode;
+Deviations from the authors' code, all deliberate (``docs/method.md`` says why):
+    * the straight-through gate reaches stage 1: ``gate = keep + (S - S.detach())`` in "masked" mode;
       ``straight_through=False`` reproduces the authors' detached mask;
     * at evaluation the soft maps and the mask are deterministic (no Gumbel noise) unless ``stochastic_eval=True``;
-    * stage-1 logits are computed in fp32 with autocast off (section 3.2);
-    * confidence thresholds (section 11.1) keep the -distance logits and only drop a foreground part where its score
+    * stage-1 logits are computed in fp32 with autocast off;
+    * confidence thresholds keep the -distance logits and only drop a foreground part where its score
       is below its threshold, instead of switching every logit to the raw dot product;
     * optional, off by default: a morphological clean-up of the kept patches (``mask_morphology``: 4-neighbour
       erosion or opening) and a minimum-foreground-area prior (loss ``area``), which the small synthetic benchmark
-      needs (``feasibility_synthetic.md``; README "Results").
+      needs (``docs/results.md``).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ A preset is a function registered with :func:`register_model` that returns a
 come only from a local file (``pretrained_file=``), never from a hub.
 
 Learning-rate factors: the paper's (``heads``/``modulation`` x1e4, ``prototypes`` x1e3, the rest x1) assume a pretrained
-backbone trained at lr ~3e-6. ``faithful_tiny`` trains from scratch at lr ~1e-3 (``feasibility_synthetic.md``), where
+backbone trained at lr ~3e-6. ``faithful_tiny`` trains from scratch at lr ~1e-3, where
 those factors would give the heads lr 10, so all its factors are 1.
 """
 
@@ -66,7 +66,7 @@ def create_model(name: str, *, pretrained_file: str | None = None, **overrides) 
     if cfg.freeze_stage1_backbone and pretrained_file is None:
         warnings.warn(
             f"{name}: freeze_stage1_backbone=True without pretrained_file freezes a randomly initialised stage-1 "
-            "backbone (its masks fail, feasibility_synthetic.md T2); pass pretrained_file= or "
+            "backbone (its part maps then never separate object from background); pass pretrained_file= or "
             "freeze_stage1_backbone=False",
             stacklevel=2,
         )
@@ -90,7 +90,7 @@ _FROM_SCRATCH_LR_FACTORS = {
 @register_model
 def faithful_tiny() -> FaithfulViTConfig:
     """From scratch on 2 CPU cores in minutes: 64 px, patch 8, width 128, depth 4, 4 heads, K = 3 (both stages
-    trainable; the setting of ``feasibility_synthetic.md``).
+    trainable).
 
     Choices made by measurement on the built-in benchmark, two of them deviations from the paper (the numbers are
     in README "Results"):

@@ -1,7 +1,7 @@
 """How good a patch keep-mask is against ground-truth pixel masks, and how much background it lets through.
 
 Mask IoU alone is misleading for the two-stage model: a mask with a good IoU can still keep boundary patches whose
-background pixels carry the spurious cue (``feasibility_synthetic.md``). :func:`patch_mask_stats` therefore reports
+background pixels carry the spurious cue (``docs/method.md``, section 9). :func:`patch_mask_stats` therefore reports
 the background fraction inside kept patches (and, when the dataset provides it, the place-cue fraction) next to IoU.
 """
 

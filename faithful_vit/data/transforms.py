@@ -1,4 +1,4 @@
-"""Joint image/mask augmentations of the paper's ``cub_original`` recipe (``ifam_method.md`` section 8).
+"""Joint image/mask augmentations of the paper's ``cub_original`` recipe (``docs/method.md``, section 6).
 
 The datasets call a transform as ``(image, mask) -> (image, mask)``:
 
