@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import sys
 import time
 import warnings
@@ -129,8 +130,20 @@ def check_datasets_and_models(args, names: list[str], splits: list, image_size: 
     no_weights = argparse.Namespace(**{**vars(args), "pretrained_file": None})
     with torch.device("meta"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*freeze_stage1_backbone.*")  # the real build warns if it applies
-        for name in names:
-            build_model(name, no_weights, splits[0].num_classes, image_size)
+        built = {name: build_model(name, no_weights, splits[0].num_classes, image_size)[0] for name in names}
+    if args.pretrained_file is not None:  # it loads safely and fits, checked on the meta models: no memory for weights
+        for name, model in built.items():
+            if name in COMPARISON_MODELS:
+                continue
+            try:
+                with warnings.catch_warnings():  # loading into meta parameters is a no-op by design here
+                    warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter.*")
+                    model.load_backbone_weights(args.pretrained_file)
+            except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as error:
+                reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise UsageError(
+                    f"--pretrained-file: cannot load {args.pretrained_file} into {name}: {reason}"
+                ) from None
 
 
 def run(args, args_text: str) -> dict:

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -448,3 +449,50 @@ def test_nan_loss_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch):
     code = train.main([*TINY, "--model", "baseline", "--log-interval", "1", "--output", str(tmp_path)])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train.py")]
     assert code == 1 and len(err) == 1 and "non-finite training loss (total = nan)" in err[0]
+
+
+class _ShellCommand:
+    """A pickle that runs a shell command when it is loaded."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_an_unusable_pretrained_file_is_one_line_before_the_run_folder(tmp_path):
+    import timm
+
+    marker = tmp_path / "executed"
+    malicious, truncated, foreign, fitting = (tmp_path / f"{n}.pth" for n in ("evil", "cut", "foreign", "fits"))
+    torch.save({"payload": _ShellCommand(f"touch {marker}")}, malicious)
+    torch.save(timm.create_model("vit_tiny_patch16_224", pretrained=False).state_dict(), foreign)
+    truncated.write_bytes(foreign.read_bytes()[:1000])
+    stage = faithful_vit_stage_of_tiny()
+    torch.save(stage.state_dict(), fitting)
+    tiny = ["--model", "faithful_tiny", "--data-kwargs", "n_train=32", "n_val=8", "n_test=8", "--batch-size", "8"]
+    for path, message in (
+        (malicious, "cannot load .*evil.pth into faithful_tiny: .*(Weights only load failed|Unsupported global)"),
+        (truncated, "cannot load .*cut.pth into faithful_tiny"),
+        (foreign, "cannot load .*foreign.pth into faithful_tiny"),
+    ):
+        out = tmp_path / f"runs_{path.stem}"
+        result = run_cli([*tiny, "--pretrained-file", str(path), "--output", str(out), "--epochs", "1"])
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and re.search(f"--pretrained-file: {message}", lines[0]), result.stderr
+        assert not out.exists()
+    assert not marker.exists()
+    # The same check accepts a file that fits (the model's own stage-1 backbone).
+    args, _ = load_train()._parse_args([*tiny, "--pretrained-file", str(fitting), "--output", str(tmp_path / "ok")])
+    from faithful_vit import experiment
+
+    splits, data = experiment.build_datasets(args)
+    experiment.check_datasets_and_models(args, ["faithful_tiny"], splits, data["image_size"])
+
+
+def faithful_vit_stage_of_tiny():
+    import faithful_vit
+
+    return faithful_vit.create_model("faithful_tiny", num_classes=2).stage1
