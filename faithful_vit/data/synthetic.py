@@ -6,16 +6,15 @@ Waterbirds, the place matches the label in 95% of training images and in 50% of 
 (each of the four groups ``(y, place)`` is exactly a quarter of val/test), so a full-image model learns the
 background shortcut and fails on the minority groups.
 
-Clear margin (why the benchmark is built this way): at 64 px with 8 px patches an object is only ~3-4 patches across
-and most of its patches straddle the boundary. Without a margin a from-scratch ViT finds the few water/grass pixels
-inside those boundary patches, so even a perfect patch mask barely beats the baseline. Here the place texture fades
-into a place-independent neutral grey within ``clear_margin`` pixels of the object (a soft shadow), so every patch
-that touches the object carries no place cue,
-and a patch mask that keeps only object patches removes the shortcut. The same neutral grey also appears as
-blotches far from the object, so it reads as "background" rather than as part of the object. ``clear_margin=0``
-gives the hard variant of the prior experiment. ``place_visibility`` (per pixel, 0..1: how much of the place texture
-shows) lets a benchmark report the place-cue fraction inside kept patches next to the mask IoU
-(:func:`faithful_vit.data.mask_stats.patch_mask_stats`).
+Clear margin (why the benchmark is built this way): at 64 px with 8 px patches an object is only ~3-4 patches across and
+most of its patches straddle the boundary. Without a margin a from-scratch ViT finds the few water/grass pixels inside
+those boundary patches, so even a perfect patch mask barely beats the baseline. Here the place texture fades into a
+place-independent neutral grey within ``clear_margin`` pixels of the object (a soft shadow), so every patch that touches
+the object carries no place cue, and a patch mask that keeps only object patches removes the shortcut. The same neutral
+grey also appears as blotches far from the object, so it reads as "background" rather than as part of the object.
+``clear_margin=0`` gives the hard variant, where the boundary patches leak the place. ``place_visibility`` (per pixel,
+0..1: how much of the place texture shows) lets a benchmark report the place-cue fraction inside kept patches next to
+the mask IoU (:func:`faithful_vit.data.mask_stats.patch_mask_stats`).
 
 ``benchmarks/results/README.md`` has the measured worst-group accuracies of a full-image ViT and of the same ViT
 restricted to ground-truth patch masks (``benchmarks/oracle_ceilings.py``), with and without the margin.
