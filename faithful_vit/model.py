@@ -13,8 +13,8 @@ Deviations from the authors' code, all deliberate (``docs/method.md`` says why):
     * confidence thresholds keep the -distance logits and only drop a foreground part where its score
       is below its threshold, instead of switching every logit to the raw dot product;
     * optional, off by default: a morphological clean-up of the kept patches (``mask_morphology``: 4-neighbour
-      erosion or opening) and a minimum-foreground-area prior (loss ``area``), which the small synthetic benchmark
-      needs (``docs/results.md``).
+      erosion, opening or opening by reconstruction) and a minimum-foreground-area prior (loss ``area``), which the
+      small synthetic benchmark needs (``docs/results.md``).
 """
 
 from __future__ import annotations
@@ -94,7 +94,8 @@ class FaithfulViTConfig:
             a training set with a spurious background that includes the background (measured in README "Results").
         mask_morphology: clean-up of the kept patches with a 4-neighbour cross (a deviation, "none" in the paper):
             "erode" keeps a patch iff it and its 4 neighbours are kept; "open" (erosion then dilation) removes the
-            kept specks that hold no full cross and keeps the shape of larger regions.
+            kept specks that hold no full cross and rounds larger regions (a 3 x 3 block becomes a plus);
+            "reconstruct" (opening by reconstruction) removes the same specks and keeps every other region whole.
         area_target: target soft foreground fraction of the ``area`` loss.
         stage2_mode: default stage-2 execution mode; None picks "masked" when the gate needs a gradient (training
             with ``straight_through``) and "packed" otherwise.

@@ -261,6 +261,14 @@ def test_param_groups_cover_every_trainable_parameter_once():
     torch.optim.AdamW(groups)  # accepted as is
 
 
+def test_faithful_tiny_trains_stage2_at_a_lower_learning_rate():
+    groups = {g["name"]: g["lr"] for g in tiny_model().param_groups(lr=1e-3, weight_decay=0.05)}
+    for name in ("stage2_backbone", "stage2_backbone_decay", "stage2_tokens"):
+        assert groups[name] == pytest.approx(3e-4), name
+    for name in ("stage1_backbone", "stage1_backbone_decay", "stage1_tokens", "heads", "prototypes", "modulation"):
+        assert groups[name] == pytest.approx(1e-3), name
+
+
 def test_paper_presets_use_the_paper_lr_factors():
     assert set(faithful_vit.list_models()) >= {
         "faithful_tiny",
