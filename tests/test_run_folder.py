@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+from _helpers import ShellCommand
 from test_train_cli import TINY, load_train
 
 from faithful_vit import run_folder
@@ -47,16 +48,6 @@ def main_error(capsys, argv) -> tuple[int, list[str]]:
     """train.main's exit code and its stderr lines starting with ``train.py``."""
     code = load_train().main(argv)
     return code, [line for line in capsys.readouterr().err.splitlines() if line.startswith("train.py")]
-
-
-class ShellCommand:
-    """A pickle that runs a shell command when it is loaded."""
-
-    def __init__(self, command: str):
-        self.command = command
-
-    def __reduce__(self):
-        return os.system, (self.command,)
 
 
 def test_a_malicious_checkpoint_is_refused_and_runs_nothing(tmp_path):

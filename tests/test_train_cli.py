@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers import ShellCommand
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -451,22 +452,12 @@ def test_nan_loss_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch):
     assert code == 1 and len(err) == 1 and "non-finite training loss (total = nan)" in err[0]
 
 
-class _ShellCommand:
-    """A pickle that runs a shell command when it is loaded."""
-
-    def __init__(self, command: str):
-        self.command = command
-
-    def __reduce__(self):
-        return os.system, (self.command,)
-
-
 def test_an_unusable_pretrained_file_is_one_line_before_the_run_folder(tmp_path):
     import timm
 
     marker = tmp_path / "executed"
     malicious, truncated, foreign, fitting = (tmp_path / f"{n}.pth" for n in ("evil", "cut", "foreign", "fits"))
-    torch.save({"payload": _ShellCommand(f"touch {marker}")}, malicious)
+    torch.save({"payload": ShellCommand(f"touch {marker}")}, malicious)
     torch.save(timm.create_model("vit_tiny_patch16_224", pretrained=False).state_dict(), foreign)
     truncated.write_bytes(foreign.read_bytes()[:1000])
     stage = faithful_vit_stage_of_tiny()
