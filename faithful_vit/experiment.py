@@ -77,11 +77,8 @@ def check_args(args) -> list[str]:
         args.reference_model = next((name for name in names if name in presets), "faithful_tiny")
     if args.reference_model not in presets:
         raise UsageError(f"--reference-model: unknown preset {args.reference_model!r}; expected one of {presets}")
-    if args.pretrained_file is not None:
-        if not any(name in presets for name in names):
-            raise UsageError(f"--pretrained-file: only two-stage presets load it, --model has none: {args.model!r}")
-        if not Path(args.pretrained_file).is_file():
-            raise UsageError(f"--pretrained-file: no such file: {args.pretrained_file}")
+    if args.pretrained_file is not None and not Path(args.pretrained_file).is_file():
+        raise UsageError(f"--pretrained-file: no such file: {args.pretrained_file}")
     if args.min_lr > args.lr:
         raise UsageError(f"--min-lr: expected at most --lr ({args.lr}), got {args.min_lr}")
     data = dataset_info(args.data)
@@ -133,8 +130,6 @@ def check_datasets_and_models(args, names: list[str], splits: list, image_size: 
         built = {name: build_model(name, no_weights, splits[0].num_classes, image_size)[0] for name in names}
     if args.pretrained_file is not None:  # it loads safely and fits, checked on the meta models: no memory for weights
         for name, model in built.items():
-            if name in COMPARISON_MODELS:
-                continue
             try:
                 with warnings.catch_warnings():  # loading into meta parameters is a no-op by design here
                     warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter.*")
