@@ -215,12 +215,36 @@ def _summary(metrics: dict) -> dict:
     return {key: metrics[key] for key in _SUMMARY}
 
 
+def _bg_gap(results: dict) -> float:
+    return results["mixed_same"]["accuracy"] - results["mixed_rand"]["accuracy"]
+
+
+def _folder_backgrounds(dataset, run_evaluation) -> dict:
+    """The backgrounds protocol on data that ships its variants as folders (ImageNet-9's backgrounds challenge)."""
+    try:
+        variants = dataset.background_variants()
+    except (FileNotFoundError, ValueError) as error:
+        raise SpecError(f"--protocol backgrounds: {error}") from None
+    results = {
+        name: {**_summary(run_evaluation(variant, f"backgrounds {name}")), "num_images": len(variant)}
+        for name, variant in variants.items()
+    }
+    return {
+        "definition": "the published variant folders of ImageNet-9 (Xiao et al., the backgrounds challenge), split "
+        f"{dataset.split!r}; bg_gap = acc(mixed_same) - acc(mixed_rand)",
+        "variants": results,
+        "bg_gap": _bg_gap(results),
+    }
+
+
 def _backgrounds(model, dataset, run_evaluation, seed: int) -> dict:
+    if callable(getattr(dataset, "background_variants", None)):
+        return _folder_backgrounds(dataset, run_evaluation)
     arrays = getattr(dataset, "arrays", None)
     if not isinstance(arrays, dict) or not {"images", "fg_masks", "places"} <= set(arrays):
         raise SpecError(
             "--protocol backgrounds: needs a generated dataset with ground-truth masks and places "
-            f"(synthetic, waterbirds_lite), got {type(dataset).__name__}"
+            f"(synthetic, waterbirds_lite) or one with variant folders (imagenet9), got {type(dataset).__name__}"
         )
     image_size = arrays["images"].shape[1]
     # The object's neutral band (SpuriousShapes' clear_margin, in pixels at 64 px) travels with it.
@@ -236,7 +260,7 @@ def _backgrounds(model, dataset, run_evaluation, seed: int) -> dict:
         "surround_pixels": surround,
         "partner_seed": seed,
         "variants": results,
-        "bg_gap": results["mixed_same"]["accuracy"] - results["mixed_rand"]["accuracy"],
+        "bg_gap": _bg_gap(results),
     }
 
 
@@ -360,7 +384,8 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         action=ParseKwargs,
         metavar="KEY=VALUE",
-        help="generator settings of synthetic/waterbirds_lite (default: the training data's)",
+        help="generator settings of synthetic/waterbirds_lite, the variant= of imagenet9 (default: the training "
+        "data's)",
     )
     parser.add_argument("--split", default="test", help="train, val or test (default: %(default)s)")
     parser.add_argument(

@@ -86,7 +86,7 @@ def check_args(args) -> list[str]:
         raise UsageError(f"--data-dir: dataset folder not found: {args.data_dir}")
     for flag, given, used in (
         ("--data-dir", args.data_dir is not None, data.needs_root),
-        ("--img-size", args.img_size is not None, data.settings is None),
+        ("--img-size", args.img_size is not None, data.sized_by_model),
         ("--mask-dir", args.mask_dir is not None, data.accepts_mask_root),
         ("--data-kwargs", bool(args.data_kwargs), data.settings is not None),
     ):

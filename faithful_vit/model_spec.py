@@ -193,7 +193,7 @@ def build_dataset(spec: dict, split: str, *, augment: bool | None = None):
     name, data_dir = spec["name"], spec["data_dir"]
     info = dataset_info(name)
     kwargs = dict(spec["data_kwargs"])
-    if info.settings is None:
+    if info.sized_by_model:
         kwargs["image_size"] = spec["image_size"]
     if info.accepts_mask_root:
         kwargs["mask_root"] = spec["mask_dir"]

@@ -2,12 +2,19 @@
 trained model on other data (ImageNet-9 backgrounds, a CUB model on Waterbirds through a class map)."""
 
 import json
+import re
 
+import numpy as np
 import pytest
-from test_datasets import write_cub, write_metashift
+import torch
+from PIL import Image
+from test_datasets import IMAGENET9_CLASSES, write_cub, write_imagenet9, write_metashift
 from test_train_cli import TINY, load_train
 
 import faithful_vit
+from faithful_vit import evaluate, model_spec
+from faithful_vit.data import normalize
+from faithful_vit.data.datasets import IMAGENET9_VARIANTS
 from faithful_vit.kernels import use_backend
 
 # A run of seconds: the tiny model of test_train_cli on 16 px images (a 2 x 2 patch grid).
@@ -52,3 +59,96 @@ def test_train_py_runs_on_the_published_metashift_layout(tmp_path):
     group_names = faithful_vit.load_model(run).spec["data"]["group_names"]
     present = {name: count for name, count in zip(group_names, test["group_count"]) if count}
     assert present == {"cat/shelf": 6, "dog/shelf": 6}
+
+
+def write_checkpoint(path, data: dict, class_names, num_classes: int, image_size: int = 16):
+    """A checkpoint of an untrained baseline whose predictions differ between images (larger Linear weights than at
+    init), with the spec of ``data``: what train.py writes, without training."""
+    torch.manual_seed(0)
+    small = {"backbone_kwargs": {"embed_dim": 32, "depth": 1, "num_heads": 2}}
+    spec = model_spec.model_spec("baseline", num_classes=num_classes, image_size=image_size, model_kwargs=small)
+    model = model_spec.build_model(spec)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.normal_(0, 3 / module.in_features**0.5)
+    data = {**data, "class_names": list(class_names), "group_names": list(class_names)}
+    torch.save({"model": model.state_dict(), "spec": {"model": spec, "data": data}, "epoch": 0}, path)
+    return faithful_vit.load_model(path)
+
+
+def predict_file(model, path) -> int:
+    """The model's class for one image file, decoded and normalised here (16 px files: the eval resize and crop
+    leave them as they are)."""
+    pixels = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy())
+    with torch.no_grad():
+        return int(model(normalize(pixels.permute(2, 0, 1).float() / 255)[None]).logits.argmax(1))
+
+
+def evaluate_cli(argv, capsys):
+    code = evaluate.main([*argv, "--no-progress", "--backend", "torch"])
+    captured = capsys.readouterr()
+    return code, captured.out, [line for line in captured.err.splitlines() if line.startswith("evaluate")]
+
+
+@pytest.fixture(scope="module")
+def imagenet9(tmp_path_factory):
+    root = tmp_path_factory.mktemp("in9") / "bg_challenge"
+    write_imagenet9(root, per_class=3)
+    data = model_spec.data_spec("imagenet9", data_dir=str(root), img_size=16)
+    model = write_checkpoint(root.parent / "in9.pt", data, IMAGENET9_CLASSES, num_classes=9)
+    return root, model
+
+
+def test_backgrounds_protocol_on_imagenet9_matches_a_direct_computation(imagenet9, capsys, tmp_path):
+    root, model = imagenet9
+    output = tmp_path / "in9.json"
+    argv = [
+        model.spec["checkpoint"],
+        "--protocol",
+        "accuracy,backgrounds",
+        "--batch-size",
+        "7",
+        "--output",
+        str(output),
+    ]
+    code, out, err = evaluate_cli(argv, capsys)
+    assert code == 0, err
+    report = json.loads(output.read_text())
+    expected = {}
+    for variant in IMAGENET9_VARIANTS:
+        hits = [
+            predict_file(model, path) == label
+            for label, name in enumerate(IMAGENET9_CLASSES)
+            for path in sorted((root / variant / "val" / name).iterdir())
+        ]
+        expected[variant] = sum(hits) / len(hits)
+    backgrounds = report["protocols"]["backgrounds"]
+    assert list(backgrounds["variants"]) == list(IMAGENET9_VARIANTS)
+    for variant, accuracy in expected.items():
+        assert backgrounds["variants"][variant]["accuracy"] == pytest.approx(accuracy, abs=1e-12), variant
+        assert backgrounds["variants"][variant]["num_images"] == 27
+    assert backgrounds["bg_gap"] == pytest.approx(expected["mixed_same"] - expected["mixed_rand"], abs=1e-12)
+    assert report["protocols"]["accuracy"]["accuracy"] == pytest.approx(expected["original"], abs=1e-12)
+    assert len(set(expected.values())) > 1  # the variants change this model's predictions
+    assert re.search(r"BG-GAP +-?\d+\.\d %", out) and "background mixed_next" in out
+    # One variant's accuracy: --data-kwargs variant=.
+    only_fg = tmp_path / "only_fg.json"
+    argv = [model.spec["checkpoint"], "--data-kwargs", "variant=only_fg", "--output", str(only_fg)]
+    assert evaluate_cli(argv, capsys)[0] == 0
+    assert json.loads(only_fg.read_text())["protocols"]["accuracy"]["accuracy"] == pytest.approx(expected["only_fg"])
+
+
+def test_imagenet9_bad_variant_or_missing_folder_is_one_line_exit_2(imagenet9, capsys, tmp_path):
+    root, model = imagenet9
+    checkpoint = model.spec["checkpoint"]
+    code, _, err = evaluate_cli([checkpoint, "--data-kwargs", "variant=mixed"], capsys)
+    assert code == 2 and len(err) == 1 and "--data imagenet9: variant: expected one of ('original'" in err[0], err
+    code, _, err = evaluate_cli([checkpoint, "--split", "train", "--data-kwargs", "variant=mixed_rand"], capsys)
+    assert code == 2 and len(err) == 1 and re.search(r"mixed_rand/train'.*the mixed_rand training data", err[0]), err
+    (root / "only_bg_t").rename(root / "only_bg_t_moved")
+    try:
+        code, _, err = evaluate_cli([checkpoint, "--protocol", "backgrounds"], capsys)
+    finally:
+        (root / "only_bg_t_moved").rename(root / "only_bg_t")
+    assert code == 2 and len(err) == 1 and re.search(r"--protocol backgrounds: .*only_bg_t/val'", err[0]), err

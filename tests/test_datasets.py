@@ -14,6 +14,7 @@ from faithful_vit.data import (
     CorruptImageError,
     DatasetError,
     ImageFolder,
+    ImageNet9,
     MetaShiftCatDog,
     Waterbirds,
     WaterbirdsLite,
@@ -381,6 +382,70 @@ def test_image_folder(tmp_path):
         ImageFolder(tmp_path, class_names=["c_class"])
     with pytest.raises(FileNotFoundError, match="root not found"):
         ImageFolder(tmp_path / "nope")
+
+
+IMAGENET9_CLASSES = [
+    "00_dog",
+    "01_bird",
+    "02_wheeled vehicle",
+    "03_reptile",
+    "04_carnivore",
+    "05_insect",
+    "06_musical instrument",
+    "07_primate",
+    "08_fish",
+]
+
+
+def write_imagenet9(root, per_class=2, train_per_class=0, size=16, seed=0):
+    """The released ``bg_challenge`` folder: ``<variant>/val/<NN_class>/*.JPEG`` for every variant (random-pixel
+    JPEGs, different in every variant), and ``original/train`` with ``train_per_class`` images per class."""
+    from faithful_vit.data.datasets import IMAGENET9_VARIANTS
+
+    rng = np.random.default_rng(seed)
+    folders = [(variant, "val", per_class) for variant in IMAGENET9_VARIANTS] + [("original", "train", train_per_class)]
+    for variant, split, count in folders:
+        for name in IMAGENET9_CLASSES:
+            (root / variant / split / name).mkdir(parents=True, exist_ok=True)
+            for k in range(count):
+                pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / variant / split / name / f"n{k:08d}_{k}.JPEG", format="JPEG")
+
+
+def test_imagenet9_reads_the_released_layout(tmp_path):
+    write_imagenet9(tmp_path, per_class=2, train_per_class=10)
+    test = ImageNet9(tmp_path, "test", variant="mixed_rand")
+    assert test.class_names == tuple(IMAGENET9_CLASSES) and test.num_classes == 9 and len(test) == 18
+    assert test.labels.tolist() == [c for c in range(9) for _ in range(2)] and torch.equal(test.groups, test.labels)
+    assert all(e.path.parent.parent == tmp_path / "mixed_rand" / "val" for e in test.entries)
+    assert test[0].image.shape == (3, 16, 16)
+    train, val = ImageNet9(tmp_path, "train"), ImageNet9(tmp_path, "val")
+    by_class = {}
+    for entry in train.entries + val.entries:
+        by_class.setdefault(entry.label, []).append(entry.path.relative_to(tmp_path / "original/train").as_posix())
+    assert {c: len(paths) for c, paths in by_class.items()} == dict.fromkeys(range(9), 10)
+    assert set(relative(val, tmp_path / "original/train")) == carved_by_hand(by_class) and len(val) == 9
+    variants = test.background_variants()
+    assert list(variants) == [
+        "original",
+        "only_fg",
+        "no_fg",
+        "only_bg_b",
+        "only_bg_t",
+        "mixed_same",
+        "mixed_rand",
+        "mixed_next",
+    ]
+    assert all(v.split == "test" and len(v) == 18 for v in variants.values())
+    with pytest.raises(FileNotFoundError, match=r"mixed_rand/train'.*the mixed_rand training data"):
+        ImageNet9(tmp_path, "train", variant="mixed_rand")
+    with pytest.raises(ValueError, match=r"variant: expected one of \('original', .*, got 'mixed'"):
+        ImageNet9(tmp_path, "test", variant="mixed")
+    (tmp_path / "only_fg" / "val" / "08_fish").rename(tmp_path / "only_fg" / "val" / "08_fishes")
+    with pytest.raises(
+        DatasetError, match="variant only_fg: expected the class folders .*'08_fish'.*got .*'08_fishes'"
+    ):
+        test.background_variants()
 
 
 def _fake_tuxpaint(cache):

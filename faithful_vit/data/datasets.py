@@ -9,6 +9,8 @@
   sub-folders the group is ``label * num_places + place`` over the sorted context names, else group == label;
   validation carved from ``train/`` where the folder has no ``val/``.
 - :class:`ImageFolder`: ``<root>/<class>/*.<ext>`` (sorted class names), group == label.
+- :class:`ImageNet9`: the backgrounds challenge of Xiao et al. (ICLR 2021), ``<root>/<variant>/val/<NN_class>/*``
+  for the test images of each of :data:`IMAGENET9_VARIANTS`, ``<root>/<variant>/train/`` for training; group == label.
 
 Images are decoded with PIL to float ``[3,H,W]`` in [0,1], passed with their mask through the joint ``transform``
 (see :mod:`faithful_vit.data.transforms`, e.g. ``cub_original(518, train=True)``), then normalised with
@@ -32,6 +34,7 @@ place outside the class/place range, a malformed row.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import os
 import warnings
@@ -418,6 +421,97 @@ class MetaShiftCatDog(ImageListDataset):
         super().__init__(entries, num_classes=2, group_names=group_names, transform=transform, on_corrupt=on_corrupt)
 
 
+IMAGENET9_VARIANTS = (
+    "original",
+    "only_fg",
+    "no_fg",
+    "only_bg_b",
+    "only_bg_t",
+    "mixed_same",
+    "mixed_rand",
+    "mixed_next",
+)
+
+
+class ImageNet9(ImageListDataset):
+    """ImageNet-9 and its background variants (Xiao et al., "Noise or Signal", ICLR 2021); group == label.
+
+    The release unpacks to ``bg_challenge/<variant>/val/<class>/*.JPEG`` with the class folders ``00_dog`` ..
+    ``08_fish`` (sorted: the label order) and the variants of :data:`IMAGENET9_VARIANTS`: ``original``, ``only_fg``
+    (the object on black), ``no_fg`` (the object's box blacked out), ``only_bg_b`` / ``only_bg_t`` (the background
+    alone, the box black or tiled), ``mixed_same`` / ``mixed_rand`` / ``mixed_next`` (the object on the background of
+    another image of the same class, a random class, the next class). Those ``val`` folders are the test images:
+    ``"test"`` reads ``<root>/<variant>/val``. The training data is a separate download per variant; put only its
+    ``train/`` folder into ``<root>/<variant>/`` (its own validation images are not the test set and must not
+    replace it). ``"train"`` and ``"val"`` read ``<root>/<variant>/train``, with :data:`VAL_FRACTION` (10 %) of every
+    class carved out for ``"val"`` by :func:`split_off_validation`.
+
+    Args:
+        root: the ``bg_challenge`` folder.
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        variant: one of :data:`IMAGENET9_VARIANTS`.
+        transform, on_corrupt: see :class:`ImageListDataset`.
+    """
+
+    def __init__(self, root, split="test", *, variant="original", transform=None, on_corrupt="raise") -> None:
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+        if variant not in IMAGENET9_VARIANTS:
+            raise ValueError(f"variant: expected one of {IMAGENET9_VARIANTS}, got {variant!r}")
+        self.root, self.split, self.variant = Path(root), split, variant
+        folder = self.root / variant / ("val" if split == "test" else "train")
+        if not folder.is_dir():
+            download = "the release's test images" if split == "test" else f"the {variant} training data"
+            raise FileNotFoundError(f"ImageNet-9 folder not found: {str(folder)!r} ({download})")
+        self.class_names = tuple(sorted(p.name for p in folder.iterdir() if p.is_dir()))
+        if not self.class_names:
+            raise DatasetError(f"ImageNet-9 folder {str(folder)!r} has no class folders")
+        entries = [
+            Entry(path, label, label)
+            for label, name in enumerate(self.class_names)
+            for path in _list_images(folder / name)
+        ]
+        if split != "test":
+            entries = split_off_validation(entries, folder, split)
+        super().__init__(
+            entries,
+            num_classes=len(self.class_names),
+            group_names=self.class_names,
+            transform=transform,
+            on_corrupt=on_corrupt,
+        )
+
+    def background_variants(self) -> dict[str, ImageNet9]:
+        """This split of every variant of :data:`IMAGENET9_VARIANTS`, read as this one is (the backgrounds protocol).
+
+        Raises:
+            FileNotFoundError: a variant's folder is missing; DatasetError: a variant's classes differ from this one's.
+        """
+        variants = {}
+        for variant in IMAGENET9_VARIANTS:
+            dataset = ImageNet9(
+                self.root, self.split, variant=variant, transform=self.transform, on_corrupt=self.on_corrupt
+            )
+            if dataset.class_names != self.class_names:
+                raise DatasetError(
+                    f"ImageNet-9 variant {variant}: expected the class folders {list(self.class_names)} of "
+                    f"{self.variant}, got {list(dataset.class_names)}"
+                )
+            variants[variant] = dataset
+        return variants
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageNet9Settings:
+    """``--data-kwargs`` of ``imagenet9``: which variant the splits read (the image side follows the model)."""
+
+    variant: str = "original"
+
+    def __post_init__(self) -> None:
+        if self.variant not in IMAGENET9_VARIANTS:
+            raise ValueError(f"variant: expected one of {IMAGENET9_VARIANTS}, got {self.variant!r}")
+
+
 @register_dataset(
     "waterbirds",
     summary="Waterbirds in --data-dir (metadata.csv); masks from --mask-dir (CUB segmentations)",
@@ -451,3 +545,14 @@ def _metashift(split, root, *, augment, image_size):
 )
 def _imagefolder(split, root, *, augment, image_size):
     return ImageFolder(Path(root) / split, transform=cub_original(image_size, train=augment))
+
+
+@register_dataset(
+    "imagenet9",
+    summary="ImageNet-9 backgrounds challenge in --data-dir (bg_challenge/; --data-kwargs variant=mixed_rand)",
+    needs_root=True,
+    settings=ImageNet9Settings,
+    has_groups=False,
+)
+def _imagenet9(split, root, *, augment, image_size, variant="original"):
+    return ImageNet9(root, split, variant=variant, transform=cub_original(image_size, train=augment))
