@@ -152,3 +152,119 @@ def test_imagenet9_bad_variant_or_missing_folder_is_one_line_exit_2(imagenet9, c
     finally:
         (root / "only_bg_t_moved").rename(root / "only_bg_t")
     assert code == 2 and len(err) == 1 and re.search(r"--protocol backgrounds: .*only_bg_t/val'", err[0]), err
+
+
+def write_waterbirds(root, species, per_group=3, seed=0):
+    """A Waterbirds folder in the published layout (``metadata.csv``, images under CUB species folders): per
+    (waterbird, place) group, ``per_group`` test images and one training and validation image, drawn from ``species``
+    (random-pixel 16 px JPEGs)."""
+    rng = np.random.default_rng(seed)
+    lines, image_id = ["img_id,img_filename,y,split,place,place_filename"], 0
+    for y in (0, 1):
+        for place in (0, 1):
+            for split, count in ((0, 1), (1, 1), (2, per_group)):
+                for _ in range(count):
+                    image_id += 1
+                    name = f"{species[image_id % len(species)]}/{species[image_id % len(species)]}_{image_id:04d}.jpg"
+                    (root / name).parent.mkdir(parents=True, exist_ok=True)
+                    pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+                    Image.fromarray(pixels).save(root / name, format="JPEG")
+                    lines.append(f"{image_id},{name},{y},{split},{place},/p/place/{image_id}.jpg")
+    (root / "metadata.csv").write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="module")
+def cub_and_waterbirds(tmp_path_factory):
+    base = tmp_path_factory.mktemp("cross")
+    species = write_cub(base / "CUB_200_2011", train_per_class=[2, 2, 2])
+    write_waterbirds(base / "waterbirds", species)
+    data = model_spec.data_spec("cub", data_dir=str(base / "CUB_200_2011"), img_size=16)
+    model = write_checkpoint(base / "cub.pt", data, species, num_classes=3)
+    return base / "waterbirds", species, model
+
+
+def test_a_cub_model_on_waterbirds_gives_species_accuracy_per_group(cub_and_waterbirds, capsys, tmp_path):
+    root, species, model = cub_and_waterbirds
+    output = tmp_path / "cross.json"
+    argv = [model.spec["checkpoint"], "--data", "waterbirds", "--data-dir", str(root), "--class-map", "species"]
+    code, out, err = evaluate_cli([*argv, "--batch-size", "5", "--output", str(output)], capsys)
+    assert code == 0, err
+    report = json.loads(output.read_text())
+    hits, groups = [], []
+    for row in (root / "metadata.csv").read_text().splitlines()[1:]:
+        _, name, y, split, place, _ = row.split(",")
+        if split == "2":
+            hits.append(predict_file(model, root / name) == species.index(name.split("/")[0]))
+            groups.append(int(y) * 2 + int(place))
+    expected = [np.mean([h for h, g in zip(hits, groups) if g == group]) for group in range(4)]
+    accuracy = report["protocols"]["accuracy"]
+    assert report["class_map"] == "species" and report["data"]["name"] == "waterbirds"
+    assert report["data"]["class_names"] == species
+    assert report["data"]["group_names"] == ["landbird/land", "landbird/water", "waterbird/land", "waterbird/water"]
+    assert accuracy["group_count"] == [3, 3, 3, 3]
+    assert accuracy["group_accuracy"] == pytest.approx(expected, abs=1e-12)
+    assert accuracy["worst_group_accuracy"] == pytest.approx(min(expected), abs=1e-12)
+    assert accuracy["accuracy"] == pytest.approx(np.mean(hits), abs=1e-12)
+    assert 0 < np.mean(hits) < 1  # the model is right on some images and wrong on others
+    assert "group waterbird/water" in out
+
+
+def test_a_class_map_file_relabels_by_class_name(cub_and_waterbirds, capsys, tmp_path):
+    root, species, model = cub_and_waterbirds
+    mapping = tmp_path / "map.json"
+    mapping.write_text(json.dumps({"landbird": species[2], "waterbird": species[0]}))
+    output = tmp_path / "mapped.json"
+    argv = [model.spec["checkpoint"], "--data", "waterbirds", "--data-dir", str(root), "--class-map", str(mapping)]
+    assert evaluate_cli([*argv, "--output", str(output)], capsys)[0] == 0
+    hits = []
+    for row in (root / "metadata.csv").read_text().splitlines()[1:]:
+        _, name, y, split, _, _ = row.split(",")
+        if split == "2":
+            hits.append(predict_file(model, root / name) == (0 if y == "1" else 2))
+    assert json.loads(output.read_text())["protocols"]["accuracy"]["accuracy"] == pytest.approx(np.mean(hits))
+
+
+def test_a_class_map_that_does_not_fit_is_one_line_exit_2(cub_and_waterbirds, capsys, tmp_path):
+    root, species, model = cub_and_waterbirds
+    checkpoint, on_waterbirds = model.spec["checkpoint"], ["--data", "waterbirds", "--data-dir", str(root)]
+    partial, wrong, broken = tmp_path / "partial.json", tmp_path / "wrong.json", tmp_path / "broken.json"
+    partial.write_text(json.dumps({"landbird": species[0]}))
+    wrong.write_text(json.dumps({"landbird": species[0], "waterbird": "999.Dodo"}))
+    broken.write_text("{landbird")
+    cases = [
+        ([*on_waterbirds], r"--data waterbirds: expected 3 classes \(the model's\), got 2"),
+        (
+            [*on_waterbirds, "--class-map", str(partial)],
+            r"expected a model class for every class .*none for \['waterbird'\]",
+        ),
+        (
+            [*on_waterbirds, "--class-map", str(wrong)],
+            r"expected classes of the model .*got \{'waterbird': '999.Dodo'\}",
+        ),
+        ([*on_waterbirds, "--class-map", str(broken)], r"--class-map: expected one of \('species',\) or a JSON file"),
+        ([*on_waterbirds, "--class-map", "genus"], r"--class-map: expected one of \('species',\) .*got 'genus'"),
+        (["--class-map", "species"], "--class-map species: expected --data waterbirds .*, got --data cub"),
+    ]
+    for argv, message in cases:
+        code, _, err = evaluate_cli([checkpoint, *argv], capsys)
+        assert code == 2 and len(err) == 1 and re.search(message, err[0]), (argv, err)
+    # A species the model does not know.
+    other = tmp_path / "waterbirds"
+    write_waterbirds(other, [*species, "150.Sage_Thrasher"])
+    code, _, err = evaluate_cli(
+        [checkpoint, "--data", "waterbirds", "--data-dir", str(other), "--class-map", "species"], capsys
+    )
+    assert code == 2 and len(err) == 1, err
+    assert re.search(
+        r"expected every species folder of the data among the model's 3 classes .*'150.Sage_Thrasher'", err[0]
+    )
+
+
+def test_the_trained_cub_model_evaluates_on_waterbirds(cub_run, capsys, tmp_path):
+    """A checkpoint of train.py --data cub (not a written one) takes the class map as well."""
+    species = faithful_vit.load_model(cub_run).spec["data"]["class_names"]
+    write_waterbirds(tmp_path / "waterbirds", species, per_group=2)
+    argv = [str(cub_run), "--data", "waterbirds", "--data-dir", str(tmp_path / "waterbirds"), "--class-map", "species"]
+    code, _, err = evaluate_cli([*argv, "--output", str(tmp_path / "out.json")], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "out.json").read_text())["protocols"]["accuracy"]["group_count"] == [2, 2, 2, 2]

@@ -270,6 +270,7 @@ class Waterbirds(ImageListDataset):
                 )
         group_names = [f"{c}/{p}" for c in self.class_names for p in self.place_names]
         super().__init__(entries, num_classes=2, group_names=group_names, transform=transform, on_corrupt=on_corrupt)
+        self.root = root
         self.places = torch.tensor([e.group % self.num_places for e in self.entries], dtype=torch.int64)
 
 
