@@ -39,7 +39,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "(default: %(default)s)",
     )
     group.add_argument(
-        "--data-dir", default=None, help="dataset folder (required for waterbirds, cub, metashift, imagefolder)"
+        "--data-dir",
+        default=None,
+        help="dataset folder (required for waterbirds, cub, metashift, imagefolder, imagenet9)",
     )
     group.add_argument(
         "--mask-dir",

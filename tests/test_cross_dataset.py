@@ -61,6 +61,15 @@ def test_train_py_runs_on_the_published_metashift_layout(tmp_path):
     assert present == {"cat/shelf": 6, "dog/shelf": 6}
 
 
+def test_train_py_runs_on_imagenet9_original_train(tmp_path):
+    write_imagenet9(tmp_path / "bg_challenge", per_class=1, train_per_class=4)
+    run = train_on("imagenet9", tmp_path / "bg_challenge", tmp_path / "runs")
+    model = faithful_vit.load_model(run)
+    assert model.spec["data"]["data_kwargs"] == {} and model.spec["data"]["class_names"] == IMAGENET9_CLASSES
+    test = json.loads((run / "baseline/seed0/test_metrics.json").read_text())
+    assert test["group_count"] == [1] * 9
+
+
 def write_checkpoint(path, data: dict, class_names, num_classes: int, image_size: int = 16):
     """A checkpoint of an untrained baseline whose predictions differ between images (larger Linear weights than at
     init), with the spec of ``data``: what train.py writes, without training."""
