@@ -439,9 +439,10 @@ class ImageNet9(ImageListDataset):
 
     The release unpacks to ``bg_challenge/<variant>/val/<class>/*.JPEG`` with the class folders ``00_dog`` ..
     ``08_fish`` (sorted: the label order) and the variants of :data:`IMAGENET9_VARIANTS`: ``original``, ``only_fg``
-    (the object on black), ``no_fg`` (the object's box blacked out), ``only_bg_b`` / ``only_bg_t`` (the background
-    alone, the box black or tiled), ``mixed_same`` / ``mixed_rand`` / ``mixed_next`` (the object on the background of
-    another image of the same class, a random class, the next class). Those ``val`` folders are the test images:
+    (the segmented object on black), ``no_fg`` (the object cut out, black), ``only_bg_b`` / ``only_bg_t`` (the
+    background alone, the object's bounding box black or filled with tiles of the background), ``mixed_same`` /
+    ``mixed_rand`` / ``mixed_next`` (the object on the tiled background of an image of the same class, of a random
+    class, of the next class). Those ``val`` folders are the test images:
     ``"test"`` reads ``<root>/<variant>/val``. The training data is a separate download per variant; put only its
     ``train/`` folder into ``<root>/<variant>/`` (its own validation images are not the test set and must not
     replace it). ``"train"`` and ``"val"`` read ``<root>/<variant>/train``, with :data:`VAL_FRACTION` (10 %) of every
