@@ -39,7 +39,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "(default: %(default)s)",
     )
     group.add_argument(
-        "--data-dir", default=None, help="dataset folder (required for waterbirds, cub, metashift, imagefolder)"
+        "--data-dir",
+        default=None,
+        help="dataset folder (required for waterbirds, cub, metashift, imagefolder, imagenet9)",
     )
     group.add_argument(
         "--mask-dir",
@@ -77,7 +79,8 @@ def _build_parser() -> argparse.ArgumentParser:
         default={},
         action=cli.ParseKwargs,
         metavar="KEY=VALUE",
-        help="overrides of the two-stage preset's config, e.g. num_parts=4 mask_morphology=open",
+        help="overrides of the two-stage preset's config, e.g. num_parts=4 mask_morphology=open; for baseline "
+        "and oracle also timm's global_pool=token|avg",
     )
     group.add_argument(
         "--reference-model",
@@ -94,7 +97,8 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--pretrained-file",
         default=None,
-        help="local ViT weights (.safetensors/.pth) for the two-stage backbones; nothing is ever downloaded",
+        help="local ViT weights (.safetensors/.pth) for the two-stage backbones and the baseline/oracle ViT; "
+        "nothing is ever downloaded",
     )
     group = parser.add_argument_group("Optimizer")
     group.add_argument(

@@ -24,6 +24,9 @@ from faithful_vit.sparsify import forward_kept, sparsify
 
 # The stage-2 size of the tiny preset, from the feasibility study (64 px images, 8 px patches, 0.55 M parameters).
 TINY_VIT_KWARGS = dict(img_size=64, patch_size=8, embed_dim=128, depth=4, num_heads=4, mlp_ratio=2.0)
+# timm's pooling choices that give one feature vector per image (``''`` would classify every token); forward_kept
+# pools each over the kept tokens only, so the oracle takes them too.
+GLOBAL_POOLS = ("token", "avg", "avgmax", "max", "map")
 
 
 @dataclass
@@ -87,17 +90,44 @@ class FullImageViT(nn.Module):
     Args:
         num_classes: classifier outputs.
         head_lr_factor: LR multiplier of the classifier head (the paper's stage-2 head factor; 1 from scratch).
+        global_pool: timm's pooling of the final tokens, one of :data:`GLOBAL_POOLS` (``"token"``: the CLS token;
+            ``"avg"``: the mean patch token, then ``fc_norm``).
         **vit_kwargs: ``VisionTransformer`` arguments (default :data:`TINY_VIT_KWARGS`).
     """
 
     uses_ground_truth_mask = False
     area_target = 0.0  # unused: loss_weights has no area term
 
-    def __init__(self, num_classes: int, head_lr_factor: float = 1.0, **vit_kwargs):
+    def __init__(self, num_classes: int, head_lr_factor: float = 1.0, global_pool: str = "token", **vit_kwargs):
         super().__init__()
-        kwargs = {**TINY_VIT_KWARGS, **vit_kwargs, "num_classes": num_classes, "global_pool": "token"}
+        if global_pool not in GLOBAL_POOLS:
+            raise ValueError(f"global_pool: expected one of {GLOBAL_POOLS}, got {global_pool!r}")
+        kwargs = {**TINY_VIT_KWARGS, **vit_kwargs, "num_classes": num_classes, "global_pool": global_pool}
         self.vit = VisionTransformer(**kwargs)
         self.head_lr_factor = head_lr_factor
+
+    def load_backbone_weights(self, path: str) -> None:
+        """Load a local timm/safetensors ViT checkpoint into the ViT (never from a hub), as the two-stage presets do.
+
+        Position embeddings are resampled to this ViT's grid by timm's checkpoint filter and the classifier (``head``)
+        is left as initialised, like an average-pooled ViT's new ``fc_norm`` and the ``norm`` a token-pooled
+        checkpoint has where average pooling has none; every other weight must fit.
+
+        Raises:
+            ValueError: the file does not fit the ViT (the message names missing and unexpected keys).
+        """
+        from timm.models import load_state_dict, vision_transformer
+
+        state = vision_transformer.checkpoint_filter_fn(load_state_dict(path, weights_only=True), self.vit)
+        unused = ("head.",) + (("norm.",) if isinstance(self.vit.norm, nn.Identity) else ())
+        state = {k: v for k, v in state.items() if not k.startswith(unused)}
+        missing, unexpected = self.vit.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith(("head.", "fc_norm."))]
+        if missing or unexpected:
+            raise ValueError(
+                f"{path}: does not fit the {type(self).__name__} ViT: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}"
+            )
 
     @property
     def patch_size(self) -> int:

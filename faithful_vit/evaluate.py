@@ -41,6 +41,7 @@ from faithful_vit import engine
 from faithful_vit.cli import ParseKwargs, Parser, UsageError, add_backend_flag, positive_int, run_command
 from faithful_vit.data import list_datasets
 from faithful_vit.data.backgrounds import VARIANTS, VariantDataset, background_variants
+from faithful_vit.data.class_map import map_classes
 from faithful_vit.data.mask_stats import gt_patch_fraction
 from faithful_vit.data.sample import collate
 from faithful_vit.distributed import DistInfo, unwrap
@@ -215,12 +216,36 @@ def _summary(metrics: dict) -> dict:
     return {key: metrics[key] for key in _SUMMARY}
 
 
+def _bg_gap(results: dict) -> float:
+    return results["mixed_same"]["accuracy"] - results["mixed_rand"]["accuracy"]
+
+
+def _folder_backgrounds(dataset, run_evaluation) -> dict:
+    """The backgrounds protocol on data that ships its variants as folders (ImageNet-9's backgrounds challenge)."""
+    try:
+        variants = dataset.background_variants()
+    except (FileNotFoundError, ValueError) as error:
+        raise SpecError(f"--protocol backgrounds: {error}") from None
+    results = {
+        name: {**_summary(run_evaluation(variant, f"backgrounds {name}")), "num_images": len(variant)}
+        for name, variant in variants.items()
+    }
+    return {
+        "definition": "the published variant folders of ImageNet-9 (Xiao et al., the backgrounds challenge), split "
+        f"{dataset.split!r}; bg_gap = acc(mixed_same) - acc(mixed_rand)",
+        "variants": results,
+        "bg_gap": _bg_gap(results),
+    }
+
+
 def _backgrounds(model, dataset, run_evaluation, seed: int) -> dict:
+    if callable(getattr(dataset, "background_variants", None)):
+        return _folder_backgrounds(dataset, run_evaluation)
     arrays = getattr(dataset, "arrays", None)
     if not isinstance(arrays, dict) or not {"images", "fg_masks", "places"} <= set(arrays):
         raise SpecError(
             "--protocol backgrounds: needs a generated dataset with ground-truth masks and places "
-            f"(synthetic, waterbirds_lite), got {type(dataset).__name__}"
+            f"(synthetic, waterbirds_lite) or one with variant folders (imagenet9), got {type(dataset).__name__}"
         )
     image_size = arrays["images"].shape[1]
     # The object's neutral band (SpuriousShapes' clear_margin, in pixels at 64 px) travels with it.
@@ -236,7 +261,7 @@ def _backgrounds(model, dataset, run_evaluation, seed: int) -> dict:
         "surround_pixels": surround,
         "partner_seed": seed,
         "variants": results,
-        "bg_gap": results["mixed_same"]["accuracy"] - results["mixed_rand"]["accuracy"],
+        "bg_gap": _bg_gap(results),
     }
 
 
@@ -360,7 +385,15 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         action=ParseKwargs,
         metavar="KEY=VALUE",
-        help="generator settings of synthetic/waterbirds_lite (default: the training data's)",
+        help="generator settings of synthetic/waterbirds_lite, the variant= of imagenet9 (default: the training "
+        "data's)",
+    )
+    parser.add_argument(
+        "--class-map",
+        default=None,
+        metavar="MAP",
+        help="evaluate on data labelled in other classes: 'species' (Waterbirds images by their CUB species folder, "
+        "for a CUB-trained model) or a JSON file {data class: model class}; groups stay the data's",
     )
     parser.add_argument("--split", default="test", help="train, val or test (default: %(default)s)")
     parser.add_argument(
@@ -405,6 +438,17 @@ def _evaluation_data(args, trained: dict, image_size: int) -> dict:
         data_kwargs=trained.get("data_kwargs") if data_kwargs is None else data_kwargs,
         img_size=image_size,
     )
+
+
+def _with_class_map(args, dataset, spec: dict, data_name: str):
+    """The evaluation split relabelled with the model's classes by ``--class-map`` (as it is without one)."""
+    if args.class_map is None:
+        return dataset
+    model_classes = (spec.get("data") or {}).get("class_names")
+    try:
+        return map_classes(dataset, args.class_map, model_classes, data_name)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def _default_output(checkpoint: Path, data: str, split: str) -> Path:
@@ -480,7 +524,7 @@ def run(args) -> dict:
         raise UsageError(
             f"--data-kwargs: image_size: expected {image_size} (the model's input size), got {data['image_size']}"
         )
-    dataset = build_dataset(data, args.split, augment=False)
+    dataset = _with_class_map(args, build_dataset(data, args.split, augment=False), spec, data["name"])
     if dataset.num_classes != spec["model"]["num_classes"]:
         raise UsageError(
             f"--data {data['name']}: expected {spec['model']['num_classes']} classes (the model's), "
@@ -502,6 +546,7 @@ def run(args) -> dict:
         "model": spec["model"],
         "data": describe_data(data, dataset),
         "split": args.split,
+        "class_map": args.class_map,
         "num_images": len(dataset),
         "eval_batch_size": cfg.eval_batch_size,
         "protocols": results,

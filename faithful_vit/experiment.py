@@ -77,11 +77,8 @@ def check_args(args) -> list[str]:
         args.reference_model = next((name for name in names if name in presets), "faithful_tiny")
     if args.reference_model not in presets:
         raise UsageError(f"--reference-model: unknown preset {args.reference_model!r}; expected one of {presets}")
-    if args.pretrained_file is not None:
-        if not any(name in presets for name in names):
-            raise UsageError(f"--pretrained-file: only two-stage presets load it, --model has none: {args.model!r}")
-        if not Path(args.pretrained_file).is_file():
-            raise UsageError(f"--pretrained-file: no such file: {args.pretrained_file}")
+    if args.pretrained_file is not None and not Path(args.pretrained_file).is_file():
+        raise UsageError(f"--pretrained-file: no such file: {args.pretrained_file}")
     if args.min_lr > args.lr:
         raise UsageError(f"--min-lr: expected at most --lr ({args.lr}), got {args.min_lr}")
     data = dataset_info(args.data)
@@ -89,7 +86,7 @@ def check_args(args) -> list[str]:
         raise UsageError(f"--data-dir: dataset folder not found: {args.data_dir}")
     for flag, given, used in (
         ("--data-dir", args.data_dir is not None, data.needs_root),
-        ("--img-size", args.img_size is not None, data.settings is None),
+        ("--img-size", args.img_size is not None, data.sized_by_model),
         ("--mask-dir", args.mask_dir is not None, data.accepts_mask_root),
         ("--data-kwargs", bool(args.data_kwargs), data.settings is not None),
     ):
@@ -133,8 +130,6 @@ def check_datasets_and_models(args, names: list[str], splits: list, image_size: 
         built = {name: build_model(name, no_weights, splits[0].num_classes, image_size)[0] for name in names}
     if args.pretrained_file is not None:  # it loads safely and fits, checked on the meta models: no memory for weights
         for name, model in built.items():
-            if name in COMPARISON_MODELS:
-                continue
             try:
                 with warnings.catch_warnings():  # loading into meta parameters is a no-op by design here
                     warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter.*")

@@ -40,6 +40,8 @@ __all__ = [
 
 COMPARISON_MODELS = ("baseline", "oracle")
 MODEL_KINDS = ("two_stage", *COMPARISON_MODELS)
+# ``model_kwargs`` that are VisionTransformer arguments of the comparison models rather than FaithfulViTConfig fields.
+COMPARISON_VIT_KWARGS = ("global_pool",)
 SPLITS = ("train", "val", "test")
 
 
@@ -67,7 +69,8 @@ def model_spec(
         num_classes: classifier outputs.
         image_size: input side in pixels.
         model_kwargs: :class:`~faithful_vit.FaithfulViTConfig` overrides of the preset (of the reference preset
-            for the baseline and the oracle).
+            for the baseline and the oracle); for the baseline and the oracle also :data:`COMPARISON_VIT_KWARGS`
+            (``global_pool``: timm's ``"token"`` or ``"avg"`` pooling, see :data:`faithful_vit.baseline.GLOBAL_POOLS`).
         reference_model: the preset whose stage 2 sets the size of the baseline and the oracle.
         oracle_threshold: the oracle keeps a patch whose ground-truth foreground fraction exceeds this.
 
@@ -79,12 +82,18 @@ def model_spec(
     from faithful_vit.registry import get_config
 
     overrides = {"num_classes": num_classes, "img_size": image_size, **(model_kwargs or {})}
+    vit_overrides = {key: overrides.pop(key) for key in COMPARISON_VIT_KWARGS if key in overrides}
     spec = {"name": name, "num_classes": num_classes, "image_size": image_size}
     if name not in COMPARISON_MODELS:
+        if vit_overrides:
+            raise ValueError(
+                f"{', '.join(vit_overrides)}: expected only for {' and '.join(COMPARISON_MODELS)} (a two-stage "
+                f"model's stage 2 reads the class token), got {vit_overrides} for {name}"
+            )
         config = dataclasses.asdict(get_config(name, **overrides))
         return {**spec, "kind": "two_stage", "preset": name, "config": config}
     reference = FaithfulViT(get_config(reference_model, **overrides))
-    spec.update(kind=name, preset=reference_model, config=vit_kwargs_like(reference.stage2))
+    spec.update(kind=name, preset=reference_model, config={**vit_kwargs_like(reference.stage2), **vit_overrides})
     if name == "oracle":
         spec["oracle_threshold"] = float(oracle_threshold)
     return spec
@@ -95,7 +104,8 @@ def build_model(spec: dict, *, pretrained_file: str | None = None) -> nn.Module:
 
     Args:
         spec: a model spec.
-        pretrained_file: local ViT weights loaded into both backbones of a two-stage model.
+        pretrained_file: local ViT weights loaded into both backbones of a two-stage model, or into the ViT of the
+            baseline and the oracle.
     """
     from faithful_vit.baseline import FullImageViT, OracleMaskViT
     from faithful_vit.model import FaithfulViT, FaithfulViTConfig
@@ -110,8 +120,12 @@ def build_model(spec: dict, *, pretrained_file: str | None = None) -> nn.Module:
             model.load_backbone_weights(pretrained_file)
         return model
     if kind == "baseline":
-        return FullImageViT(spec["num_classes"], **spec["config"])
-    return OracleMaskViT(spec["num_classes"], threshold=spec["oracle_threshold"], **spec["config"])
+        model = FullImageViT(spec["num_classes"], **spec["config"])
+    else:
+        model = OracleMaskViT(spec["num_classes"], threshold=spec["oracle_threshold"], **spec["config"])
+    if pretrained_file is not None:
+        model.load_backbone_weights(pretrained_file)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -179,7 +193,7 @@ def build_dataset(spec: dict, split: str, *, augment: bool | None = None):
     name, data_dir = spec["name"], spec["data_dir"]
     info = dataset_info(name)
     kwargs = dict(spec["data_kwargs"])
-    if info.settings is None:
+    if info.sized_by_model:
         kwargs["image_size"] = spec["image_size"]
     if info.accepts_mask_root:
         kwargs["mask_root"] = spec["mask_dir"]

@@ -17,7 +17,7 @@ from faithful_vit.data import (
 )
 
 GENERATED = {"synthetic", "waterbirds_lite"}
-FOLDERS = {"waterbirds", "cub", "metashift", "imagefolder"}
+FOLDERS = {"waterbirds", "cub", "metashift", "imagefolder", "imagenet9"}
 
 
 def test_the_built_in_datasets_are_registered_with_what_they_need():
@@ -25,11 +25,15 @@ def test_the_built_in_datasets_are_registered_with_what_they_need():
     for name in list_datasets():
         info = dataset_info(name)
         assert info.name == name and len(info.summary) > 20
-        assert info.needs_root == (name in FOLDERS) == (info.settings is None)
+        assert info.needs_root == (name in FOLDERS) == info.sized_by_model
+        assert (info.settings is None) == (name in FOLDERS - {"imagenet9"})  # imagenet9's settings: the variant
         assert info.has_masks == (name in GENERATED)
         assert info.accepts_mask_root == (name in ("waterbirds", "cub"))
     assert dataset_info("synthetic").image_size({"image_size": 32}) == 32
     assert dataset_info("waterbirds").image_size({}) is None
+    assert dataset_info("imagenet9").image_size({"variant": "mixed_rand"}) is None
+    with pytest.raises(TypeError, match="image_size"):  # the model sets the side: --img-size, not --data-kwargs
+        dataset_info("imagenet9").image_size({"image_size": 32})
 
 
 def test_create_dataset_builds_the_registered_dataset(tmp_path):

@@ -1,6 +1,7 @@
 """Loaders of the paper's datasets on tiny fixtures written in their published on-disk formats, and Waterbirds-lite."""
 
 import dataclasses
+import hashlib
 import warnings
 
 import numpy as np
@@ -13,6 +14,7 @@ from faithful_vit.data import (
     CorruptImageError,
     DatasetError,
     ImageFolder,
+    ImageNet9,
     MetaShiftCatDog,
     Waterbirds,
     WaterbirdsLite,
@@ -220,8 +222,62 @@ def test_cub_official_split_labels_and_segmentations(tmp_path):
     test = CUB200(root, "test", mask_root=True)
     assert test.labels.tolist() == [0, 2]
     assert test[1].fg_mask.shape == (1, 8, 8) and test[1].fg_mask.min() == 1
-    with pytest.raises(ValueError, match="split must be 'train' or 'test'"):
-        CUB200(root, "val")
+    with pytest.raises(ValueError, match="split must be 'train', 'val' or 'test'"):
+        CUB200(root, "dev")
+
+
+def write_cub(root, train_per_class, test_per_class=1, order=1):
+    """A CUB_200_2011 folder in the published layout: ``train_per_class[c]`` training images of class ``c`` (1-based
+    ids, class folders ``00c.Species_c``); ``order=-1`` lists the images in reverse in every metadata file."""
+    rows, class_names = [], []
+    for c, n_train in enumerate(train_per_class, 1):
+        folder = f"{c:03d}.Species_{c}"
+        class_names.append(folder)
+        rows += [(folder, f"Species_{c}_{k:04d}.jpg", c, int(k < n_train)) for k in range(n_train + test_per_class)]
+    lines = {"images.txt": [], "image_class_labels.txt": [], "train_test_split.txt": []}
+    for i, (folder, name, c, is_train) in enumerate(rows, 1):
+        _png(root / "images" / folder / name, (i % 256, c * 40 % 256, 0))
+        lines["images.txt"].append(f"{i} {folder}/{name}")
+        lines["image_class_labels.txt"].append(f"{i} {c}")
+        lines["train_test_split.txt"].append(f"{i} {is_train}")
+    for file, content in lines.items():
+        (root / file).write_text("\n".join(content[::order]) + "\n")
+    (root / "classes.txt").write_text("\n".join(f"{c} {n}" for c, n in enumerate(class_names, 1)) + "\n")
+    return class_names
+
+
+def carved_by_hand(paths_by_group):
+    """The validation images the documented rule picks: per group, floor(10 % of n) (at least 1 where n >= 2) with the
+    smallest SHA-256 of the relative path."""
+    carved = set()
+    for paths in paths_by_group.values():
+        count = max(1, len(paths) // 10) if len(paths) >= 2 else 0
+        carved |= set(sorted(paths, key=lambda p: hashlib.sha256(p.encode()).hexdigest())[:count])
+    return carved
+
+
+def relative(dataset, root):
+    return [entry.path.relative_to(root).as_posix() for entry in dataset.entries]
+
+
+@pytest.mark.parametrize("order", [1, -1])
+def test_cub_validation_is_carved_from_the_official_training_split(tmp_path, order):
+    root = tmp_path / "CUB_200_2011"
+    write_cub(root, train_per_class=[25, 5, 1], test_per_class=2, order=order)
+    train, val, test = (CUB200(root, split) for split in ("train", "val", "test"))
+    official = {"001": 25, "002": 5, "003": 1}
+    names = {split: relative(ds, root / "images") for split, ds in (("train", train), ("val", val), ("test", test))}
+    by_class = {}
+    for name in names["train"] + names["val"]:
+        by_class.setdefault(name[:3], []).append(name)
+    assert {c: len(paths) for c, paths in by_class.items()} == official  # train + val = the official train split
+    assert set(names["val"]) == carved_by_hand(by_class) and not set(names["val"]) & set(names["train"])
+    assert sorted(val.labels.tolist()) == [0, 0, 1]  # 25 images: 2 carved, 5: 1, 1: none
+    assert len(test) == 6 and all(int(name.split("_")[-1][:4]) >= official[name[:3]] for name in names["test"])
+    if order == 1:  # the order the metadata lists the images in does not change the choice
+        reversed_root = tmp_path / "reversed" / "CUB_200_2011"
+        write_cub(reversed_root, train_per_class=[25, 5, 1], test_per_class=2, order=-1)
+        assert sorted(relative(CUB200(reversed_root, "val"), reversed_root / "images")) == sorted(names["val"])
 
 
 def test_cub_errors(tmp_path):
@@ -264,12 +320,44 @@ def test_metashift_with_context_folders(tmp_path):
                     _png(tmp_path / split / cls / ctx / f"{ctx}{k}.jpg", (k, 0, 0))
     train = MetaShiftCatDog(tmp_path, "train")
     assert train.place_names == ("bed", "bench", "bike", "shelf", "sofa") and train.num_groups == 10
-    assert len(train) == 8 and train.labels.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert len(train) == 4 and train.labels.tolist() == [0, 0, 1, 1]  # one of each context's 2 went to val
     assert sorted(set(train.groups.tolist())) == [0, 4, 6, 7]  # cat/bed, cat/sofa, dog/bench, dog/bike
     assert train.group_names[4] == "cat/sofa" and train.group_names[7] == "dog/bike"
     test = MetaShiftCatDog(tmp_path, "test")
     assert sorted(set(test.groups.tolist())) == [3, 8]  # cat/shelf, dog/shelf
     assert test[0].image.shape == (3, 8, 8)
+
+
+def write_metashift(root, per_context=4):
+    """The published MetaShift cat/dog DISC layout: ``train/`` and ``test/``, context folders, no ``val/``."""
+    layout = {"train": {"cat": ["bed", "sofa"], "dog": ["bench", "bike"]}, "test": {"cat": ["shelf"], "dog": ["shelf"]}}
+    for split, classes in layout.items():
+        for cls, contexts in classes.items():
+            for ctx in contexts:
+                for k in range(per_context):
+                    _png(root / split / cls / ctx / f"{cls}_{ctx}_{k}.jpg", (k * 30, 40 * (cls == "dog"), 0))
+
+
+def test_metashift_validation_is_carved_from_train_per_group(tmp_path):
+    write_metashift(tmp_path, per_context=12)
+    train, val, test = (MetaShiftCatDog(tmp_path, split) for split in ("train", "val", "test"))
+    names = {split: relative(ds, tmp_path / "train") for split, ds in (("train", train), ("val", val))}
+    by_group = {}
+    for entry, name in zip(train.entries + val.entries, names["train"] + names["val"]):
+        by_group.setdefault(entry.group, []).append(name)
+    assert {train.group_names[g]: len(paths) for g, paths in by_group.items()} == {
+        "cat/bed": 12,
+        "cat/sofa": 12,
+        "dog/bench": 12,
+        "dog/bike": 12,
+    }
+    assert set(names["val"]) == carved_by_hand(by_group) and len(val) == 4 and len(train) == 44
+    assert sorted(val.groups.tolist()) == [0, 4, 6, 7]  # one of every training group
+    assert len(test) == 24 and val.group_names == train.group_names == test.group_names
+    # A val/ folder, where the data has one, is used as it is and train/ stays whole.
+    _png(tmp_path / "val" / "cat" / "bed" / "extra.jpg", (0, 0, 0))
+    _png(tmp_path / "val" / "dog" / "bike" / "extra.jpg", (0, 0, 0))
+    assert len(MetaShiftCatDog(tmp_path, "train")) == 48 and len(MetaShiftCatDog(tmp_path, "val")) == 2
 
 
 def test_metashift_flat_layout_and_missing_folders(tmp_path):
@@ -294,6 +382,70 @@ def test_image_folder(tmp_path):
         ImageFolder(tmp_path, class_names=["c_class"])
     with pytest.raises(FileNotFoundError, match="root not found"):
         ImageFolder(tmp_path / "nope")
+
+
+IMAGENET9_CLASSES = [
+    "00_dog",
+    "01_bird",
+    "02_wheeled vehicle",
+    "03_reptile",
+    "04_carnivore",
+    "05_insect",
+    "06_musical instrument",
+    "07_primate",
+    "08_fish",
+]
+
+
+def write_imagenet9(root, per_class=2, train_per_class=0, size=16, seed=0):
+    """The released ``bg_challenge`` folder: ``<variant>/val/<NN_class>/*.JPEG`` for every variant (random-pixel
+    JPEGs, different in every variant), and ``original/train`` with ``train_per_class`` images per class."""
+    from faithful_vit.data.datasets import IMAGENET9_VARIANTS
+
+    rng = np.random.default_rng(seed)
+    folders = [(variant, "val", per_class) for variant in IMAGENET9_VARIANTS] + [("original", "train", train_per_class)]
+    for variant, split, count in folders:
+        for name in IMAGENET9_CLASSES:
+            (root / variant / split / name).mkdir(parents=True, exist_ok=True)
+            for k in range(count):
+                pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / variant / split / name / f"n{k:08d}_{k}.JPEG", format="JPEG")
+
+
+def test_imagenet9_reads_the_released_layout(tmp_path):
+    write_imagenet9(tmp_path, per_class=2, train_per_class=10)
+    test = ImageNet9(tmp_path, "test", variant="mixed_rand")
+    assert test.class_names == tuple(IMAGENET9_CLASSES) and test.num_classes == 9 and len(test) == 18
+    assert test.labels.tolist() == [c for c in range(9) for _ in range(2)] and torch.equal(test.groups, test.labels)
+    assert all(e.path.parent.parent == tmp_path / "mixed_rand" / "val" for e in test.entries)
+    assert test[0].image.shape == (3, 16, 16)
+    train, val = ImageNet9(tmp_path, "train"), ImageNet9(tmp_path, "val")
+    by_class = {}
+    for entry in train.entries + val.entries:
+        by_class.setdefault(entry.label, []).append(entry.path.relative_to(tmp_path / "original/train").as_posix())
+    assert {c: len(paths) for c, paths in by_class.items()} == dict.fromkeys(range(9), 10)
+    assert set(relative(val, tmp_path / "original/train")) == carved_by_hand(by_class) and len(val) == 9
+    variants = test.background_variants()
+    assert list(variants) == [
+        "original",
+        "only_fg",
+        "no_fg",
+        "only_bg_b",
+        "only_bg_t",
+        "mixed_same",
+        "mixed_rand",
+        "mixed_next",
+    ]
+    assert all(v.split == "test" and len(v) == 18 for v in variants.values())
+    with pytest.raises(FileNotFoundError, match=r"mixed_rand/train'.*the mixed_rand training data"):
+        ImageNet9(tmp_path, "train", variant="mixed_rand")
+    with pytest.raises(ValueError, match=r"variant: expected one of \('original', .*, got 'mixed'"):
+        ImageNet9(tmp_path, "test", variant="mixed")
+    (tmp_path / "only_fg" / "val" / "08_fish").rename(tmp_path / "only_fg" / "val" / "08_fishes")
+    with pytest.raises(
+        DatasetError, match="variant only_fg: expected the class folders .*'08_fish'.*got .*'08_fishes'"
+    ):
+        test.background_variants()
 
 
 def _fake_tuxpaint(cache):

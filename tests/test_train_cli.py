@@ -193,7 +193,7 @@ SMALL = [*TINY, "--model", "faithful_tiny", "--output"]
         (["--min-lr", "0.1", "--lr", "0.01"], "--min-lr: expected at most --lr (0.01), got 0.1"),
         (
             ["--data", "nope"],
-            "--data: expected one of ['cub', 'imagefolder', 'metashift', 'synthetic', 'waterbirds', "
+            "--data: expected one of ['cub', 'imagefolder', 'imagenet9', 'metashift', 'synthetic', 'waterbirds', "
             "'waterbirds_lite'], got 'nope'",
         ),
         (["--data-dir", "somewhere"], "--data-dir: not used by --data synthetic"),

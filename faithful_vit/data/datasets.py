@@ -3,10 +3,14 @@
 - :class:`Waterbirds`: ``metadata.csv`` (``img_id,img_filename,y,split,place,place_filename``; split 0/1/2 =
   train/val/test), group ``y * 2 + place``; optional masks from a CUB-style ``segmentations`` folder.
 - :class:`CUB200`: CUB-200-2011 (``images.txt``, ``image_class_labels.txt``, ``train_test_split.txt``,
-  ``classes.txt``, ``images/``; optional ``segmentations/``), group == label.
+  ``classes.txt``, ``images/``; optional ``segmentations/``), group == label; validation carved from the official
+  training split.
 - :class:`MetaShiftCatDog`: the DISC ImageFolder layout ``<split>/{cat,dog}/[<context>/]*.jpg``; with context
-  sub-folders the group is ``label * num_places + place`` over the sorted context names, else group == label.
+  sub-folders the group is ``label * num_places + place`` over the sorted context names, else group == label;
+  validation carved from ``train/`` where the folder has no ``val/``.
 - :class:`ImageFolder`: ``<root>/<class>/*.<ext>`` (sorted class names), group == label.
+- :class:`ImageNet9`: the backgrounds challenge of Xiao et al. (ICLR 2021), ``<root>/<variant>/val/<NN_class>/*``
+  for the test images of each of :data:`IMAGENET9_VARIANTS`, ``<root>/<variant>/train/`` for training; group == label.
 
 Images are decoded with PIL to float ``[3,H,W]`` in [0,1], passed with their mask through the joint ``transform``
 (see :mod:`faithful_vit.data.transforms`, e.g. ``cub_original(518, train=True)``), then normalised with
@@ -16,6 +20,12 @@ Corrupt images: a file that exists but cannot be decoded raises :class:`CorruptI
 the default). With ``on_corrupt="skip"`` the dataset warns once per file and returns None for that index;
 :func:`~faithful_vit.data.sample.collate` drops None samples and reports how many it dropped in
 ``Batch.num_skipped`` (and returns None when the whole batch was corrupt), so a training loop counts and skips them.
+Carved validation (:func:`split_off_validation`, for the datasets published without a validation split): of every
+group's training images, the ``floor(VAL_FRACTION * n)`` (at least one where the group has two or more) whose
+SHA-256 of the path relative to the dataset folder is smallest form the validation split, the rest stay in the
+training split. The rule depends on the file names alone: not on the order the files are listed in, not on any random
+state; adding images to one group changes no other group's choice, and the test split is never read.
+
 Broken datasets raise :class:`DatasetError` when the dataset is built, naming the file and row: a missing image or
 mask file (or a path that is a folder), a path that leaves the dataset folder (absolute or with ``..``), a label or
 place outside the class/place range, a malformed row.
@@ -24,6 +34,8 @@ place outside the class/place range, a malformed row.
 from __future__ import annotations
 
 import csv
+import dataclasses
+import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -44,6 +56,8 @@ class DatasetError(ValueError):
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
 WATERBIRDS_SPLITS = {"train": 0, "val": 1, "test": 2}
+# The share of each group's training images carved out for validation where a dataset has no validation split.
+VAL_FRACTION = 0.1
 
 
 def load_image(path: str | os.PathLike, mode: str = "RGB") -> torch.Tensor:
@@ -146,6 +160,28 @@ class ImageListDataset(torch.utils.data.Dataset):
         return Sample(normalize(image), entry.label, entry.group, mask)
 
 
+def split_off_validation(entries, root: Path, split: str, fraction: float = VAL_FRACTION) -> list[Entry]:
+    """The ``"train"`` or ``"val"`` part of training ``entries`` under the carving rule of the module docstring.
+
+    Args:
+        entries: the training split's examples (each ``path`` inside ``root``), in the order to keep.
+        root: the folder the paths are hashed relative to.
+        split: ``"train"`` (the images that stay) or ``"val"`` (the carved images).
+        fraction: the share of each group's images carved out.
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"split: expected 'train' or 'val', got {split!r}")
+    by_group: dict[int, list[Entry]] = {}
+    for entry in entries:
+        by_group.setdefault(entry.group, []).append(entry)
+    carved = set()
+    for members in by_group.values():
+        count = max(1, int(len(members) * fraction)) if len(members) >= 2 else 0
+        ranked = sorted(members, key=lambda e: hashlib.sha256(e.path.relative_to(root).as_posix().encode()).digest())
+        carved.update(entry.path for entry in ranked[:count])
+    return [entry for entry in entries if (entry.path in carved) == (split == "val")]
+
+
 def _read_table(path: Path) -> dict[str, tuple[str, str]]:
     """A whitespace-separated CUB metadata file of ``<image id> <value>`` lines: id -> (value, ``"file:line"``)."""
     if not path.is_file():
@@ -234,24 +270,29 @@ class Waterbirds(ImageListDataset):
                 )
         group_names = [f"{c}/{p}" for c in self.class_names for p in self.place_names]
         super().__init__(entries, num_classes=2, group_names=group_names, transform=transform, on_corrupt=on_corrupt)
+        self.root = root
         self.places = torch.tensor([e.group % self.num_places for e in self.entries], dtype=torch.int64)
 
 
 class CUB200(ImageListDataset):
     """CUB-200-2011 with its official train/test split; labels 0..199, group == label.
 
+    CUB has no validation split: ``"val"`` is :data:`VAL_FRACTION` (10 %) of every class's official training images,
+    carved by :func:`split_off_validation` (about 3 of the 30 per class), and ``"train"`` is the rest. ``"test"`` is
+    the official test split, untouched.
+
     Args:
         root: the ``CUB_200_2011`` folder holding ``images.txt``, ``image_class_labels.txt``,
             ``train_test_split.txt``, ``classes.txt`` and ``images/``.
-        split: ``"train"`` or ``"test"``.
+        split: ``"train"``, ``"val"`` or ``"test"``.
         mask_root: optional ``segmentations`` folder; ``True`` means ``<root>/segmentations`` (or its sibling
             ``<root>/../segmentations``, the layout of the separate download).
         transform, on_corrupt: see :class:`ImageListDataset`.
     """
 
     def __init__(self, root, split: str = "train", *, mask_root=None, transform=None, on_corrupt="raise") -> None:
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
         root = Path(root)
         if mask_root is True:
             candidates = [root / "segmentations", root.parent / "segmentations"]
@@ -269,7 +310,7 @@ class CUB200(ImageListDataset):
         if class_ids != list(range(1, len(classes) + 1)):  # a repeated id, spelled differently (e.g. 01 and 1)
             raise DatasetError(f"{root / 'classes.txt'}: expected class ids 1..{len(classes)}, each once")
         self.class_names = tuple(name for _, (name, _) in sorted(classes.items(), key=lambda item: int(item[0])))
-        want_train = split == "train"
+        want_train = split != "test"
         entries = []
         for i in sorted(paths, key=lambda i: _parse_int(i, "image id", paths[i][1])):
             name = _relative_path(paths[i][0], "image name", paths[i][1])
@@ -280,6 +321,8 @@ class CUB200(ImageListDataset):
             if bool(_parse_int(is_train[i][0], "is_training_image", is_train[i][1], range(2))) == want_train:
                 source = paths[i][1]
                 entries.append(Entry(root / "images" / name, label, label, _mask_path(mask_root, name), source=source))
+        if want_train:
+            entries = split_off_validation(entries, root / "images", split)
         super().__init__(
             entries, num_classes=len(classes), group_names=self.class_names, transform=transform, on_corrupt=on_corrupt
         )
@@ -331,6 +374,10 @@ class MetaShiftCatDog(ImageListDataset):
     (all splits, so indices agree between splits) and ``group = label * num_places + place``; groups absent from a
     split simply have no samples. Without context folders, group == label.
 
+    The published layout has ``train/`` and ``test/`` only. Without a ``val/`` folder, ``"val"`` is
+    :data:`VAL_FRACTION` (10 %) of every group's images in ``train/``, carved by :func:`split_off_validation`, and
+    ``"train"`` is the rest; a ``val/`` folder, where there is one, is used as it is (and ``train/`` whole).
+
     Args:
         root: the folder holding the split folders.
         split: a split folder name (``"train"``, ``"val"``, ``"test"``).
@@ -341,7 +388,8 @@ class MetaShiftCatDog(ImageListDataset):
 
     def __init__(self, root, split: str = "train", *, transform=None, on_corrupt="raise") -> None:
         root = Path(root)
-        split_dir = root / split
+        carve = split in ("train", "val") and not (root / "val").is_dir()
+        split_dir = root / ("train" if carve else split)
         if not split_dir.is_dir():
             raise FileNotFoundError(f"MetaShift split folder not found: {str(split_dir)!r}")
         contexts = sorted(
@@ -368,8 +416,102 @@ class MetaShiftCatDog(ImageListDataset):
                     entries += [Entry(p, label, label * self.num_places + place) for p in _list_images(ctx_dir)]
             else:
                 entries += [Entry(p, label, label) for p in _list_images(class_dir)]
+        if carve:
+            entries = split_off_validation(entries, split_dir, split)
         group_names = [f"{c}/{p}" for c in self.class_names for p in contexts] if contexts else self.class_names
         super().__init__(entries, num_classes=2, group_names=group_names, transform=transform, on_corrupt=on_corrupt)
+
+
+IMAGENET9_VARIANTS = (
+    "original",
+    "only_fg",
+    "no_fg",
+    "only_bg_b",
+    "only_bg_t",
+    "mixed_same",
+    "mixed_rand",
+    "mixed_next",
+)
+
+
+class ImageNet9(ImageListDataset):
+    """ImageNet-9 and its background variants (Xiao et al., "Noise or Signal", ICLR 2021); group == label.
+
+    The release unpacks to ``bg_challenge/<variant>/val/<class>/*.JPEG`` with the class folders ``00_dog`` ..
+    ``08_fish`` (sorted: the label order) and the variants of :data:`IMAGENET9_VARIANTS`: ``original``, ``only_fg``
+    (the segmented object on black), ``no_fg`` (the object cut out, black), ``only_bg_b`` / ``only_bg_t`` (the
+    background alone, the object's bounding box black or filled with tiles of the background), ``mixed_same`` /
+    ``mixed_rand`` / ``mixed_next`` (the object on the tiled background of an image of the same class, of a random
+    class, of the next class). Those ``val`` folders are the test images:
+    ``"test"`` reads ``<root>/<variant>/val``. The training data is a separate download per variant; put only its
+    ``train/`` folder into ``<root>/<variant>/`` (its own validation images are not the test set and must not
+    replace it). ``"train"`` and ``"val"`` read ``<root>/<variant>/train``, with :data:`VAL_FRACTION` (10 %) of every
+    class carved out for ``"val"`` by :func:`split_off_validation`.
+
+    Args:
+        root: the ``bg_challenge`` folder.
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        variant: one of :data:`IMAGENET9_VARIANTS`.
+        transform, on_corrupt: see :class:`ImageListDataset`.
+    """
+
+    def __init__(self, root, split="test", *, variant="original", transform=None, on_corrupt="raise") -> None:
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+        if variant not in IMAGENET9_VARIANTS:
+            raise ValueError(f"variant: expected one of {IMAGENET9_VARIANTS}, got {variant!r}")
+        self.root, self.split, self.variant = Path(root), split, variant
+        folder = self.root / variant / ("val" if split == "test" else "train")
+        if not folder.is_dir():
+            download = "the release's test images" if split == "test" else f"the {variant} training data"
+            raise FileNotFoundError(f"ImageNet-9 folder not found: {str(folder)!r} ({download})")
+        self.class_names = tuple(sorted(p.name for p in folder.iterdir() if p.is_dir()))
+        if not self.class_names:
+            raise DatasetError(f"ImageNet-9 folder {str(folder)!r} has no class folders")
+        entries = [
+            Entry(path, label, label)
+            for label, name in enumerate(self.class_names)
+            for path in _list_images(folder / name)
+        ]
+        if split != "test":
+            entries = split_off_validation(entries, folder, split)
+        super().__init__(
+            entries,
+            num_classes=len(self.class_names),
+            group_names=self.class_names,
+            transform=transform,
+            on_corrupt=on_corrupt,
+        )
+
+    def background_variants(self) -> dict[str, ImageNet9]:
+        """This split of every variant of :data:`IMAGENET9_VARIANTS`, read as this one is (the backgrounds protocol).
+
+        Raises:
+            FileNotFoundError: a variant's folder is missing; DatasetError: a variant's classes differ from this one's.
+        """
+        variants = {}
+        for variant in IMAGENET9_VARIANTS:
+            dataset = ImageNet9(
+                self.root, self.split, variant=variant, transform=self.transform, on_corrupt=self.on_corrupt
+            )
+            if dataset.class_names != self.class_names:
+                raise DatasetError(
+                    f"ImageNet-9 variant {variant}: expected the class folders {list(self.class_names)} of "
+                    f"{self.variant}, got {list(dataset.class_names)}"
+                )
+            variants[variant] = dataset
+        return variants
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageNet9Settings:
+    """``--data-kwargs`` of ``imagenet9``: which variant the splits read (the image side follows the model)."""
+
+    variant: str = "original"
+
+    def __post_init__(self) -> None:
+        if self.variant not in IMAGENET9_VARIANTS:
+            raise ValueError(f"variant: expected one of {IMAGENET9_VARIANTS}, got {self.variant!r}")
 
 
 @register_dataset(
@@ -384,7 +526,7 @@ def _waterbirds(split, root, *, augment, image_size, mask_root=None):
 
 @register_dataset(
     "cub",
-    summary="CUB-200-2011 in --data-dir; masks from --mask-dir (its segmentations)",
+    summary="CUB-200-2011 in --data-dir (val: 10% of train per class); masks from --mask-dir (its segmentations)",
     needs_root=True,
     accepts_mask_root=True,
     has_groups=False,
@@ -393,7 +535,9 @@ def _cub(split, root, *, augment, image_size, mask_root=None):
     return CUB200(root, split, mask_root=mask_root, transform=cub_original(image_size, train=augment))
 
 
-@register_dataset("metashift", summary="MetaShift cat/dog in --data-dir (DISC layout)", needs_root=True)
+@register_dataset(
+    "metashift", summary="MetaShift cat/dog in --data-dir (DISC layout; val: 10% of train per group)", needs_root=True
+)
 def _metashift(split, root, *, augment, image_size):
     return MetaShiftCatDog(root, split, transform=cub_original(image_size, train=augment))
 
@@ -403,3 +547,14 @@ def _metashift(split, root, *, augment, image_size):
 )
 def _imagefolder(split, root, *, augment, image_size):
     return ImageFolder(Path(root) / split, transform=cub_original(image_size, train=augment))
+
+
+@register_dataset(
+    "imagenet9",
+    summary="ImageNet-9 backgrounds challenge in --data-dir (bg_challenge/; --data-kwargs variant=mixed_rand)",
+    needs_root=True,
+    settings=ImageNet9Settings,
+    has_groups=False,
+)
+def _imagenet9(split, root, *, augment, image_size, variant="original"):
+    return ImageNet9(root, split, variant=variant, transform=cub_original(image_size, train=augment))

@@ -23,9 +23,11 @@ class DatasetInfo:
         build: ``build(split, root, *, augment, **kwargs)`` returns the split.
         summary: one line for ``train.py --help``.
         needs_root: ``root`` is the dataset's folder and is required (else it is an optional cache folder).
-        settings: the dataclass of generator settings that ``kwargs`` fill (``--data-kwargs``); its ``image_size``
-            is the image side. None: ``kwargs`` are ``image_size`` (resize side, default the model's) and, where
-            ``accepts_mask_root``, ``mask_root``.
+        settings: the dataclass of settings that ``kwargs`` fill (``--data-kwargs``): a generator's, whose
+            ``image_size`` is the image side, or a folder dataset's options (e.g. ImageNet-9's ``variant``), without
+            an ``image_size`` field. Where it is None or has no ``image_size`` (:attr:`sized_by_model`), ``kwargs``
+            also hold ``image_size`` (resize side, default the model's) and, where ``accepts_mask_root``,
+            ``mask_root``.
         has_masks: every sample has a ground-truth foreground mask (without a mask folder).
         accepts_mask_root: ground-truth masks are read from a separate folder (``mask_root``, ``--mask-dir``).
         has_groups: the groups are spurious (class, place) pairs rather than the classes.
@@ -40,13 +42,19 @@ class DatasetInfo:
     accepts_mask_root: bool = False
     has_groups: bool = True
 
+    @property
+    def sized_by_model(self) -> bool:
+        """The image side follows the model (``image_size``, ``--img-size``) rather than the settings."""
+        return self.settings is None or "image_size" not in {field.name for field in dataclasses.fields(self.settings)}
+
     def image_size(self, kwargs: dict) -> int | None:
         """The image side that the settings ``kwargs`` fix, or None where it follows the model.
 
         Raises:
-            TypeError, ValueError: bad generator settings.
+            TypeError, ValueError: bad settings.
         """
-        return None if self.settings is None else self.settings(**kwargs).image_size
+        settings = None if self.settings is None else self.settings(**kwargs)
+        return None if self.sized_by_model else settings.image_size
 
 
 _DATASETS: dict[str, DatasetInfo] = {}
