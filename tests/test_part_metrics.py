@@ -1,5 +1,8 @@
 """The ``parts`` protocol (faithful_vit/part_metrics.py) and CUB's part keypoints, against direct computations."""
 
+import json
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +15,7 @@ from faithful_vit import engine, evaluate, part_metrics
 from faithful_vit.data.datasets import CUB200, DatasetError, read_part_keypoints
 from faithful_vit.data.sample import IMAGENET_MEAN, IMAGENET_STD, Sample
 from faithful_vit.data.transforms import cub_original
+from faithful_vit.kernels import use_backend
 from faithful_vit.model import Stage1Output
 from faithful_vit.model_spec import SpecError
 
@@ -396,3 +400,33 @@ def test_parts_protocol_needs_a_two_stage_model_and_sound_files(cub):
     (root / "parts" / "parts.txt").write_text("1 back\n1 beak\n")
     with pytest.raises(SpecError, match="--protocol parts: .*parts.txt:2: id 1 already given"):
         evaluate.evaluate_model(_layout_stage1(tiny_model(num_classes=1)), _split(root, "test"), ["parts"])
+
+
+@pytest.mark.slow
+def test_parts_protocol_from_the_command_line_on_the_benchmark(tmp_path, capsys, monkeypatch):
+    """SpuriousShapes has masks and no keypoints: fg IoU is computed, NMI/ARI and the regression say why not."""
+    from test_train_cli import TINY, load_train
+
+    monkeypatch.setenv("FAITHFUL_VIT_DATA", str(tmp_path / "data_cache"))
+    with use_backend("torch"):
+        argv = [*TINY, "--model", "faithful_tiny,baseline", "--output", str(tmp_path), "--experiment", "run"]
+        assert load_train().main(argv) == 0
+        output = tmp_path / "parts.json"
+        code = evaluate.main(
+            [str(tmp_path / "run"), "--model", "faithful_tiny", "--protocol", "accuracy,parts", "--output", str(output)]
+            + ["--no-progress", "--backend", "torch"]
+        )
+        out = capsys.readouterr().out
+        assert code == 0
+        report = json.loads(output.read_text())["protocols"]
+        parts = report["parts"]
+        assert 0 < parts["fg_iou"] < 1 and 0 < parts["bg_iou"] < 1
+        assert parts["kept_iou"] == pytest.approx(report["accuracy"]["mask_iou"])
+        assert parts["nmi"] is parts["ari"] is parts["keypoint_error"] is None
+        assert set(parts["not_computable"]) == {"nmi_ari", "keypoint_error"}
+        assert "(SpuriousShapes) has no part keypoint annotations" in parts["not_computable"]["nmi_ari"]
+        assert re.search(r"parts fg iou +\d+\.\d %", out) and "not computed: nmi_ari" in out
+
+        code = evaluate.main([str(tmp_path / "run"), "--model", "baseline", "--protocol", "parts", "--no-progress"])
+        errors = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(errors) == 1 and "--protocol parts: needs a two-stage model" in errors[0]
