@@ -508,8 +508,11 @@ def format_report(report: dict) -> str:
         rows += [(f"  thresholds q={q['quantile']}", _percent(q["accuracy"])) for q in thresholds["quantiles"]]
     parts = report["protocols"].get("parts")
     if parts is not None:
-        for key in ("nmi", "ari", "keypoint_error", "fg_iou", "kept_iou"):
-            rows.append((f"parts {key.replace('_', ' ')}", _percent(parts[key])))
+        rows += [
+            (f"parts {key.replace('_', ' ')}", _number(parts[key])) for key in ("nmi", "ari", "fg_iou", "kept_iou")
+        ]
+        error = parts["keypoint_error"]
+        rows.append(("parts keypoint error", "-" if error is None else f"{_percent(error)} of the box"))
         rows += [(f"  not computed: {key}", reason) for key, reason in parts["not_computable"].items()]
     width = max(len(name) for name, _ in rows)
     title = (
