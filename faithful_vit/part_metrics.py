@@ -51,6 +51,7 @@ __all__ = [
 ]
 
 PRESENCE_THRESHOLD = 0.5
+DEFINITION = "faithful_vit/part_metrics.py; docs/evaluation.md, section 'The parts protocol'"
 BOX_NORMALISATION = "the bird's bounding box: (x - box x) / box width, (y - box y) / box height"
 
 
@@ -187,23 +188,24 @@ def _collate_indexed(items):
 
 @dataclass
 class _Pass:
+    kept: MetricAccumulator
     indices: list = field(default_factory=list)
     assigned: list = field(default_factory=list)
     centroids: list = field(default_factory=list)
     present: list = field(default_factory=list)
     fg_sums: torch.Tensor = field(default_factory=lambda: torch.zeros(4, dtype=torch.float64))
     has_masks: bool = False
-    kept: MetricAccumulator | None = None
 
 
 @torch.no_grad()
 def _stage1_pass(
-    module, dataset, keypoints, *, batch_size, num_workers, device, amp, patch_threshold, progress, desc
+    module, dataset, keypoints, *, masks, batch_size, num_workers, device, amp, patch_threshold, progress, desc
 ) -> _Pass:
+    """Stage 1 over ``dataset``: the centroids, and the parts at the keypoints and the IoU sums when asked for."""
     loader = torch.utils.data.DataLoader(
         _Indexed(dataset), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate_indexed
     )
-    result = _Pass(kept=MetricAccumulator(len(dataset.group_names), device, patch_threshold))
+    result = _Pass(MetricAccumulator(len(dataset.group_names), device, patch_threshold))
     patch_size = tuple(module.patch_size)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" else nullcontext()
     for batch, indices in tqdm(loader, desc=desc, leave=False, disable=not progress):
@@ -218,10 +220,13 @@ def _stage1_pass(
         result.indices += indices
         result.centroids.append(centroids.cpu())
         result.present.append(present.cpu())
+        with_masks = masks and batch.fg_masks is not None
+        if keypoints is None and not with_masks:
+            continue
         parts = upsampled_parts(maps, tuple(images.shape[-2:]))
         if keypoints is not None:
             result.assigned.append(part_at_points(parts, keypoints.points[indices]).cpu())
-        if batch.fg_masks is not None:
+        if with_masks:
             result.has_masks = True
             truth = batch.fg_masks.to(device)[:, 0] > 0.5
             found = parts != module.num_parts
@@ -283,7 +288,7 @@ def part_discovery(
         progress: progress bars.
 
     Returns:
-        The measures (None where not computable), ``not_computable`` (measure -> reason) and ``definitions``.
+        The measures (None where not computable), ``not_computable`` (measure -> reason) and ``definition``.
     """
     reasons = dict(not_computable or {})
     if keypoints is None:
@@ -302,13 +307,13 @@ def part_discovery(
         progress=progress,
     )
     try:
-        evaluated = _stage1_pass(model, dataset, keypoints, desc="parts", **passes)
+        evaluated = _stage1_pass(model, dataset, keypoints, masks=True, desc="parts", **passes)
         fitted = None
         if keypoints is not None and fit_keypoints is not None:
-            fitted = _stage1_pass(model, fit_set, None, desc="parts (regression fit)", **passes)
+            fitted = _stage1_pass(model, fit_set, None, masks=False, desc="parts (regression fit)", **passes)
     finally:
         model.train(was_training)
-    result: dict = {"num_images": len(evaluated.indices)}
+    result: dict = {"definition": DEFINITION, "num_images": len(evaluated.indices)}
     if keypoints is not None:
         indices = torch.tensor(evaluated.indices, dtype=torch.long)
         visible = keypoints.visible[indices]
