@@ -33,6 +33,7 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
+from faithful_vit.data.class_map import ClassMapped
 from faithful_vit.data.datasets import DatasetError
 from faithful_vit.data.sample import collate
 from faithful_vit.metrics import MetricAccumulator
@@ -360,9 +361,14 @@ def part_discovery(
     return result
 
 
+def _annotated(dataset):
+    """The dataset that holds the annotations: a class map relabels the images but keeps them and their order."""
+    return dataset.dataset if isinstance(dataset, ClassMapped) else dataset
+
+
 def has_keypoints(dataset) -> bool:
     """Whether ``dataset`` can give part keypoints (a CUB split; they may still be missing on disk)."""
-    return callable(getattr(dataset, "part_keypoints", None))
+    return callable(getattr(_annotated(dataset), "part_keypoints", None))
 
 
 def dataset_keypoints(dataset, split: str) -> tuple:
@@ -372,9 +378,9 @@ def dataset_keypoints(dataset, split: str) -> tuple:
         SpecError: the keypoint files are there but broken (the message names the file and line).
     """
     if not has_keypoints(dataset):
-        return None, f"the {split} split ({type(dataset).__name__}) has no part keypoint annotations"
+        return None, f"the {split} split ({type(_annotated(dataset)).__name__}) has no part keypoint annotations"
     try:
-        return dataset.part_keypoints(), None
+        return _annotated(dataset).part_keypoints(), None
     except FileNotFoundError as error:
         return None, str(error)
     except DatasetError as error:

@@ -12,6 +12,7 @@ from PIL import Image
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from faithful_vit import engine, evaluate, part_metrics
+from faithful_vit.data.class_map import ClassMapped
 from faithful_vit.data.datasets import CUB200, DatasetError, read_part_keypoints
 from faithful_vit.data.sample import IMAGENET_MEAN, IMAGENET_STD, Sample
 from faithful_vit.data.transforms import cub_original
@@ -92,7 +93,9 @@ def cub(tmp_path):
     is_train = [index % 3 != 1 for index in range(21)]
     layouts = _layouts(len(is_train), seed=0)
     truth = _write_cub(root, layouts, is_train, np.random.default_rng(1))
-    train = [i for i, t in enumerate(is_train) if t]
+    # The official training images less the validation ones carved out of them (img<i>.jpg is image i - 1).
+    train = [int(entry.path.stem[3:]) - 1 for entry in _split(root, "train").entries]
+    assert 0 < len(train) < sum(is_train)
     test = [i for i, t in enumerate(is_train) if not t]
     return root, layouts, truth, train, test
 
@@ -362,6 +365,17 @@ def test_parts_protocol_on_cub_matches_the_direct_computation(cub):
     assert result["kept_iou"] == pytest.approx(pooled_iou(kept.get))
     assert result["fg_iou"] != pytest.approx(result["kept_iou"])
     assert result["not_computable"] == {}
+
+
+def test_parts_protocol_reads_the_keypoints_through_a_class_map(cub):
+    root = cub[0]
+    model = _layout_stage1(tiny_model(num_classes=2))
+    cfg = engine.TrainConfig(eval_batch_size=4, progress=False)
+    test, train = _split(root, "test"), _split(root, "train")
+    relabelled = ClassMapped(test, [index % 2 for index in range(len(test))], ("a", "b"))
+    direct = evaluate.evaluate_model(model, test, ["parts"], cfg=cfg, fit_set=train)["parts"]
+    mapped = evaluate.evaluate_model(model, relabelled, ["parts"], cfg=cfg, fit_set=train)["parts"]
+    assert mapped == direct and direct["nmi"] is not None and direct["keypoint_error"] is not None
 
 
 def test_parts_protocol_says_what_it_cannot_compute(cub, tmp_path):
