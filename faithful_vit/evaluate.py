@@ -18,6 +18,10 @@ Protocols (``--protocol``, comma-separated):
   measured on the ground-truth object patches (foreground fraction above the patch threshold), which needs data
   with ground-truth masks. For a two-stage model the share is also given with the mask recomputed from the replaced
   image (``recomputed_mask``: stage 1 sees the replaced pixels).
+* ``parts`` (two-stage models): part-discovery quality as PDiscoNet / PDiscoFormer measure it
+  (:mod:`faithful_vit.part_metrics`): NMI and ARI between annotated keypoints and the parts at their locations, the
+  keypoint regression error from the part centroids (fitted on the training split), foreground IoU against the
+  ground-truth masks; what the data cannot give is listed under ``not_computable`` with the reason.
 
 Examples::
 
@@ -37,7 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from faithful_vit import engine
+from faithful_vit import engine, part_metrics
 from faithful_vit.cli import ParseKwargs, Parser, UsageError, add_backend_flag, positive_int, run_command
 from faithful_vit.data import list_datasets
 from faithful_vit.data.backgrounds import VARIANTS, VariantDataset, background_variants
@@ -53,8 +57,8 @@ from faithful_vit.run_folder import RunFolderError, write_text
 
 __all__ = ["PROTOCOLS", "evaluate_model", "main"]
 
-PROTOCOLS = ("accuracy", "faithfulness", "backgrounds", "remove_parts", "thresholds")
-TWO_STAGE_PROTOCOLS = ("remove_parts", "thresholds")
+PROTOCOLS = ("accuracy", "faithfulness", "backgrounds", "remove_parts", "thresholds", "parts")
+TWO_STAGE_PROTOCOLS = ("remove_parts", "thresholds", "parts")
 # The calibration quantiles of the authors' code.
 THRESHOLD_QUANTILES = (0.01, 0.03, 0.05, 0.10)
 REPLACEMENTS = ("noise", "other_image")
@@ -299,6 +303,7 @@ def evaluate_model(
     device: str | torch.device = "cpu",
     noise_seed: int = 0,
     calibration_set=None,
+    fit_set=None,
 ) -> dict:
     """Run ``protocols`` on ``dataset``; one pass over the data per protocol (per variant or quantile).
 
@@ -311,6 +316,7 @@ def evaluate_model(
         device: where to run.
         noise_seed: seed of the faithfulness protocol's noise and of the backgrounds protocol's partner images.
         calibration_set: the split the ``thresholds`` protocol calibrates on (e.g. validation).
+        fit_set: the split the ``parts`` protocol fits its keypoint regression on (the training split).
 
     Returns:
         ``{protocol: metrics}``; see the module docstring.
@@ -356,6 +362,8 @@ def evaluate_model(
             results[protocol] = observer.results(run_evaluation(None, protocol, observer))
         elif protocol == "backgrounds":
             results[protocol] = _backgrounds(model, dataset, run_evaluation, noise_seed)
+        elif protocol == "parts":
+            results[protocol] = part_metrics.evaluate_parts(unwrap(model), dataset, fit_set, cfg, dist_info.device)
         else:
             results[protocol] = _thresholds(model, calibration_set, run_evaluation, cfg.eval_batch_size)
     return results
@@ -498,6 +506,14 @@ def format_report(report: dict) -> str:
     if thresholds is not None:
         rows.append(("  thresholds none", _percent(thresholds["without"]["accuracy"])))
         rows += [(f"  thresholds q={q['quantile']}", _percent(q["accuracy"])) for q in thresholds["quantiles"]]
+    parts = report["protocols"].get("parts")
+    if parts is not None:
+        rows += [
+            (f"parts {key.replace('_', ' ')}", _number(parts[key])) for key in ("nmi", "ari", "fg_iou", "kept_iou")
+        ]
+        error = parts["keypoint_error"]
+        rows.append(("parts keypoint error", "-" if error is None else f"{_percent(error)} of the box"))
+        rows += [(f"  not computed: {key}", reason) for key, reason in parts["not_computable"].items()]
     width = max(len(name) for name, _ in rows)
     title = (
         f"{report['model']['name']} ({report['checkpoint']}, epoch {report['epoch']}) on {data['name']} "
@@ -536,8 +552,17 @@ def run(args) -> dict:
     if args.batch_size is not None:
         cfg.eval_batch_size = args.batch_size
     calibration = build_dataset(data, args.calibration_split, augment=False) if "thresholds" in protocols else None
+    with_fit = "parts" in protocols and part_metrics.has_keypoints(dataset)
+    fit = build_dataset(data, "train", augment=False) if with_fit else None
     results = evaluate_model(
-        model, dataset, protocols, cfg=cfg, device=device, noise_seed=args.noise_seed, calibration_set=calibration
+        model,
+        dataset,
+        protocols,
+        cfg=cfg,
+        device=device,
+        noise_seed=args.noise_seed,
+        calibration_set=calibration,
+        fit_set=fit,
     )
     checkpoint = Path(spec["checkpoint"])
     report = {

@@ -4,7 +4,7 @@
   train/val/test), group ``y * 2 + place``; optional masks from a CUB-style ``segmentations`` folder.
 - :class:`CUB200`: CUB-200-2011 (``images.txt``, ``image_class_labels.txt``, ``train_test_split.txt``,
   ``classes.txt``, ``images/``; optional ``segmentations/``), group == label; validation carved from the official
-  training split.
+  training split; :meth:`CUB200.part_keypoints` reads the part keypoints (``parts/``, ``bounding_boxes.txt``).
 - :class:`MetaShiftCatDog`: the DISC ImageFolder layout ``<split>/{cat,dog}/[<context>/]*.jpg``; with context
   sub-folders the group is ``label * num_places + place`` over the sorted context names, else group == label;
   validation carved from ``train/`` where the folder has no ``val/``.
@@ -44,10 +44,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from PIL import Image
+from torchvision import tv_tensors
 
 from faithful_vit.data.registry import register_dataset
 from faithful_vit.data.sample import CorruptImageError, Sample, normalize
-from faithful_vit.data.transforms import cub_original
+from faithful_vit.data.transforms import ImageMaskTransform, cub_original
 
 
 class DatasetError(ValueError):
@@ -326,6 +327,125 @@ class CUB200(ImageListDataset):
         super().__init__(
             entries, num_classes=len(classes), group_names=self.class_names, transform=transform, on_corrupt=on_corrupt
         )
+        self.root = root
+
+    def part_keypoints(self) -> PartKeypoints:
+        """The part keypoints and bird boxes of this split's images, in the frame of the images it returns.
+
+        Reads ``parts/parts.txt``, ``parts/part_locs.txt`` and ``bounding_boxes.txt`` (see :func:`read_part_keypoints`).
+        The dataset's transform must be deterministic (an evaluation transform): the points go through it on their
+        own, without the image.
+        """
+        return read_part_keypoints(self.root, [entry.path for entry in self.entries], self.transform)
+
+
+class PartKeypoints(NamedTuple):
+    """Part keypoints of a split's images (index ``i`` is the dataset's image ``i``), in the returned images' pixels.
+
+    Attributes:
+        names: the ``P`` part names, in part id order (``parts/parts.txt``).
+        points: ``[N, P, 2]`` float64 ``(x, y)`` (meaningless where not visible).
+        visible: ``[N, P]`` bool, annotated visible and inside the image after the transform.
+        boxes: ``[N, 4]`` float64 ``(x, y, width, height)`` of the bird's bounding box: the corner clamped to the
+            image, the size as scaled by the transform (PDiscoFormer's convention under a centre crop).
+    """
+
+    names: tuple[str, ...]
+    points: torch.Tensor
+    visible: torch.Tensor
+    boxes: torch.Tensor
+
+
+def _read_part_locs(path: Path, num_parts: int) -> dict[str, np.ndarray]:
+    """``<image id> <part id> <x> <y> <visible>`` lines -> image id -> ``[P, 3]`` float64 ``(x, y, visible)``."""
+    locations: dict[str, np.ndarray] = {}
+    given: dict[tuple[str, int], str] = {}
+    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{line_no}"
+        fields = line.split()
+        if len(fields) != 5:
+            raise DatasetError(f"{where}: expected 5 fields (image id, part id, x, y, visible), got {line!r}")
+        image_id = fields[0]
+        part = _parse_int(fields[1], "part id", where, range(1, num_parts + 1))
+        visible = _parse_int(fields[4], "visible", where, range(2))
+        try:
+            x, y = float(fields[2]), float(fields[3])
+        except ValueError:
+            raise DatasetError(f"{where}: x, y: expected numbers, got {fields[2]!r}, {fields[3]!r}") from None
+        if (image_id, part) in given:
+            raise DatasetError(f"{where}: image {image_id} part {part} already given on {given[image_id, part]}")
+        given[image_id, part] = where
+        row = locations.setdefault(image_id, np.zeros((num_parts, 3)))
+        row[part - 1] = (x, y, visible)
+    for image_id in locations:
+        missing = [part for part in range(1, num_parts + 1) if (image_id, part) not in given]
+        if missing:
+            raise DatasetError(f"{path}: image {image_id} has no line for part id(s) {missing}")
+    return locations
+
+
+def read_part_keypoints(root, image_paths, transform) -> PartKeypoints:
+    """The part keypoints of the CUB images ``image_paths`` (under ``<root>/images``), moved by ``transform``.
+
+    Args:
+        root: the ``CUB_200_2011`` folder (``images.txt``, ``parts/parts.txt``, ``parts/part_locs.txt``,
+            ``bounding_boxes.txt``).
+        image_paths: the images, in dataset order.
+        transform: the dataset's deterministic :class:`~faithful_vit.data.transforms.ImageMaskTransform`, or None.
+
+    Raises:
+        FileNotFoundError: a file is missing. DatasetError: a malformed line, or an image without every part or box.
+    """
+    if transform is not None and not isinstance(transform, ImageMaskTransform):
+        raise TypeError(
+            f"transform: expected an ImageMaskTransform (torchvision v2) to move the keypoints, got "
+            f"{type(transform).__name__}"
+        )
+    root = Path(root)
+    for required in ("part_locs.txt", "parts.txt"):
+        if not (root / "parts" / required).is_file():
+            raise FileNotFoundError(f"CUB part keypoints not found: {str(root / 'parts' / required)!r}")
+    names = _read_table(root / "parts" / "parts.txt")
+    part_ids = sorted(_parse_int(i, "part id", where, range(1, len(names) + 1)) for i, (_, where) in names.items())
+    if part_ids != list(range(1, len(names) + 1)):
+        raise DatasetError(f"{root / 'parts' / 'parts.txt'}: expected part ids 1..{len(names)}, each once")
+    part_names = tuple(name for _, (name, _) in sorted(names.items(), key=lambda item: int(item[0])))
+    locations = _read_part_locs(root / "parts" / "part_locs.txt", len(part_names))
+    boxes = _read_table(root / "bounding_boxes.txt")
+    image_ids = {(root / "images" / name).as_posix(): i for i, (name, _) in _read_table(root / "images.txt").items()}
+    points, visible, corners = [], [], []
+    for path in image_paths:
+        image_id = image_ids[Path(path).as_posix()]
+        if image_id not in locations:
+            raise DatasetError(f"{root / 'parts' / 'part_locs.txt'}: image id {image_id} has no keypoints")
+        if image_id not in boxes:
+            raise DatasetError(f"{root / 'bounding_boxes.txt'}: image id {image_id} has no box")
+        box, where = boxes[image_id]
+        try:
+            x, y, width, height = (float(value) for value in box.split())
+        except ValueError:
+            raise DatasetError(f"{where}: expected x y width height, got {box!r}") from None
+        with Image.open(path) as image:
+            canvas = (image.height, image.width)
+        location = torch.from_numpy(locations[image_id])
+        # The box travels as its two corners, so that its size is scaled but not cut by a crop.
+        moved = torch.cat([location[:, :2], torch.tensor([[x, y], [x + width, y + height]], dtype=torch.float64)])
+        if transform is not None:
+            moved = transform.transform(tv_tensors.KeyPoints(moved, canvas_size=canvas))
+            canvas = moved.canvas_size
+            moved = moved.as_subclass(torch.Tensor)
+        size = torch.tensor([canvas[1], canvas[0]], dtype=torch.float64)  # (width, height)
+        part_points, corner, far = moved[:-2], moved[-2], moved[-1]
+        inside = ((part_points >= 0) & (part_points < size)).all(dim=1)
+        points.append(part_points)
+        visible.append((location[:, 2] > 0) & inside)
+        corners.append(torch.cat([torch.minimum(corner.clamp(min=0), size), far - corner]))
+    if not points:
+        empty = torch.zeros(0, len(part_names), 2, dtype=torch.float64)
+        return PartKeypoints(part_names, empty, empty[..., 0].bool(), torch.zeros(0, 4, dtype=torch.float64))
+    return PartKeypoints(part_names, torch.stack(points), torch.stack(visible), torch.stack(corners))
 
 
 def _list_images(folder: Path) -> list[Path]:
