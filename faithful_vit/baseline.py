@@ -21,6 +21,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from faithful_vit.data.mask_stats import gt_patch_fraction
 from faithful_vit.sparsify import forward_kept, sparsify
+from faithful_vit.timm_weights import load_backbone_file
 
 # The stage-2 size of the tiny preset, from the feasibility study (64 px images, 8 px patches, 0.55 M parameters).
 TINY_VIT_KWARGS = dict(img_size=64, patch_size=8, embed_dim=128, depth=4, num_heads=4, mlp_ratio=2.0)
@@ -107,27 +108,8 @@ class FullImageViT(nn.Module):
         self.head_lr_factor = head_lr_factor
 
     def load_backbone_weights(self, path: str) -> None:
-        """Load a local timm/safetensors ViT checkpoint into the ViT (never from a hub), as the two-stage presets do.
-
-        Position embeddings are resampled to this ViT's grid by timm's checkpoint filter and the classifier (``head``)
-        is left as initialised, like an average-pooled ViT's new ``fc_norm`` and the ``norm`` a token-pooled
-        checkpoint has where average pooling has none; every other weight must fit.
-
-        Raises:
-            ValueError: the file does not fit the ViT (the message names missing and unexpected keys).
-        """
-        from timm.models import load_state_dict, vision_transformer
-
-        state = vision_transformer.checkpoint_filter_fn(load_state_dict(path, weights_only=True), self.vit)
-        unused = ("head.",) + (("norm.",) if isinstance(self.vit.norm, nn.Identity) else ())
-        state = {k: v for k, v in state.items() if not k.startswith(unused)}
-        missing, unexpected = self.vit.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith(("head.", "fc_norm."))]
-        if missing or unexpected:
-            raise ValueError(
-                f"{path}: does not fit the {type(self).__name__} ViT: missing {missing[:5]}, "
-                f"unexpected {unexpected[:5]}"
-            )
+        """Load a local timm checkpoint into the ViT: :func:`~faithful_vit.timm_weights.load_backbone_file`."""
+        load_backbone_file(self.vit, path, name=f"the {type(self).__name__} ViT")
 
     @property
     def patch_size(self) -> int:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from .geometry import invert_affine, random_rigid_transform, warp
 from .morphology import KEEP_MORPHOLOGY
 from .sparsify import forward_kept, sparsify
+from .timm_weights import load_backbone_file
 
 __all__ = [
     "FaithfulViT",
@@ -607,29 +608,17 @@ class FaithfulViT(nn.Module):
     def load_backbone_weights(self, path: str, *, stages: Sequence[int] = (1, 2)) -> None:
         """Load a local timm/safetensors ViT checkpoint into the backbones (never from a hub).
 
-        Position embeddings are resampled to this model's grid and classifier weights are ignored, by timm's
-        checkpoint filter of the backbone's family (``vision_transformer`` or ``eva``).
+        See :func:`~faithful_vit.timm_weights.load_backbone_file` for what is resampled and what starts fresh.
 
         Args:
             path: a ``.safetensors``, ``.pth`` or ``.bin`` file holding a timm ViT or Eva (e.g. DINOv3) state dict.
             stages: which backbones to load (1 and/or 2).
         """
-        from timm.models import eva, load_state_dict, vision_transformer
-
         for stage in stages:
             if stage not in (1, 2):
                 raise ValueError(f"stages: expected values in (1, 2), got {list(stages)}")
             backbone = self.stage1 if stage == 1 else self.stage2
-            family = eva if isinstance(backbone, eva.Eva) else vision_transformer
-            state = family.checkpoint_filter_fn(load_state_dict(path, weights_only=True), backbone)
-            state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm."))}
-            missing, unexpected = backbone.load_state_dict(state, strict=False)
-            missing = [k for k in missing if not k.startswith(("head.", "fc_norm."))]
-            if missing or unexpected:
-                raise ValueError(
-                    f"{path}: does not fit stage {stage} ({type(backbone).__name__}): missing {missing[:5]}, "
-                    f"unexpected {unexpected[:5]}"
-                )
+            load_backbone_file(backbone, path, name=f"stage {stage} ({type(backbone).__name__})")
 
     def extra_repr(self) -> str:
         return (
