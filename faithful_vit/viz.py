@@ -1,4 +1,4 @@
-"""Figures of a training run (matplotlib, Agg backend: no display needed).
+"""Figures of a training run and of an evaluation (matplotlib, Agg backend: no display needed).
 
 * :func:`plot_masks`: for sample images, the image, its ground-truth foreground, the stage-1 part map (argmax over
   the K parts and the background, over the image, with a legend), the patches stage 2 could read and, for the
@@ -7,6 +7,9 @@
 * :class:`AttentionRecorder` and :func:`attention_rollout`: the attention rollout of a timm ViT (Abnar & Zuidema,
   2020), recorded during an ordinary forward.
 * :func:`plot_training_curves`: training loss and validation accuracy / worst-group accuracy per epoch.
+* :func:`plot_thresholds` and :func:`plot_remove_parts`: the ``thresholds`` and ``remove_parts`` protocols of
+  ``python -m faithful_vit.evaluate``, from the series :func:`thresholds_series` and :func:`remove_parts_series`
+  prepare.
 """
 
 from __future__ import annotations
@@ -283,6 +286,121 @@ def plot_training_curves(histories: dict[str, list[dict]], path: str | Path) -> 
         axis.set_title(label, fontsize=10)
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
+    return _save(figure, path)
+
+
+def thresholds_series(result: dict) -> dict:
+    """What :func:`plot_thresholds` draws, from the ``thresholds`` protocol's result of ``evaluate``.
+
+    Returns:
+        ``quantile`` (the x values) and, per quantile, ``accuracy``, ``worst_group_accuracy`` and ``kept_fraction``;
+        ``uncalibrated``: the same three without thresholds (the reference lines).
+    """
+    keys = ("accuracy", "worst_group_accuracy", "kept_fraction")
+    rows = result["quantiles"]
+    return {
+        "quantile": [row["quantile"] for row in rows],
+        **{key: [row[key] for row in rows] for key in keys},
+        "uncalibrated": {key: result["without"][key] for key in keys},
+    }
+
+
+def plot_thresholds(result: dict, path: str | Path, title: str = "") -> Path:
+    """Save accuracy, worst-group accuracy and the kept fraction against the calibration quantile.
+
+    Args:
+        result: the ``thresholds`` protocol's result (``without`` and ``quantiles``).
+        path: PNG file to write.
+        title: figure title.
+
+    Returns:
+        ``path``.
+    """
+    series = thresholds_series(result)
+    figure, (accuracy_axis, kept_axis) = plt.subplots(1, 2, figsize=(10, 3.8))
+    panels = [
+        (accuracy_axis, ("accuracy", "worst_group_accuracy"), 100.0, "accuracy (%)"),
+        (kept_axis, ("kept_fraction",), 1.0, "kept fraction of the patches"),
+    ]
+    for axis, keys, scale, unit in panels:
+        for key, colour in zip(keys, ("tab:blue", "tab:red")):
+            label = key.replace("_", " ").replace("worst group", "worst-group")
+            values = [scale * value for value in series[key]]
+            axis.plot(series["quantile"], values, marker="o", color=colour, label=f"{label}, calibrated")
+            uncalibrated = scale * series["uncalibrated"][key]
+            axis.axhline(uncalibrated, color=colour, linestyle="--", alpha=0.7, label=f"{label}, no thresholds")
+        axis.set_xlabel("per-part confidence quantile")
+        axis.set_ylabel(unit)
+        axis.set_xticks(series["quantile"])
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.suptitle(title, fontsize=10)
+    return _save(figure, path)
+
+
+# More groups than this (e.g. the 200 classes of CUB as groups) are summarised by the overall and worst-group drops.
+PER_GROUP_LIMIT = 16
+
+
+def remove_parts_series(result: dict, group_names: Sequence[str]) -> dict:
+    """What :func:`plot_remove_parts` draws, from the ``remove_parts`` protocol's result of ``evaluate``.
+
+    Returns:
+        ``labels``: ``overall``, ``worst group`` and, up to :data:`PER_GROUP_LIMIT` groups, the group names;
+        ``parts``: the removed parts; ``drops``: per part, the accuracy drop (full model minus part removed) at each
+        label.
+    """
+    if len(group_names) != len(result["group_accuracy"]):
+        raise ValueError(
+            f"group_names: expected {len(result['group_accuracy'])} names (one per group), got {len(group_names)}"
+        )
+    per_group = len(group_names) <= PER_GROUP_LIMIT
+    drops = []
+    for part in result["parts"]:
+        row = [part["accuracy_drop"], result["worst_group_accuracy"] - part["worst_group_accuracy"]]
+        drops.append(row + (part["group_accuracy_drop"] if per_group else []))
+    return {
+        "labels": ["overall", "worst group", *(group_names if per_group else [])],
+        "parts": [part["part"] for part in result["parts"]],
+        "drops": drops,
+    }
+
+
+def plot_remove_parts(result: dict, group_names: Sequence[str], path: str | Path, title: str = "") -> Path:
+    """Save the accuracy drop with each part removed, overall, on the worst group and per group, as grouped bars.
+
+    Each part's bars have its colour of :func:`part_colours` (the part maps' colours), named in the legend.
+
+    Args:
+        result: the ``remove_parts`` protocol's result.
+        group_names: the data's group names, in the order of ``group_accuracy``.
+        path: PNG file to write.
+        title: figure title.
+
+    Returns:
+        ``path``.
+    """
+    series = remove_parts_series(result, group_names)
+    labels, parts = series["labels"], series["parts"]
+    colours = part_colours(len(parts))
+    width = 0.8 / len(parts)
+    figure, axis = plt.subplots(figsize=(max(6.0, 1.0 + 0.3 * len(labels) * len(parts)), 4.0))
+    centres = np.arange(len(labels))
+    for index, (part, drops) in enumerate(zip(parts, series["drops"])):
+        offsets = centres - 0.4 + width * (index + 0.5)
+        axis.bar(offsets, [100 * drop for drop in drops], width, color=colours[part], label=f"part {part}")
+    axis.axhline(0.0, color="black", linewidth=0.8)
+    axis.set_xticks(centres, labels, rotation=30 if len(labels) > 4 else 0, ha="right" if len(labels) > 4 else "center")
+    axis.set_ylabel("accuracy drop (percentage points)")
+    per_group = len(labels) > 2
+    axis.set_xlabel(
+        "images: all, the worst group, each group"
+        if per_group
+        else f"images: all, the worst group (the drops in each of the {len(group_names)} groups: in the JSON)"
+    )
+    axis.grid(axis="y", alpha=0.3)
+    axis.legend(fontsize=8, ncol=min(len(parts), 8))
+    axis.set_title(title, fontsize=10)
     return _save(figure, path)
 
 

@@ -1,4 +1,4 @@
-"""viz: the attention rollout of a timm ViT and the baseline's figure panel."""
+"""viz: the attention rollout of a timm ViT, the baseline's figure panel, the thresholds and remove_parts plots."""
 
 import matplotlib.figure
 import pytest
@@ -150,3 +150,72 @@ def test_rollout_panel_has_a_colour_bar_per_sample(tmp_path, monkeypatch):
         assert recorded.tolist() == expected.tolist()
     with Image.open(path) as figure:
         assert figure.format == "PNG" and figure.width > 400
+
+
+THRESHOLDS = {
+    "without": {"accuracy": 0.9, "worst_group_accuracy": 0.6, "group_accuracy": [0.9, 0.6], "kept_fraction": 0.5},
+    "quantiles": [
+        {"quantile": 0.01, "accuracy": 0.85, "worst_group_accuracy": 0.7, "kept_fraction": 0.45, "thresholds": []},
+        {"quantile": 0.05, "accuracy": 0.8, "worst_group_accuracy": 0.65, "kept_fraction": 0.4, "thresholds": []},
+    ],
+}
+
+
+def test_thresholds_plot_draws_the_protocols_numbers(tmp_path):
+    series = viz.thresholds_series(THRESHOLDS)
+    assert series == {
+        "quantile": [0.01, 0.05],
+        "accuracy": [0.85, 0.8],
+        "worst_group_accuracy": [0.7, 0.65],
+        "kept_fraction": [0.45, 0.4],
+        "uncalibrated": {"accuracy": 0.9, "worst_group_accuracy": 0.6, "kept_fraction": 0.5},
+    }
+    path = viz.plot_thresholds(THRESHOLDS, tmp_path / "figures" / "t.png", title="tiny")
+    with Image.open(path) as figure:
+        assert figure.format == "PNG" and figure.width > 500
+    assert list((tmp_path / "figures").iterdir()) == [path]  # no temporary left behind
+
+
+def removal(accuracy: float, worst: float, groups: list[float], full: list[float]) -> dict:
+    return {
+        "accuracy": accuracy,
+        "accuracy_drop": 0.9 - accuracy,
+        "worst_group_accuracy": worst,
+        "group_accuracy": groups,
+        "group_accuracy_drop": [before - after for before, after in zip(full, groups)],
+    }
+
+
+def test_remove_parts_plot_draws_each_parts_drops_in_its_colour(tmp_path, monkeypatch):
+    full = [1.0, 0.8, 0.6]
+    result = {
+        "accuracy": 0.9,
+        "worst_group_accuracy": 0.6,
+        "group_accuracy": full,
+        "parts": [
+            {"part": 0, **removal(0.7, 0.5, [0.9, 0.7, 0.5], full)},
+            {"part": 1, **removal(0.9, 0.6, [1.0, 0.8, 0.6], full)},
+        ],
+    }
+    series = viz.remove_parts_series(result, ["a", "b", "c"])
+    assert series["labels"] == ["overall", "worst group", "a", "b", "c"] and series["parts"] == [0, 1]
+    assert series["drops"][0] == pytest.approx([0.2, 0.1, 0.1, 0.1, 0.1])
+    assert series["drops"][1] == pytest.approx([0.0, 0.0, 0.0, 0.0, 0.0])
+    colours = []
+    real_bar = matplotlib.axes.Axes.bar
+
+    def recording_bar(self, x, height, *args, color=None, **kwargs):
+        colours.append(tuple(color))
+        return real_bar(self, x, height, *args, color=color, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", recording_bar)
+    path = viz.plot_remove_parts(result, ["a", "b", "c"], tmp_path / "p.png", title="tiny")
+    assert colours == [tuple(c) for c in viz.part_colours(2)[:2]]
+    with Image.open(path) as figure:
+        assert figure.format == "PNG"
+    many = [f"class {g}" for g in range(viz.PER_GROUP_LIMIT + 1)]
+    wide = {**result, "group_accuracy": [0.9] * len(many)}
+    wide["parts"] = [{**part, "group_accuracy_drop": [0.0] * len(many)} for part in result["parts"]]
+    assert viz.remove_parts_series(wide, many)["labels"] == ["overall", "worst group"]
+    with pytest.raises(ValueError, match="group_names: expected 3 names"):
+        viz.remove_parts_series(result, ["a"])
