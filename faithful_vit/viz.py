@@ -246,13 +246,16 @@ def plot_masks(
 
 
 def _draw_rollout(figure, axis, rollout: torch.Tensor, image_size: tuple[int, int]) -> None:
-    """The rollout ``[h, w]`` as a heat map over the image already drawn on ``axis``, a colour bar beside it."""
+    """The rollout ``[h, w]`` as a heat map over the image already drawn on ``axis``, a colour bar beside it.
+
+    The colours span the image's own range (its smallest to its largest share): a nearly flat rollout still shows
+    where it peaks, and the colour bar's ticks tell how flat it is.
+    """
     height, width = image_size
     heat = axis.imshow(
         rollout.float().cpu().numpy(),
         cmap="inferno",
         alpha=0.75,
-        vmin=0.0,
         extent=(-0.5, width - 0.5, height - 0.5, -0.5),
         interpolation="nearest",
     )
