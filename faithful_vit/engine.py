@@ -43,7 +43,7 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from faithful_vit import losses
+from faithful_vit import losses, viz
 from faithful_vit.data.datasets import DatasetError
 from faithful_vit.data.loading import EpochSampler, SeededSamples, make_loader
 from faithful_vit.data.sample import Batch, collate
@@ -566,13 +566,15 @@ def predict_samples(model: nn.Module, dataset: Dataset, indices: list[int], devi
 
     Returns:
         ``images`` ``[B, 3, H, W]``, ``fg_masks`` ``[B, 1, H, W]`` or None, ``keep`` ``[B, N]`` or None,
-        ``part_maps`` ``[B, K + 1, h, w]`` or None, ``patch_size``; all on the CPU.
+        ``part_maps`` ``[B, K + 1, h, w]`` or None, ``rollout`` ``[B, h, w]`` (the full-image baseline's attention
+        rollout, :func:`faithful_vit.viz.attention_rollout`) or None, ``patch_size``; all on the CPU.
     """
     module = unwrap(model)
     was_training = module.training
     module.eval()
     images, _, _, fg_mask, _ = _to_device(collate([dataset[i] for i in indices]), device, channels_last=False)
-    out = model_forward(module, images, fg_mask)
+    with viz.rollout_recorder(module) as recorder:
+        out = model_forward(module, images, fg_mask)
     module.train(was_training)
 
     def cpu(value):
@@ -583,5 +585,6 @@ def predict_samples(model: nn.Module, dataset: Dataset, indices: list[int], devi
         "fg_masks": cpu(fg_mask),
         "keep": None if out.keep is None else out.keep.cpu(),
         "part_maps": cpu(out.part_maps),
+        "rollout": None if recorder is None else recorder.rollout(),
         "patch_size": patch_size_of(module),
     }

@@ -1,7 +1,9 @@
 """Evaluate a trained model with the paper's protocols: ``python -m faithful_vit.evaluate RUN_OR_CHECKPOINT``.
 
 The model is rebuilt from its checkpoint alone (:func:`faithful_vit.load_model`); the data defaults to the training
-data and its settings (the flags below override them). Prints a table and writes one JSON file.
+data and its settings (the flags below override them). Prints a table and writes one JSON file; ``thresholds`` and
+``remove_parts`` are also plotted beside it, as ``<JSON stem>_thresholds.png`` and ``<JSON stem>_remove_parts.png``
+(their paths under ``figures`` in the JSON).
 
 Protocols (``--protocol``, comma-separated):
 
@@ -18,6 +20,9 @@ Protocols (``--protocol``, comma-separated):
   measured on the ground-truth object patches (foreground fraction above the patch threshold), which needs data
   with ground-truth masks. For a two-stage model the share is also given with the mask recomputed from the replaced
   image (``recomputed_mask``: stage 1 sees the replaced pixels).
+* ``remove_parts``, ``thresholds`` (two-stage models): accuracy, worst-group and per-group accuracy with each part
+  removed in turn (its drop from the full model's), and with per-part confidence thresholds calibrated at each of
+  :data:`THRESHOLD_QUANTILES` on ``--calibration-split`` and applied on the evaluated split.
 * ``parts`` (two-stage models): part-discovery quality as PDiscoNet / PDiscoFormer measure it
   (:mod:`faithful_vit.part_metrics`): NMI and ARI between annotated keypoints and the parts at their locations, the
   keypoint regression error from the part centroids (fitted on the training split), foreground IoU against the
@@ -41,7 +46,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from faithful_vit import engine, part_metrics
+from faithful_vit import engine, part_metrics, viz
 from faithful_vit.cli import ParseKwargs, Parser, UsageError, add_backend_flag, positive_int, run_command
 from faithful_vit.data import list_datasets
 from faithful_vit.data.backgrounds import VARIANTS, VariantDataset, background_variants
@@ -202,12 +207,16 @@ class _RemovePartsObserver:
                     "accuracy_drop": full["accuracy"] - metrics["accuracy"],
                     "worst_group_accuracy": metrics["worst_group_accuracy"],
                     "group_accuracy": metrics["group_accuracy"],
+                    "group_accuracy_drop": [
+                        before - after for before, after in zip(full["group_accuracy"], metrics["group_accuracy"])
+                    ],
                     "kept_fraction": metrics["kept_fraction"],
                 }
             )
         return {
             "accuracy": full["accuracy"],
             "worst_group_accuracy": full["worst_group_accuracy"],
+            "group_accuracy": full["group_accuracy"],
             "kept_fraction": full["kept_fraction"],
             "parts": parts,
         }
@@ -415,7 +424,8 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--output",
         default=None,
-        help="JSON file to write (default: eval_<data>_<split>.json in the model's folder of the run)",
+        help="JSON file to write, the plots beside it (default: eval_<data>_<split>.json in the model's folder of "
+        "the run)",
     )
     parser.add_argument(
         "--batch-size", type=positive_int, default=None, help="evaluation batch size (default: the training run's)"
@@ -468,6 +478,11 @@ def _percent(value) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f} %"
 
 
+def _points(value) -> str:
+    """An accuracy difference in percentage points."""
+    return "-" if value is None or math.isnan(value) else f"{100 * value:+.1f} pp"
+
+
 def _number(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -501,11 +516,21 @@ def format_report(report: dict) -> str:
         rows.append(("BG-GAP", _percent(backgrounds["bg_gap"])))
     remove_parts = report["protocols"].get("remove_parts")
     if remove_parts is not None:
-        rows += [(f"  without part {p['part']}", _percent(p["accuracy"])) for p in remove_parts["parts"]]
+        every = f"{_percent(remove_parts['accuracy'])} (worst-group {_percent(remove_parts['worst_group_accuracy'])})"
+        rows.append(("  with every part", every))
+        for part in remove_parts["parts"]:
+            drop = f"drop {_points(part['accuracy_drop'])}, worst-group {_percent(part['worst_group_accuracy'])}"
+            rows.append((f"  without part {part['part']}", f"{_percent(part['accuracy'])} ({drop})"))
+            if len(data["group_names"]) <= viz.PER_GROUP_LIMIT:
+                names_drops = zip(data["group_names"], part["group_accuracy_drop"])
+                rows += [(f"    drop in group {name}", _points(drop)) for name, drop in names_drops]
     thresholds = report["protocols"].get("thresholds")
     if thresholds is not None:
-        rows.append(("  thresholds none", _percent(thresholds["without"]["accuracy"])))
-        rows += [(f"  thresholds q={q['quantile']}", _percent(q["accuracy"])) for q in thresholds["quantiles"]]
+        for name, row in [("none", thresholds["without"])] + [
+            (f"q={q['quantile']}", q) for q in thresholds["quantiles"]
+        ]:
+            value = f"{_percent(row['accuracy'])} (worst-group {_percent(row['worst_group_accuracy'])}, kept "
+            rows.append((f"  thresholds {name}", value + f"{_number(row['kept_fraction'])})"))
     parts = report["protocols"].get("parts")
     if parts is not None:
         rows += [
@@ -520,6 +545,24 @@ def format_report(report: dict) -> str:
         f"{report['split']} ({report['num_images']} images)"
     )
     return "\n".join([title, *(f"{name.ljust(width)}  {value}" for name, value in rows)])
+
+
+def write_figures(report: dict, output: Path) -> dict[str, str]:
+    """The plots of the ``thresholds`` and ``remove_parts`` results, ``<output stem>_<protocol>.png`` beside the JSON.
+
+    Returns:
+        protocol -> the PNG written, for the protocols of ``report`` that have a plot.
+    """
+    results, group_names = report["protocols"], report["data"]["group_names"]
+    title = f"{report['model']['name']} on {report['data']['name']} {report['split']} ({report['num_images']} images)"
+    figures = {}
+    if "thresholds" in results:
+        path = output.with_name(f"{output.stem}_thresholds.png")
+        figures["thresholds"] = str(viz.plot_thresholds(results["thresholds"], path, title=title))
+    if "remove_parts" in results:
+        path = output.with_name(f"{output.stem}_remove_parts.png")
+        figures["remove_parts"] = str(viz.plot_remove_parts(results["remove_parts"], group_names, path, title=title))
+    return figures
 
 
 def run(args) -> dict:
@@ -577,6 +620,7 @@ def run(args) -> dict:
         "protocols": results,
     }
     output = Path(args.output) if args.output else _default_output(checkpoint, data["name"], args.split)
+    report["figures"] = write_figures(report, output)
     write_text(output, json.dumps(report, indent=2))
     print(format_report(report))
     print(f"written: {output}")

@@ -225,6 +225,7 @@ def run(args, args_text: str) -> dict:
                     keep=samples["keep"],
                     part_maps=samples["part_maps"],
                     patch_size=samples["patch_size"],
+                    rollout=samples["rollout"],
                     title=f"{name} (seed {seed}, test images)",
                 )
             del trainer, model

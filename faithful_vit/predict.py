@@ -2,7 +2,8 @@
 
 For every image (files, or folders searched recursively for image files): the predicted class and its softmax
 confidence, and ``<out>/figures/<nnnn>_<name>.png`` with the image, the part map over it (a colour per part, the
-background in dark grey, a legend) and the kept patches, the prediction in the title. ``<out>/contact_sheet_<n>.png``
+background in dark grey, a legend) and the kept patches (for the full-image baseline: its attention rollout, a heat
+map with a colour bar), the prediction in the title. ``<out>/contact_sheet_<n>.png``
 shows up to ``--sheet-size`` images each, and ``<out>/predictions.json`` holds every prediction (and any file that
 could not be decoded, which is skipped). Images are resized (shorter side) and centre-cropped to the model's input
 size, as the evaluation transform of the folder datasets does.
@@ -61,27 +62,35 @@ def predict_images(model: nn.Module, images: torch.Tensor) -> dict:
 
     Returns:
         ``probabilities`` ``[B, num_classes]``, ``keep`` ``[B, N]`` or None, ``part_maps`` ``[B, K + 1, h, w]`` or
-        None; all on the CPU.
+        None, ``rollout`` ``[B, h, w]`` (the full-image baseline's attention rollout) or None; all on the CPU.
     """
-    if unwrap(model).uses_ground_truth_mask:
+    module = unwrap(model)
+    if module.uses_ground_truth_mask:
         raise UsageError("RUN_OR_CHECKPOINT: the oracle needs ground-truth masks; predict takes images only")
     model.eval()
-    out = model(images)
+    with viz.rollout_recorder(module) as recorder:
+        out = model(images)
     keep, part_maps = out.keep, out.part_maps
     return {
         "probabilities": out.logits.float().softmax(dim=1).cpu(),
         "keep": None if keep is None else keep.cpu(),
         "part_maps": None if part_maps is None else part_maps.float().cpu(),
+        "rollout": None if recorder is None else recorder.rollout(),
     }
 
 
+def _stacked(sheet: list[dict], key: str) -> torch.Tensor | None:
+    return None if sheet[0][key] is None else torch.stack([item[key] for item in sheet])
+
+
 def _write_sheet(out_dir: Path, number: int, sheet: list[dict], patch_size: int, title: str) -> Path:
-    panels = 1 + (sheet[0]["keep"] is not None) + (sheet[0]["part_maps"] is not None)
+    panels = 1 + sum(sheet[0][key] is not None for key in ("keep", "part_maps", "rollout"))
     return viz.plot_masks(
-        torch.stack([item["image"] for item in sheet]),
+        _stacked(sheet, "image"),
         out_dir / f"contact_sheet_{number}.png",
-        keep=None if sheet[0]["keep"] is None else torch.stack([item["keep"] for item in sheet]),
-        part_maps=None if sheet[0]["part_maps"] is None else torch.stack([item["part_maps"] for item in sheet]),
+        keep=_stacked(sheet, "keep"),
+        part_maps=_stacked(sheet, "part_maps"),
+        rollout=_stacked(sheet, "rollout"),
         patch_size=patch_size,
         title=title,
         sample_titles=[item["title"] for item in sheet],
@@ -123,14 +132,16 @@ def run(args) -> dict:
                 "image": batch[i],
                 "keep": None if result["keep"] is None else result["keep"][i],
                 "part_maps": None if result["part_maps"] is None else result["part_maps"][i],
+                "rollout": None if result["rollout"] is None else result["rollout"][i],
                 "title": f"{path.name}\n{title}",
             }
             figure = out_dir / "figures" / f"{index:04d}_{path.stem}.png"
             viz.plot_masks(
                 batch[i : i + 1],
                 figure,
-                keep=None if item["keep"] is None else item["keep"][None],
-                part_maps=None if item["part_maps"] is None else item["part_maps"][None],
+                keep=_stacked([item], "keep"),
+                part_maps=_stacked([item], "part_maps"),
+                rollout=_stacked([item], "rollout"),
                 patch_size=patch_size,
                 title=f"{path.name}: {title}",
             )

@@ -6,6 +6,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from test_train_cli import TINY, load_train
 
 import faithful_vit
@@ -289,16 +290,25 @@ def test_backgrounds_protocol_matches_a_direct_computation(varied_two_stage, tes
 def test_remove_parts_protocol_matches_a_direct_computation(varied_two_stage, test_set):
     cfg = engine.TrainConfig(eval_batch_size=7, progress=False)
     result = evaluate.evaluate_model(varied_two_stage, test_set, ["remove_parts"], cfg=cfg)["remove_parts"]
-    images, labels, _, _, out = direct_predictions(varied_two_stage, test_set)
+    images, labels, groups, _, out = direct_predictions(varied_two_stage, test_set)
     full = accuracy_of(out.stage2_logits.argmax(1), labels)
     assert result["accuracy"] == pytest.approx(full, abs=1e-12)
     assert [part["part"] for part in result["parts"]] == [0, 1, 2]
+    in_group = [groups == group for group in range(4)]
+    assert all(members.any() for members in in_group)
+    full_groups = [accuracy_of(out.stage2_logits.argmax(1)[members], labels[members]) for members in in_group]
+    assert result["group_accuracy"] == pytest.approx(full_groups, abs=1e-12)
     for part in result["parts"]:
         with torch.no_grad():
             removed = varied_two_stage(images, remove_parts=[part["part"]])
         accuracy = accuracy_of(removed.stage2_logits.argmax(1), labels)
         assert part["accuracy"] == pytest.approx(accuracy, abs=1e-12)
         assert part["accuracy_drop"] == pytest.approx(full - accuracy, abs=1e-12)
+        group_drops = [
+            before - accuracy_of(removed.stage2_logits.argmax(1)[members], labels[members])
+            for before, members in zip(full_groups, in_group)
+        ]
+        assert part["group_accuracy_drop"] == pytest.approx(group_drops, abs=1e-12)
         assert part["kept_fraction"] == pytest.approx(removed.keep.double().mean().item(), abs=1e-12)
 
 
@@ -325,6 +335,25 @@ def test_thresholds_protocol_calibrates_on_one_split_and_applies_on_another(vari
     finally:
         varied_two_stage.set_part_thresholds(None)
     assert changed  # the thresholds drop some patches
+
+
+def test_thresholds_and_remove_parts_are_plotted_beside_the_json(run_dir, capsys, tmp_path):
+    output = tmp_path / "evaluation" / "tiny.json"
+    argv = [str(run_dir), "--model", "faithful_tiny", "--protocol", "remove_parts,thresholds", "--output", str(output)]
+    code, printed, err = cli(argv, capsys)
+    assert code == 0, err
+    report = json.loads(output.read_text())
+    expected = {name: str(tmp_path / "evaluation" / f"tiny_{name}.png") for name in ("thresholds", "remove_parts")}
+    assert report["figures"] == expected
+    for path in expected.values():
+        with Image.open(path) as figure:
+            assert figure.format == "PNG" and figure.width > 500
+    parts = report["protocols"]["remove_parts"]["parts"]
+    assert len(re.findall(r"without part \d+ .*\(drop [+-]\d+\.\d pp, worst-group", printed)) == len(parts)
+    assert len(re.findall(r"drop in group cross/water +[+-]\d+\.\d pp", printed)) == len(parts)
+    assert len(re.findall(r"thresholds (none|q=0\.\d+) .*\(worst-group .*, kept 0\.\d+\)", printed)) == 1 + len(
+        evaluate.THRESHOLD_QUANTILES
+    )
 
 
 def test_protocols_refuse_models_and_data_they_do_not_apply_to(run_dir, test_set):

@@ -79,12 +79,33 @@ def test_predictions_figures_and_contact_sheets(tmp_path, images, capsys):
             assert figure.format == "PNG"
 
 
-def test_a_model_without_a_mask_gets_image_only_figures(tmp_path, images, capsys):
+def test_the_baselines_figures_show_its_attention_rollout(tmp_path, images, capsys, monkeypatch):
+    drawn = []
+    real_plot_masks = viz.plot_masks
+
+    def recording_plot_masks(pictures, path, **kwargs):
+        drawn.append(kwargs)
+        return real_plot_masks(pictures, path, **kwargs)
+
+    monkeypatch.setattr(viz, "plot_masks", recording_plot_masks)
     checkpoint = save_model(tmp_path / "baseline.pt", "baseline")
     code, _, err = run_predict([str(checkpoint), str(images / "sub"), "--out", str(tmp_path / "out")], capsys)
     assert code == 0, err
     report = json.loads((tmp_path / "out" / "predictions.json").read_text())
     assert len(report["predictions"]) == 2 and all(p["kept_fraction"] == 1.0 for p in report["predictions"])
+    model = faithful_vit.load_model(checkpoint)
+    pictures = torch.stack([normalize(load_image(p["file"])) for p in report["predictions"]])
+    with viz.AttentionRecorder(model.vit) as recorder, torch.no_grad():
+        model(pictures)
+    expected = recorder.rollout()
+    assert len(drawn) == 3  # two figures, one contact sheet
+    for index, kwargs in enumerate(drawn[:2]):
+        assert kwargs["keep"] is None and kwargs["part_maps"] is None
+        torch.testing.assert_close(kwargs["rollout"], expected[index : index + 1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(drawn[2]["rollout"], expected, rtol=1e-5, atol=1e-6)
+    for prediction in report["predictions"]:
+        with Image.open(prediction["figure"]) as figure:
+            assert figure.format == "PNG"
 
 
 def test_figures_carry_a_legend_of_the_parts_and_the_background(tmp_path, monkeypatch):
