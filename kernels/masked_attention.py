@@ -14,6 +14,11 @@ After :func:`compaction_order` (kept tokens first) the live blocks are the first
 but the last, and the work is proportional to (kept blocks)^2. Grids are 1-d (:func:`._attention_core.flat_grid`):
 any B x H.
 
+Forward key loops: when an image's full key blocks are blocks 0..n-1 (after :func:`compaction_order`, and whenever
+every token is kept) the forward walks them with direct offsets, as varlen attention does, rather than through the
+list: no index load precedes a step's K/V loads, so the software pipeliner buffers as many K/V tiles as in varlen
+attention (one more).
+
 Outputs and gradients are stored in a ``(B, N, H, D)`` memory layout, so that timm's
 ``out.transpose(1, 2).reshape(B, N, C)`` is free. The log-sum-exp (base 2) kept for the backward is -inf for the rows
 that are not computed or have no kept key (their output is zero).
@@ -654,16 +659,29 @@ if TRITON_AVAILABLE:
         in_d,
         qk_scale,
         BLOCK_N: tl.constexpr,
+        INDEXED: tl.constexpr,
         MASK_KEYS: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
     ):
-        """The online softmax over the key blocks ``K_ORDER_b[start:stop]`` of one (image, head), full ones or
-        (``MASK_KEYS``) partly kept ones. ``K_bh``, ``V_bh``, ``KEEP_b``, ``K_ORDER_b`` point at this image (and
-        head)."""
+        """The online softmax over the key blocks ``K_ORDER_b[start:stop]`` (``INDEXED``), or over blocks
+        ``start:stop`` themselves (direct offsets: no index to load before a step's K/V, so the pipeliner buffers one
+        more K/V tile), of one (image, head): full blocks, or (``MASK_KEYS``) partly kept ones. ``K_bh``, ``V_bh``,
+        ``KEEP_b``, ``K_ORDER_b`` point at this image (and head)."""
+        offs_block = tl.arange(0, BLOCK_N)
         for i in range(start, stop):
-            k, v, keep_k = _masked_key_block(
-                K_bh, V_bh, KEEP_b, K_ORDER_b, i, stride_kn, stride_vn, N, offs_d, in_d, BLOCK_N, MASK_KEYS
-            )
+            if INDEXED:
+                block = tl.load(K_ORDER_b + i)
+            else:
+                block = i
+            offs_n = block * BLOCK_N + offs_block
+            if MASK_KEYS:
+                keep_k = _token_kept(KEEP_b, offs_n, N)
+                kv_mask = keep_k[:, None] & in_d[None, :]  # dropped keys as zeros, see :mod:`._attention_core`
+            else:
+                keep_k = offs_n < N  # every key of a full block is kept; unused by the step
+                kv_mask = in_d[None, :]
+            k = tl.load(K_bh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(V_bh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
             m_i, l_i, acc = attn_fwd_step(
                 q, tl.trans(k), v, keep_k, m_i, l_i, acc, qk_scale, MASK_KEYS, INPUT_PRECISION
             )
@@ -743,27 +761,54 @@ if TRITON_AVAILABLE:
         keep_b = KEEP + b * stride_keep_b
         order_b = K_ORDER + b * stride_order_b
         # Every visited block has a kept key, so the running max is finite after the first step: no guard is needed.
-        m_i, l_i, acc = _masked_fwd_key_blocks(
-            q,
-            m_i,
-            l_i,
-            acc,
-            k_bh,
-            v_bh,
-            keep_b,
-            order_b,
-            0,
-            full_count,
-            stride_n,
-            stride_n,
-            N,
-            offs_d,
-            in_d,
-            qk_scale,
-            BLOCK_N,
-            False,
-            INPUT_PRECISION,
-        )
+        # The full blocks are listed in ascending order, so they are blocks 0..full_count-1 exactly when the last of
+        # them is block full_count-1: always after compaction_order, and when every token is kept.
+        if tl.load(order_b + tl.maximum(full_count - 1, 0)) == full_count - 1:
+            m_i, l_i, acc = _masked_fwd_key_blocks(
+                q,
+                m_i,
+                l_i,
+                acc,
+                k_bh,
+                v_bh,
+                keep_b,
+                order_b,
+                0,
+                full_count,
+                stride_n,
+                stride_n,
+                N,
+                offs_d,
+                in_d,
+                qk_scale,
+                BLOCK_N,
+                False,
+                False,
+                INPUT_PRECISION,
+            )
+        else:
+            m_i, l_i, acc = _masked_fwd_key_blocks(
+                q,
+                m_i,
+                l_i,
+                acc,
+                k_bh,
+                v_bh,
+                keep_b,
+                order_b,
+                0,
+                full_count,
+                stride_n,
+                stride_n,
+                N,
+                offs_d,
+                in_d,
+                qk_scale,
+                BLOCK_N,
+                True,
+                False,
+                INPUT_PRECISION,
+            )
         m_i, l_i, acc = _masked_fwd_key_blocks(
             q,
             m_i,
@@ -782,6 +827,7 @@ if TRITON_AVAILABLE:
             in_d,
             qk_scale,
             BLOCK_N,
+            True,
             True,
             INPUT_PRECISION,
         )
