@@ -17,7 +17,9 @@ any B x H.
 Forward key loops: when an image's full key blocks are blocks 0..n-1 (after :func:`compaction_order`, and whenever
 every token is kept) the forward walks them with direct offsets, as varlen attention does, rather than through the
 list: no index load precedes a step's K/V loads, so the software pipeliner buffers as many K/V tiles as in varlen
-attention (one more).
+attention (one more). Its partly kept steps read the keep mask packed as bits (one scalar load of a 64-bit word per
+block, from the same launch as the lists) and mask only what needs it: the scores of dropped keys, and their values
+(loaded as zeros).
 
 Outputs and gradients are stored in a ``(B, N, H, D)`` memory layout, so that timm's
 ``out.transpose(1, 2).reshape(B, N, C)`` is free. The log-sum-exp (base 2) kept for the backward is -inf for the rows
@@ -111,8 +113,9 @@ def masked_attention(
     Non-finite values: both backends give what ``F.scaled_dot_product_attention(q, k, v,
     attn_mask=keep[:, None, None, :])`` gives for the rows they compute: a NaN or Inf in a kept key, or in a
     computed query, makes every output and gradient that depends on it non-finite, where SDPA's are. Dropped keys
-    are never read, and with ``skip_dropped_queries`` neither are dropped queries (their q and output gradient), so
-    whatever they hold changes no output and no gradient of another token, bit for bit.
+    never reach a sum (their scores are selected away, their values read as zeros), and with
+    ``skip_dropped_queries`` dropped queries are never read (their q and output gradient), so whatever they hold
+    changes no output and no gradient of another token, bit for bit.
 
     Args:
         q, k, v: ``(B, H, N, D)``, fp16/bf16/fp32, any strides with a unit last dimension; ``16 <= D <= 128``.
@@ -266,7 +269,12 @@ def _keep_bytes(keep: torch.Tensor) -> torch.Tensor:
 
 
 def _block_lists(
-    keep_bytes: torch.Tensor, block: int, *, every_block: bool = False, launch=launch_directly
+    keep_bytes: torch.Tensor,
+    block: int,
+    *,
+    every_block: bool = False,
+    bits: torch.Tensor | None = None,
+    launch=launch_directly,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image lists of the blocks of ``block`` tokens a loop visits: full blocks first, then partly kept ones.
 
@@ -277,6 +285,9 @@ def _block_lists(
         keep_bytes: ``(B, N)`` int8 (:func:`_keep_bytes`), nonzero for kept tokens.
         every_block: list every block in order, for computed dropped queries; a block then counts as full when it
             lies inside N and its image has a kept token (every row of it has a finite log-sum-exp).
+        bits: optional ``(B, _bit_words(N))`` int64, filled in the same launch (not with
+            ``every_block``) with the kept tokens packed as bits: bit ``t % 64`` of word ``t // 64``, zero past N
+            (:func:`_kept_in_block` reads them).
 
     Returns:
         ``order`` ``(B, ceil(N / block))`` int32: the full blocks, the partly kept ones, then the blocks without a
@@ -290,19 +301,31 @@ def _block_lists(
     # Blocks per step: a fixed 1024 tokens' worth, never a function of N (under torch.compile a constexpr computed from
     # a symbolic N would be specialised, and every other length would recompile).
     chunk = max(1, _BLOCK_LIST_TOKENS // block)
+    if bits is not None and (every_block or bits.shape != (batch, _bit_words(seq_len))):
+        raise ValueError(f"bits: expected ({batch}, {_bit_words(seq_len)}) for key lists, got {fmt_shape(bits)}")
     launch(_block_lists_kernel)[(batch,)](
         keep_bytes,
         order,
         counts,
+        order if bits is None else bits,  # never written without WRITE_BITS
         seq_len,
         num_blocks,
+        0 if bits is None else bits.shape[1],
         keep_bytes.stride(0),
         order.stride(0),
+        0 if bits is None else bits.stride(0),
         BLOCK=block,
         CHUNK=chunk,
         EVERY_BLOCK=every_block,
+        WRITE_BITS=bits is not None,
     )
     return order, counts
+
+
+def _bit_words(seq_len: int) -> int:
+    """Words of 64 bits per image for the kept tokens packed as bits: N padded to 128 tokens, so that a 128-key block
+    (the largest tile) always has both of its words."""
+    return 2 * cdiv(seq_len, 128)
 
 
 def _reused_block_lists(memo, keep_bytes, block, every_block, launch):
@@ -336,8 +359,11 @@ def _launch_fwd(q, k, v, keep, scale, skip_dropped_queries, cfg, launch, block_l
     batch, heads, seq_len, head_dim = q.shape
     head_dim = int(head_dim)  # a constexpr: specialised under torch.compile (here, before any arithmetic on it)
     keep_i8 = _keep_bytes(keep)
-    memo = {} if block_lists is None else block_lists
-    k_order, k_counts = _reused_block_lists(memo, keep_i8, cfg["BLOCK_N"], False, launch)
+    # The key lists, and the kept keys as bits for the partly kept steps, in one launch; the backward reuses the lists.
+    bits = empty(batch, _bit_words(seq_len), dtype=torch.int64, device=q.device)
+    k_order, k_counts = _block_lists(keep_i8, cfg["BLOCK_N"], bits=bits, launch=launch)
+    if block_lists is not None:
+        block_lists[(cfg["BLOCK_N"], False)] = k_order, k_counts
     out = empty_like_strided(q, (batch, heads, seq_len, head_dim), _BNHD)
     lse = empty(batch, heads, seq_len, dtype=torch.float32, device=q.device)
     launch(_masked_attn_fwd_kernel)[flat_grid(cdiv(seq_len, cfg["BLOCK_M"]), batch * heads)](
@@ -345,6 +371,7 @@ def _launch_fwd(q, k, v, keep, scale, skip_dropped_queries, cfg, launch, block_l
         k,
         v,
         keep_i8,
+        bits,
         k_order,
         k_counts,
         out,
@@ -352,6 +379,7 @@ def _launch_fwd(q, k, v, keep, scale, skip_dropped_queries, cfg, launch, block_l
         *q.stride()[:3],  # q, k, v: one layout, unit last stride
         *out.stride()[:3],
         keep_i8.stride(0),
+        bits.stride(0),
         k_order.stride(0),
         heads,
         seq_len,
@@ -556,19 +584,26 @@ if TRITON_AVAILABLE:
         KEEP,
         ORDER,
         COUNTS,
+        BITS,
         N,
         NUM_BLOCKS,
+        NUM_WORDS,
         stride_keep_b,
         stride_order_b,
+        stride_bits_b,
         BLOCK: tl.constexpr,
         CHUNK: tl.constexpr,
         EVERY_BLOCK: tl.constexpr,
+        WRITE_BITS: tl.constexpr,
     ):
         """The block lists of one image (see :func:`_block_lists`), a stable partition computed in two passes over
-        ``CHUNK`` blocks at a time: the first counts full and live blocks, the second places each block.
+        ``CHUNK`` blocks at a time: the first counts full and live blocks, the second places each block; with
+        ``WRITE_BITS`` a third packs the kept tokens into bits.
 
         Pointers: KEEP ``(B, N)`` int8 with unit stride along N; ORDER ``(B, NUM_BLOCKS)`` int32; COUNTS ``(B, 2)``
-        int32 contiguous. Constexprs: BLOCK (tokens per block), CHUNK (blocks per step, a power of two), EVERY_BLOCK.
+        int32 contiguous; BITS ``(B, NUM_WORDS)`` int64 with unit stride along its words (written only with WRITE_BITS,
+        zero past N). Constexprs: BLOCK (tokens per block), CHUNK (blocks per step, a power of two), EVERY_BLOCK,
+        WRITE_BITS.
 
         Grid: ``(B,)``.
         """
@@ -611,6 +646,14 @@ if TRITON_AVAILABLE:
                 next_dead += tl.sum(dead, 0)
         tl.store(COUNTS + 2 * b, n_full)
         tl.store(COUNTS + 2 * b + 1, n_live)
+        if WRITE_BITS:
+            bit = tl.arange(0, 64)
+            for first in range(0, NUM_WORDS, CHUNK):
+                words = first + offs_block
+                kept = _token_kept(keep_b, words[:, None] * 64 + bit[None, :], N)
+                # Distinct powers of two: their sum is their bitwise or (bit 63 makes the word negative, as it should).
+                packed = tl.sum(kept.to(tl.int64) << bit[None, :].to(tl.int64), 1)
+                tl.store(BITS + b * stride_bits_b + words, packed, mask=words < NUM_WORDS)
 
     @triton.jit
     def _masked_key_block(
@@ -641,6 +684,23 @@ if TRITON_AVAILABLE:
         return k, v, keep_k
 
     @triton.jit
+    def _kept_in_block(BITS_b, block, BLOCK: tl.constexpr):
+        """Which tokens of ``block`` (of ``BLOCK`` tokens, a power of two up to 128) of one image are kept, read from
+        the image's row of bits (:func:`_block_lists`): one or two scalar loads, where :func:`_token_kept` loads a
+        byte per token. Tokens past N have no bit set."""
+        if BLOCK <= 64:  # the block lies inside one word
+            first = block * BLOCK
+            word = tl.load(BITS_b + first // 64)
+            shifts = (first % 64 + tl.arange(0, BLOCK)).to(tl.int64)
+        else:
+            offs = tl.arange(0, BLOCK)
+            low = tl.load(BITS_b + block * (BLOCK // 64))
+            high = tl.load(BITS_b + block * (BLOCK // 64) + 1)
+            word = tl.where(offs < 64, low, high)
+            shifts = (offs % 64).to(tl.int64)
+        return ((word >> shifts) & 1) != 0
+
+    @triton.jit
     def _masked_fwd_key_blocks(
         q,
         m_i,
@@ -648,7 +708,7 @@ if TRITON_AVAILABLE:
         acc,
         K_bh,
         V_bh,
-        KEEP_b,
+        BITS_b,
         K_ORDER_b,
         start,
         stop,
@@ -666,7 +726,11 @@ if TRITON_AVAILABLE:
         """The online softmax over the key blocks ``K_ORDER_b[start:stop]`` (``INDEXED``), or over blocks
         ``start:stop`` themselves (direct offsets: no index to load before a step's K/V, so the pipeliner buffers one
         more K/V tile), of one (image, head): full blocks, or (``MASK_KEYS``) partly kept ones. ``K_bh``, ``V_bh``,
-        ``KEEP_b``, ``K_ORDER_b`` point at this image (and head)."""
+        ``BITS_b``, ``K_ORDER_b`` point at this image (and head).
+
+        A partly kept step masks only what it must: the scores of dropped keys are selected away in the step
+        whatever their k holds, so k is loaded without the keep mask (inside N only); a dropped key's v is loaded as
+        zeros (a zero weight times a NaN would be NaN), gated by the block's bits."""
         offs_block = tl.arange(0, BLOCK_N)
         for i in range(start, stop):
             if INDEXED:
@@ -675,13 +739,15 @@ if TRITON_AVAILABLE:
                 block = i
             offs_n = block * BLOCK_N + offs_block
             if MASK_KEYS:
-                keep_k = _token_kept(KEEP_b, offs_n, N)
-                kv_mask = keep_k[:, None] & in_d[None, :]  # dropped keys as zeros, see :mod:`._attention_core`
+                keep_k = _kept_in_block(BITS_b, block, BLOCK_N)
+                k_mask = (offs_n < N)[:, None] & in_d[None, :]
+                v_mask = keep_k[:, None] & in_d[None, :]
             else:
                 keep_k = offs_n < N  # every key of a full block is kept; unused by the step
-                kv_mask = in_d[None, :]
-            k = tl.load(K_bh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(V_bh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+                k_mask = in_d[None, :]
+                v_mask = in_d[None, :]
+            k = tl.load(K_bh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=k_mask, other=0.0)
+            v = tl.load(V_bh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=v_mask, other=0.0)
             m_i, l_i, acc = attn_fwd_step(
                 q, tl.trans(k), v, keep_k, m_i, l_i, acc, qk_scale, MASK_KEYS, INPUT_PRECISION
             )
@@ -693,6 +759,7 @@ if TRITON_AVAILABLE:
         K,
         V,
         KEEP,
+        BITS,
         K_ORDER,
         K_COUNTS,
         OUT,
@@ -704,6 +771,7 @@ if TRITON_AVAILABLE:
         stride_oh,
         stride_on,
         stride_keep_b,
+        stride_bits_b,
         stride_order_b,
         H,
         N,
@@ -717,12 +785,12 @@ if TRITON_AVAILABLE:
     ):
         """Forward over the live key blocks of one query block of one (image, head).
 
-        Pointers: Q, K, V ``(B, H, N, D)`` in one layout (one set of strides); KEEP ``(B, N)`` int8; K_ORDER
-        ``(B, NB)`` int32 full, then partly kept key blocks; K_COUNTS ``(B, 2)`` int32 contiguous, full and live key
-        blocks; OUT ``(B, H, N, D)``; LSE ``(B, H, N)`` fp32 contiguous (base 2, -inf for rows not computed). Strides
-        in (b, h, n) order (every last stride is 1); ``qk_scale`` is ``scale * log2(e)``. Constexprs: HEAD_DIM (D),
-        BLOCK_D (next power of two >= D), BLOCK_M / BLOCK_N (query / key rows per block, also the block size of
-        K_ORDER), SKIP_DROPPED_QUERIES, INPUT_PRECISION.
+        Pointers: Q, K, V ``(B, H, N, D)`` in one layout (one set of strides); KEEP ``(B, N)`` int8; BITS ``(B, NW)``
+        int64, KEEP packed as bits (:func:`_block_lists`); K_ORDER ``(B, NB)`` int32 full, then partly kept key blocks;
+        K_COUNTS ``(B, 2)`` int32 contiguous, full and live key blocks; OUT ``(B, H, N, D)``; LSE ``(B, H, N)`` fp32
+        contiguous (base 2, -inf for rows not computed). Strides in (b, h, n) order (every last stride is 1);
+        ``qk_scale`` is ``scale * log2(e)``. Constexprs: HEAD_DIM (D), BLOCK_D (next power of two >= D), BLOCK_M /
+        BLOCK_N (query / key rows per block, also the block size of K_ORDER), SKIP_DROPPED_QUERIES, INPUT_PRECISION.
 
         Grid: ``flat_grid(cdiv(N, BLOCK_M), B * H)``.
         """
@@ -758,7 +826,7 @@ if TRITON_AVAILABLE:
         live_count = tl.load(K_COUNTS + 2 * b + 1)
         k_bh = K + b * stride_b + h * stride_h
         v_bh = V + b * stride_b + h * stride_h
-        keep_b = KEEP + b * stride_keep_b
+        bits_b = BITS + b * stride_bits_b
         order_b = K_ORDER + b * stride_order_b
         # Every visited block has a kept key, so the running max is finite after the first step: no guard is needed.
         # The full blocks are listed in ascending order, so they are blocks 0..full_count-1 exactly when the last of
@@ -771,7 +839,7 @@ if TRITON_AVAILABLE:
                 acc,
                 k_bh,
                 v_bh,
-                keep_b,
+                bits_b,
                 order_b,
                 0,
                 full_count,
@@ -794,7 +862,7 @@ if TRITON_AVAILABLE:
                 acc,
                 k_bh,
                 v_bh,
-                keep_b,
+                bits_b,
                 order_b,
                 0,
                 full_count,
@@ -816,7 +884,7 @@ if TRITON_AVAILABLE:
             acc,
             k_bh,
             v_bh,
-            keep_b,
+            bits_b,
             order_b,
             full_count,
             live_count,
