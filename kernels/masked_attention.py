@@ -523,7 +523,7 @@ def get_fwd_config(seq_len: int, head_dim: int, dtype: torch.dtype, device: torc
     if device.type != "cuda":  # the interpreter: the smallest blocks tl.dot accepts keep CPU tests fast
         return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
     if dtype == torch.float32:
-        block_m, block_n = (32, 64) if head_dim <= 64 else (16, 16)
+        block_m, block_n = (64, 32) if head_dim <= 64 else (16, 16)
         return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 8, "num_stages": 1}
     return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
 
@@ -549,7 +549,7 @@ def fwd_candidates(seq_len: int, head_dim: int, dtype: torch.dtype, device: torc
     if device.type != "cuda":
         return _configs((32, 16, 1, 1))
     if dtype == torch.float32:
-        return _configs((32, 32, 4, 2), (64, 64, 4, 1), (32, 64, 4, 2))
+        return _configs((32, 64, 8, 1), (32, 32, 4, 2), (64, 64, 4, 1), (32, 64, 4, 2))
     return _configs((64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (128, 128, 8, 2))
 
 
