@@ -17,9 +17,11 @@ sequences) with the select compiled out (``MASK_KEYS`` / ``MASK_QUERIES`` False)
 The side a program owns needs no per-score select at all: row i of the output or of dQ depends on query i alone, row
 j of dK/dV on key j alone, so the kernels select zero for invalid rows once, when they store them (or skip storing
 them). Invalid (query, key) pairs that a sum crosses get exactly zero weight through ``tl.where``, and the callers
-load rows outside their masks as zeros, so non-finite values there are never read (a zero weight times a NaN would
-still be NaN). Valid rows are never masked: a NaN or Inf in them propagates as in SDPA. The softmax scale is folded
-into one fma per score after the row max, so it must be positive.
+load as zeros the invalid rows that would meet such a weight in a product (values in the forward, every operand in
+the backward), so non-finite values there never reach a sum (a zero weight times a NaN would still be NaN); a row
+that enters only scores selected away (a key's k in the forward) may be loaded as it is. Valid rows are never masked:
+a NaN or Inf in them propagates as in SDPA. The softmax scale is folded into one fma per score after the row max, so
+it must be positive.
 
 Shared limits: head dims 16..128, any of them (non-powers of two are padded to the next power of two, ``BLOCK_D``,
 with masked loads); fp32 inputs get IEEE-precision dots (:func:`dot_precision`), fp16/bf16 accumulate in fp32; the

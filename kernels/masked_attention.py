@@ -14,6 +14,13 @@ After :func:`compaction_order` (kept tokens first) the live blocks are the first
 but the last, and the work is proportional to (kept blocks)^2. Grids are 1-d (:func:`._attention_core.flat_grid`):
 any B x H.
 
+Forward key loops: when an image's full key blocks are blocks 0..n-1 (after :func:`compaction_order`, and whenever
+every token is kept) the forward walks them with direct offsets, as varlen attention does, rather than through the
+list: no index load precedes a step's K/V loads, so the software pipeliner buffers as many K/V tiles as in varlen
+attention (one more). Its partly kept steps read the keep mask packed as bits (one scalar load of a 64-bit word per
+block, from the same launch as the lists) and mask only what needs it: the scores of dropped keys, and their values
+(loaded as zeros).
+
 Outputs and gradients are stored in a ``(B, N, H, D)`` memory layout, so that timm's
 ``out.transpose(1, 2).reshape(B, N, C)`` is free. The log-sum-exp (base 2) kept for the backward is -inf for the rows
 that are not computed or have no kept key (their output is zero).
@@ -106,8 +113,9 @@ def masked_attention(
     Non-finite values: both backends give what ``F.scaled_dot_product_attention(q, k, v,
     attn_mask=keep[:, None, None, :])`` gives for the rows they compute: a NaN or Inf in a kept key, or in a
     computed query, makes every output and gradient that depends on it non-finite, where SDPA's are. Dropped keys
-    are never read, and with ``skip_dropped_queries`` neither are dropped queries (their q and output gradient), so
-    whatever they hold changes no output and no gradient of another token, bit for bit.
+    never reach a sum (their scores are selected away, their values read as zeros), and with
+    ``skip_dropped_queries`` dropped queries are never read (their q and output gradient), so whatever they hold
+    changes no output and no gradient of another token, bit for bit.
 
     Args:
         q, k, v: ``(B, H, N, D)``, fp16/bf16/fp32, any strides with a unit last dimension; ``16 <= D <= 128``.
@@ -261,7 +269,12 @@ def _keep_bytes(keep: torch.Tensor) -> torch.Tensor:
 
 
 def _block_lists(
-    keep_bytes: torch.Tensor, block: int, *, every_block: bool = False, launch=launch_directly
+    keep_bytes: torch.Tensor,
+    block: int,
+    *,
+    every_block: bool = False,
+    bits: torch.Tensor | None = None,
+    launch=launch_directly,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image lists of the blocks of ``block`` tokens a loop visits: full blocks first, then partly kept ones.
 
@@ -272,6 +285,9 @@ def _block_lists(
         keep_bytes: ``(B, N)`` int8 (:func:`_keep_bytes`), nonzero for kept tokens.
         every_block: list every block in order, for computed dropped queries; a block then counts as full when it
             lies inside N and its image has a kept token (every row of it has a finite log-sum-exp).
+        bits: optional ``(B, _bit_words(N))`` int64, filled in the same launch (not with
+            ``every_block``) with the kept tokens packed as bits: bit ``t % 64`` of word ``t // 64``, zero past N
+            (:func:`_kept_in_block` reads them).
 
     Returns:
         ``order`` ``(B, ceil(N / block))`` int32: the full blocks, the partly kept ones, then the blocks without a
@@ -285,19 +301,31 @@ def _block_lists(
     # Blocks per step: a fixed 1024 tokens' worth, never a function of N (under torch.compile a constexpr computed from
     # a symbolic N would be specialised, and every other length would recompile).
     chunk = max(1, _BLOCK_LIST_TOKENS // block)
+    if bits is not None and (every_block or bits.shape != (batch, _bit_words(seq_len))):
+        raise ValueError(f"bits: expected ({batch}, {_bit_words(seq_len)}) for key lists, got {fmt_shape(bits)}")
     launch(_block_lists_kernel)[(batch,)](
         keep_bytes,
         order,
         counts,
+        order if bits is None else bits,  # never written without WRITE_BITS
         seq_len,
         num_blocks,
+        0 if bits is None else bits.shape[1],
         keep_bytes.stride(0),
         order.stride(0),
+        0 if bits is None else bits.stride(0),
         BLOCK=block,
         CHUNK=chunk,
         EVERY_BLOCK=every_block,
+        WRITE_BITS=bits is not None,
     )
     return order, counts
+
+
+def _bit_words(seq_len: int) -> int:
+    """Words of 64 bits per image for the kept tokens packed as bits: N padded to 128 tokens, so that a 128-key block
+    (the largest tile) always has both of its words."""
+    return 2 * cdiv(seq_len, 128)
 
 
 def _reused_block_lists(memo, keep_bytes, block, every_block, launch):
@@ -331,8 +359,11 @@ def _launch_fwd(q, k, v, keep, scale, skip_dropped_queries, cfg, launch, block_l
     batch, heads, seq_len, head_dim = q.shape
     head_dim = int(head_dim)  # a constexpr: specialised under torch.compile (here, before any arithmetic on it)
     keep_i8 = _keep_bytes(keep)
-    memo = {} if block_lists is None else block_lists
-    k_order, k_counts = _reused_block_lists(memo, keep_i8, cfg["BLOCK_N"], False, launch)
+    # The key lists, and the kept keys as bits for the partly kept steps, in one launch; the backward reuses the lists.
+    bits = empty(batch, _bit_words(seq_len), dtype=torch.int64, device=q.device)
+    k_order, k_counts = _block_lists(keep_i8, cfg["BLOCK_N"], bits=bits, launch=launch)
+    if block_lists is not None:
+        block_lists[(cfg["BLOCK_N"], False)] = k_order, k_counts
     out = empty_like_strided(q, (batch, heads, seq_len, head_dim), _BNHD)
     lse = empty(batch, heads, seq_len, dtype=torch.float32, device=q.device)
     launch(_masked_attn_fwd_kernel)[flat_grid(cdiv(seq_len, cfg["BLOCK_M"]), batch * heads)](
@@ -340,6 +371,7 @@ def _launch_fwd(q, k, v, keep, scale, skip_dropped_queries, cfg, launch, block_l
         k,
         v,
         keep_i8,
+        bits,
         k_order,
         k_counts,
         out,
@@ -347,6 +379,7 @@ def _launch_fwd(q, k, v, keep, scale, skip_dropped_queries, cfg, launch, block_l
         *q.stride()[:3],  # q, k, v: one layout, unit last stride
         *out.stride()[:3],
         keep_i8.stride(0),
+        bits.stride(0),
         k_order.stride(0),
         heads,
         seq_len,
@@ -482,15 +515,17 @@ def _launch_bwd(
 def get_fwd_config(seq_len: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> dict[str, int]:
     """Tiles and launch options of the forward kernel (see :mod:`._attention_core` for the config functions).
 
-    ViT sequences are short and the sparsity is per block, so blocks stay small. fp32 dots are exact FMA loops whose
-    operand tiles live in registers, so fp32 takes small tiles over 8 warps.
+    fp16/bf16: 128 query rows, so that every K/V tile loaded serves twice the rows of a 64-row tile, on 8 warps (two
+    warp groups of 64 rows each: on 4 warps the accumulator spills above head dim 64). Keys stay at 64 tokens, the
+    block size of the key lists: the sparsity is per key block, and finer blocks skip more of a mask. fp32 dots are
+    exact FMA loops whose operand tiles live in registers, so fp32 takes small tiles over 8 warps.
     """
     if device.type != "cuda":  # the interpreter: the smallest blocks tl.dot accepts keep CPU tests fast
         return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
     if dtype == torch.float32:
-        block_m, block_n = (32, 64) if head_dim <= 64 else (16, 16)
+        block_m, block_n = (64, 32) if head_dim <= 64 else (16, 16)
         return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 8, "num_stages": 1}
-    return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3 if head_dim <= 64 else 2}
+    return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
 
 
 def get_bwd_config(seq_len: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> dict[str, int]:
@@ -514,8 +549,8 @@ def fwd_candidates(seq_len: int, head_dim: int, dtype: torch.dtype, device: torc
     if device.type != "cuda":
         return _configs((32, 16, 1, 1))
     if dtype == torch.float32:
-        return _configs((32, 32, 4, 2), (64, 64, 4, 1), (32, 64, 4, 2))
-    return _configs((64, 32, 4, 3), (128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (128, 128, 8, 2))
+        return _configs((32, 64, 8, 1), (32, 32, 4, 2), (64, 64, 4, 1), (32, 64, 4, 2))
+    return _configs((64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (128, 128, 8, 2))
 
 
 def bwd_candidates(seq_len: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> list[dict[str, int]]:
@@ -549,19 +584,26 @@ if TRITON_AVAILABLE:
         KEEP,
         ORDER,
         COUNTS,
+        BITS,
         N,
         NUM_BLOCKS,
+        NUM_WORDS,
         stride_keep_b,
         stride_order_b,
+        stride_bits_b,
         BLOCK: tl.constexpr,
         CHUNK: tl.constexpr,
         EVERY_BLOCK: tl.constexpr,
+        WRITE_BITS: tl.constexpr,
     ):
         """The block lists of one image (see :func:`_block_lists`), a stable partition computed in two passes over
-        ``CHUNK`` blocks at a time: the first counts full and live blocks, the second places each block.
+        ``CHUNK`` blocks at a time: the first counts full and live blocks, the second places each block; with
+        ``WRITE_BITS`` a third packs the kept tokens into bits.
 
         Pointers: KEEP ``(B, N)`` int8 with unit stride along N; ORDER ``(B, NUM_BLOCKS)`` int32; COUNTS ``(B, 2)``
-        int32 contiguous. Constexprs: BLOCK (tokens per block), CHUNK (blocks per step, a power of two), EVERY_BLOCK.
+        int32 contiguous; BITS ``(B, NUM_WORDS)`` int64 with unit stride along its words (written only with WRITE_BITS,
+        zero past N). Constexprs: BLOCK (tokens per block), CHUNK (blocks per step, a power of two), EVERY_BLOCK,
+        WRITE_BITS.
 
         Grid: ``(B,)``.
         """
@@ -604,6 +646,14 @@ if TRITON_AVAILABLE:
                 next_dead += tl.sum(dead, 0)
         tl.store(COUNTS + 2 * b, n_full)
         tl.store(COUNTS + 2 * b + 1, n_live)
+        if WRITE_BITS:
+            bit = tl.arange(0, 64)
+            for first in range(0, NUM_WORDS, CHUNK):
+                words = first + offs_block
+                kept = _token_kept(keep_b, words[:, None] * 64 + bit[None, :], N)
+                # Distinct powers of two: their sum is their bitwise or (bit 63 makes the word negative, as it should).
+                packed = tl.sum(kept.to(tl.int64) << bit[None, :].to(tl.int64), 1)
+                tl.store(BITS + b * stride_bits_b + words, packed, mask=words < NUM_WORDS)
 
     @triton.jit
     def _masked_key_block(
@@ -634,6 +684,23 @@ if TRITON_AVAILABLE:
         return k, v, keep_k
 
     @triton.jit
+    def _kept_in_block(BITS_b, block, BLOCK: tl.constexpr):
+        """Which tokens of ``block`` (of ``BLOCK`` tokens, a power of two up to 128) of one image are kept, read from
+        the image's row of bits (:func:`_block_lists`): one or two scalar loads, where :func:`_token_kept` loads a
+        byte per token. Tokens past N have no bit set."""
+        if BLOCK <= 64:  # the block lies inside one word
+            first = block * BLOCK
+            word = tl.load(BITS_b + first // 64)
+            shifts = (first % 64 + tl.arange(0, BLOCK)).to(tl.int64)
+        else:
+            offs = tl.arange(0, BLOCK)
+            low = tl.load(BITS_b + block * (BLOCK // 64))
+            high = tl.load(BITS_b + block * (BLOCK // 64) + 1)
+            word = tl.where(offs < 64, low, high)
+            shifts = (offs % 64).to(tl.int64)
+        return ((word >> shifts) & 1) != 0
+
+    @triton.jit
     def _masked_fwd_key_blocks(
         q,
         m_i,
@@ -641,7 +708,7 @@ if TRITON_AVAILABLE:
         acc,
         K_bh,
         V_bh,
-        KEEP_b,
+        BITS_b,
         K_ORDER_b,
         start,
         stop,
@@ -652,16 +719,35 @@ if TRITON_AVAILABLE:
         in_d,
         qk_scale,
         BLOCK_N: tl.constexpr,
+        INDEXED: tl.constexpr,
         MASK_KEYS: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
     ):
-        """The online softmax over the key blocks ``K_ORDER_b[start:stop]`` of one (image, head), full ones or
-        (``MASK_KEYS``) partly kept ones. ``K_bh``, ``V_bh``, ``KEEP_b``, ``K_ORDER_b`` point at this image (and
-        head)."""
+        """The online softmax over the key blocks ``K_ORDER_b[start:stop]`` (``INDEXED``), or over blocks
+        ``start:stop`` themselves (direct offsets: no index to load before a step's K/V, so the pipeliner buffers one
+        more K/V tile), of one (image, head): full blocks, or (``MASK_KEYS``) partly kept ones. ``K_bh``, ``V_bh``,
+        ``BITS_b``, ``K_ORDER_b`` point at this image (and head).
+
+        A partly kept step masks only what it must: the scores of dropped keys are selected away in the step
+        whatever their k holds, so k is loaded without the keep mask (inside N only); a dropped key's v is loaded as
+        zeros (a zero weight times a NaN would be NaN), gated by the block's bits."""
+        offs_block = tl.arange(0, BLOCK_N)
         for i in range(start, stop):
-            k, v, keep_k = _masked_key_block(
-                K_bh, V_bh, KEEP_b, K_ORDER_b, i, stride_kn, stride_vn, N, offs_d, in_d, BLOCK_N, MASK_KEYS
-            )
+            if INDEXED:
+                block = tl.load(K_ORDER_b + i)
+            else:
+                block = i
+            offs_n = block * BLOCK_N + offs_block
+            if MASK_KEYS:
+                keep_k = _kept_in_block(BITS_b, block, BLOCK_N)
+                k_mask = (offs_n < N)[:, None] & in_d[None, :]
+                v_mask = keep_k[:, None] & in_d[None, :]
+            else:
+                keep_k = offs_n < N  # every key of a full block is kept; unused by the step
+                k_mask = in_d[None, :]
+                v_mask = in_d[None, :]
+            k = tl.load(K_bh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=k_mask, other=0.0)
+            v = tl.load(V_bh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=v_mask, other=0.0)
             m_i, l_i, acc = attn_fwd_step(
                 q, tl.trans(k), v, keep_k, m_i, l_i, acc, qk_scale, MASK_KEYS, INPUT_PRECISION
             )
@@ -673,6 +759,7 @@ if TRITON_AVAILABLE:
         K,
         V,
         KEEP,
+        BITS,
         K_ORDER,
         K_COUNTS,
         OUT,
@@ -684,6 +771,7 @@ if TRITON_AVAILABLE:
         stride_oh,
         stride_on,
         stride_keep_b,
+        stride_bits_b,
         stride_order_b,
         H,
         N,
@@ -697,12 +785,12 @@ if TRITON_AVAILABLE:
     ):
         """Forward over the live key blocks of one query block of one (image, head).
 
-        Pointers: Q, K, V ``(B, H, N, D)`` in one layout (one set of strides); KEEP ``(B, N)`` int8; K_ORDER
-        ``(B, NB)`` int32 full, then partly kept key blocks; K_COUNTS ``(B, 2)`` int32 contiguous, full and live key
-        blocks; OUT ``(B, H, N, D)``; LSE ``(B, H, N)`` fp32 contiguous (base 2, -inf for rows not computed). Strides
-        in (b, h, n) order (every last stride is 1); ``qk_scale`` is ``scale * log2(e)``. Constexprs: HEAD_DIM (D),
-        BLOCK_D (next power of two >= D), BLOCK_M / BLOCK_N (query / key rows per block, also the block size of
-        K_ORDER), SKIP_DROPPED_QUERIES, INPUT_PRECISION.
+        Pointers: Q, K, V ``(B, H, N, D)`` in one layout (one set of strides); KEEP ``(B, N)`` int8; BITS ``(B, NW)``
+        int64, KEEP packed as bits (:func:`_block_lists`); K_ORDER ``(B, NB)`` int32 full, then partly kept key blocks;
+        K_COUNTS ``(B, 2)`` int32 contiguous, full and live key blocks; OUT ``(B, H, N, D)``; LSE ``(B, H, N)`` fp32
+        contiguous (base 2, -inf for rows not computed). Strides in (b, h, n) order (every last stride is 1);
+        ``qk_scale`` is ``scale * log2(e)``. Constexprs: HEAD_DIM (D), BLOCK_D (next power of two >= D), BLOCK_M /
+        BLOCK_N (query / key rows per block, also the block size of K_ORDER), SKIP_DROPPED_QUERIES, INPUT_PRECISION.
 
         Grid: ``flat_grid(cdiv(N, BLOCK_M), B * H)``.
         """
@@ -738,9 +826,57 @@ if TRITON_AVAILABLE:
         live_count = tl.load(K_COUNTS + 2 * b + 1)
         k_bh = K + b * stride_b + h * stride_h
         v_bh = V + b * stride_b + h * stride_h
-        keep_b = KEEP + b * stride_keep_b
+        bits_b = BITS + b * stride_bits_b
         order_b = K_ORDER + b * stride_order_b
         # Every visited block has a kept key, so the running max is finite after the first step: no guard is needed.
+        # The full blocks are listed in ascending order, so they are blocks 0..full_count-1 exactly when the last of
+        # them is block full_count-1: always after compaction_order, and when every token is kept.
+        if tl.load(order_b + tl.maximum(full_count - 1, 0)) == full_count - 1:
+            m_i, l_i, acc = _masked_fwd_key_blocks(
+                q,
+                m_i,
+                l_i,
+                acc,
+                k_bh,
+                v_bh,
+                bits_b,
+                order_b,
+                0,
+                full_count,
+                stride_n,
+                stride_n,
+                N,
+                offs_d,
+                in_d,
+                qk_scale,
+                BLOCK_N,
+                False,
+                False,
+                INPUT_PRECISION,
+            )
+        else:
+            m_i, l_i, acc = _masked_fwd_key_blocks(
+                q,
+                m_i,
+                l_i,
+                acc,
+                k_bh,
+                v_bh,
+                bits_b,
+                order_b,
+                0,
+                full_count,
+                stride_n,
+                stride_n,
+                N,
+                offs_d,
+                in_d,
+                qk_scale,
+                BLOCK_N,
+                True,
+                False,
+                INPUT_PRECISION,
+            )
         m_i, l_i, acc = _masked_fwd_key_blocks(
             q,
             m_i,
@@ -748,28 +884,7 @@ if TRITON_AVAILABLE:
             acc,
             k_bh,
             v_bh,
-            keep_b,
-            order_b,
-            0,
-            full_count,
-            stride_n,
-            stride_n,
-            N,
-            offs_d,
-            in_d,
-            qk_scale,
-            BLOCK_N,
-            False,
-            INPUT_PRECISION,
-        )
-        m_i, l_i, acc = _masked_fwd_key_blocks(
-            q,
-            m_i,
-            l_i,
-            acc,
-            k_bh,
-            v_bh,
-            keep_b,
+            bits_b,
             order_b,
             full_count,
             live_count,
@@ -780,6 +895,7 @@ if TRITON_AVAILABLE:
             in_d,
             qk_scale,
             BLOCK_N,
+            True,
             True,
             INPUT_PRECISION,
         )

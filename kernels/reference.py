@@ -4,7 +4,7 @@ They favour clarity over speed, compute in float64 by default (``upcast=True``) 
 change a reference to make a kernel test pass; ``tests/test_reference.py`` checks each one against plain Python loops.
 
 Conventions shared with the kernels:
-    * A dropped key has exactly zero influence: its k and v are never read, so NaN or Inf there changes nothing.
+    * A dropped key has exactly zero influence: its k and v never reach a sum, so NaN or Inf there changes nothing.
     * A dropped query whose row is skipped (``skip_dropped_queries``) is isolated in the same way: its q, its output
       gradient and its zero output take no part in any other row's output or gradient.
     * Non-finite values in the tokens that are used (kept keys, computed queries) propagate as in

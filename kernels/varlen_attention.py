@@ -365,15 +365,14 @@ def _short_tile(max_seqlen: int, preferred: int) -> int:
 def get_fwd_config(max_seqlen: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> dict[str, int]:
     """Tiles and launch options of the forward kernel (see :mod:`._attention_core` for the config functions).
 
-    Large head dims halve the key tile to keep the K/V tiles and the accumulator in registers; fp32's exact FMA dots
-    take small tiles over 8 warps; tiles shrink for short sequences.
+    fp16/bf16: 128 query rows, so that every K/V tile loaded serves twice the rows of a 64-row tile, on 8 warps (two
+    warp groups of 64 rows each: on 4 warps the accumulator spills above head dim 64), and 64 keys. fp32's exact FMA
+    dots take small tiles over 8 warps. Tiles shrink for short sequences.
     """
     if dtype == torch.float32:
         block_m, block_n, num_warps, num_stages = 32, 64, 8, 1
-    elif head_dim > 64:
-        block_m, block_n, num_warps, num_stages = 64, 32, 4, 2
     else:
-        block_m, block_n, num_warps, num_stages = 64, 64, 4, 3
+        block_m, block_n, num_warps, num_stages = 128, 64, 8, 3
     return {
         "BLOCK_M": _short_tile(max_seqlen, block_m),
         "BLOCK_N": _short_tile(max_seqlen, block_n),
@@ -419,7 +418,7 @@ def fwd_candidates(max_seqlen: int, head_dim: int, dtype: torch.dtype, device: t
         return _configs(max_seqlen, (16, 16, 1, 1))
     if dtype == torch.float32:
         return _configs(max_seqlen, (32, 32, 4, 2), (64, 64, 4, 1))
-    return _configs(max_seqlen, (64, 32, 4, 3), (128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3))
+    return _configs(max_seqlen, (64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3))
 
 
 def bwd_candidates(max_seqlen: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> list[dict[str, int]]:

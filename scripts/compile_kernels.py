@@ -1,6 +1,7 @@
 """Compile the attention kernels (masked and varlen) for a CUDA target without a GPU, as a real launch compiles them:
-catches code-generation errors and reports, per kernel, shared memory, registers, spilled bytes and whether the dots
-became Hopper warp-group MMAs (wgmma) and the loads asynchronous copies (cp.async).
+catches code-generation errors and reports, per kernel, shared memory, registers, spilled bytes, whether the dots
+became Hopper warp-group MMAs (wgmma) and the loads asynchronous copies (cp.async), and how many shared-memory buffers
+the software pipeliner gives each loop's K/V tiles (``K/V buffers``, one number per attention loop in source order).
 
 Each kernel is compiled from a real launch: the family's launcher runs on CPU tensors laid out as a qkv
 projection lays them out (q, k, v strided views), with a stand-in that records the kernel and its arguments instead
@@ -154,6 +155,7 @@ def _resources(compiled, arch: int) -> dict:
         "spilled": int(spills.group(1)) if spills else 0,
         "wgmma": "wgmma" in compiled.asm["ptx"],
         "cp_async": "cp.async" in compiled.asm["ptx"],
+        "tile_buffers": _tile_buffers(compiled),
     }
 
 
@@ -179,6 +181,31 @@ def _loop_sizes(compiled, arch: int) -> list[int]:
             if any(re.search(r"\b(HGMMA|HMMA|MUFU\.EX2)\b", op) for op in body):
                 sizes.append(len(body))
     return sorted(sizes, reverse=True)
+
+
+def _tile_buffers(compiled) -> list[str]:
+    """Shared-memory buffers per K/V tile of each loop that does attention math (has a dot), in source order: the
+    leading dimension of the multi-buffered (mutable, 3-d) tile allocations the software pipeliner makes for the loop
+    (allocated just before it in the TTGIR); 1 when the loop's tiles are not multi-buffered. A loop whose tile loads
+    wait on an index loaded in the loop gets one buffer fewer (and a 1 x 1 buffer for the index)."""
+    counts, pending, loop_indent, has_dot = [], [], None, False
+    for line in compiled.asm["ttgir"].splitlines():
+        indent = len(line) - len(line.lstrip())
+        if loop_indent is None:
+            if "ttg.local_alloc" in line and "mutable" in line:
+                shape = re.search(r"memdesc<(\d+)x(\d+)x(\d+)x", line)
+                if shape and int(shape.group(2)) > 1 and int(shape.group(3)) > 1:
+                    pending.append(int(shape.group(1)))
+            elif re.search(r"= scf\.for\b", line):
+                loop_indent, has_dot = indent, False
+        elif re.match(r"\s*}", line) and indent == loop_indent:
+            if has_dot:
+                pending = pending or [1]
+                counts.append(str(pending[0]) if len(set(pending)) == 1 else "+".join(map(str, pending)))
+            pending, loop_indent = [], None
+        elif re.search(r"\b(tt\.dot|ttng\.warp_group_dot)\b", line):
+            has_dot = True
+    return counts
 
 
 def _inductor_copy(kernel):
@@ -276,9 +303,10 @@ def main() -> int:
         units = "".join(f", {unit}" for unit, used in (("wgmma", res["wgmma"]), ("cp.async", res["cp_async"])) if used)
         sizes = _loop_sizes(compiled, args.arch) if args.sass else []
         loops = f", loops {'/'.join(map(str, sizes))} instr" if sizes else ""
+        buffers = f", K/V buffers {'/'.join(res['tile_buffers'])}" if res["tile_buffers"] else ""
         print(
             f"{label}: shared {res['shared']} B, {res['registers']} registers, {res['spilled']} B spilled{units}"
-            f"{loops}{'  <-- ' + ', '.join(notes) if notes else ''}",
+            f"{buffers}{loops}{'  <-- ' + ', '.join(notes) if notes else ''}",
             flush=True,
         )
     print(f"{len(seen)} kernels compiled; {len(problems)} with spills or over the shared-memory limit", flush=True)

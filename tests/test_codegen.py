@@ -47,9 +47,19 @@ def test_default_configs_compile_for_sm90_without_spills(dtype):
     assert len(attention) == len(head_dims) * (6 + 4), result.stdout
     assert any("block_lists" in line and "EVERY_BLOCK=True" in line for line in lines), result.stdout
     assert any("block_lists" in line and "EVERY_BLOCK=False" in line for line in lines), result.stdout
-    # Each attention kernel has two block loops: the one over fully valid blocks, without per-token masks, is the
-    # shorter (the preprocess kernels have none).
+    # Each attention kernel has two block loops, and the one over fully valid blocks, without per-token masks, is the
+    # shorter (the preprocess kernels have none). The masked forward has two loops over full key blocks, one with
+    # direct offsets (full blocks 0..n-1) and one through the block list, of which a program runs one.
     for line in attention:
         loops = [int(n) for n in re.findall(r"loops ([\d/]+) instr", line)[0].split("/")] if "loops" in line else []
-        assert len(loops) == (0 if "preprocess" in line else 2), line
-        assert loops == sorted(loops, reverse=True) and len(set(loops)) == len(loops), line
+        assert len(loops) == (0 if "preprocess" in line else 3 if "masked_attn_fwd" in line else 2), line
+        assert not loops or loops[0] > max(loops[1:]), line  # listed longest first
+    # With direct offsets the masked forward's full-block loop gets as many K/V buffers as the varlen forward's.
+    for head_dim in head_dims:
+        buffers = {
+            kernel: re.findall(r"K/V buffers ([\d+/]+)", line)[0].split("/")
+            for line in attention
+            for kernel in ("masked_attn_fwd", "varlen_attn_fwd")
+            if f" D={head_dim} {kernel} " in line
+        }
+        assert buffers["masked_attn_fwd"][0] == buffers["varlen_attn_fwd"][0], result.stdout

@@ -312,6 +312,25 @@ def test_full_partly_kept_and_dead_blocks_together(skip):
     _check(q, k, v, keep, skip=skip)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("block_n", [32, 128])
+def test_key_blocks_of_half_a_bit_word_and_of_two(monkeypatch, block_n):
+    """Partly kept key blocks read their keep mask from 64-token words of bits: a 32-key block is half a word, a
+    128-key block two. Dropped keys hold NaN: their scores and values must still be masked."""
+    monkeypatch.setattr(
+        impl, "get_fwd_config", lambda *a: {"BLOCK_M": 16, "BLOCK_N": block_n, "num_warps": 1, "num_stages": 1}
+    )
+    q, k, v, _ = _qkv(2, 1, 300, 16, torch.float32)
+    keep = _random_keep(2, 300)
+    keep[0, : 2 * block_n] = True  # full blocks first (direct offsets), then partly kept ones
+    keep[1, block_n : 2 * block_n] = True  # a full block after a partly kept one (listed offsets)
+    poisoned_k, poisoned_v = (t.detach().masked_fill(~keep[:, None, :, None], float("nan")) for t in (k, v))
+    with torch.no_grad():
+        got = _kernel(q, poisoned_k, poisoned_v, keep)
+    assert torch.isfinite(got).all()
+    assert _max_err(got, _ref64(q, k, v, keep)) <= 2e-5 * (1.0 + v.abs().max().item())
+
+
 def test_one_kept_token_and_every_token_kept():
     q, k, v, _ = _qkv(2, 2, 35, 16, torch.float32)
     keep = torch.zeros(2, 35, dtype=torch.bool, device=DEVICE)
@@ -389,9 +408,14 @@ def test_block_lists_match_a_python_loop(seq_len, block):
     keep[2, : 2 * block] = True  # two full blocks
     keep[3] = True  # every block full but the last (N is not a multiple of the block)
     keep[4, seq_len // 2 :] = True
-    order, counts = impl._block_lists(impl._keep_bytes(keep), block)
+    bits = torch.full((5, 2 * math.ceil(seq_len / 128)), -7, dtype=torch.int64, device=DEVICE)
+    order, counts = impl._block_lists(impl._keep_bytes(keep), block, bits=bits)
     num_blocks = math.ceil(seq_len / block)
     assert order.shape == (5, num_blocks) and counts.shape == (5, 2) and order.dtype == counts.dtype == torch.int32
+    # The kept tokens as bits: bit t % 64 of word t // 64, zero past N (padded to 128 tokens).
+    padded = torch.nn.functional.pad(keep, (0, bits.shape[1] * 64 - seq_len)).reshape(5, -1, 64).long()
+    want = (padded << torch.arange(64, device=DEVICE)).sum(-1)
+    assert torch.equal(bits, want)
     for b in range(5):
         kept = [keep[b, i * block : (i + 1) * block].sum().item() for i in range(num_blocks)]
         full = [i for i in range(num_blocks) if kept[i] == block]
