@@ -5,7 +5,16 @@ This package knows only torch and triton. It installs as ``faithful_vit.kernels`
 
 from . import reference
 from ._autotune import autotune_enabled, clear_autotune_cache, set_autotune, tuned_configs
-from ._backend import BACKENDS, TRITON_AVAILABLE, TRITON_INTERPRET, get_backend, set_backend, use_backend
+from ._backend import (
+    BACKENDS,
+    TRITON_AVAILABLE,
+    TRITON_INTERPRET,
+    deterministic_backward,
+    get_backend,
+    set_backend,
+    set_deterministic,
+    use_backend,
+)
 from .masked_attention import compaction_order, masked_attention
 from .packing import PackedTokens, pack_tokens
 from .varlen_attention import varlen_attention
@@ -18,12 +27,14 @@ __all__ = [
     "autotune_enabled",
     "clear_autotune_cache",
     "compaction_order",
+    "deterministic_backward",
     "get_backend",
     "masked_attention",
     "pack_tokens",
     "reference",
     "set_autotune",
     "set_backend",
+    "set_deterministic",
     "tuned_configs",
     "use_backend",
     "varlen_attention",

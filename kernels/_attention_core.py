@@ -4,12 +4,23 @@ is its own and links here.
 
 Masked attention (:mod:`.masked_attention`, ``(B, H, N, D)`` with a keep mask) and varlen attention
 (:mod:`.varlen_attention`, packed ``(T, H, D)`` rows with ``cu_seqlens``) are the same FlashAttention-2 scheme: a
-forward with an online softmax in the exp2 domain and fp32 state, and an atomics-free (deterministic) backward made of
-a ``delta = rowsum(dO * O)`` preprocess, a dK/dV kernel (one key block, looping over query blocks) and a dQ kernel (one
-query block, looping over key blocks). They differ only in which blocks a program visits and how it addresses their
-rows (live-block lists vs sequence offsets), so each family keeps its kernels, grids and launchers, and calls the
-``@triton.jit`` steps below on tiles it has loaded, with per-token validity masks that say which keys and queries are
-real (kept, or inside the sequence).
+forward with an online softmax in the exp2 domain and fp32 state, and a backward made of a ``delta = rowsum(dO * O)``
+preprocess and one kernel whose program holds a block of keys, loops over query blocks for its dK/dV, then holds the
+query block of the same index and loops over key blocks for its dQ (the second loop takes the transposed tiles, so
+one grid serves both). They differ only in which blocks a program visits and how it addresses their rows (live-block
+lists vs sequence offsets), so each family keeps its kernels, grids and launchers, and calls the ``@triton.jit``
+steps below on tiles it has loaded, with per-token validity masks that say which keys and queries are real (kept, or
+inside the sequence).
+
+Two backwards. The default one is atomics-free and bitwise deterministic: per score pair it does 7 GEMMs (dK/dV: the
+scores, dV, dP, dK; dQ: the scores, dP, dQ again) and two exponentials, usually in one launch after the preprocess
+(two, ``SPLIT_DQ``, where one kernel holding both parts would spill: :func:`bwd_parts`). The atomic-dQ one
+(``deterministic=False``, see :mod:`._backend`) is FlashAttention-2's: the dK/dV loop also computes each pair's dQ
+term (:func:`attn_bwd_dq_part`) and adds it to an fp32 accumulator with atomics, so 5 GEMMs and one exponential per
+pair and no dQ loop; the preprocess zeroes the accumulator and a final torch op scales and casts it. Its dQ bits vary
+with the order in which the atomics land; dK, dV and the gate gradient stay deterministic. Dropped or padded tokens
+reach its sums as they reach the default one's: not at all (their terms are selected away, never multiplied by
+zero).
 
 Fully valid blocks first. Validity costs a select per score only where it is needed. Each loop visits first the
 blocks whose tokens are all valid (most of them once the kept tokens are contiguous: compacted images, packed
@@ -33,14 +44,16 @@ no gradient skip it. Its forward and backward call the family's ``faithful_vit::
 launchers directly otherwise (:func:`uses_registered_ops`): eager calls skip the op's dispatch cost, and Inductor
 cannot compile a ``triton_op`` for the CPU. The ops have no autograd formula of their own.
 
-Configs: each family's ``get_fwd_config(seq_len, head_dim, dtype, device)`` and ``get_bwd_config(...)`` return the
-tiles (``BLOCK_M`` query rows, ``BLOCK_N`` key rows) and launch options (``num_warps``, ``num_stages``) of its kernels;
-``seq_len`` is N for masked attention and ``max_seqlen`` for varlen attention, and a family may ignore an argument.
-They are plain functions, replaceable by assigning the module's attribute. The CUDA defaults are chosen for sm_90 code
-generation, without register spills and with warp-group MMAs for fp16/bf16, which ``scripts/compile_kernels.py
---check`` checks (the CPU suite runs it). ``fwd_candidates`` / ``bwd_candidates``, with the same arguments, list what
-opt-in autotuning (:func:`faithful_vit.kernels.set_autotune`) times besides the default on the first call per
-(length bucket, head dim, dtype, variant), keeping the fastest.
+Configs: each family's ``get_fwd_config(seq_len, head_dim, dtype, device)``, ``get_bwd_config(...)`` and
+``get_atomic_bwd_config(...)`` return the tiles and launch options (``num_warps``, ``num_stages``) of its kernels: in
+the forward ``BLOCK_M`` query rows and ``BLOCK_N`` key rows, in the backward ``BLOCK_N`` rows a program holds and
+``BLOCK_M`` rows per loop step; ``seq_len`` is N for masked attention and ``max_seqlen`` for varlen attention, and a
+family may ignore an argument. They are plain functions, replaceable by assigning the module's attribute. The CUDA
+defaults are chosen for sm_90 code generation, without register spills and with warp-group MMAs for fp16/bf16, which
+``scripts/compile_kernels.py --check`` checks (the CPU suite runs it). ``fwd_candidates`` / ``bwd_candidates`` /
+``atomic_bwd_candidates``, with the same arguments, list what opt-in autotuning
+(:func:`faithful_vit.kernels.set_autotune`) times besides the default on the first call per (length bucket, head dim,
+dtype, variant), keeping the fastest.
 
 Constexprs have one name in both families: ``HEAD_DIM`` (D), ``BLOCK_D``, ``BLOCK_M``, ``BLOCK_N``,
 ``INPUT_PRECISION`` (of the dots), ``MASK_KEYS`` / ``MASK_QUERIES`` (the block is partly valid).
@@ -112,6 +125,15 @@ def flat_grid(tiles: int, groups: int) -> tuple[int]:
             f"CUDA's grid limit of {MAX_GRID_X}; split the batch"
         )
     return (tiles * groups,)
+
+
+def bwd_parts(cfg: dict[str, int], deterministic: bool) -> tuple[str, ...]:
+    """The ``PARTS`` constexpr of each launch of a family's backward kernel after the preprocess: the atomic-dQ
+    backward has no dQ part; the deterministic one runs both parts in one launch, or in two where the config sets
+    ``SPLIT_DQ`` (where one kernel holding both parts would spill registers)."""
+    if not deterministic:
+        return ("dkdv",)
+    return ("dkdv", "dq") if cfg.get("SPLIT_DQ") else ("dkdv+dq",)
 
 
 # torch >= 2.6 has triton_op: each family then registers its launchers as ops.
@@ -198,9 +220,10 @@ if TRITON_AVAILABLE:
         Key validity is not applied here: row j of dK/dV depends on key j alone, so the caller selects zero for the
         rows of invalid keys when it stores them, once per key block instead of once per score.
 
-        Returns: the updated ``dk, dv``, and this block's ``sum_i ds_ji`` ``(BLOCK_N,)`` fp32: the derivative of the
-        loss with respect to a multiplicative gate on key j (masked attention's gate gradient; unused, it compiles
-        away).
+        Returns: the updated ``dk, dv``, and this block's ``ds_t`` ``(BLOCK_N, BLOCK_M)`` fp32 (unscaled): its row
+        sums ``sum_i ds_ji`` are the derivative of the loss with respect to a multiplicative gate on key j (masked
+        attention's gate gradient), and :func:`attn_bwd_dq_part` turns it into this block's dQ term (atomic dQ).
+        Unused, it compiles away.
         """
         # Transposed scores (keys x queries) so that both products below need no further transpose of p or ds.
         scores_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)
@@ -211,7 +234,21 @@ if TRITON_AVAILABLE:
         dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=INPUT_PRECISION)
-        return dk, dv, tl.sum(ds_t, 1)
+        return dk, dv, ds_t
+
+    @triton.jit
+    def attn_bwd_dq_part(ds_t, key_valid, k_dq, INPUT_PRECISION: tl.constexpr):
+        """The dQ term ``ds @ k`` ``(BLOCK_M, BLOCK_D)`` fp32 (unscaled) of one (key block, query block) pair of
+        :func:`attn_bwd_dkdv_step`, for the atomic-dQ backward: the fifth GEMM, where the deterministic backward
+        recomputes the scores and ``dp`` in its dQ part (three more GEMMs and an exponential per score).
+
+        Args: ``ds_t`` ``(BLOCK_N, BLOCK_M)`` from the step, key_valid ``(BLOCK_N,)`` bool, ``k_dq``
+        ``(BLOCK_N, BLOCK_D)`` the key block with invalid rows zero. Invalid keys get exactly zero weight by a select:
+        their ``ds`` may be non-finite (the real k/v of a dropped key, or ``exp2(-lse)`` overflowing for a zero key),
+        and a zero key times a NaN would still be NaN.
+        """
+        ds_t = tl.where(key_valid[:, None], ds_t, 0.0)
+        return tl.dot(tl.trans(ds_t.to(k_dq.dtype)), k_dq, input_precision=INPUT_PRECISION)
 
     @triton.jit
     def attn_bwd_dq_step(

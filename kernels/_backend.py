@@ -10,6 +10,12 @@ Order of precedence: the ``backend=`` argument of a call, then the global overri
 call that needs it (and again after ``set_backend(None)``), not on every call: a call's host time matters at ViT
 sizes. ``"auto"`` at any level defers to the
 next. An explicitly requested backend that cannot run raises; only the automatic choice falls back, with one warning.
+
+Deterministic backward: the Triton backward is bitwise deterministic by default. ``deterministic=False`` on a call,
+:func:`set_deterministic(False) <set_deterministic>` process-wide, or ``FAITHFUL_VIT_DETERMINISTIC=0`` (same order of
+precedence, the variable read once) selects the atomic-dQ backward instead: fewer GEMMs and exponentials, but dQ is
+summed with fp32 atomics in an order that varies from run to run (dK, dV and the gate gradient stay deterministic).
+It refuses to run while ``torch.use_deterministic_algorithms(True)`` is on, as torch's own non-deterministic ops do.
 """
 
 from __future__ import annotations
@@ -24,14 +30,17 @@ __all__ = [
     "BACKENDS",
     "TRITON_AVAILABLE",
     "TRITON_INTERPRET",
+    "deterministic_backward",
     "get_backend",
     "resolve_backend",
     "set_backend",
+    "set_deterministic",
     "use_backend",
 ]
 
 BACKENDS = ("auto", "triton", "torch")
 ENV_VAR = "FAITHFUL_VIT_BACKEND"
+DETERMINISTIC_ENV_VAR = "FAITHFUL_VIT_DETERMINISTIC"
 
 # Triton decides between compiling and interpreting when a kernel is defined, so the flag is read once, at import.
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
@@ -43,6 +52,7 @@ except ImportError:  # the reference path must import without Triton (macOS, Win
     TRITON_AVAILABLE = False
 
 _global_backend: str | None = None  # set_backend's value, or the environment's once read; None: not read yet
+_global_deterministic: bool | None = None  # set_deterministic's value, or the environment's once read
 _warned_fallback = False
 
 
@@ -126,3 +136,38 @@ def resolve_backend(requested: str | None, tensors: Iterable[torch.Tensor]) -> s
         _warned_fallback = True
         warnings.warn(f"faithful_vit.kernels: using the PyTorch reference backend because {why}.", stacklevel=3)
     return "torch"
+
+
+def set_deterministic(enabled: bool | None) -> None:
+    """Choose the Triton backward process-wide: True (the default) the deterministic one, False the atomic-dQ one
+    (see the module docstring); ``None`` restores the default (``$FAITHFUL_VIT_DETERMINISTIC``, else True), read again
+    at the next call. A call's ``deterministic=`` argument overrides it."""
+    global _global_deterministic
+    _global_deterministic = None if enabled is None else bool(enabled)
+
+
+def deterministic_backward(requested: bool | None = None) -> bool:
+    """Whether a call's Triton backward is the deterministic one: ``requested`` (a call's ``deterministic=``) unless
+    None, else :func:`set_deterministic`'s value, else ``$FAITHFUL_VIT_DETERMINISTIC``, else True.
+
+    Raises:
+        TypeError: ``requested`` is not a bool or None.
+        ValueError: the variable is not a boolean word.
+        RuntimeError: the atomic-dQ backward was chosen while ``torch.use_deterministic_algorithms(True)`` is on.
+    """
+    global _global_deterministic
+    if requested is not None and not isinstance(requested, bool):
+        raise TypeError(f"deterministic: expected True, False or None, got {requested!r}")
+    if requested is None:
+        if _global_deterministic is None:
+            text = os.environ.get(DETERMINISTIC_ENV_VAR, "1").strip().lower() or "1"
+            if text not in ("0", "1", "false", "true", "off", "on", "no", "yes"):
+                raise ValueError(f"${DETERMINISTIC_ENV_VAR}: expected 0 or 1 (or true/false, on/off), got {text!r}")
+            _global_deterministic = text in ("1", "true", "on", "yes")
+        requested = _global_deterministic
+    if not requested and torch.are_deterministic_algorithms_enabled():
+        raise RuntimeError(
+            "deterministic=False: the atomic-dQ backward is not deterministic, but torch.use_deterministic_algorithms"
+            "(True) is on; pass deterministic=True or turn torch's setting off"
+        )
+    return requested

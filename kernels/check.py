@@ -390,10 +390,10 @@ def _opcheck_case(family: str, device, dtype) -> Case:
         grad_out = torch.randn_like(out)
         if family == "masked":
             q, k, v, keep, scale, skip = fwd_args
-            bwd_args = (grad_out, q, k, v, keep, out, lse, scale, skip, True)
+            bwd_args = (grad_out, q, k, v, keep, out, lse, scale, skip, True, True)
         else:
             q, k, v, cu_seqlens, max_seqlen, scale = fwd_args
-            bwd_args = (q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, scale)
+            bwd_args = (q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, scale, True)
         torch.library.opcheck(fwd, fwd_args, test_utils=utils)
         torch.library.opcheck(bwd, bwd_args, test_utils=utils)
         return True, "fwd, bwd: " + ", ".join(u.removeprefix("test_") for u in utils)

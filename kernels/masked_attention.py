@@ -4,15 +4,17 @@ The scheme, its limits, the autograd path and the configs are those of :mod:`._a
 per-token validity mask (:func:`_token_kept`, mirrored by :func:`.reference.token_kept`). This module adds which
 blocks a program visits, the gate gradient, and the ``(B, N, H, D)`` output layout.
 
-Blocks: per image, a block of ``BLOCK`` consecutive tokens is live when it holds a kept token and full when every
-token of it is kept. :func:`_block_lists` builds, on the device and without a host synchronisation, each image's list
-of block indices (full, then partly kept, then dead) and the two counts; the loops walk the full then the partly kept
-ones. The forward (one program per query block and image x head) walks the live key blocks; a query block without a
-kept query writes zeros when ``skip_dropped_queries`` and returns. The dK/dV kernel walks the live query blocks (all
-query blocks when dropped queries are computed), the dQ kernel the live key blocks; dead key blocks write zero dK/dV.
-After :func:`compaction_order` (kept tokens first) the live blocks are the first ``ceil(kept / BLOCK)`` ones, all full
-but the last, and the work is proportional to (kept blocks)^2. Grids are 1-d (:func:`._attention_core.flat_grid`):
-any B x H.
+Blocks: per image, a block of ``BLOCK`` consecutive tokens is live when it holds a kept token and full when every token
+of it is kept. :func:`_block_lists` builds, on the device and without a host synchronisation, each image's list of block
+indices (full, then partly kept, then dead) and the two counts; the loops walk the full then the partly kept ones. The
+forward (one program per query block and image x head) walks the live key blocks; a query block without a kept query
+writes zeros when ``skip_dropped_queries`` and returns. The backward kernel's dK/dV part walks the live query blocks
+(all query blocks when dropped queries are computed), its dQ part the live key blocks, both lists at the backward's step
+size (one list when dropped queries are skipped, the forward's when the sizes agree); dead key blocks write zero dK/dV.
+The atomic-dQ backward adds each pair's dQ term from the dK/dV part, for kept keys only (a dropped key's terms are
+selected away), to the rows of computed queries only. After :func:`compaction_order` (kept tokens first) the live blocks
+are the first ``ceil(kept / BLOCK)`` ones, all full but the last, and the work is proportional to (kept blocks)^2. Grids
+are 1-d (:func:`._attention_core.flat_grid`): any B x H.
 
 Forward key loops: when an image's full key blocks are blocks 0..n-1 (after :func:`compaction_order`, and whenever
 every token is kept) the forward walks them with direct offsets, as varlen attention does, rather than through the
@@ -31,13 +33,13 @@ they hold changes nothing else; a NaN or Inf in a kept key or a computed query p
 
 Gate gradient: when ``gate`` requires grad, the backward returns the derivative of the multiplicative key gate
 ``out_i = sum_j g_j exp(s_ij) v_j / sum_j g_j exp(s_ij)`` at ``g = keep``, for every key, kept or dropped. It equals
-``sum_i ds_ij`` computed from the real k/v of key j, the row sums of the dK/dV kernel's ``ds`` tile, which that kernel
+``sum_i ds_ij`` computed from the real k/v of key j, the row sums of the dK/dV part's ``ds`` tile, which that part
 always computes from the real k/v of its own key block (whatever a dropped key holds stays in its own rows, zeroed
-on store). So the gate costs one row sum per block step, and for dropped keys the dK/dV kernel visits ALL key blocks
-(dense over keys); dQ still reads dropped keys as zeros, so a NaN in a dropped key changes nothing but that key's own
-gate gradient. The per-head partial gate gradients ``(B, H, N)`` are summed over heads in torch (deterministic). It
-computes ``exp(s_ij - lse_i)`` in fp32: a dropped key whose score exceeds the kept ones by more than ``log(2**128)``
-(natural log units) overflows to inf where the float64 reference is finite.
+on store). So the gate costs one row sum per block step, and for dropped keys the dK/dV part visits ALL key blocks
+(dense over keys); dQ still takes dropped keys as zeros (the atomic-dQ terms select them away), so a NaN in a dropped
+key changes nothing but that key's own gate gradient. The per-head partial gate gradients ``(B, H, N)`` are summed
+over heads in torch (deterministic). It computes ``exp(s_ij - lse_i)`` in fp32: a dropped key whose score exceeds the
+kept ones by more than ``log(2**128)`` (natural log units) overflows to inf where the float64 reference is finite.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ import torch
 from . import reference
 from ._attention_core import (
     OPS_AVAILABLE,
+    bwd_parts,
     check_interpreter_dtype,
     check_qkv,
     dot_precision,
@@ -57,7 +60,7 @@ from ._attention_core import (
     uses_registered_ops,
 )
 from ._autotune import autotune_enabled, tuned_config
-from ._backend import TRITON_AVAILABLE, resolve_backend
+from ._backend import TRITON_AVAILABLE, deterministic_backward, resolve_backend
 from ._utils import (
     cdiv,
     check_tensor,
@@ -73,7 +76,14 @@ if TRITON_AVAILABLE:
     import triton
     import triton.language as tl
 
-    from ._attention_core import LOG2E, attn_bwd_dkdv_step, attn_bwd_dq_step, attn_fwd_step, program_tile
+    from ._attention_core import (
+        LOG2E,
+        attn_bwd_dkdv_step,
+        attn_bwd_dq_part,
+        attn_bwd_dq_step,
+        attn_fwd_step,
+        program_tile,
+    )
 
 __all__ = ["compaction_order", "masked_attention"]
 
@@ -106,6 +116,7 @@ def masked_attention(
     scale: float | None = None,
     gate: torch.Tensor | None = None,
     skip_dropped_queries: bool = True,
+    deterministic: bool | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Attention restricted, per image, to the kept keys.
@@ -127,6 +138,10 @@ def masked_attention(
             anywhere in an image (any other value, NaN included) makes that image's whole output NaN: the check runs
             on the device, without a host synchronisation, and the NaN reaches the loss. Gradients are unaffected.
         skip_dropped_queries: dropped query rows are zero (zero gradient) instead of computed as SDPA does.
+        deterministic: the Triton backward: True the bitwise deterministic one, False the faster atomic-dQ one
+            (dQ summed with fp32 atomics in a varying order; dK, dV and the gate gradient stay deterministic), None
+            the process-wide setting (:func:`faithful_vit.kernels.set_deterministic`, default True). fp32 inputs on
+            CUDA always take the deterministic one (:func:`get_atomic_bwd_config`); the torch backend ignores it.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see :mod:`faithful_vit.kernels._backend`).
 
     Returns:
@@ -141,7 +156,8 @@ def masked_attention(
     # Calls that need no gradient skip the autograd Function: at ViT sizes a call's host time is comparable to the
     # kernels' own.
     if torch.is_grad_enabled() and _any_requires_grad(q, k, v, gate):
-        out = MaskedAttentionFunction.apply(q, k, v, keep, gate, scale, skip_dropped_queries)
+        deterministic = deterministic_backward(deterministic)
+        out = MaskedAttentionFunction.apply(q, k, v, keep, gate, scale, skip_dropped_queries, deterministic)
     else:
         out, _ = _forward(q, k, v, keep, scale, skip_dropped_queries)
     if gate is not None:  # the torch backend applies the same rule inside the reference
@@ -187,13 +203,14 @@ class MaskedAttentionFunction(torch.autograd.Function):
     registered ops on CUDA and on the launchers elsewhere (:func:`._attention_core.uses_registered_ops`)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, keep, gate, scale, skip_dropped_queries):
+    def forward(ctx, q, k, v, keep, gate, scale, skip_dropped_queries, deterministic):
         # The launchers' block lists of the forward serve the backward; the registered ops rebuild their own.
         ctx.block_lists = None if uses_registered_ops(q) else {}
         out, lse = _forward(q, k, v, keep, scale, skip_dropped_queries, ctx.block_lists)
         ctx.save_for_backward(q, k, v, keep, out, lse)
         ctx.scale = scale
         ctx.skip_dropped_queries = skip_dropped_queries
+        ctx.deterministic = deterministic
         ctx.gate_dtype = None if gate is None else gate.dtype
         return out
 
@@ -201,13 +218,13 @@ class MaskedAttentionFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, keep, out, lse = ctx.saved_tensors
         gate_grad = ctx.needs_input_grad[4]
-        args = (grad_out, q, k, v, keep, out, lse, ctx.scale, ctx.skip_dropped_queries, gate_grad)
+        args = (grad_out, q, k, v, keep, out, lse, ctx.scale, ctx.skip_dropped_queries, gate_grad, ctx.deterministic)
         if uses_registered_ops(q):
             dq, dk, dv, dgate_heads = torch.ops.faithful_vit.masked_attention_bwd(*args)
         else:
             dq, dk, dv, dgate_heads = _masked_attention_bwd(*args, ctx.block_lists)
         dgate = dgate_heads.sum(1).to(ctx.gate_dtype) if gate_grad else None
-        return dq, dk, dv, None, dgate, None, None
+        return dq, dk, dv, None, dgate, None, None, None
 
 
 def _forward(q, k, v, keep, scale, skip_dropped_queries, block_lists=None):
@@ -249,9 +266,21 @@ if OPS_AVAILABLE:
         scale: float,
         skip_dropped_queries: bool,
         gate_grad: bool,
+        deterministic: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         dq, dk, dv, dgate_heads = _masked_attention_bwd(
-            grad_out, q, k, v, keep, out, lse, scale, skip_dropped_queries, gate_grad, launch=launch_in_op
+            grad_out,
+            q,
+            k,
+            v,
+            keep,
+            out,
+            lse,
+            scale,
+            skip_dropped_queries,
+            gate_grad,
+            deterministic,
+            launch=launch_in_op,
         )
         # An op has a fixed number of tensor outputs: an empty tensor stands for "no gate gradient asked".
         return dq, dk, dv, dgate_heads if gate_grad else lse.new_empty(0)
@@ -397,20 +426,35 @@ def _launch_fwd(q, k, v, keep, scale, skip_dropped_queries, cfg, launch, block_l
 
 
 def _masked_attention_bwd(
-    grad_out, q, k, v, keep, out, lse, scale, skip_dropped_queries, gate_grad, block_lists=None, launch=launch_directly
+    grad_out,
+    q,
+    k,
+    v,
+    keep,
+    out,
+    lse,
+    scale,
+    skip_dropped_queries,
+    gate_grad,
+    deterministic,
+    block_lists=None,
+    launch=launch_directly,
 ):
-    """Launch the backward kernels. Returns dq, dk, dv ``(B, H, N, D)`` and, when ``gate_grad``, the per-head gate
-    gradient ``(B, H, N)`` fp32 (else None)."""
+    """Launch the backward kernels (deterministic, or atomic dQ). Returns dq, dk, dv ``(B, H, N, D)`` and, when
+    ``gate_grad``, the per-head gate gradient ``(B, H, N)`` fp32 (else None)."""
     _, _, seq_len, head_dim = q.shape
     grad_out = unit_last_stride(grad_out)
-    args = (grad_out, q, k, v, keep, out, lse, scale, skip_dropped_queries, gate_grad)
-    cfg = get_bwd_config(seq_len, head_dim, q.dtype, q.device)
+    cfg = None if deterministic else get_atomic_bwd_config(seq_len, head_dim, q.dtype, q.device)
+    candidates = atomic_bwd_candidates
+    if cfg is None:  # the deterministic backward, asked for or the only one (fp32 on CUDA)
+        deterministic, cfg, candidates = True, get_bwd_config(seq_len, head_dim, q.dtype, q.device), bwd_candidates
+    args = (grad_out, q, k, v, keep, out, lse, scale, skip_dropped_queries, gate_grad, deterministic)
     if autotune_enabled():
         cfg = tuned_config(
             "masked_attention_bwd",
-            (triton.next_power_of_2(seq_len), head_dim, q.dtype, skip_dropped_queries, gate_grad),
+            (triton.next_power_of_2(seq_len), head_dim, q.dtype, skip_dropped_queries, gate_grad, deterministic),
             cfg,
-            bwd_candidates(seq_len, head_dim, q.dtype, q.device),
+            candidates(seq_len, head_dim, q.dtype, q.device),
             lambda c: _launch_bwd(*args, c, launch),
             (q, k, v, keep),
         )
@@ -418,7 +462,20 @@ def _masked_attention_bwd(
 
 
 def _launch_bwd(
-    grad_out, q, k, v, keep, out, lse, scale, skip_dropped_queries, gate_grad, cfg, launch, block_lists=None
+    grad_out,
+    q,
+    k,
+    v,
+    keep,
+    out,
+    lse,
+    scale,
+    skip_dropped_queries,
+    gate_grad,
+    deterministic,
+    cfg,
+    launch,
+    block_lists=None,
 ):
     q, k, v = one_layout(q, k, v)
     batch, heads, seq_len, head_dim = q.shape
@@ -427,29 +484,40 @@ def _launch_bwd(
     keep_i8 = _keep_bytes(keep)
     memo = {} if block_lists is None else block_lists
     q_order, q_counts = _reused_block_lists(memo, keep_i8, block_m, not skip_dropped_queries, launch)
-    k_order, k_counts = _reused_block_lists(memo, keep_i8, block_n, False, launch)
     block_d = next_power_of_2(head_dim)
     precision = dot_precision(q.dtype)
-    options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
 
+    dq, dk, dv = (empty_like_strided(q, (batch, heads, seq_len, head_dim), _BNHD) for _ in range(3))
+    # The atomic-dQ backward sums dQ in fp32: in dq itself for fp32 inputs, else in an accumulator cast at the end.
+    # The preprocess zeroes it; the deterministic backward never touches it.
+    dq_acc = dq
+    if not deterministic and q.dtype != torch.float32:
+        dq_acc = empty(batch, seq_len, heads, head_dim, dtype=torch.float32, device=q.device).permute(_BNHD)
     delta = empty(batch, heads, seq_len, dtype=torch.float32, device=q.device)
     launch(_masked_attn_bwd_preprocess_kernel)[flat_grid(cdiv(seq_len, block_m), batch * heads)](
         out,
         grad_out,
         delta,
+        dq_acc,
         *out.stride()[:3],
         *grad_out.stride()[:3],
+        *dq_acc.stride()[:3],
         heads,
         seq_len,
         HEAD_DIM=head_dim,
         BLOCK_D=block_d,
         BLOCK_M=block_m,
+        ZERO_DQ=not deterministic,
     )
 
-    dq, dk, dv = (empty_like_strided(q, (batch, heads, seq_len, head_dim), _BNHD) for _ in range(3))
     # Without GATE_GRAD the kernel never writes DGATE: any fp32 pointer will do, so nothing is allocated for it.
     dgate_heads = empty(batch, heads, seq_len, dtype=torch.float32, device=q.device) if gate_grad else lse
-    launch(_masked_attn_bwd_dkdv_kernel)[flat_grid(cdiv(seq_len, block_n), batch * heads)](
+    # Both parts of the kernel walk lists of one block size, BLOCK_M (the same list when dropped queries are
+    # skipped); the atomic-dQ backward has no dQ part and no key list.
+    k_order, k_counts = (
+        (q_order, q_counts) if not deterministic else _reused_block_lists(memo, keep_i8, block_m, False, launch)
+    )
+    args = (
         q,
         k,
         v,
@@ -457,55 +525,40 @@ def _launch_bwd(
         keep_i8,
         q_order,
         q_counts,
+        k_order,
+        k_counts,
         lse,
         delta,
+        dq_acc,
         dk,
         dv,
         dgate_heads,
         *q.stride()[:3],
         *grad_out.stride()[:3],
-        *dk.stride()[:3],  # dk, dv: one layout
+        *dk.stride()[:3],  # dq (or its accumulator), dk, dv: one layout
         keep_i8.stride(0),
         q_order.stride(0),
         heads,
         seq_len,
         scale,
         scale * LOG2E.value,
-        HEAD_DIM=head_dim,
-        BLOCK_D=block_d,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        GATE_GRAD=gate_grad,
-        INPUT_PRECISION=precision,
-        **options,
     )
-    launch(_masked_attn_bwd_dq_kernel)[flat_grid(cdiv(seq_len, block_m), batch * heads)](
-        q,
-        k,
-        v,
-        grad_out,
-        keep_i8,
-        k_order,
-        k_counts,
-        lse,
-        delta,
-        dq,
-        *q.stride()[:3],
-        *grad_out.stride()[:3],
-        *dq.stride()[:3],
-        keep_i8.stride(0),
-        k_order.stride(0),
-        heads,
-        seq_len,
-        scale,
-        scale * LOG2E.value,
-        HEAD_DIM=head_dim,
-        BLOCK_D=block_d,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        INPUT_PRECISION=precision,
-        **options,
-    )
+    for parts in bwd_parts(cfg, deterministic):
+        launch(_masked_attn_bwd_kernel)[flat_grid(cdiv(seq_len, block_n), batch * heads)](
+            *args,
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            GATE_GRAD=gate_grad,
+            ATOMIC_DQ=not deterministic,
+            PARTS=parts,
+            INPUT_PRECISION=precision,
+            num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
+        )
+    if not deterministic:
+        torch.mul(dq_acc, scale, out=dq)  # the softmax scale, once, and the cast
     return dq, dk, dv, (dgate_heads if gate_grad else None)
 
 
@@ -529,15 +582,37 @@ def get_fwd_config(seq_len: int, head_dim: int, dtype: torch.dtype, device: torc
 
 
 def get_bwd_config(seq_len: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> dict[str, int]:
-    """Tiles and launch options of the three backward kernels (see :mod:`._attention_core`).
+    """Tiles and launch options of the deterministic backward's kernel (see :mod:`._attention_core`): a program
+    holds ``BLOCK_N`` rows (keys for dK/dV, then queries for dQ) and steps over ``BLOCK_M`` (queries, keys), both
+    parts in one launch unless ``SPLIT_DQ`` (:func:`._attention_core.bwd_parts`).
 
-    Above head dim 64 the dK/dV accumulators take 8 warps; fp32 (exact FMA dots) takes the smallest tiles on 8 warps.
+    Above head dim 64 a program holds 128 rows over 8 warps and steps over 32 (the Triton tutorial's shapes), in two
+    launches: one kernel holding both parts would spill. At head dim 64 those tiles would cost more instructions per
+    score than 64 x 64 ones. fp32 (exact FMA dots) takes the smallest tiles, in two launches.
+    """
+    if device.type != "cuda":  # the interpreter: small tiles, unequal so that the tests see the transposed dQ tiles
+        return {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 1, "num_stages": 1}
+    if dtype == torch.float32:
+        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4 if head_dim <= 64 else 8, "num_stages": 1, "SPLIT_DQ": 1}
+    if head_dim <= 64:
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+    return {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "SPLIT_DQ": 1}
+
+
+def get_atomic_bwd_config(
+    seq_len: int, head_dim: int, dtype: torch.dtype, device: torch.device
+) -> dict[str, int] | None:
+    """Tiles and launch options of the atomic-dQ backward's kernel (``deterministic=False``): a program holds
+    ``BLOCK_N`` keys and steps over ``BLOCK_M`` queries, whose dQ terms ``(BLOCK_M, D)`` fp32 it also holds.
+
+    None for fp32 on CUDA: its dots are exact FMA loops, not tensor-core GEMMs, where the extra dQ tiles spilled
+    registers at every tile tried, so fp32 inputs take the deterministic backward there.
     """
     if device.type != "cuda":
-        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
+        return {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 1, "num_stages": 1}
     if dtype == torch.float32:
-        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 8, "num_stages": 1}
-    return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4 if head_dim <= 64 else 8, "num_stages": 2}
+        return None
+    return {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4 if head_dim <= 64 else 8, "num_stages": 2}
 
 
 def _configs(*rows: tuple[int, int, int, int]) -> list[dict[str, int]]:
@@ -554,12 +629,27 @@ def fwd_candidates(seq_len: int, head_dim: int, dtype: torch.dtype, device: torc
 
 
 def bwd_candidates(seq_len: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> list[dict[str, int]]:
-    """Configs the backward's autotuning times besides :func:`get_bwd_config` (shared by its three kernels)."""
+    """Configs the deterministic backward's autotuning times besides :func:`get_bwd_config` (above head dim 64 in two
+    launches)."""
     if device.type != "cuda":
-        return _configs((16, 32, 1, 1))
+        rows = [(16, 16, 1, 1)]
+    elif dtype == torch.float32:
+        rows = [(32, 32, 4, 1), (16, 64, 4, 1)]
+    else:
+        rows = [(64, 64, 4, 2), (32, 64, 4, 2), (32, 128, 8, 2), (64, 64, 8, 2), (64, 128, 8, 1), (32, 32, 4, 2)]
+    return [{**cfg, "SPLIT_DQ": int(head_dim > 64 or dtype == torch.float32)} for cfg in _configs(*rows)]
+
+
+def atomic_bwd_candidates(
+    seq_len: int, head_dim: int, dtype: torch.dtype, device: torch.device
+) -> list[dict[str, int]]:
+    """Configs the atomic-dQ backward's autotuning times besides :func:`get_atomic_bwd_config` (none for fp32 on
+    CUDA)."""
+    if device.type != "cuda":
+        return _configs((16, 16, 1, 1))
     if dtype == torch.float32:
-        return _configs((32, 32, 4, 1), (16, 64, 4, 1))
-    return _configs((32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2), (64, 128, 8, 1), (32, 128, 8, 1))
+        return []
+    return _configs((32, 64, 4, 2), (64, 64, 4, 3), (32, 64, 8, 2), (32, 128, 8, 2), (64, 32, 4, 2))
 
 
 # ---- Kernels -----------------------------------------------------------------------------------------------------
@@ -916,23 +1006,29 @@ if TRITON_AVAILABLE:
         OUT,
         DO,
         DELTA,
+        DQ_ACC,
         stride_ob,
         stride_oh,
         stride_on,
         stride_dob,
         stride_doh,
         stride_don,
+        stride_dqb,
+        stride_dqh,
+        stride_dqn,
         H,
         N,
         HEAD_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr,
+        ZERO_DQ: tl.constexpr,
     ):
-        """``DELTA[b, h, i] = sum_d DO[b, h, i, d] * OUT[b, h, i, d]`` in fp32.
+        """``DELTA[b, h, i] = sum_d DO[b, h, i, d] * OUT[b, h, i, d]`` in fp32, and (``ZERO_DQ``) zeros in the
+        atomic-dQ accumulator, which saves the backward a launch.
 
-        Pointers: OUT, DO ``(B, H, N, D)``; DELTA ``(B, H, N)`` fp32 contiguous. Strides in (b, h, n) order (every
-        last stride is 1).
-        Constexprs: HEAD_DIM, BLOCK_D, BLOCK_M (rows per program).
+        Pointers: OUT, DO ``(B, H, N, D)``; DELTA ``(B, H, N)`` fp32 contiguous; DQ_ACC ``(B, H, N, D)`` fp32
+        (written only when ZERO_DQ). Strides in (b, h, n) order (every last stride is 1).
+        Constexprs: HEAD_DIM, BLOCK_D, BLOCK_M (rows per program), ZERO_DQ.
 
         Grid: ``flat_grid(cdiv(N, BLOCK_M), B * H)``.
         """
@@ -953,6 +1049,12 @@ if TRITON_AVAILABLE:
             other=0.0,
         ).to(tl.float32)
         tl.store(DELTA + pid_bh * N + offs_m, tl.sum(o * do, 1), mask=offs_m < N)
+        if ZERO_DQ:
+            tl.store(
+                DQ_ACC + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
+                tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32),
+                mask=mask,
+            )
 
     @triton.jit
     def _masked_dkdv_query_blocks(
@@ -961,15 +1063,20 @@ if TRITON_AVAILABLE:
         dk,
         dv,
         dgate,
+        keep_k,
+        k_dq,
+        live,
         Q_bh,
         DO_bh,
         LSE_bh,
         DELTA_bh,
+        DQ_bh,
         Q_ORDER_b,
         start,
         stop,
         stride_qn,
         stride_don,
+        stride_dqn,
         N,
         offs_d,
         in_d,
@@ -977,11 +1084,15 @@ if TRITON_AVAILABLE:
         BLOCK_M: tl.constexpr,
         MASK_QUERIES: tl.constexpr,
         GATE_GRAD: tl.constexpr,
+        ATOMIC_DQ: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
     ):
         """Accumulate dK, dV (and the gate term) of one key block over the query blocks ``Q_ORDER_b[start:stop]``,
         full ones (every row inside N and computed) or (``MASK_QUERIES``) partly valid ones, whose invalid rows are
-        those with lse = -inf (not computed, or without a kept key)."""
+        those with lse = -inf (not computed, or without a kept key). With ``ATOMIC_DQ`` each step also adds its dQ
+        term to the fp32 rows ``DQ_bh`` of its valid queries (when ``live``: the key block has a kept key), with
+        ``keep_k`` and ``k_dq`` (the block's keys, dropped ones zero) as in :func:`._attention_core.attn_bwd_dq_part`.
+        """
         offs_block = tl.arange(0, BLOCK_M)
         for i in range(start, stop):
             offs_m = tl.load(Q_ORDER_b + i) * BLOCK_M + offs_block
@@ -1001,16 +1112,27 @@ if TRITON_AVAILABLE:
                 row_valid = offs_m < N  # every row of a full block is valid; unused by the step
             q = tl.load(Q_bh + offs_m[:, None] * stride_qn + offs_d[None, :], mask=qd_mask, other=0.0)
             do = tl.load(DO_bh + offs_m[:, None] * stride_don + offs_d[None, :], mask=qd_mask, other=0.0)
-            dk, dv, ds_sum = attn_bwd_dkdv_step(
+            dk, dv, ds_t = attn_bwd_dkdv_step(
                 k, v, q, do, lse, delta, row_valid, dk, dv, qk_scale, MASK_QUERIES, INPUT_PRECISION
             )
             if GATE_GRAD:
                 # d(loss)/d(gate_j) = sum_i p_ij (dp_ij - delta_i) = sum_i ds_ij, from the real k, v of key j.
-                dgate += ds_sum
+                dgate += tl.sum(ds_t, 1)
+            if ATOMIC_DQ:
+                tl.atomic_add(
+                    DQ_bh + offs_m[:, None] * stride_dqn + offs_d[None, :],
+                    attn_bwd_dq_part(ds_t, keep_k, k_dq, INPUT_PRECISION),
+                    mask=qd_mask & live,
+                    sem="relaxed",
+                )
         return dk, dv, dgate
 
     @triton.jit
-    def _masked_attn_bwd_dkdv_kernel(
+    def _masked_dkdv_tile(
+        pid_n,
+        b,
+        h,
+        pid_bh,
         Q,
         K,
         V,
@@ -1023,18 +1145,18 @@ if TRITON_AVAILABLE:
         DK,
         DV,
         DGATE,
+        DQ_ACC,
         stride_b,
         stride_h,
         stride_n,
         stride_dob,
         stride_doh,
         stride_don,
-        stride_dkvb,
-        stride_dkvh,
-        stride_dkvn,
+        stride_gb,
+        stride_gh,
+        stride_gn,
         stride_keep_b,
         stride_order_b,
-        H,
         N,
         sm_scale,
         qk_scale,
@@ -1043,32 +1165,22 @@ if TRITON_AVAILABLE:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         GATE_GRAD: tl.constexpr,
+        ATOMIC_DQ: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
     ):
-        """dK, dV (and the per-head gate gradient) of one key block, looping over the listed query blocks.
-
-        Pointers: Q, K, V, DO ``(B, H, N, D)`` (unit last stride); KEEP ``(B, N)`` int8; Q_ORDER ``(B, NBM)`` int32
-        query blocks to visit, full ones first, Q_COUNTS ``(B, 2)`` int32 contiguous, how many are full and how many
-        in all; LSE, DELTA ``(B, H, N)`` fp32 contiguous; DK, DV ``(B, H, N, D)``; DGATE ``(B, H, N)`` fp32 contiguous
-        (written only when GATE_GRAD). Strides in (b, h, n) order (unit last strides; Q, K, V share one set, DK and DV
-        another); ``sm_scale`` is the softmax scale,
-        ``qk_scale = sm_scale * log2(e)``. Constexprs: HEAD_DIM, BLOCK_D, BLOCK_M (query rows per visited block, the
-        block size of Q_ORDER), BLOCK_N (key rows of this program), GATE_GRAD (also visit dead key blocks and compute
-        the gate term from the real k/v), INPUT_PRECISION.
-
-        Grid: ``flat_grid(cdiv(N, BLOCK_N), B * H)``.
-        """
-        pid_n, pid_bh = program_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N))
-        b = (pid_bh // H).to(tl.int64)
-        h = (pid_bh % H).to(tl.int64)
+        """dK, dV (and the per-head gate gradient) of key block ``pid_n`` of (image ``b``, head ``h``), flat index
+        ``pid_bh``, looping over the listed query blocks; with ATOMIC_DQ also every visited query's dQ term, added to
+        DQ_ACC with fp32 atomics (unscaled: the launcher scales it once), so that no dQ pass recomputes the scores.
+        Arguments as in :func:`_masked_attn_bwd_kernel`; BLOCK_N key rows, BLOCK_M query rows per step."""
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         in_n = offs_n < N
         in_d = offs_d < HEAD_DIM
         keep_k = _token_kept(KEEP + b * stride_keep_b, offs_n, N)
-        dk_ptrs = DK + b * stride_dkvb + h * stride_dkvh + offs_n[:, None] * stride_dkvn + offs_d[None, :]
-        dv_ptrs = DV + b * stride_dkvb + h * stride_dkvh + offs_n[:, None] * stride_dkvn + offs_d[None, :]
+        dk_ptrs = DK + b * stride_gb + h * stride_gh + offs_n[:, None] * stride_gn + offs_d[None, :]
+        dv_ptrs = DV + b * stride_gb + h * stride_gh + offs_n[:, None] * stride_gn + offs_d[None, :]
         out_mask = in_n[:, None] & in_d[None, :]
+        live = tl.max(keep_k.to(tl.int32), 0) != 0
         if not GATE_GRAD:
             if tl.max(keep_k.to(tl.int32), 0) == 0:
                 tl.store(dk_ptrs, tl.zeros((BLOCK_N, BLOCK_D), dtype=DK.dtype.element_ty), mask=out_mask)
@@ -1077,17 +1189,26 @@ if TRITON_AVAILABLE:
 
         # The real k, v of every key, dropped ones included: row j of dK/dV depends on key j alone, so whatever a
         # dropped key holds (even NaN) stays in its own rows, which the store below replaces with zeros; the gate term
-        # of a dropped key needs its real score.
+        # of a dropped key needs its real score. The atomic dQ terms reach other queries, so they take the keys with
+        # dropped ones zero: loaded so when no gate term needs them, else a copy.
+        kv_mask = out_mask
+        if ATOMIC_DQ:
+            if not GATE_GRAD:
+                kv_mask = keep_k[:, None] & in_d[None, :]
         k = tl.load(
             K + b * stride_b + h * stride_h + offs_n[:, None] * stride_n + offs_d[None, :],
-            mask=out_mask,
+            mask=kv_mask,
             other=0.0,
         )
         v = tl.load(
             V + b * stride_b + h * stride_h + offs_n[:, None] * stride_n + offs_d[None, :],
-            mask=out_mask,
+            mask=kv_mask,
             other=0.0,
         )
+        k_dq = k
+        if ATOMIC_DQ:
+            if GATE_GRAD:
+                k_dq = tl.where(keep_k[:, None], k, 0.0)
         dgate = tl.zeros((BLOCK_N,), dtype=tl.float32)
         dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
@@ -1098,21 +1219,27 @@ if TRITON_AVAILABLE:
         order_b = Q_ORDER + b * stride_order_b
         lse_bh = LSE + pid_bh * N
         delta_bh = DELTA + pid_bh * N
+        dq_bh = DQ_ACC + b * stride_gb + h * stride_gh
         dk, dv, dgate = _masked_dkdv_query_blocks(
             k,
             v,
             dk,
             dv,
             dgate,
+            keep_k,
+            k_dq,
+            live,  # a dead key block (visited for the gate) adds no dQ term
             q_bh,
             do_bh,
             lse_bh,
             delta_bh,
+            dq_bh,
             order_b,
             0,
             full_count,
             stride_n,
             stride_don,
+            stride_gn,
             N,
             offs_d,
             in_d,
@@ -1120,6 +1247,7 @@ if TRITON_AVAILABLE:
             BLOCK_M,
             False,
             GATE_GRAD,
+            ATOMIC_DQ,
             INPUT_PRECISION,
         )
         dk, dv, dgate = _masked_dkdv_query_blocks(
@@ -1128,15 +1256,20 @@ if TRITON_AVAILABLE:
             dk,
             dv,
             dgate,
+            keep_k,
+            k_dq,
+            live,
             q_bh,
             do_bh,
             lse_bh,
             delta_bh,
+            dq_bh,
             order_b,
             full_count,
             query_count,
             stride_n,
             stride_don,
+            stride_gn,
             N,
             offs_d,
             in_d,
@@ -1144,6 +1277,7 @@ if TRITON_AVAILABLE:
             BLOCK_M,
             True,
             GATE_GRAD,
+            ATOMIC_DQ,
             INPUT_PRECISION,
         )
 
@@ -1188,7 +1322,11 @@ if TRITON_AVAILABLE:
         return dq
 
     @triton.jit
-    def _masked_attn_bwd_dq_kernel(
+    def _masked_dq_tile(
+        pid_m,
+        b,
+        h,
+        pid_bh,
         Q,
         K,
         V,
@@ -1205,12 +1343,11 @@ if TRITON_AVAILABLE:
         stride_dob,
         stride_doh,
         stride_don,
-        stride_dqb,
-        stride_dqh,
-        stride_dqn,
+        stride_gb,
+        stride_gh,
+        stride_gn,
         stride_keep_b,
         stride_order_b,
-        H,
         N,
         sm_scale,
         qk_scale,
@@ -1220,25 +1357,15 @@ if TRITON_AVAILABLE:
         BLOCK_N: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
     ):
-        """dQ of one query block, looping over the live key blocks.
-
-        Pointers: Q, K, V (one layout), DO ``(B, H, N, D)``; KEEP ``(B, N)`` int8; K_ORDER ``(B, NBN)`` int32 full,
-        then partly kept key blocks, K_COUNTS ``(B, 2)`` int32 contiguous, how many are full and live; LSE, DELTA
-        ``(B, H, N)`` fp32 contiguous; DQ ``(B, H, N, D)``. Strides in (b, h, n) order (every last stride is 1);
-        ``sm_scale`` is the softmax scale, ``qk_scale = sm_scale * log2(e)``. Constexprs: HEAD_DIM, BLOCK_D, BLOCK_M
-        (query rows of this program), BLOCK_N (key rows per visited block, the block size of K_ORDER), INPUT_PRECISION.
-
-        Grid: ``flat_grid(cdiv(N, BLOCK_M), B * H)``.
-        """
-        pid_m, pid_bh = program_tile(tl.program_id(0), tl.cdiv(N, BLOCK_M))
-        b = (pid_bh // H).to(tl.int64)
-        h = (pid_bh % H).to(tl.int64)
+        """dQ of query block ``pid_m`` of (image ``b``, head ``h``), flat index ``pid_bh``, looping over the live key
+        blocks. Arguments as in :func:`_masked_attn_bwd_kernel`, with the tiles transposed: BLOCK_M query rows,
+        BLOCK_N key rows per step."""
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         in_m = offs_m < N
         in_d = offs_d < HEAD_DIM
         qd_mask = in_m[:, None] & in_d[None, :]
-        dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :]
+        dq_ptrs = DQ + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gn + offs_d[None, :]
         lse = tl.load(LSE + pid_bh * N + offs_m, mask=in_m, other=float("-inf"))
         row_valid = lse != float("-inf")
         # Skipped query blocks, and images without a kept token: nothing to compute.
@@ -1311,3 +1438,143 @@ if TRITON_AVAILABLE:
         )
         # Rows not computed (lse = -inf) hold garbage of their own only: select zero.
         tl.store(dq_ptrs, tl.where(row_valid[:, None], dq * sm_scale, 0.0).to(DQ.dtype.element_ty), mask=qd_mask)
+
+    @triton.jit
+    def _masked_attn_bwd_kernel(
+        Q,
+        K,
+        V,
+        DO,
+        KEEP,
+        Q_ORDER,
+        Q_COUNTS,
+        K_ORDER,
+        K_COUNTS,
+        LSE,
+        DELTA,
+        DQ,
+        DK,
+        DV,
+        DGATE,
+        stride_b,
+        stride_h,
+        stride_n,
+        stride_dob,
+        stride_doh,
+        stride_don,
+        stride_gb,
+        stride_gh,
+        stride_gn,
+        stride_keep_b,
+        stride_order_b,
+        H,
+        N,
+        sm_scale,
+        qk_scale,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        GATE_GRAD: tl.constexpr,
+        ATOMIC_DQ: tl.constexpr,
+        PARTS: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
+    ):
+        """The backward after its preprocess: program ``(tile, image x head)`` computes dK, dV (and the per-head gate
+        gradient) of key block ``tile`` over the listed query blocks, then dQ of query block ``tile`` over the live
+        key blocks, in one launch (``PARTS="dkdv+dq"``) or two (``"dkdv"`` then ``"dq"``, where one would spill); with
+        ATOMIC_DQ (``PARTS="dkdv"``) the first part also adds every dQ term to DQ with fp32 atomics.
+
+        Pointers: Q, K, V, DO ``(B, H, N, D)`` (unit last stride); KEEP ``(B, N)`` int8; Q_ORDER / K_ORDER
+        ``(B, cdiv(N, BLOCK_M))`` int32 the query blocks to visit (all of them when dropped queries are computed) /
+        the live key blocks, full ones first, Q_COUNTS / K_COUNTS ``(B, 2)`` int32 contiguous, how many are full and
+        how many to visit; LSE, DELTA ``(B, H, N)`` fp32 contiguous; DQ, DK, DV ``(B, H, N, D)`` (DQ: fp32 and zeroed
+        when ATOMIC_DQ); DGATE ``(B, H, N)`` fp32 contiguous (written only when GATE_GRAD). Strides in (b, h, n) order
+        (unit last strides; Q, K, V share one set, DQ, DK, DV another, the two lists one row stride); ``sm_scale`` is
+        the softmax scale, ``qk_scale = sm_scale * log2(e)``. Constexprs: HEAD_DIM, BLOCK_D, BLOCK_N (the rows a
+        program holds: keys, then queries), BLOCK_M (the rows per loop step, the block size of both lists),
+        GATE_GRAD (also visit dead key blocks and compute the gate term from the real k/v), ATOMIC_DQ, PARTS,
+        INPUT_PRECISION.
+
+        Grid: ``flat_grid(cdiv(N, BLOCK_N), B * H)``.
+        """
+        tile, pid_bh = program_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N))
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
+        if PARTS != "dq":
+            _masked_dkdv_tile(
+                tile,
+                b,
+                h,
+                pid_bh,
+                Q,
+                K,
+                V,
+                DO,
+                KEEP,
+                Q_ORDER,
+                Q_COUNTS,
+                LSE,
+                DELTA,
+                DK,
+                DV,
+                DGATE,
+                DQ,
+                stride_b,
+                stride_h,
+                stride_n,
+                stride_dob,
+                stride_doh,
+                stride_don,
+                stride_gb,
+                stride_gh,
+                stride_gn,
+                stride_keep_b,
+                stride_order_b,
+                N,
+                sm_scale,
+                qk_scale,
+                HEAD_DIM,
+                BLOCK_D,
+                BLOCK_M,
+                BLOCK_N,
+                GATE_GRAD,
+                ATOMIC_DQ,
+                INPUT_PRECISION,
+            )
+        if PARTS != "dkdv":
+            _masked_dq_tile(
+                tile,
+                b,
+                h,
+                pid_bh,
+                Q,
+                K,
+                V,
+                DO,
+                KEEP,
+                K_ORDER,
+                K_COUNTS,
+                LSE,
+                DELTA,
+                DQ,
+                stride_b,
+                stride_h,
+                stride_n,
+                stride_dob,
+                stride_doh,
+                stride_don,
+                stride_gb,
+                stride_gh,
+                stride_gn,
+                stride_keep_b,
+                stride_order_b,
+                N,
+                sm_scale,
+                qk_scale,
+                HEAD_DIM,
+                BLOCK_D,
+                BLOCK_N,
+                BLOCK_M,
+                INPUT_PRECISION,
+            )

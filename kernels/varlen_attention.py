@@ -31,6 +31,7 @@ import torch
 from . import reference
 from ._attention_core import (
     OPS_AVAILABLE,
+    bwd_parts,
     check_interpreter_dtype,
     check_qkv,
     dot_precision,
@@ -40,7 +41,7 @@ from ._attention_core import (
     uses_registered_ops,
 )
 from ._autotune import autotune_enabled, tuned_config
-from ._backend import TRITON_AVAILABLE, resolve_backend
+from ._backend import TRITON_AVAILABLE, deterministic_backward, resolve_backend
 from ._utils import (
     cdiv,
     check_tensor,
@@ -55,9 +56,16 @@ if TRITON_AVAILABLE:
     import triton
     import triton.language as tl
 
-    from ._attention_core import LOG2E, attn_bwd_dkdv_step, attn_bwd_dq_step, attn_fwd_step, program_tile
+    from ._attention_core import (
+        LOG2E,
+        attn_bwd_dkdv_step,
+        attn_bwd_dq_part,
+        attn_bwd_dq_step,
+        attn_fwd_step,
+        program_tile,
+    )
 
-__all__ = ["VarlenAttentionFunction", "get_bwd_config", "get_fwd_config", "varlen_attention"]
+__all__ = ["VarlenAttentionFunction", "get_atomic_bwd_config", "get_bwd_config", "get_fwd_config", "varlen_attention"]
 
 
 def _validate(q, k, v, cu_seqlens, max_seqlen, check_cu_seqlens: bool) -> None:
@@ -93,6 +101,7 @@ def varlen_attention(
     *,
     scale: float | None = None,
     check_cu_seqlens: bool = True,
+    deterministic: bool | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Attention over sequences packed back to back; sequence b is rows ``cu_seqlens[b]:cu_seqlens[b + 1]``.
@@ -108,6 +117,10 @@ def varlen_attention(
             the checked one when the offsets are valid (non-decreasing from 0 to T) and ``max_seqlen`` bounds every
             length; otherwise it is that of the clamped offsets if those are valid and bounded by ``max_seqlen``, and
             unspecified if not (rows of the output and of the gradients may be left uninitialised).
+        deterministic: the Triton backward: True the bitwise deterministic one, False the faster atomic-dQ one (dQ
+            summed with fp32 atomics in a varying order; dK, dV stay deterministic), None the process-wide setting
+            (:func:`faithful_vit.kernels.set_deterministic`, default True). fp32 inputs on CUDA always take the
+            deterministic one (:func:`get_atomic_bwd_config`); the torch backend ignores it.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
 
     Returns:
@@ -121,7 +134,8 @@ def varlen_attention(
     q, k, v = (unit_last_stride(t) for t in (q, k, v))
     # Calls that need no gradient skip the autograd Function (host time per call matters at ViT sizes).
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return VarlenAttentionFunction.apply(q, k, v, cu_seqlens, max_seqlen, scale)
+        deterministic = deterministic_backward(deterministic)
+        return VarlenAttentionFunction.apply(q, k, v, cu_seqlens, max_seqlen, scale, deterministic)
     return _forward(q, k, v, cu_seqlens, max_seqlen, scale)[0]
 
 
@@ -133,18 +147,18 @@ class VarlenAttentionFunction(torch.autograd.Function):
     on the launchers elsewhere (:func:`._attention_core.uses_registered_ops`)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale):
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale, deterministic):
         out, lse = _forward(q, k, v, cu_seqlens, max_seqlen, scale)
         ctx.save_for_backward(q, k, v, cu_seqlens, out, lse)
-        ctx.max_seqlen, ctx.scale = max_seqlen, scale
+        ctx.max_seqlen, ctx.scale, ctx.deterministic = max_seqlen, scale, deterministic
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, cu_seqlens, out, lse = ctx.saved_tensors
         bwd = torch.ops.faithful_vit.varlen_attention_bwd if uses_registered_ops(q) else _varlen_attention_bwd
-        dq, dk, dv = bwd(q, k, v, cu_seqlens, out, lse, grad_out, ctx.max_seqlen, ctx.scale)
-        return dq, dk, dv, None, None, None
+        dq, dk, dv = bwd(q, k, v, cu_seqlens, out, lse, grad_out, ctx.max_seqlen, ctx.scale, ctx.deterministic)
+        return dq, dk, dv, None, None, None, None
 
 
 def _forward(q, k, v, cu_seqlens, max_seqlen, scale):
@@ -173,8 +187,11 @@ if OPS_AVAILABLE:
         grad_out: torch.Tensor,
         max_seqlen: int,
         scale: float,
+        deterministic: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _varlen_attention_bwd(q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, scale, launch=launch_in_op)
+        return _varlen_attention_bwd(
+            q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, scale, deterministic, launch=launch_in_op
+        )
 
 
 # ---- Launchers ----
@@ -241,8 +258,11 @@ def _launch_fwd(q, k, v, cu_seqlens, max_seqlen, scale, cfg, launch, out, lse):
     return out, lse
 
 
-def _varlen_attention_bwd(q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, scale, launch=launch_directly):
-    """Returns dq, dk, dv, each ``(T, H, D)`` contiguous in the dtype of ``q``."""
+def _varlen_attention_bwd(
+    q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, scale, deterministic, launch=launch_directly
+):
+    """Launch the backward kernels (deterministic, or atomic dQ). Returns dq, dk, dv, each ``(T, H, D)`` contiguous
+    in the dtype of ``q``."""
     total, num_heads, head_dim = q.shape
     batch = cu_seqlens.shape[0] - 1
     grad_out = unit_last_stride(grad_out)
@@ -250,41 +270,53 @@ def _varlen_attention_bwd(q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, s
     if total == 0 or batch == 0 or max_seqlen == 0:
         return dq, dk, dv
     head_dim = int(head_dim)
-    args = (q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, scale)
-    cfg = get_bwd_config(max_seqlen, head_dim, q.dtype, q.device)
+    cfg = None if deterministic else get_atomic_bwd_config(max_seqlen, head_dim, q.dtype, q.device)
+    candidates = atomic_bwd_candidates
+    if cfg is None:  # the deterministic backward, asked for or the only one (fp32 on CUDA)
+        deterministic, cfg, candidates = True, get_bwd_config(max_seqlen, head_dim, q.dtype, q.device), bwd_candidates
+    args = (q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, scale, deterministic)
     if autotune_enabled():
         cfg = tuned_config(
             "varlen_attention_bwd",
-            (triton.next_power_of_2(max_seqlen), head_dim, q.dtype),
+            (triton.next_power_of_2(max_seqlen), head_dim, q.dtype, deterministic),
             cfg,
-            bwd_candidates(max_seqlen, head_dim, q.dtype, q.device),
+            candidates(max_seqlen, head_dim, q.dtype, q.device),
             lambda c: _launch_bwd(*args, c, launch, *map(torch.empty_like, (dq, dk, dv))),
             (q, k, v),
         )
     return _launch_bwd(*args, cfg, launch, dq, dk, dv)
 
 
-def _launch_bwd(q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, scale, cfg, launch, dq, dk, dv):
+def _launch_bwd(q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, scale, deterministic, cfg, launch, dq, dk, dv):
     total, num_heads, head_dim = q.shape[0], q.shape[1], int(q.shape[2])
     batch = cu_seqlens.shape[0] - 1
     block_d = next_power_of_2(head_dim)
     precision = dot_precision(q.dtype)
 
+    # The atomic-dQ backward sums dQ in fp32: in dq itself for fp32 inputs, else in an accumulator cast at the end.
+    # The preprocess zeroes it; the deterministic backward never touches it.
+    dq_acc = dq
+    if not deterministic and q.dtype != torch.float32:
+        dq_acc = empty(total, num_heads, head_dim, dtype=torch.float32, device=q.device)
     delta = empty(num_heads, total, dtype=torch.float32, device=q.device)
     pre_block = cfg["BLOCK_PRE"]
     launch(_varlen_attn_bwd_preprocess_kernel)[flat_grid(cdiv(total, pre_block), num_heads)](
         out,
         grad_out,
         delta,
+        dq_acc,
         total,
         out.stride(0),
         out.stride(1),
         grad_out.stride(0),
         grad_out.stride(1),
         delta.stride(0),
+        dq_acc.stride(0),
+        dq_acc.stride(1),
         HEAD_DIM=head_dim,
         BLOCK_D=block_d,
         BLOCK_M=pre_block,
+        ZERO_DQ=not deterministic,
     )
     strides = (
         q.stride(0),
@@ -298,13 +330,14 @@ def _launch_bwd(q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, scale, cfg,
         lse.stride(0),
     )
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    launch(_varlen_attn_bwd_dkdv_kernel)[flat_grid(cdiv(max_seqlen, block_n), batch * num_heads)](
+    args = (
         q,
         k,
         v,
         grad_out,
         lse,
         delta,
+        dq_acc,
         dk,
         dv,
         cu_seqlens,
@@ -312,41 +345,25 @@ def _launch_bwd(q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, scale, cfg,
         max_seqlen,
         batch,
         *strides,
-        dk.stride(0),
+        dk.stride(0),  # dq (or its accumulator), dk, dv: one layout
         dk.stride(1),
         scale,
-        HEAD_DIM=head_dim,
-        BLOCK_D=block_d,
-        INPUT_PRECISION=precision,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
     )
-    launch(_varlen_attn_bwd_dq_kernel)[flat_grid(cdiv(max_seqlen, block_m), batch * num_heads)](
-        q,
-        k,
-        v,
-        grad_out,
-        lse,
-        delta,
-        dq,
-        cu_seqlens,
-        total,
-        max_seqlen,
-        batch,
-        *strides,
-        dq.stride(0),
-        dq.stride(1),
-        scale,
-        HEAD_DIM=head_dim,
-        BLOCK_D=block_d,
-        INPUT_PRECISION=precision,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
-    )
+    for parts in bwd_parts(cfg, deterministic):
+        launch(_varlen_attn_bwd_kernel)[flat_grid(cdiv(max_seqlen, block_n), batch * num_heads)](
+            *args,
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            INPUT_PRECISION=precision,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            ATOMIC_DQ=not deterministic,
+            PARTS=parts,
+            num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
+        )
+    if not deterministic:
+        torch.mul(dq_acc, scale, out=dq)  # the softmax scale, once, and the cast
     return dq, dk, dv
 
 
@@ -382,12 +399,43 @@ def get_fwd_config(max_seqlen: int, head_dim: int, dtype: torch.dtype, device: t
 
 
 def get_bwd_config(max_seqlen: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> dict[str, int]:
-    """Tiles and launch options of the dK/dV and dQ kernels, and ``BLOCK_PRE`` rows per preprocess program (see
-    :mod:`._attention_core`). Above head dim 64 the dK/dV accumulators take 8 warps."""
+    """Tiles and launch options of the deterministic backward's kernel, and ``BLOCK_PRE`` rows per preprocess
+    program (see :mod:`._attention_core`): a program holds ``BLOCK_N`` rows (keys for dK/dV, then queries for dQ)
+    and steps over ``BLOCK_M`` (queries, keys), both parts in one launch unless ``SPLIT_DQ``
+    (:func:`._attention_core.bwd_parts`). Above head dim 64 it holds 128 rows over 8 warps and steps over 32 (the
+    Triton tutorial's shapes), in two launches: one kernel holding both parts would spill. At head dim 64 those tiles
+    would cost more instructions per score than 64 x 64 ones. fp32 (exact FMA dots) takes small tiles, in two
+    launches."""
     if dtype == torch.float32:
         block_m, block_n, num_warps, num_stages = (32, 32, 8, 1) if head_dim <= 64 else (32, 16, 8, 1)
+    elif head_dim <= 64:
+        block_m, block_n, num_warps, num_stages = 64, 64, 4, 3
     else:
-        block_m, block_n, num_warps, num_stages = 64, 64, 4 if head_dim <= 64 else 8, 2
+        block_m, block_n, num_warps, num_stages = 32, 128, 8, 3
+    return {
+        "BLOCK_M": _short_tile(max_seqlen, block_m),
+        "BLOCK_N": _short_tile(max_seqlen, block_n),
+        "BLOCK_PRE": 32 if dtype == torch.float32 else 64,
+        "SPLIT_DQ": int(head_dim > 64 or dtype == torch.float32),
+        "num_warps": num_warps,
+        "num_stages": num_stages,
+    }
+
+
+def get_atomic_bwd_config(
+    max_seqlen: int, head_dim: int, dtype: torch.dtype, device: torch.device
+) -> dict[str, int] | None:
+    """Tiles and launch options of the atomic-dQ backward's kernel (``deterministic=False``) and its preprocess: a
+    program holds ``BLOCK_N`` keys and steps over ``BLOCK_M`` queries, whose dQ terms ``(BLOCK_M, D)`` fp32 it also
+    holds. None for fp32 on CUDA, as in masked attention: fp32 inputs take the deterministic backward there."""
+    if dtype == torch.float32:
+        if device.type == "cuda":
+            return None
+        block_m, block_n, num_warps, num_stages = (32, 32, 8, 1) if head_dim <= 64 else (32, 16, 8, 1)
+    elif head_dim <= 64:
+        block_m, block_n, num_warps, num_stages = 32, 64, 4, 2
+    else:
+        block_m, block_n, num_warps, num_stages = 32, 64, 8, 2
     return {
         "BLOCK_M": _short_tile(max_seqlen, block_m),
         "BLOCK_N": _short_tile(max_seqlen, block_n),
@@ -422,14 +470,35 @@ def fwd_candidates(max_seqlen: int, head_dim: int, dtype: torch.dtype, device: t
 
 
 def bwd_candidates(max_seqlen: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> list[dict[str, int]]:
-    """Configs the backward's autotuning times besides :func:`get_bwd_config` (shared by its two main kernels)."""
+    """Configs the deterministic backward's autotuning times besides :func:`get_bwd_config` (above head dim 64 in two
+    launches)."""
     rows = (
         [(16, 16, 1, 1)]
         if device.type != "cuda"
         else (
             [(32, 32, 4, 1), (16, 64, 4, 1)]
             if dtype == torch.float32
-            else [(32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2), (64, 128, 8, 1)]
+            else [(64, 64, 4, 2), (32, 64, 4, 2), (32, 128, 8, 2), (64, 64, 8, 2), (64, 128, 8, 1)]
+        )
+    )
+    split = int(head_dim > 64 or dtype == torch.float32)
+    return [{**cfg, "BLOCK_PRE": 64, "SPLIT_DQ": split} for cfg in _configs(max_seqlen, *rows)]
+
+
+def atomic_bwd_candidates(
+    max_seqlen: int, head_dim: int, dtype: torch.dtype, device: torch.device
+) -> list[dict[str, int]]:
+    """Configs the atomic-dQ backward's autotuning times besides :func:`get_atomic_bwd_config` (none for fp32 on
+    CUDA)."""
+    if device.type == "cuda" and dtype == torch.float32:
+        return []
+    rows = (
+        [(16, 16, 1, 1)]
+        if device.type != "cuda"
+        else (
+            [(32, 32, 4, 1), (16, 64, 4, 1)]
+            if dtype == torch.float32
+            else [(32, 64, 4, 2), (64, 64, 4, 3), (32, 64, 8, 2), (32, 128, 8, 2), (64, 32, 4, 2)]
         )
     )
     return [{**cfg, "BLOCK_PRE": 64} for cfg in _configs(max_seqlen, *rows)]
@@ -605,21 +674,27 @@ if TRITON_AVAILABLE:
         Out,
         DOut,
         Delta,
+        DQAcc,
         total,
         stride_ot,
         stride_oh,
         stride_dot,
         stride_doh,
         stride_delta_h,
+        stride_dqt,
+        stride_dqh,
         HEAD_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr,
+        ZERO_DQ: tl.constexpr,
     ):
-        """``delta = rowsum(dO * O)`` in fp32 for ``BLOCK_M`` rows of one head (all rows belong to some sequence).
+        """``delta = rowsum(dO * O)`` in fp32 for ``BLOCK_M`` rows of one head (all rows belong to some sequence), and
+        (``ZERO_DQ``) zeros in those rows of the atomic-dQ accumulator, which saves the backward a launch.
 
         Pointers: Out, DOut ``(T, H, D)`` with strides ``stride_ot/oh``, ``stride_dot/doh``; Delta ``(H, T)`` fp32 with
-        row stride ``stride_delta_h``. Scalars: ``total`` = T.
-        Constexprs: HEAD_DIM, BLOCK_D (next power of two >= D), BLOCK_M.
+        row stride ``stride_delta_h``; DQAcc ``(T, H, D)`` fp32 with strides ``stride_dqt/dqh`` (written only when
+        ZERO_DQ). Scalars: ``total`` = T.
+        Constexprs: HEAD_DIM, BLOCK_D (next power of two >= D), BLOCK_M, ZERO_DQ.
         Grid: ``flat_grid(cdiv(T, BLOCK_M), H)``.
         """
         tile, head = program_tile(tl.program_id(0), tl.cdiv(total, BLOCK_M))
@@ -630,6 +705,12 @@ if TRITON_AVAILABLE:
         do = tl.load(DOut + rows[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=mask, other=0.0)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         tl.store(Delta + head * stride_delta_h + rows, delta, mask=rows < total)
+        if ZERO_DQ:
+            tl.store(
+                DQAcc + rows[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
+                tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32),
+                mask=mask,
+            )
 
     @triton.jit
     def _varlen_dkdv_query_blocks(
@@ -637,25 +718,31 @@ if TRITON_AVAILABLE:
         v,
         dk,
         dv,
+        mask_n,
         Q_seq,
         DOut_seq,
         Lse_seq,
         Delta_seq,
+        DQ_seq,
         start,
         stop,
         seq_len,
         stride_qt,
         stride_dot,
+        stride_dqt,
         offs_d,
         mask_d,
         qk_scale_log2,
         BLOCK_M: tl.constexpr,
         MASK_QUERIES: tl.constexpr,
+        ATOMIC_DQ: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
     ):
         """Accumulate dK, dV of one key block over the queries ``start:stop`` of its sequence in blocks of
         ``BLOCK_M``, inside the sequence or (``MASK_QUERIES``) its ragged last block. ``Q_seq``, ``DOut_seq`` point at
-        the sequence's first row (and head), ``Lse_seq``, ``Delta_seq`` at its first entry of the head's row."""
+        the sequence's first row (and head), ``Lse_seq``, ``Delta_seq`` at its first entry of the head's row. With
+        ``ATOMIC_DQ`` each step also adds its dQ term to the fp32 rows ``DQ_seq`` of the sequence (``mask_n``: which
+        keys of the block lie inside it, see :func:`._attention_core.attn_bwd_dq_part`)."""
         offs_m = tl.arange(0, BLOCK_M)
         for start_m in range(start, stop, BLOCK_M):
             cols = start_m + offs_m
@@ -670,13 +757,24 @@ if TRITON_AVAILABLE:
                 delta = tl.load(Delta_seq + cols)
             q = tl.load(Q_seq + cols[:, None] * stride_qt + offs_d[None, :], mask=qd_mask, other=0.0)
             do = tl.load(DOut_seq + cols[:, None] * stride_dot + offs_d[None, :], mask=qd_mask, other=0.0)
-            dk, dv, _ = attn_bwd_dkdv_step(
+            dk, dv, ds_t = attn_bwd_dkdv_step(
                 k, v, q, do, lse, delta, mask_m, dk, dv, qk_scale_log2, MASK_QUERIES, INPUT_PRECISION
             )
+            if ATOMIC_DQ:
+                tl.atomic_add(
+                    DQ_seq + cols[:, None] * stride_dqt + offs_d[None, :],
+                    attn_bwd_dq_part(ds_t, mask_n, k, INPUT_PRECISION),
+                    mask=qd_mask,
+                    sem="relaxed",
+                )
         return dk, dv
 
     @triton.jit
-    def _varlen_attn_bwd_dkdv_kernel(
+    def _varlen_dkdv_tile(
+        pid_n,
+        head,
+        seq_start,
+        seq_len,
         Q,
         K,
         V,
@@ -685,10 +783,7 @@ if TRITON_AVAILABLE:
         Delta,
         DK,
         DV,
-        CuSeqlens,
-        total,
-        max_seqlen,
-        num_seqs,
+        DQAcc,
         stride_qt,
         stride_qh,
         stride_kt,
@@ -698,30 +793,20 @@ if TRITON_AVAILABLE:
         stride_dot,
         stride_doh,
         stride_lse_h,
-        stride_dkt,
-        stride_dkh,
+        stride_gt,
+        stride_gh,
         scale,
         HEAD_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
+        ATOMIC_DQ: tl.constexpr,
     ):
-        """dK and dV of ``BLOCK_N`` key rows of one (sequence, head) pair, looping over the sequence's query blocks.
-
-        Pointers: Q, K, V, DOut ``(T, H, D)`` with strides ``stride_*t``, ``stride_*h`` and unit stride on D;
-        Lse (base 2) and Delta ``(H, T)`` fp32 sharing row stride ``stride_lse_h``; DK, DV ``(T, H, D)`` sharing
-        strides ``stride_dkt``, ``stride_dkh``; CuSeqlens ``(B + 1,)`` int32. Scalars: ``total``, ``max_seqlen``,
-        ``num_seqs`` as in the forward, softmax ``scale``.
-        Constexprs: HEAD_DIM, BLOCK_D (next power of two >= D), INPUT_PRECISION of the dots, BLOCK_M, BLOCK_N.
-        Grid: ``flat_grid(cdiv(max_seqlen, BLOCK_N), B * H)``.
-        """
-        pid_n, head, seq_start, seq_len = _sequence_tile(
-            tl.program_id(0), CuSeqlens, total, tl.cdiv(max_seqlen, BLOCK_N), num_seqs
-        )
-        if pid_n * BLOCK_N >= seq_len:
-            return
-
+        """dK and dV of key block ``pid_n`` of (sequence, ``head``), rows ``seq_start:seq_start + seq_len``, looping
+        over the sequence's query blocks; with ATOMIC_DQ also every query's dQ term, added to DQAcc with fp32 atomics
+        (unscaled: the launcher scales it once), so that no dQ pass recomputes the scores. Arguments as in
+        :func:`_varlen_attn_bwd_kernel`; BLOCK_N key rows, BLOCK_M query rows per step."""
         qk_scale_log2 = scale * LOG2E
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
@@ -740,26 +825,31 @@ if TRITON_AVAILABLE:
         do_seq = DOut + start * stride_dot + head * stride_doh
         lse_seq = Lse + head * stride_lse_h + start
         delta_seq = Delta + head * stride_lse_h + start
+        dq_seq = DQAcc + start * stride_gt + head * stride_gh
         full_end = seq_len - seq_len % BLOCK_M
         dk, dv = _varlen_dkdv_query_blocks(
             k,
             v,
             dk,
             dv,
+            mask_n,
             q_seq,
             do_seq,
             lse_seq,
             delta_seq,
+            dq_seq,
             0,
             full_end,
             seq_len,
             stride_qt,
             stride_dot,
+            stride_gt,
             offs_d,
             mask_d,
             qk_scale_log2,
             BLOCK_M,
             False,
+            ATOMIC_DQ,
             INPUT_PRECISION,
         )
         dk, dv = _varlen_dkdv_query_blocks(
@@ -767,31 +857,35 @@ if TRITON_AVAILABLE:
             v,
             dk,
             dv,
+            mask_n,
             q_seq,
             do_seq,
             lse_seq,
             delta_seq,
+            dq_seq,
             full_end,
             seq_len,
             seq_len,
             stride_qt,
             stride_dot,
+            stride_gt,
             offs_d,
             mask_d,
             qk_scale_log2,
             BLOCK_M,
             True,
+            ATOMIC_DQ,
             INPUT_PRECISION,
         )
 
         dk *= scale
         tl.store(
-            DK + rows_n[:, None] * stride_dkt + head * stride_dkh + offs_d[None, :],
+            DK + rows_n[:, None] * stride_gt + head * stride_gh + offs_d[None, :],
             dk.to(DK.dtype.element_ty),
             mask=mask_nd,
         )
         tl.store(
-            DV + rows_n[:, None] * stride_dkt + head * stride_dkh + offs_d[None, :],
+            DV + rows_n[:, None] * stride_gt + head * stride_gh + offs_d[None, :],
             dv.to(DV.dtype.element_ty),
             mask=mask_nd,
         )
@@ -833,7 +927,11 @@ if TRITON_AVAILABLE:
         return dq
 
     @triton.jit
-    def _varlen_attn_bwd_dq_kernel(
+    def _varlen_dq_tile(
+        pid_m,
+        head,
+        seq_start,
+        seq_len,
         Q,
         K,
         V,
@@ -841,10 +939,6 @@ if TRITON_AVAILABLE:
         Lse,
         Delta,
         DQ,
-        CuSeqlens,
-        total,
-        max_seqlen,
-        num_seqs,
         stride_qt,
         stride_qh,
         stride_kt,
@@ -854,8 +948,8 @@ if TRITON_AVAILABLE:
         stride_dot,
         stride_doh,
         stride_lse_h,
-        stride_dqt,
-        stride_dqh,
+        stride_gt,
+        stride_gh,
         scale,
         HEAD_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr,
@@ -863,21 +957,9 @@ if TRITON_AVAILABLE:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
-        """dQ of ``BLOCK_M`` query rows of one (sequence, head) pair, looping over the sequence's key blocks.
-
-        Pointers: Q, K, V, DOut ``(T, H, D)`` with strides ``stride_*t``, ``stride_*h`` and unit stride on D;
-        Lse (base 2) and Delta ``(H, T)`` fp32 sharing row stride ``stride_lse_h``; DQ ``(T, H, D)`` with strides
-        ``stride_dqt``, ``stride_dqh``; CuSeqlens ``(B + 1,)`` int32. Scalars: ``total``, ``max_seqlen``,
-        ``num_seqs`` as in the forward, softmax ``scale``.
-        Constexprs: HEAD_DIM, BLOCK_D (next power of two >= D), INPUT_PRECISION of the dots, BLOCK_M, BLOCK_N.
-        Grid: ``flat_grid(cdiv(max_seqlen, BLOCK_M), B * H)``.
-        """
-        pid_m, head, seq_start, seq_len = _sequence_tile(
-            tl.program_id(0), CuSeqlens, total, tl.cdiv(max_seqlen, BLOCK_M), num_seqs
-        )
-        if pid_m * BLOCK_M >= seq_len:
-            return
-
+        """dQ of query block ``pid_m`` of (sequence, ``head``), rows ``seq_start:seq_start + seq_len``, looping over
+        the sequence's key blocks. Arguments as in :func:`_varlen_attn_bwd_kernel`, with the tiles transposed:
+        BLOCK_M query rows, BLOCK_N key rows per step."""
         qk_scale_log2 = scale * LOG2E
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
@@ -938,7 +1020,126 @@ if TRITON_AVAILABLE:
 
         dq *= scale
         tl.store(
-            DQ + rows_m[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
+            DQ + rows_m[:, None] * stride_gt + head * stride_gh + offs_d[None, :],
             dq.to(DQ.dtype.element_ty),
             mask=mask_md,
         )
+
+    @triton.jit
+    def _varlen_attn_bwd_kernel(
+        Q,
+        K,
+        V,
+        DOut,
+        Lse,
+        Delta,
+        DQ,
+        DK,
+        DV,
+        CuSeqlens,
+        total,
+        max_seqlen,
+        num_seqs,
+        stride_qt,
+        stride_qh,
+        stride_kt,
+        stride_kh,
+        stride_vt,
+        stride_vh,
+        stride_dot,
+        stride_doh,
+        stride_lse_h,
+        stride_gt,
+        stride_gh,
+        scale,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        ATOMIC_DQ: tl.constexpr,
+        PARTS: tl.constexpr,
+    ):
+        """The backward after its preprocess: program ``(tile, sequence x head)`` computes dK and dV of key block
+        ``tile`` over the sequence's query blocks, then dQ of query block ``tile`` over its key blocks, in one launch
+        (``PARTS="dkdv+dq"``) or two (``"dkdv"`` then ``"dq"``, where one would spill); with ATOMIC_DQ
+        (``PARTS="dkdv"``) the first part also adds every dQ term to DQ with fp32 atomics.
+
+        Pointers: Q, K, V, DOut ``(T, H, D)`` with strides ``stride_*t``, ``stride_*h`` and unit stride on D;
+        Lse (base 2) and Delta ``(H, T)`` fp32 sharing row stride ``stride_lse_h``; DQ, DK, DV ``(T, H, D)`` sharing
+        strides ``stride_gt``, ``stride_gh`` (DQ: fp32 and zeroed when ATOMIC_DQ); CuSeqlens ``(B + 1,)`` int32.
+        Scalars: ``total``, ``max_seqlen``, ``num_seqs`` as in the forward, softmax ``scale``.
+        Constexprs: HEAD_DIM, BLOCK_D (next power of two >= D), INPUT_PRECISION of the dots, BLOCK_N (the rows a
+        program holds: keys, then queries), BLOCK_M (the rows per loop step), ATOMIC_DQ, PARTS.
+        Grid: ``flat_grid(cdiv(max_seqlen, BLOCK_N), B * H)``.
+        """
+        tile, head, seq_start, seq_len = _sequence_tile(
+            tl.program_id(0), CuSeqlens, total, tl.cdiv(max_seqlen, BLOCK_N), num_seqs
+        )
+        if tile * BLOCK_N >= seq_len:  # this tile lies past the sequence (max_seqlen is only a bound)
+            return
+        if PARTS != "dq":
+            _varlen_dkdv_tile(
+                tile,
+                head,
+                seq_start,
+                seq_len,
+                Q,
+                K,
+                V,
+                DOut,
+                Lse,
+                Delta,
+                DK,
+                DV,
+                DQ,
+                stride_qt,
+                stride_qh,
+                stride_kt,
+                stride_kh,
+                stride_vt,
+                stride_vh,
+                stride_dot,
+                stride_doh,
+                stride_lse_h,
+                stride_gt,
+                stride_gh,
+                scale,
+                HEAD_DIM,
+                BLOCK_D,
+                INPUT_PRECISION,
+                BLOCK_M,
+                BLOCK_N,
+                ATOMIC_DQ,
+            )
+        if PARTS != "dkdv":
+            _varlen_dq_tile(
+                tile,
+                head,
+                seq_start,
+                seq_len,
+                Q,
+                K,
+                V,
+                DOut,
+                Lse,
+                Delta,
+                DQ,
+                stride_qt,
+                stride_qh,
+                stride_kt,
+                stride_kh,
+                stride_vt,
+                stride_vh,
+                stride_dot,
+                stride_doh,
+                stride_lse_h,
+                stride_gt,
+                stride_gh,
+                scale,
+                HEAD_DIM,
+                BLOCK_D,
+                INPUT_PRECISION,
+                BLOCK_N,
+                BLOCK_M,
+            )

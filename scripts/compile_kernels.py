@@ -9,8 +9,9 @@ of running it. Each recorded argument is then specialised by Triton's own rule, 
 equal to 1 (the unit last stride) becomes a constant, and integers and pointers divisible by 16 are marked so. Without
 that the compiler cannot vectorise or pipeline the loads, and the numbers would describe a kernel that never runs.
 
-The configs are those that each family's ``get_fwd_config`` / ``get_bwd_config`` pick for a CUDA device and, with
-``--candidates``, every config autotuning may time. With ``--check`` the exit status is 1 when a kernel spills
+The configs are those that each family's ``get_fwd_config``, ``get_bwd_config`` and ``get_atomic_bwd_config`` (the
+backward in both modes: deterministic, atomic dQ) pick for a CUDA device and, with ``--candidates``, every config
+autotuning may time. With ``--check`` the exit status is 1 when a kernel spills
 registers or needs more shared memory than an sm_90 block may use (the CPU test suite runs this on the defaults).
 With ``--inductor-source`` each kernel is compiled from the source that torch.compile generates for a ``triton_op``
 (Inductor copies the kernel with the ``@triton.jit`` functions and ``tl.constexpr`` globals it names into a new
@@ -54,25 +55,28 @@ BATCH, HEADS = 2, 4
 CUDA = torch.device("cuda")  # the device the configs are chosen for; the recorded launches run on CPU tensors
 
 
-def _masked_launches(fwd, bwd, seq_len, head_dim, dtype):
+def _masked_launches(fwd, bwd, atomic_bwd, seq_len, head_dim, dtype):
     # q, k, v (B, H, N, D): strided views of one projection, permuted as timm's Attention does.
     q, k, v = torch.randn(BATCH, seq_len, 3, HEADS, head_dim).to(dtype).permute(2, 0, 3, 1, 4).unbind(0)
     keep = torch.rand(BATCH, seq_len) < 0.5
     keep[:, 0] = True
     record = LaunchRecorder()
     scale = head_dim**-0.5
-    out, lse = masked._launch_fwd(q, k, v, keep, scale, True, fwd or bwd, record)  # out, lse: the backward's inputs
+    # out, lse: the backward's inputs
+    out, lse = masked._launch_fwd(q, k, v, keep, scale, True, fwd or bwd or atomic_bwd, record)
     if fwd is None:
         record.launches.clear()
     else:
         masked._launch_fwd(q, k, v, keep, scale, False, fwd, record)
-    if bwd is not None:
-        for skip, gate_grad in ((True, False), (True, True), (False, False)):
-            masked._launch_bwd(torch.randn_like(out), q, k, v, keep, out, lse, scale, skip, gate_grad, bwd, record)
+    for deterministic, cfg in ((True, bwd), (False, atomic_bwd)):  # the default backward, then the atomic-dQ one
+        if cfg is not None:
+            for skip, gate_grad in ((True, False), (True, True), (False, False)):
+                args = (torch.randn_like(out), q, k, v, keep, out, lse, scale, skip, gate_grad, deterministic)
+                masked._launch_bwd(*args, cfg, record)
     return record.launches
 
 
-def _varlen_launches(fwd, bwd, seq_len, head_dim, dtype):
+def _varlen_launches(fwd, bwd, atomic_bwd, seq_len, head_dim, dtype):
     lengths = torch.tensor([seq_len, max(1, seq_len // 3)])
     cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
     total = int(cu_seqlens[-1])
@@ -83,9 +87,11 @@ def _varlen_launches(fwd, bwd, seq_len, head_dim, dtype):
     scale = head_dim**-0.5
     if fwd is not None:
         varlen._launch_fwd(q, k, v, cu_seqlens, seq_len, scale, fwd, record, out, lse)
-    if bwd is not None:
-        grads = [torch.empty_like(q) for _ in range(3)]
-        varlen._launch_bwd(q, k, v, cu_seqlens, out, lse, torch.randn_like(out), seq_len, scale, bwd, record, *grads)
+    for deterministic, cfg in ((True, bwd), (False, atomic_bwd)):  # the default backward, then the atomic-dQ one
+        if cfg is not None:
+            grads = [torch.empty_like(q) for _ in range(3)]
+            args = (q, k, v, cu_seqlens, out, lse, torch.randn_like(out), seq_len, scale, deterministic)
+            varlen._launch_bwd(*args, cfg, record, *grads)
     return record.launches
 
 
@@ -93,18 +99,18 @@ FAMILIES = {"masked": _masked_launches, "varlen": _varlen_launches}
 
 
 def _config_pairs(family, seq_len, head_dim, dtype, candidates: bool, configs: list[dict[str, int]]):
-    """(fwd, bwd) configs to compile: ``configs`` (each for both passes) if given, else the defaults, then (with
-    ``candidates``) every autotuning candidate alone."""
+    """(fwd, bwd, atomic-dQ bwd) configs to compile: ``configs`` (each for every pass) if given, else the defaults,
+    then (with ``candidates``) every autotuning candidate alone."""
     if configs:
-        return [(cfg, cfg | {"BLOCK_PRE": 64} if family == "varlen" else cfg) for cfg in configs]
+        return [(cfg, *[cfg | {"BLOCK_PRE": 64} if family == "varlen" else cfg] * 2) for cfg in configs]
     shape = (seq_len, head_dim, dtype, CUDA)
     module = masked if family == "masked" else varlen  # the families' config functions share one signature
-    default = (module.get_fwd_config(*shape), module.get_bwd_config(*shape))
-    others = (module.fwd_candidates(*shape), module.bwd_candidates(*shape))
+    default = (module.get_fwd_config(*shape), module.get_bwd_config(*shape), module.get_atomic_bwd_config(*shape))
+    others = (module.fwd_candidates(*shape), module.bwd_candidates(*shape), module.atomic_bwd_candidates(*shape))
     pairs = [default]
     if candidates:
-        pairs += [(cfg, None) for cfg in others[0] if cfg != default[0]]
-        pairs += [(None, cfg) for cfg in others[1] if cfg != default[1]]
+        for position, (cfgs, cfg_default) in enumerate(zip(others, default)):
+            pairs += [tuple(cfg if i == position else None for i in range(3)) for cfg in cfgs if cfg != cfg_default]
     return pairs
 
 
@@ -160,8 +166,9 @@ def _resources(compiled, arch: int) -> dict:
 
 
 def _loop_sizes(compiled, arch: int) -> list[int]:
-    """SASS instructions per iteration of each loop that does attention math (has an MMA or an exp2), largest first:
-    a static proxy for the cost of a block step. Disassembles the cubin with the nvdisasm beside Triton's ptxas."""
+    """SASS instructions per iteration of each loop that does attention math (has an MMA or an exp2), in program
+    order (each part's loop over full blocks, then its loop over partly valid ones): a static proxy for the cost of a
+    block step. Disassembles the cubin with the nvdisasm beside Triton's ptxas."""
     nvdisasm = Path(get_ptxas(arch).path).with_name("nvdisasm")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
@@ -180,7 +187,7 @@ def _loop_sizes(compiled, arch: int) -> list[int]:
             body = instructions[labels[target.group(1)] : end + 1]
             if any(re.search(r"\b(HGMMA|HMMA|MUFU\.EX2)\b", op) for op in body):
                 sizes.append(len(body))
-    return sorted(sizes, reverse=True)
+    return sizes
 
 
 def _tile_buffers(compiled) -> list[str]:
@@ -226,7 +233,7 @@ def _label(kernel, constexprs, options) -> str:
     tiles = "x".join(str(constexprs[t]) for t in ("BLOCK_M", "BLOCK_N", "BLOCK") if t in constexprs)
     flags = " ".join(
         f"{flag}={constexprs[flag]}"
-        for flag in ("SKIP_DROPPED_QUERIES", "GATE_GRAD", "EVERY_BLOCK")
+        for flag in ("SKIP_DROPPED_QUERIES", "GATE_GRAD", "ATOMIC_DQ", "PARTS", "ZERO_DQ", "EVERY_BLOCK")
         if flag in constexprs
     )
     launch = " ".join(f"{key[4]}{value}" for key, value in options.items())  # num_warps -> w4, num_stages -> s3
@@ -239,8 +246,8 @@ def _launches(args, configs):
         for dtype_name in args.dtype:
             dtype = DTYPES[dtype_name]
             for head_dim in args.head_dim:
-                for fwd, bwd in _config_pairs(family, args.seq_len, head_dim, dtype, args.candidates, configs):
-                    for kernel, _, call_args, call_kwargs in FAMILIES[family](fwd, bwd, args.seq_len, head_dim, dtype):
+                for cfgs in _config_pairs(family, args.seq_len, head_dim, dtype, args.candidates, configs):
+                    for kernel, _, call_args, call_kwargs in FAMILIES[family](*cfgs, args.seq_len, head_dim, dtype):
                         yield f"{family} {dtype_name} D={head_dim}", kernel, call_args, call_kwargs
 
 

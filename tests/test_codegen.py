@@ -13,7 +13,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from faithful_vit.kernels._attention_core import bwd_parts
+
+masked = sys.modules["faithful_vit.kernels.masked_attention"]
+varlen = sys.modules["faithful_vit.kernels.varlen_attention"]
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compile_kernels.py"
 
 
@@ -41,19 +46,22 @@ def test_default_configs_compile_for_sm90_without_spills(dtype):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     lines = [line for line in result.stdout.splitlines() if " registers, " in line]
-    # Every kernel of both families was compiled: per head dim 6 masked (2 fwd variants, preprocess, dK/dV x2, dQ)
-    # and 4 varlen, plus the masked block lists (independent of the head dim: compiled once per block size).
     attention = [line for line in lines if "block_lists" not in line]
-    assert len(attention) == len(head_dims) * (6 + 4), result.stdout
+    assert len(attention) == sum(_kernels_per_head_dim(dtype, int(d)) for d in head_dims), result.stdout
     assert any("block_lists" in line and "EVERY_BLOCK=True" in line for line in lines), result.stdout
     assert any("block_lists" in line and "EVERY_BLOCK=False" in line for line in lines), result.stdout
-    # Each attention kernel has two block loops, and the one over fully valid blocks, without per-token masks, is the
-    # shorter (the preprocess kernels have none). The masked forward has two loops over full key blocks, one with
-    # direct offsets (full blocks 0..n-1) and one through the block list, of which a program runs one.
+    # Each part of an attention kernel has two block loops, in program order: the one over fully valid blocks,
+    # without per-token masks, then the longer one over partly valid blocks (the preprocess kernels have none). The
+    # masked forward has two loops over full key blocks, one with direct offsets (full blocks 0..n-1) and one through
+    # the block list, of which a program runs one, before its loop over partly kept blocks.
     for line in attention:
         loops = [int(n) for n in re.findall(r"loops ([\d/]+) instr", line)[0].split("/")] if "loops" in line else []
-        assert len(loops) == (0 if "preprocess" in line else 3 if "masked_attn_fwd" in line else 2), line
-        assert not loops or loops[0] > max(loops[1:]), line  # listed longest first
+        if "masked_attn_fwd" in line:
+            assert len(loops) == 3 and max(loops[:2]) < loops[2], line
+            continue
+        parts = 0 if "preprocess" in line else 2 if "PARTS=dkdv+dq" in line else 1
+        assert len(loops) == 2 * parts, line
+        assert all(full < partial for full, partial in zip(loops[::2], loops[1::2])), line
     # With direct offsets the masked forward's full-block loop gets as many K/V buffers as the varlen forward's.
     for head_dim in head_dims:
         buffers = {
@@ -63,3 +71,16 @@ def test_default_configs_compile_for_sm90_without_spills(dtype):
             if f" D={head_dim} {kernel} " in line
         }
         assert buffers["masked_attn_fwd"][0] == buffers["varlen_attn_fwd"][0], result.stdout
+
+
+def _kernels_per_head_dim(dtype: str, head_dim: int) -> int:
+    """Attention kernels the script compiles per head dim: per family the forward (masked: with and without dropped
+    queries), the preprocess, each launch of the deterministic backward and, where it exists (not fp32), the atomic-dQ
+    one with its preprocess (masked: with and without the gate gradient)."""
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    total = 0
+    for module, variants in ((masked, 2), (varlen, 1)):
+        cfg = module.get_bwd_config(1374, head_dim, torch_dtype, torch.device("cuda"))
+        atomic = module.get_atomic_bwd_config(1374, head_dim, torch_dtype, torch.device("cuda")) is not None
+        total += variants + 1 + variants * len(bwd_parts(cfg, True)) + atomic * (1 + variants)
+    return total

@@ -47,7 +47,7 @@ def _compile(fn, fullgraph: bool = True):
 def test_masked_attention_op_compiles_once_for_every_length_and_kept_fraction(on_registered_ops, skip_dropped_queries):
     def attend(qkv, keep):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # timm's projection layout
-        return masked.MaskedAttentionFunction.apply(q, k, v, keep, None, 0.25, skip_dropped_queries)
+        return masked.MaskedAttentionFunction.apply(q, k, v, keep, None, 0.25, skip_dropped_queries, True)
 
     compiled, counter = _compile(attend)
     with LaunchRecorder():
@@ -64,7 +64,7 @@ def test_masked_attention_op_compiles_once_for_every_length_and_kept_fraction(on
 def test_varlen_attention_op_compiles_once_for_every_length_and_kept_fraction(on_registered_ops):
     def attend(qkv, cu_seqlens, max_seqlen: int):
         q, k, v = qkv.unbind(1)  # rows of a packed projection
-        return varlen.VarlenAttentionFunction.apply(q, k, v, cu_seqlens, max_seqlen, 0.25)
+        return varlen.VarlenAttentionFunction.apply(q, k, v, cu_seqlens, max_seqlen, 0.25, True)
 
     compiled, counter = _compile(attend)
     with LaunchRecorder():

@@ -78,12 +78,14 @@ def _max_err(a, b):
     return (a.double() - b.double()).abs().max().item()
 
 
-def _check(q, k, v, keep, *, skip, gate=True, atol=None):
-    """Kernel vs float64 reference: fp32 within ``atol`` (relative to the magnitude), half precision within twice
-    the error of the torch reference run in the same dtype plus a small floor."""
+def _check(q, k, v, keep, *, skip, gate=True, atol=None, deterministic=True):
+    """Kernel (``deterministic``: which backward) vs float64 reference: fp32 within ``atol`` (relative to the
+    magnitude), half precision within twice the error of the torch reference run in the same dtype plus a small
+    floor."""
     gate_t = keep.to(q.dtype) if gate else None
     grad_out = torch.randn(q.shape, device=q.device, dtype=torch.float64)
-    got = _forward_backward(_kernel, q, k, v, keep, grad_out, gate=gate_t, skip_dropped_queries=skip)
+    kernel = lambda *a, **kw: _kernel(*a, deterministic=deterministic, **kw)  # noqa: E731
+    got = _forward_backward(kernel, q, k, v, keep, grad_out, gate=gate_t, skip_dropped_queries=skip)
     ref = _forward_backward(_ref64, q, k, v, keep, grad_out, gate=gate_t, skip_dropped_queries=skip)
     same = None
     if q.dtype != torch.float32:
@@ -130,6 +132,49 @@ def test_fp16_within_twice_the_torch_error(skip):
     _check(q, k, v, _random_keep(2, 45), skip=skip)
 
 
+# The atomic-dQ backward (deterministic=False): the same bounds on the same awkward shapes and masks.
+
+
+@pytest.mark.parametrize("gate", [True, False])
+@pytest.mark.parametrize("skip", [True, False])
+@pytest.mark.parametrize(("batch", "heads", "seq_len", "head_dim"), [(2, 2, 37, 16), (1, 1, 21, 80)])
+def test_atomic_dq_fp32_matches_float64_reference(batch, heads, seq_len, head_dim, skip, gate):
+    q, k, v, _ = _qkv(batch, heads, seq_len, head_dim, torch.float32)
+    _check(q, k, v, _random_keep(batch, seq_len), skip=skip, gate=gate, deterministic=False)
+
+
+@settings(max_examples=4, deadline=None, database=None)
+@given(
+    seq_len=st.integers(1, 70),
+    head_dim=st.sampled_from([16, 24, 48]),
+    keep_frac=st.floats(0.0, 1.0),
+    skip=st.booleans(),
+)
+def test_atomic_dq_awkward_shapes_and_masks(seq_len, head_dim, keep_frac, skip):
+    q, k, v, _ = _qkv(1, 1, seq_len, head_dim, torch.float32)
+    _check(q, k, v, _random_keep(1, seq_len, frac=keep_frac), skip=skip, deterministic=False)
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_atomic_dq_fp16_within_twice_the_torch_error(skip):
+    q, k, v, _ = _qkv(2, 2, 45, 32, torch.float16)
+    _check(q, k, v, _random_keep(2, 45), skip=skip, deterministic=False)
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_atomic_dq_full_partly_kept_dead_blocks_and_an_image_without_kept_token(skip):
+    q, k, v, _ = _qkv(4, 2, 50, 16, torch.float32)
+    keep = torch.zeros(4, 50, dtype=torch.bool, device=DEVICE)
+    keep[0, :35] = True  # two full blocks, a partly kept one, a dead one
+    keep[1] = True
+    keep[1, 20] = False  # full, partly kept, full, ragged last
+    keep[2, 16:32] = True
+    keep[2, 40] = True  # dead, full, partly kept, dead
+    out, (dq, dk, dv, dgate) = _check(q, k, v, keep, skip=skip, deterministic=False)  # image 3: no kept token
+    for t in (out[3], dq[3], dk[3], dv[3], dgate[3]):
+        assert torch.equal(t, torch.zeros_like(t))
+
+
 @pytest.mark.parametrize("layout", ["timm", "transposed"])
 def test_non_contiguous_inputs(layout):
     q, k, v, _ = _qkv(2, 2, 29, 16, torch.float32, layout=layout)
@@ -164,8 +209,10 @@ def test_output_is_stored_batch_token_major():
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-def test_dropped_keys_have_exactly_zero_influence():
-    """NaN/Inf in dropped k/v leave every output and every gradient (gate: at kept keys) unchanged, bit for bit."""
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_dropped_keys_have_exactly_zero_influence(deterministic):
+    """NaN/Inf in dropped k/v leave every output and every gradient (gate: at kept keys) unchanged, bit for bit, in
+    both backwards (the atomic-dQ one on the interpreter adds in a fixed order, so its bits are comparable)."""
     batch, heads, seq_len, head_dim = 2, 2, 40, 16
     q, k, v, _ = _qkv(batch, heads, seq_len, head_dim, torch.float32)
     keep = _random_keep(batch, seq_len)
@@ -176,10 +223,11 @@ def test_dropped_keys_have_exactly_zero_influence():
     poisoned_v = v.detach().masked_fill(dropped, float("inf"))
     gate = keep.float()
     grad_out = torch.randn(q.shape, device=q.device)
+    kernel = lambda *a, **kw: _kernel(*a, deterministic=deterministic, **kw)  # noqa: E731
     for skip in (True, False):
-        clean = _forward_backward(_kernel, q, k, v, keep, grad_out, gate=gate, skip_dropped_queries=skip)
+        clean = _forward_backward(kernel, q, k, v, keep, grad_out, gate=gate, skip_dropped_queries=skip)
         dirty = _forward_backward(
-            _kernel, q, poisoned_k, poisoned_v, keep, grad_out, gate=gate, skip_dropped_queries=skip
+            kernel, q, poisoned_k, poisoned_v, keep, grad_out, gate=gate, skip_dropped_queries=skip
         )
         for name, a, b in zip(["out", "dq", "dk", "dv"], [clean[0], *clean[1][:3]], [dirty[0], *dirty[1][:3]]):
             assert torch.equal(a, b), f"{name} changed (skip={skip})"
@@ -206,6 +254,17 @@ def test_non_finite_kept_tokens_propagate_as_in_the_reference(poisoned, value, s
     """NaN/Inf in one kept token reaches exactly the outputs and gradients (gate included) it reaches in the float64
     reference (which matches SDPA, see test_reference.py): one in a full block (the loops without per-token masks),
     one in a partly kept block, each in head 0 of its own image; image 2 and head 1 stay clean."""
+    _check_non_finite_propagation(poisoned, value, skip, deterministic=True)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
+@pytest.mark.parametrize(("poisoned", "value", "skip"), [("q", "nan", True), ("k", "inf", False), ("v", "-inf", True)])
+def test_atomic_dq_non_finite_kept_tokens_propagate_as_in_the_reference(poisoned, value, skip):
+    _check_non_finite_propagation(poisoned, float(value), skip, deterministic=False)
+
+
+def _check_non_finite_propagation(poisoned, value, skip, deterministic):
     q, k, v, _ = _qkv(3, 2, 37, 16, torch.float32)
     keep = _random_keep(3, 37)
     keep[0, :16] = True  # a full block
@@ -216,7 +275,8 @@ def test_non_finite_kept_tokens_propagate_as_in_the_reference(poisoned, value, s
     gate = keep.float()
     grad_out = torch.randn(q.shape, device=q.device, dtype=torch.float64)
     args = (tensors["q"], tensors["k"], tensors["v"], keep, grad_out)
-    got = _forward_backward(_kernel, *args, gate=gate, skip_dropped_queries=skip)
+    kernel = lambda *a, **kw: _kernel(*a, deterministic=deterministic, **kw)  # noqa: E731
+    got = _forward_backward(kernel, *args, gate=gate, skip_dropped_queries=skip)
     want = _forward_backward(_ref64, *args, gate=gate, skip_dropped_queries=skip)
     for name, a, r in zip(["out", "dq", "dk", "dv", "dgate"], [got[0], *got[1]], [want[0], *want[1]]):
         _assert_same_non_finite(a, r, name)
@@ -227,8 +287,8 @@ def test_non_finite_kept_tokens_propagate_as_in_the_reference(poisoned, value, s
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
-@pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_skipped_dropped_queries_change_nothing_else(backend):
+@pytest.mark.parametrize(("backend", "deterministic"), [("triton", True), ("triton", False), ("torch", None)])
+def test_skipped_dropped_queries_change_nothing_else(backend, deterministic):
     """NaN/Inf in the q, k, v and output gradient of dropped tokens changes no output and no gradient (gate: at
     kept keys), bit for bit, when dropped queries are skipped: no 0 * NaN in the dK/dV products."""
     q, k, v, _ = _qkv(2, 2, 40, 16, torch.float32)
@@ -240,7 +300,7 @@ def test_skipped_dropped_queries_change_nothing_else(backend):
     dirty_grad_out = grad_out.masked_fill(dropped, float("nan"))
 
     def run(q, k, v, grad_out):
-        fn = lambda *a, **kw: masked_attention(*a, backend=backend, **kw)  # noqa: E731
+        fn = lambda *a, **kw: masked_attention(*a, backend=backend, deterministic=deterministic, **kw)  # noqa: E731
         return _forward_backward(fn, q, k, v, keep, grad_out, gate=keep.float(), skip_dropped_queries=True)
 
     clean = run(q, k, v, grad_out)
@@ -358,6 +418,24 @@ def test_custom_scale_and_gate_without_grad():
     keep = _random_keep(1, 24)
     got = _kernel(q, k, v, keep, scale=0.3, gate=keep.float())
     torch.testing.assert_close(got, reference.masked_attention_ref(q, k, v, keep, scale=0.3), atol=1e-5, rtol=1e-5)
+
+
+def test_backward_in_two_launches_equals_the_one_launch(monkeypatch):
+    """``SPLIT_DQ`` (the configs above head dim 64) runs the dK/dV and dQ parts of the backward kernel in two
+    launches: the gradients are the same, bit for bit."""
+    q, k, v, _ = _qkv(2, 2, 45, 16, torch.float32)
+    keep = _random_keep(2, 45)
+    grad_out = torch.randn(q.shape, device=q.device)
+    one = _forward_backward(_kernel, q, k, v, keep, grad_out, gate=keep.float())
+    bwd = impl.get_bwd_config
+    monkeypatch.setattr(impl, "get_bwd_config", lambda *a: {**bwd(*a), "SPLIT_DQ": 1})
+    with LaunchRecorder() as record:
+        _forward_backward(_kernel, q, k, v, keep, grad_out)
+    parts = [kw["PARTS"] for kernel, _, _, kw in record.launches if kernel is impl._masked_attn_bwd_kernel]
+    assert parts == ["dkdv", "dq"]
+    two = _forward_backward(_kernel, q, k, v, keep, grad_out, gate=keep.float())
+    for a, b in zip([one[0], *one[1]], [two[0], *two[1]]):
+        assert torch.equal(a, b)
 
 
 def test_compacted_order_gives_the_same_result():
@@ -490,15 +568,15 @@ def test_grids_fit_cuda_and_cover_every_image_and_head(monkeypatch):
     record = LaunchRecorder()
     out, lse = impl._launch_fwd(q, q, q, keep, 0.125, True, fwd_cfg, record)
     for skip, gate_grad in ((True, False), (True, True), (False, False)):
-        impl._launch_bwd(out, q, q, q, keep, out, lse, 0.125, skip, gate_grad, bwd_cfg, record)
+        impl._launch_bwd(out, q, q, q, keep, out, lse, 0.125, skip, gate_grad, True, bwd_cfg, record)
     attention = [launch for launch in record.launches if launch[0] is not impl._block_lists_kernel]
-    assert len(attention) == 1 + 3 * 3
+    assert len(attention) == 1 + 3 * 2  # the forward; per backward its preprocess and one kernel
     for kernel, grid, _, kwargs in record.launches:
         assert_grid_within_cuda_limits(grid)
         if kernel is impl._block_lists_kernel:
             assert grid == (batch,)
             continue
-        block = kwargs["BLOCK_N"] if kernel is impl._masked_attn_bwd_dkdv_kernel else kwargs["BLOCK_M"]
+        block = kwargs["BLOCK_N"] if kernel is impl._masked_attn_bwd_kernel else kwargs["BLOCK_M"]
         num_tiles = triton.cdiv(seq_len, block)
         assert grid == (num_tiles * batch * heads,), kernel.__name__
         tile, group = decode_program_tiles(grid[0], num_tiles)

@@ -38,13 +38,20 @@ def _qkv(total, heads, head_dim, dtype, layout="packed", device=DEVICE):
     return leaf, views
 
 
-def _assert_matches_reference(q, k, v, cu_seqlens, max_seqlen, check_cu_seqlens=True, **kwargs):
-    """Kernel forward and dq/dk/dv against float64 (and, for half precision, the same-dtype reference)."""
+def _assert_matches_reference(q, k, v, cu_seqlens, max_seqlen, check_cu_seqlens=True, deterministic=True, **kwargs):
+    """Kernel forward and dq/dk/dv (``deterministic``: which backward) against float64 (and, for half precision, the
+    same-dtype reference)."""
     dtype = q.dtype
     grad_out = torch.randn_like(q)
     kernel = forward_backward(
         lambda *t: varlen_attention(
-            *t, cu_seqlens, max_seqlen, check_cu_seqlens=check_cu_seqlens, backend="triton", **kwargs
+            *t,
+            cu_seqlens,
+            max_seqlen,
+            check_cu_seqlens=check_cu_seqlens,
+            deterministic=deterministic,
+            backend="triton",
+            **kwargs,
         ),
         (q, k, v),
         grad_out,
@@ -76,11 +83,13 @@ def _assert_matches_reference(q, k, v, cu_seqlens, max_seqlen, check_cu_seqlens=
 def tiles(request, monkeypatch):
     """The default tiles, and 16x16 tiles that force several query and key blocks per sequence."""
     if request.param == "16x16_tiles":
-        fwd, bwd = varlen_module.get_fwd_config, varlen_module.get_bwd_config
+        fwd = varlen_module.get_fwd_config
         monkeypatch.setattr(varlen_module, "get_fwd_config", lambda *a: {**fwd(*a), "BLOCK_M": 16, "BLOCK_N": 16})
-        monkeypatch.setattr(
-            varlen_module, "get_bwd_config", lambda *a: {**bwd(*a), "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_PRE": 16}
-        )
+        for name in ("get_bwd_config", "get_atomic_bwd_config"):
+            bwd = getattr(varlen_module, name)
+            monkeypatch.setattr(
+                varlen_module, name, lambda *a, bwd=bwd: {**bwd(*a), "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_PRE": 16}
+            )
     return request.param
 
 
@@ -102,6 +111,51 @@ def test_random_lengths(dtype):
     heads, head_dim = int(torch.randint(1, 3, ())), [16, 32][int(torch.randint(0, 2, ()))]
     _, (q, k, v) = _qkv(sum(lengths), heads, head_dim, dtype)
     _assert_matches_reference(q, k, v, cu_seqlens(lengths), max_seqlen=max(lengths) + int(torch.randint(0, 20, ())))
+
+
+# The atomic-dQ backward (deterministic=False): the same bounds on the same awkward lengths.
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("head_dim", [16, 24])
+def test_atomic_dq_matches_reference(tiles, dtype, head_dim):
+    lengths = [7, 0, 1, 33, 18]
+    _, (q, k, v) = _qkv(sum(lengths), 2, head_dim, dtype)
+    _assert_matches_reference(q, k, v, cu_seqlens(lengths), max_seqlen=40, deterministic=False)
+
+
+def test_atomic_dq_random_lengths_and_head_dim_80():
+    lengths = torch.randint(0, 41, (int(torch.randint(1, 5, ())),)).tolist()
+    _, (q, k, v) = _qkv(sum(lengths), 2, 16, torch.float32)
+    _assert_matches_reference(q, k, v, cu_seqlens(lengths), max_seqlen=max(lengths) + 3, deterministic=False)
+    lengths = [9, 1, 14]
+    _, (q, k, v) = _qkv(sum(lengths), 1, 80, torch.float32)
+    _assert_matches_reference(q, k, v, cu_seqlens(lengths), max_seqlen=14, scale=0.3, deterministic=False)
+
+
+def test_backward_in_two_launches_equals_the_one_launch(monkeypatch):
+    """``SPLIT_DQ`` (the configs above head dim 64) runs the dK/dV and dQ parts of the backward kernel in two
+    launches: the gradients are the same, bit for bit."""
+    lengths = [7, 0, 1, 33, 18]
+    _, (q, k, v) = _qkv(sum(lengths), 2, 16, torch.float32)
+    cu = cu_seqlens(lengths)
+    grad_out = torch.randn_like(q)
+
+    def run():
+        return forward_backward(lambda *t: varlen_attention(*t, cu, 40, backend="triton"), (q, k, v), grad_out)
+
+    one = run()
+    bwd = varlen_module.get_bwd_config
+    for split in (0, 1):
+        monkeypatch.setattr(varlen_module, "get_bwd_config", lambda *a, split=split: {**bwd(*a), "SPLIT_DQ": split})
+        with LaunchRecorder() as record:
+            run()
+        launches = [
+            kw["PARTS"] for kernel, _, _, kw in record.launches if kernel is varlen_module._varlen_attn_bwd_kernel
+        ]
+        assert launches == (["dkdv", "dq"] if split else ["dkdv+dq"])
+        for a, b in zip(one, run()):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("layout", ["packed", "head_major", "separate"])
@@ -326,14 +380,14 @@ def test_grids_fit_cuda_and_cover_every_sequence_and_head(monkeypatch):
     fwd_cfg = varlen_module.get_fwd_config(max_seqlen, head_dim, q.dtype, q.device)
     bwd_cfg = varlen_module.get_bwd_config(max_seqlen, head_dim, q.dtype, q.device)
     varlen_module._launch_fwd(q, q, q, cu, max_seqlen, 0.125, fwd_cfg, launch, q, lse)
-    varlen_module._launch_bwd(q, q, q, cu, q, lse, q, max_seqlen, 0.125, bwd_cfg, launch, q, q, q)
-    assert len(launch.launches) == 4
+    varlen_module._launch_bwd(q, q, q, cu, q, lse, q, max_seqlen, 0.125, True, bwd_cfg, launch, q, q, q)
+    assert len(launch.launches) == 3  # the forward, the backward's preprocess and its one kernel
     for launched, grid, _, kwargs in launch.launches:
         assert_grid_within_cuda_limits(grid)
         if launched is varlen_module._varlen_attn_bwd_preprocess_kernel:
             assert grid == (triton.cdiv(total, kwargs["BLOCK_M"]) * heads,)
             continue
-        block = kwargs["BLOCK_N"] if launched is varlen_module._varlen_attn_bwd_dkdv_kernel else kwargs["BLOCK_M"]
+        block = kwargs["BLOCK_N"] if launched is varlen_module._varlen_attn_bwd_kernel else kwargs["BLOCK_M"]
         num_tiles = triton.cdiv(max_seqlen, block)
         assert grid == (num_tiles * len(lengths) * heads,), launched.__name__
         decoded = [torch.empty(grid[0], dtype=torch.int32, device=DEVICE) for _ in range(4)]
