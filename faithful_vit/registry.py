@@ -122,6 +122,26 @@ def faithful_tiny() -> FaithfulViTConfig:
 
 
 @register_model
+def faithful_tiny_wblite() -> FaithfulViTConfig:
+    """``faithful_tiny``'s architecture and recipe (spelled out, so that a change of ``faithful_tiny`` does not change
+    it) for Waterbirds-lite, meant to start from a backbone pretrained on its training images with
+    ``python -m faithful_vit.pretrain`` (``train.py --pretrained-file``; ``docs/training.md``)."""
+    return FaithfulViTConfig(
+        backbone="vit_tiny_patch16_224",
+        img_size=64,
+        num_classes=2,
+        num_parts=3,
+        backbone_kwargs={"patch_size": 8, "embed_dim": 128, "depth": 4, "num_heads": 4, "mlp_ratio": 2.0},
+        freeze_stage1_backbone=False,
+        straight_through=False,
+        mask_morphology="open",
+        area_target=0.15,
+        loss_weights={**PAPER_LOSS_WEIGHTS, "area": 5.0},
+        lr_factors={**_FROM_SCRATCH_LR_FACTORS, "stage2_backbone": 0.3, "stage2_tokens": 0.3},
+    )
+
+
+@register_model
 def faithful_vit_small_patch16_224() -> FaithfulViTConfig:
     """ViT-S/16 at 224 px, K = 8, the paper's recipe otherwise (frozen stage 1: give it pretrained_file=)."""
     return FaithfulViTConfig(
