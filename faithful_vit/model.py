@@ -87,6 +87,10 @@ class FaithfulViTConfig:
             only sensible with pretrained weights).
         part_dropout: ``Dropout1d`` probability on the part embeddings before the stage-1 classifier.
         mask_part_dropout: probability of dropping a foreground part channel from the mask, per image, in training.
+        mask_part_dropout_after_morphology: drop a part's patches after the clean-up (``mask_morphology``) instead
+            of before it: before, the clean-up often erases what remains of a split object (half an object may hold
+            no full cross), so stage 2 trains on many empty masks; after, it removes exactly the patches the dropped
+            parts won, as ``remove_parts`` does.
         gumbel_tau: Gumbel-softmax temperature of the soft maps and of the mask.
         stochastic_eval: keep the Gumbel noise at evaluation (the authors' behaviour).
         straight_through: let the stage-2 loss reach stage 1 through the gate (our fix); False detaches the mask as
@@ -120,6 +124,7 @@ class FaithfulViTConfig:
     freeze_stage1_backbone: bool = False
     part_dropout: float = 0.3
     mask_part_dropout: float = 0.3
+    mask_part_dropout_after_morphology: bool = False
     gumbel_tau: float = 1.0
     stochastic_eval: bool = False
     straight_through: bool = True
@@ -404,8 +409,11 @@ class FaithfulViT(nn.Module):
             part_logits = part_logits + gumbel_noise_like(part_logits)
         probs = torch.softmax(part_logits / self.cfg.gumbel_tau, dim=1)
         foreground, background = probs[:, :num_parts], probs[:, num_parts]
+        survive = None
         if part_dropout and self.cfg.mask_part_dropout > 0:
             survive = torch.rand(probs.shape[0], num_parts, 1, 1, device=probs.device) >= self.cfg.mask_part_dropout
+        after_morphology = self.cfg.mask_part_dropout_after_morphology
+        if survive is not None and not after_morphology:
             foreground = foreground * survive
         best_value, best_part = foreground.max(dim=1)
         keep = best_value > background
@@ -415,6 +423,9 @@ class FaithfulViT(nn.Module):
         keep = keep.flatten(1)
         if self.cfg.mask_morphology != "none":
             keep = KEEP_MORPHOLOGY[self.cfg.mask_morphology](keep, self.grid_size)
+        if survive is not None and after_morphology:
+            keep = keep & survive.flatten(1).gather(1, best_part.flatten(1))
+            foreground = foreground * survive  # the gate's surrogate counts the surviving parts only
         gate = None
         if with_gate:
             surrogate = foreground.sum(dim=1).flatten(1)

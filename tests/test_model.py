@@ -86,6 +86,37 @@ def test_mask_part_dropout_only_removes_patches():
     assert not nothing.any()
 
 
+def _split_block_logits(batch: int, num_parts: int) -> torch.Tensor:
+    """A 3 x 3 object on a 4 x 4 grid: part 0 wins its columns 0-1, part 1 its column 2, the background the rest."""
+    logits = torch.zeros(batch, num_parts + 1, 4, 4)
+    logits[:, num_parts] = 1.0
+    logits[:, 0, :3, :2] = 2.0
+    logits[:, 1, :3, 2] = 2.0
+    return logits
+
+
+def test_mask_part_dropout_after_morphology_removes_whole_parts_of_the_cleaned_mask():
+    torch.manual_seed(0)
+    logits = _split_block_logits(64, 3)
+    plus = torch.zeros(4, 4, dtype=torch.bool)
+    plus[1, :3] = plus[:3, 1] = True  # the opening of the 3 x 3 block
+    part_one = torch.zeros(4, 4, dtype=torch.bool)
+    part_one[:3, 2] = True
+    # Before the clean-up, dropping either part leaves a 3 x 2 or 3 x 1 bar with no full cross: the mask is erased.
+    before = tiny_model(mask_morphology="open", mask_part_dropout=0.5).eval()
+    keep, _ = before.compute_keep(logits, stochastic=False, part_dropout=True)
+    assert all(torch.equal(k, plus.flatten()) or not k.any() for k in keep)
+    # After it, the dropped part's patches leave the plus and the other part's stay.
+    after = tiny_model(mask_morphology="open", mask_part_dropout=0.5, mask_part_dropout_after_morphology=True).eval()
+    keep, _ = after.compute_keep(logits, stochastic=False, part_dropout=True)
+    allowed = [plus, plus & ~part_one, plus & part_one, torch.zeros_like(plus)]
+    seen = [any(torch.equal(k, a.flatten()) for k in keep) for a in allowed]
+    assert all(any(torch.equal(k, a.flatten()) for a in allowed) for k in keep)
+    assert seen[1] and seen[2]  # either part alone survives in some of the 64 draws
+    full, _ = after.compute_keep(logits, stochastic=False, part_dropout=False)
+    assert torch.equal(full, plus.flatten().expand(64, -1))
+
+
 def test_erode_keep_is_4_neighbour_erosion():
     keep = torch.zeros(1, 5, 5, dtype=torch.bool)
     keep[0, 1:4, 1:4] = True
