@@ -117,6 +117,27 @@ def test_mask_part_dropout_after_morphology_removes_whole_parts_of_the_cleaned_m
     assert torch.equal(full, plus.flatten().expand(64, -1))
 
 
+@pytest.mark.parametrize("after_morphology", [False, True])
+def test_mask_part_dropout_never_empties_falls_back_to_the_undropped_mask(after_morphology):
+    torch.manual_seed(0)
+    plus = torch.zeros(4, 4, dtype=torch.bool)
+    plus[1, :3] = plus[:3, 1] = True
+    one_part = _split_block_logits(64, 3)
+    one_part[:, 0, :3, :3] = 2.0  # part 0 wins the whole object: dropping it empties the mask
+    options = {"mask_morphology": "open", "mask_part_dropout": 0.5}
+    options["mask_part_dropout_after_morphology"] = after_morphology
+    plain = tiny_model(**options).eval()
+    keep, _ = plain.compute_keep(one_part, stochastic=False, part_dropout=True)
+    assert (~keep.any(dim=1)).any()
+    never = tiny_model(**options, mask_part_dropout_never_empties=True).eval()
+    keep, _ = never.compute_keep(one_part, stochastic=False, part_dropout=True)
+    assert torch.equal(keep, plus.flatten().expand(64, -1))
+    # An image whose dropout leaves some patch keeps its dropped mask (after the clean-up: half the plus).
+    keep, _ = never.compute_keep(_split_block_logits(64, 3), stochastic=False, part_dropout=True)
+    assert keep.any(dim=1).all()
+    assert (keep.sum(dim=1) < plus.sum()).any() == after_morphology
+
+
 def test_erode_keep_is_4_neighbour_erosion():
     keep = torch.zeros(1, 5, 5, dtype=torch.bool)
     keep[0, 1:4, 1:4] = True
