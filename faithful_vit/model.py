@@ -88,9 +88,9 @@ class FaithfulViTConfig:
         part_dropout: ``Dropout1d`` probability on the part embeddings before the stage-1 classifier.
         mask_part_dropout: probability of dropping a foreground part channel from the mask, per image, in training.
         mask_part_dropout_after_morphology: drop a part's patches after the clean-up (``mask_morphology``) instead
-            of before it: before, the clean-up often erases what remains of a split object (half an object may hold
-            no full cross), so stage 2 trains on many empty masks; after, it removes exactly the patches the dropped
-            parts won, as ``remove_parts`` does.
+            of before it: before, the clean-up can erase what remains of an object split between parts (half an
+            object may hold no full cross); after, it removes exactly the patches the dropped parts won, as
+            ``remove_parts`` does.
         mask_part_dropout_never_empties: where part dropout would leave an image with no kept patch, that image
             keeps its mask without dropout: when one part covers the whole object, dropping it would otherwise give
             stage 2 nothing to learn from in a ``mask_part_dropout`` share of its training images.
