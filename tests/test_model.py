@@ -130,8 +130,9 @@ def test_mask_part_dropout_never_empties_falls_back_to_the_undropped_mask(after_
     keep, _ = plain.compute_keep(one_part, stochastic=False, part_dropout=True)
     assert (~keep.any(dim=1)).any()
     never = tiny_model(**options, mask_part_dropout_never_empties=True).eval()
-    keep, _ = never.compute_keep(one_part, stochastic=False, part_dropout=True)
+    keep, gate = never.compute_keep(one_part, stochastic=False, part_dropout=True, with_gate=True)
     assert torch.equal(keep, plus.flatten().expand(64, -1))
+    assert torch.equal(gate, keep.float())  # the gate's value is the mask, fallback rows included
     # An image whose dropout leaves some patch keeps its dropped mask (after the clean-up: half the plus).
     keep, _ = never.compute_keep(_split_block_logits(64, 3), stochastic=False, part_dropout=True)
     assert keep.any(dim=1).all()
