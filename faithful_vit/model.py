@@ -421,18 +421,17 @@ class FaithfulViT(nn.Module):
             gate_parts = foreground
         else:
             gate_parts = foreground * survive  # the gate's surrogate counts the surviving parts only
+            full = None  # the mask without dropout, computed when needed
             if self.cfg.mask_part_dropout_after_morphology:
                 full, best_part = self._cleaned_keep(foreground, background, remove_parts)
                 keep = full & survive.flatten(1).gather(1, best_part)
             else:
                 keep, _ = self._cleaned_keep(gate_parts, background, remove_parts)
             if self.cfg.mask_part_dropout_never_empties:
-                if self.cfg.mask_part_dropout_after_morphology:
-                    full_keep = full
-                else:
-                    full_keep, _ = self._cleaned_keep(foreground, background, remove_parts)
+                if full is None:
+                    full, _ = self._cleaned_keep(foreground, background, remove_parts)
                 emptied = ~keep.any(dim=1, keepdim=True)
-                keep = torch.where(emptied, full_keep, keep)
+                keep = torch.where(emptied, full, keep)
                 gate_parts = torch.where(emptied[:, :, None, None], foreground, gate_parts)
         gate = None
         if with_gate:
