@@ -88,6 +88,13 @@ class FaithfulViTConfig:
             only sensible with pretrained weights).
         part_dropout: ``Dropout1d`` probability on the part embeddings before the stage-1 classifier.
         mask_part_dropout: probability of dropping a foreground part channel from the mask, per image, in training.
+        mask_part_dropout_after_morphology: drop a part's patches after the clean-up (``mask_morphology``) instead
+            of before it: before, the clean-up can erase what remains of an object split between parts (half an
+            object may hold no full cross); after, it removes exactly the patches the dropped parts won, as
+            ``remove_parts`` does.
+        mask_part_dropout_never_empties: where part dropout would leave an image with no kept patch, that image
+            keeps its mask without dropout: when one part covers the whole object, dropping it would otherwise give
+            stage 2 nothing to learn from in a ``mask_part_dropout`` share of its training images.
         gumbel_tau: Gumbel-softmax temperature of the soft maps and of the mask.
         stochastic_eval: keep the Gumbel noise at evaluation (the authors' behaviour).
         straight_through: let the stage-2 loss reach stage 1 through the gate (our fix); False detaches the mask as
@@ -121,6 +128,8 @@ class FaithfulViTConfig:
     freeze_stage1_backbone: bool = False
     part_dropout: float = 0.3
     mask_part_dropout: float = 0.3
+    mask_part_dropout_after_morphology: bool = False
+    mask_part_dropout_never_empties: bool = False
     gumbel_tau: float = 1.0
     stochastic_eval: bool = False
     straight_through: bool = True
@@ -405,22 +414,47 @@ class FaithfulViT(nn.Module):
             part_logits = part_logits + gumbel_noise_like(part_logits)
         probs = torch.softmax(part_logits / self.cfg.gumbel_tau, dim=1)
         foreground, background = probs[:, :num_parts], probs[:, num_parts]
+        survive = None
         if part_dropout and self.cfg.mask_part_dropout > 0:
             survive = torch.rand(probs.shape[0], num_parts, 1, 1, device=probs.device) >= self.cfg.mask_part_dropout
-            foreground = foreground * survive
+        if survive is None:
+            keep, _ = self._cleaned_keep(foreground, background, remove_parts)
+            gate_parts = foreground
+        else:
+            gate_parts = foreground * survive  # the gate's surrogate counts the surviving parts only
+            full = None  # the mask without dropout, computed when needed
+            if self.cfg.mask_part_dropout_after_morphology:
+                full, best_part = self._cleaned_keep(foreground, background, remove_parts)
+                keep = full & survive.flatten(1).gather(1, best_part)
+            else:
+                keep, _ = self._cleaned_keep(gate_parts, background, remove_parts)
+            if self.cfg.mask_part_dropout_never_empties:
+                if full is None:
+                    full, _ = self._cleaned_keep(foreground, background, remove_parts)
+                emptied = ~keep.any(dim=1, keepdim=True)
+                keep = torch.where(emptied, full, keep)
+                gate_parts = torch.where(emptied[:, :, None, None], foreground, gate_parts)
+        gate = None
+        if with_gate:
+            surrogate = gate_parts.sum(dim=1).flatten(1)
+            gate = keep.to(surrogate.dtype) + (surrogate - surrogate.detach())
+        return keep, gate
+
+    def _cleaned_keep(
+        self, foreground: torch.Tensor, background: torch.Tensor, remove_parts: Sequence[int] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The argmax rule on ``(B, K, H, W)`` foreground and ``(B, H, W)`` background probabilities, minus
+        ``remove_parts``, then the clean-up: ``keep`` ``(B, H * W)`` bool and each patch's best foreground part
+        ``(B, H * W)``."""
         best_value, best_part = foreground.max(dim=1)
         keep = best_value > background
         if remove_parts:
-            removed = self._part_index("remove_parts", remove_parts, probs.device)
+            removed = self._part_index("remove_parts", remove_parts, foreground.device)
             keep = keep & ~torch.isin(best_part, removed)
         keep = keep.flatten(1)
         if self.cfg.mask_morphology != "none":
             keep = KEEP_MORPHOLOGY[self.cfg.mask_morphology](keep, self.grid_size)
-        gate = None
-        if with_gate:
-            surrogate = foreground.sum(dim=1).flatten(1)
-            gate = keep.to(surrogate.dtype) + (surrogate - surrogate.detach())
-        return keep, gate
+        return keep, best_part.flatten(1)
 
     def _part_index(self, name: str, parts: Sequence[int], device: torch.device) -> torch.Tensor:
         index = torch.as_tensor(list(parts), dtype=torch.long, device=device)

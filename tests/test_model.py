@@ -86,6 +86,59 @@ def test_mask_part_dropout_only_removes_patches():
     assert not nothing.any()
 
 
+def _split_block_logits(batch: int, num_parts: int) -> torch.Tensor:
+    """A 3 x 3 object on a 4 x 4 grid: part 0 wins its columns 0-1, part 1 its column 2, the background the rest."""
+    logits = torch.zeros(batch, num_parts + 1, 4, 4)
+    logits[:, num_parts] = 1.0
+    logits[:, 0, :3, :2] = 2.0
+    logits[:, 1, :3, 2] = 2.0
+    return logits
+
+
+def test_mask_part_dropout_after_morphology_removes_whole_parts_of_the_cleaned_mask():
+    torch.manual_seed(0)
+    logits = _split_block_logits(64, 3)
+    plus = torch.zeros(4, 4, dtype=torch.bool)
+    plus[1, :3] = plus[:3, 1] = True  # the opening of the 3 x 3 block
+    part_one = torch.zeros(4, 4, dtype=torch.bool)
+    part_one[:3, 2] = True
+    # Before the clean-up, dropping either part leaves a 3 x 2 or 3 x 1 bar with no full cross: the mask is erased.
+    before = tiny_model(mask_morphology="open", mask_part_dropout=0.5).eval()
+    keep, _ = before.compute_keep(logits, stochastic=False, part_dropout=True)
+    assert all(torch.equal(k, plus.flatten()) or not k.any() for k in keep)
+    # After it, the dropped part's patches leave the plus and the other part's stay.
+    after = tiny_model(mask_morphology="open", mask_part_dropout=0.5, mask_part_dropout_after_morphology=True).eval()
+    keep, _ = after.compute_keep(logits, stochastic=False, part_dropout=True)
+    allowed = [plus, plus & ~part_one, plus & part_one, torch.zeros_like(plus)]
+    seen = [any(torch.equal(k, a.flatten()) for k in keep) for a in allowed]
+    assert all(any(torch.equal(k, a.flatten()) for a in allowed) for k in keep)
+    assert seen[1] and seen[2]  # either part alone survives in some of the 64 draws
+    full, _ = after.compute_keep(logits, stochastic=False, part_dropout=False)
+    assert torch.equal(full, plus.flatten().expand(64, -1))
+
+
+@pytest.mark.parametrize("after_morphology", [False, True])
+def test_mask_part_dropout_never_empties_falls_back_to_the_undropped_mask(after_morphology):
+    torch.manual_seed(0)
+    plus = torch.zeros(4, 4, dtype=torch.bool)
+    plus[1, :3] = plus[:3, 1] = True
+    one_part = _split_block_logits(64, 3)
+    one_part[:, 0, :3, :3] = 2.0  # part 0 wins the whole object: dropping it empties the mask
+    options = {"mask_morphology": "open", "mask_part_dropout": 0.5}
+    options["mask_part_dropout_after_morphology"] = after_morphology
+    plain = tiny_model(**options).eval()
+    keep, _ = plain.compute_keep(one_part, stochastic=False, part_dropout=True)
+    assert (~keep.any(dim=1)).any()
+    never = tiny_model(**options, mask_part_dropout_never_empties=True).eval()
+    keep, gate = never.compute_keep(one_part, stochastic=False, part_dropout=True, with_gate=True)
+    assert torch.equal(keep, plus.flatten().expand(64, -1))
+    assert torch.equal(gate, keep.float())  # the gate's value is the mask, fallback rows included
+    # An image whose dropout leaves some patch keeps its dropped mask (after the clean-up: half the plus).
+    keep, _ = never.compute_keep(_split_block_logits(64, 3), stochastic=False, part_dropout=True)
+    assert keep.any(dim=1).all()
+    assert (keep.sum(dim=1) < plus.sum()).any() == after_morphology
+
+
 def test_erode_keep_is_4_neighbour_erosion():
     keep = torch.zeros(1, 5, 5, dtype=torch.bool)
     keep[0, 1:4, 1:4] = True
