@@ -127,13 +127,18 @@ def flat_grid(tiles: int, groups: int) -> tuple[int]:
     return (tiles * groups,)
 
 
-def bwd_parts(cfg: dict[str, int], deterministic: bool) -> tuple[str, ...]:
-    """The ``PARTS`` constexpr of each launch of a family's backward kernel after the preprocess: the atomic-dQ
-    backward has no dQ part; the deterministic one runs both parts in one launch, or in two where the config sets
-    ``SPLIT_DQ`` (where one kernel holding both parts would spill registers)."""
+def bwd_parts(cfg: dict[str, int], deterministic: bool) -> tuple[tuple[str, int], ...]:
+    """The ``PARTS`` constexpr and the pipeline stages of each launch of a family's backward kernel after the
+    preprocess: the atomic-dQ backward has no dQ part; the deterministic one runs both parts in one launch, or in two
+    where the config sets ``SPLIT_DQ`` (where one kernel holding both parts would spill registers). Every launch takes
+    the config's ``num_stages`` but a separate dQ launch, which takes ``DQ_STAGES`` where the config sets it (where
+    the two parts spill at different stage counts)."""
+    stages = cfg["num_stages"]
     if not deterministic:
-        return ("dkdv",)
-    return ("dkdv", "dq") if cfg.get("SPLIT_DQ") else ("dkdv+dq",)
+        return (("dkdv", stages),)
+    if cfg.get("SPLIT_DQ"):
+        return (("dkdv", stages), ("dq", cfg.get("DQ_STAGES", stages)))
+    return (("dkdv+dq", stages),)
 
 
 # torch >= 2.6 has triton_op: each family then registers its launchers as ops.

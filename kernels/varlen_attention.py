@@ -349,7 +349,7 @@ def _launch_bwd(q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, scale, dete
         dk.stride(1),
         scale,
     )
-    for parts in bwd_parts(cfg, deterministic):
+    for parts, stages in bwd_parts(cfg, deterministic):
         launch(_varlen_attn_bwd_kernel)[flat_grid(cdiv(max_seqlen, block_n), batch * num_heads)](
             *args,
             HEAD_DIM=head_dim,
@@ -360,7 +360,7 @@ def _launch_bwd(q, k, v, cu_seqlens, out, lse, grad_out, max_seqlen, scale, dete
             ATOMIC_DQ=not deterministic,
             PARTS=parts,
             num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"],
+            num_stages=stages,
         )
     if not deterministic:
         torch.mul(dq_acc, scale, out=dq)  # the softmax scale, once, and the cast
