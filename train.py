@@ -48,13 +48,10 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         help="CUB segmentations folder: ground-truth masks for mask metrics and the oracle (waterbirds, cub)",
     )
-    group.add_argument(
+    cli.add_kwargs_flag(
+        group,
         "--data-kwargs",
-        nargs="*",
-        default={},
-        action=cli.ParseKwargs,
-        metavar="KEY=VALUE",
-        help="generator settings of synthetic/waterbirds_lite, e.g. n_train=600 image_size=32",
+        "generator settings of synthetic/waterbirds_lite, e.g. n_train=600 image_size=32",
     )
     group.add_argument(
         "--img-size",
@@ -73,13 +70,10 @@ def _build_parser() -> argparse.ArgumentParser:
         "(see faithful_vit.list_models()), 'baseline' (full-image ViT of stage-2 size) and 'oracle' "
         "(stage 2 given the ground-truth patch mask) (default: %(default)s)",
     )
-    group.add_argument(
+    cli.add_kwargs_flag(
+        group,
         "--model-kwargs",
-        nargs="*",
-        default={},
-        action=cli.ParseKwargs,
-        metavar="KEY=VALUE",
-        help="overrides of the two-stage preset's config, e.g. num_parts=4 mask_morphology=open; for baseline "
+        "overrides of the two-stage preset's config, e.g. num_parts=4 mask_morphology=open; for baseline "
         "and oracle also timm's global_pool=token|avg",
     )
     group.add_argument(

@@ -228,6 +228,15 @@ def parse_with_files(parser: argparse.ArgumentParser, argv: list[str] | None) ->
     return args, yaml.safe_dump({k: v for k, v in vars(args).items() if k not in ("config", "resume")})
 
 
+def add_kwargs_flag(parser, flag: str, help: str, *, inherited: bool = False) -> None:
+    """A ``flag KEY=VALUE ...`` option whose values are YAML (:class:`ParseKwargs`), as timm's ``--model-kwargs``.
+
+    ``inherited``: the default is None (the value comes from elsewhere, e.g. a trained run) instead of ``{}``.
+    """
+    default = None if inherited else {}
+    parser.add_argument(flag, nargs="*", default=default, action=ParseKwargs, metavar="KEY=VALUE", help=help)
+
+
 def add_backend_flag(parser) -> None:
     """``--backend``: the attention kernels, as ``FAITHFUL_VIT_BACKEND`` chooses them."""
     parser.add_argument(

@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 
 from faithful_vit import engine, part_metrics, viz
-from faithful_vit.cli import ParseKwargs, Parser, UsageError, add_backend_flag, positive_int, run_command
+from faithful_vit.cli import Parser, UsageError, add_backend_flag, add_kwargs_flag, positive_int, run_command
 from faithful_vit.data import list_datasets
 from faithful_vit.data.backgrounds import VARIANTS, VariantDataset, background_variants
 from faithful_vit.data.class_map import map_classes
@@ -396,14 +396,11 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--data-dir", default=None, help="dataset folder (default: the training data's)")
     parser.add_argument("--mask-dir", default=None, help="CUB segmentations folder (default: the training data's)")
-    parser.add_argument(
+    add_kwargs_flag(
+        parser,
         "--data-kwargs",
-        nargs="*",
-        default=None,
-        action=ParseKwargs,
-        metavar="KEY=VALUE",
-        help="generator settings of synthetic/waterbirds_lite, the variant= of imagenet9 (default: the training "
-        "data's)",
+        "generator settings of synthetic/waterbirds_lite, the variant= of imagenet9 (default: the training data's)",
+        inherited=True,
     )
     parser.add_argument(
         "--class-map",

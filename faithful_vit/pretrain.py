@@ -45,26 +45,20 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--data", default="waterbirds_lite", help="a registered dataset (default: %(default)s)")
     parser.add_argument("--data-dir", default=None, help="dataset folder (datasets read from disk)")
-    parser.add_argument(
+    cli.add_kwargs_flag(
+        parser,
         "--data-kwargs",
-        nargs="*",
-        default={},
-        action=cli.ParseKwargs,
-        metavar="KEY=VALUE",
-        help="generator settings of synthetic/waterbirds_lite, e.g. n_train=600",
+        "generator settings of synthetic/waterbirds_lite, e.g. n_train=600",
     )
     parser.add_argument(
         "--model",
         default="faithful_tiny_wblite",
         help="the two-stage preset whose stage-1 backbone is pretrained (default: %(default)s)",
     )
-    parser.add_argument(
+    cli.add_kwargs_flag(
+        parser,
         "--model-kwargs",
-        nargs="*",
-        default={},
-        action=cli.ParseKwargs,
-        metavar="KEY=VALUE",
-        help="overrides of the preset's config, as for train.py (e.g. backbone_kwargs={depth: 2})",
+        "overrides of the preset's config, as for train.py (e.g. backbone_kwargs={depth: 2})",
     )
     parser.add_argument("--output", required=True, help="new (or empty) folder for backbone.safetensors and logs")
     parser.add_argument("--epochs", type=cli.positive_int, default=100, help="epochs (default: %(default)s)")
