@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from faithful_vit.data import Batch, Sample, SpuriousShapes, SpuriousShapesConfig, collate, default_cache_dir, synthetic
 from faithful_vit.data.mask_stats import patch_mask_stats
+from faithful_vit.data.registry import create_dataset
 from faithful_vit.data.transforms import synthetic_transforms
 
 TINY = SpuriousShapesConfig(n_train=240, n_val=40, n_test=48)
@@ -107,6 +108,18 @@ def test_different_configs_get_different_cache_files(tmp_path):
     SpuriousShapes("val", config=cfg, cache_dir=tmp_path)
     SpuriousShapes("val", config=dataclasses.replace(cfg, seed=3), cache_dir=tmp_path)
     assert len(list((tmp_path / "spurious_shapes").glob("*_val.npz"))) == 2
+
+
+def test_augmentation_shares_the_cache_and_is_checked(tmp_path):
+    cfg = dataclasses.replace(TINY, n_train=8, n_val=4, n_test=4)
+    assert dataclasses.replace(cfg, augmentation="dihedral").key() == cfg.key()
+    assert cfg.key() == dataclasses.replace(TINY, n_train=8, n_val=4, n_test=4, augmentation="hflip").key()
+    assert dataclasses.replace(cfg, seed=3).key() != cfg.key()
+    with pytest.raises(ValueError, match="augmentation: expected one of \\('hflip', 'dihedral'\\), got 'flip'"):
+        dataclasses.replace(cfg, augmentation="flip")
+    settings = {**dataclasses.asdict(cfg), "augmentation": "dihedral"}
+    data = create_dataset("synthetic", "train", root=tmp_path, augment=True, **settings)
+    assert "RandomQuarterTurn" in repr(data.transform)
 
 
 def test_dataset_samples_batches_and_metadata(tmp_path):

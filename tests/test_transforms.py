@@ -51,6 +51,31 @@ def test_synthetic_flip_draws_as_before():
     assert T.synthetic_transforms(train=False) is None
 
 
+def test_synthetic_dihedral_draws_the_eight_symmetries_of_the_square_exactly():
+    image, mask = _image_and_mask()
+    dihedral = T.synthetic_transforms(train=True, augmentation="dihedral")
+    candidates = {
+        (flip, turns): (
+            torch.rot90(image.flip(-1) if flip else image, turns, dims=(-2, -1)),
+            torch.rot90(mask.flip(-1) if flip else mask, turns, dims=(-2, -1)),
+        )
+        for flip in (False, True)
+        for turns in range(4)
+    }
+    seen = set()
+    for seed in range(64):
+        torch.manual_seed(seed)
+        out_image, out_mask = dihedral(image, mask)
+        match = [key for key, (im, ma) in candidates.items() if torch.equal(out_image, im)]
+        assert len(match) == 1, seed
+        assert torch.equal(out_mask, candidates[match[0]][1])  # the mask moves with the image
+        seen.add(match[0])
+    assert len(seen) == 8
+    assert T.synthetic_transforms(train=False, augmentation="dihedral") is None
+    with pytest.raises(ValueError, match="augmentation: expected one of"):
+        T.synthetic_transforms(train=True, augmentation="rot45")
+
+
 def test_affine_identity_shift_and_rotation_are_exact():
     image, mask = _image_and_mask()
     out_image, out_mask = _joint(v2.RandomAffine(degrees=0))(image, mask)

@@ -41,7 +41,7 @@ import torch
 
 from faithful_vit.data.registry import register_dataset
 from faithful_vit.data.sample import Batch, Sample, normalize
-from faithful_vit.data.transforms import synthetic_transforms
+from faithful_vit.data.transforms import SYNTHETIC_AUGMENTATIONS, synthetic_transforms
 
 SPLITS = ("train", "val", "test")
 CLASS_NAMES = ("ellipse", "cross")
@@ -70,6 +70,9 @@ class SpuriousShapesConfig:
         margin_ramp: width over which the place texture fades in beyond the band (px at 64).
         neutral_blotches: fraction of the far background covered by neutral blotches.
         seed: generator seed; splits use independent streams derived from it.
+        augmentation: training augmentation, "hflip" or "dihedral" (see
+            :func:`faithful_vit.data.transforms.synthetic_transforms`); it does not change the generated images (nor
+            the cache key).
     """
 
     image_size: int = 64
@@ -83,9 +86,18 @@ class SpuriousShapesConfig:
     margin_ramp: float = 3.0
     neutral_blotches: float = 0.3
     seed: int = 0
+    augmentation: str = "hflip"
+
+    def __post_init__(self) -> None:
+        if self.augmentation not in SYNTHETIC_AUGMENTATIONS:
+            raise ValueError(f"augmentation: expected one of {SYNTHETIC_AUGMENTATIONS}, got {self.augmentation!r}")
+
+    def generator_settings(self) -> dict:
+        """The settings that define the generated images (all but ``augmentation``)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "augmentation"}
 
     def key(self) -> str:
-        payload = json.dumps({"v": GENERATOR_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        payload = json.dumps({"v": GENERATOR_VERSION, **self.generator_settings()}, sort_keys=True)
         return hashlib.sha1(payload.encode()).hexdigest()[:12]
 
 
@@ -258,7 +270,7 @@ def cached_arrays(
 def load_or_generate(cfg: SpuriousShapesConfig, split: str, cache_dir: str | os.PathLike | None = None):
     """Arrays of one split (see :func:`generate_split`), generated at first use and cached as ``.npz``."""
     return cached_arrays(
-        "spurious_shapes", cfg.key(), split, lambda: generate_split(cfg, split), dataclasses.asdict(cfg), cache_dir
+        "spurious_shapes", cfg.key(), split, lambda: generate_split(cfg, split), cfg.generator_settings(), cache_dir
     )
 
 
@@ -354,4 +366,6 @@ class SpuriousShapes(ArrayDataset):
 )
 def _spurious_shapes(split, root, *, augment, **settings):
     config = SpuriousShapesConfig(**settings)
-    return SpuriousShapes(split, config=config, cache_dir=root, transform=synthetic_transforms(augment))
+    return SpuriousShapes(
+        split, config=config, cache_dir=root, transform=synthetic_transforms(augment, config.augmentation)
+    )

@@ -125,10 +125,35 @@ def cub_original(size: int, train: bool) -> ImageMaskTransform:
     return ImageMaskTransform(v2.Compose(steps))
 
 
-def synthetic_transforms(train: bool) -> ImageMaskTransform | None:
-    """Light augmentation for the built-in benchmark: horizontal flip in training, nothing in evaluation.
+SYNTHETIC_AUGMENTATIONS = ("hflip", "dihedral")
 
-    The heavy recipe is not used there: rotations and crops would push the small objects off the 64 px canvas and
-    the colour jitter would blur the place colours that define the spurious shortcut.
+
+class RandomQuarterTurn(v2.Transform):
+    """Rotate by ``k`` quarter turns, ``k`` uniform in {0, 1, 2, 3} (one ``torch.randint`` draw): exact, no
+    resampling, the same for the image and its mask."""
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        return {"turns": int(torch.randint(4, ()).item())}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if params["turns"] == 0:
+            return inpt
+        turned = torch.rot90(inpt.as_subclass(torch.Tensor), params["turns"], dims=(-2, -1))
+        return tv_tensors.wrap(turned, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else turned
+
+
+def synthetic_transforms(train: bool, augmentation: str = "hflip") -> ImageMaskTransform | None:
+    """Light augmentation for the built-in benchmarks, nothing in evaluation.
+
+    ``augmentation``: "hflip" (horizontal flip) or "dihedral" (horizontal flip, then a random number of quarter
+    turns: the 8 symmetries of the square, all exact). The heavy recipe is not used there: rotations by other angles
+    and crops would push the small objects off the 64 px canvas and the colour jitter would blur the place colours
+    that define the spurious shortcut.
     """
-    return ImageMaskTransform(v2.RandomHorizontalFlip(0.5)) if train else None
+    if augmentation not in SYNTHETIC_AUGMENTATIONS:
+        raise ValueError(f"augmentation: expected one of {SYNTHETIC_AUGMENTATIONS}, got {augmentation!r}")
+    if not train:
+        return None
+    if augmentation == "hflip":
+        return ImageMaskTransform(v2.RandomHorizontalFlip(0.5))
+    return ImageMaskTransform(v2.Compose([v2.RandomHorizontalFlip(0.5), RandomQuarterTurn()]))
