@@ -98,6 +98,7 @@ class FullImageViT(nn.Module):
 
     uses_ground_truth_mask = False
     area_target = 0.0  # unused: loss_weights has no area term
+    has_frozen_phase = False
 
     def __init__(self, num_classes: int, head_lr_factor: float = 1.0, global_pool: str = "token", **vit_kwargs):
         super().__init__()
@@ -123,6 +124,9 @@ class FullImageViT(nn.Module):
     def loss_weights(self) -> dict[str, float]:
         """Cross-entropy on the logits only."""
         return {"ce": 1.0}
+
+    def set_epoch(self, epoch: int) -> None:
+        """Nothing changes by epoch."""
 
     def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
         """AdamW parameter groups (weight decay on matrices only)."""

@@ -86,7 +86,15 @@ def check_trainable(model: nn.Module) -> None:
     """Raise a TypeError naming what ``model`` lacks of :class:`~faithful_vit.model_protocol.TrainableModel`."""
     module = unwrap(model)
     if not isinstance(module, TrainableModel):
-        members = ("uses_ground_truth_mask", "patch_size", "loss_weights", "area_target", "param_groups")
+        members = (
+            "uses_ground_truth_mask",
+            "patch_size",
+            "loss_weights",
+            "area_target",
+            "has_frozen_phase",
+            "set_epoch",
+            "param_groups",
+        )
         missing = [name for name in members if not hasattr(module, name)]
         raise TypeError(
             f"model: expected a TrainableModel (faithful_vit.model_protocol), {type(module).__name__} lacks {missing}"
@@ -317,7 +325,11 @@ class Trainer:
             self.model = torch.compile(self.model)
         if self.dist.distributed:
             device_ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
-            self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+            self.model = nn.parallel.DistributedDataParallel(
+                self.model,
+                device_ids=device_ids,
+                find_unused_parameters=self.module.has_frozen_phase,
+            )
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.checkpoint_step: int | None = None  # global step of the newest last.pt, None before the first
         self.best_key: tuple[float, float] | None = None
@@ -423,6 +435,7 @@ class Trainer:
     def _train_epoch(self) -> None:
         cfg, device = self.cfg, self.dist.device
         self.module.train()
+        self.module.set_epoch(self.epoch)
         self.sampler.set_epoch(self.epoch, start=self.step_in_epoch * cfg.batch_size)
         self.train_samples.set_epoch(self.epoch)
         loader = make_loader(

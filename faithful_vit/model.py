@@ -20,6 +20,7 @@ Deviations from the authors' code, all deliberate (``docs/method.md`` says why):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 
 import timm
@@ -95,7 +96,15 @@ class FaithfulViTConfig:
         mask_part_dropout_never_empties: where part dropout would leave an image with no kept patch, that image
             keeps its mask without dropout: when one part covers the whole object, dropping it would otherwise give
             stage 2 nothing to learn from in a ``mask_part_dropout`` share of its training images.
+        mask_token_dropout: probability of dropping each kept patch of the mask on its own, per image, in training,
+            after the clean-up and part dropout: stage 2 then cannot rely on the exact number and outline of the
+            kept patches, which stage 1 chooses from the whole image (they can carry the background).
         gumbel_tau: Gumbel-softmax temperature of the soft maps and of the mask.
+        stage1_epochs: train stage 1 (backbone, prototypes, modulation, part classifier) in the first
+            ``stage1_epochs`` epochs only (None: in every epoch, the paper's joint training). In later epochs stage 1
+            runs without gradients, still drawing the training masks (Gumbel noise, part dropout), and only stage 2
+            learns, from its cross-entropy alone: a step then costs one stage-1 forward plus stage 2, so stage 2
+            gets more epochs for little time. The engine announces each epoch with :meth:`FaithfulViT.set_epoch`.
         stochastic_eval: keep the Gumbel noise at evaluation (the authors' behaviour).
         straight_through: let the stage-2 loss reach stage 1 through the gate (our fix); False detaches the mask as
             the authors' code does. Caution: the gate lets stage 2 ask for whatever lowers its training loss, and on
@@ -130,7 +139,9 @@ class FaithfulViTConfig:
     mask_part_dropout: float = 0.3
     mask_part_dropout_after_morphology: bool = False
     mask_part_dropout_never_empties: bool = False
+    mask_token_dropout: float = 0.0
     gumbel_tau: float = 1.0
+    stage1_epochs: int | None = None
     stochastic_eval: bool = False
     straight_through: bool = True
     mask_morphology: str = "none"
@@ -151,12 +162,16 @@ class FaithfulViTConfig:
             raise ValueError(f"num_classes: expected an int >= 1, got {self.num_classes!r}")
         if not isinstance(self.img_size, int) or self.img_size < 1:
             raise ValueError(f"img_size: expected a positive int, got {self.img_size!r}")
-        for name in ("part_dropout", "mask_part_dropout"):
+        for name in ("part_dropout", "mask_part_dropout", "mask_token_dropout"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{name}: expected a probability in [0, 1), got {value!r}")
         if self.gumbel_tau <= 0:
             raise ValueError(f"gumbel_tau: expected > 0, got {self.gumbel_tau!r}")
+        if self.stage1_epochs is not None and (
+            not isinstance(self.stage1_epochs, int) or isinstance(self.stage1_epochs, bool) or self.stage1_epochs < 1
+        ):
+            raise ValueError(f"stage1_epochs: expected None or an int >= 1, got {self.stage1_epochs!r}")
         if self.mask_morphology not in MASK_MORPHOLOGY:
             raise ValueError(f"mask_morphology: expected one of {MASK_MORPHOLOGY}, got {self.mask_morphology!r}")
         if self.stage2_mode is not None and self.stage2_mode not in STAGE2_MODES:
@@ -307,6 +322,7 @@ class FaithfulViT(nn.Module):
         self.fc_norm = nn.LayerNorm(dim2)
         self.head = _trunc_normal_linear(dim2, cfg.num_classes)
         self.register_buffer("part_thresholds", torch.full((cfg.num_parts,), float("-inf")))
+        self.stage1_learning = True  # see set_epoch
 
         if cfg.freeze_stage1_backbone:
             for name, param in self.stage1.named_parameters():
@@ -401,7 +417,8 @@ class FaithfulViT(nn.Module):
             part_logits: ``(B, K + 1, H, W)`` from :meth:`forward_stage1`.
             remove_parts: foreground parts whose patches become background (section 11.2).
             stochastic: add a fresh Gumbel sample (default: in training or with ``stochastic_eval``).
-            part_dropout: drop foreground part channels per image (default: in training).
+            part_dropout: apply the training mask's dropouts, of foreground part channels per image
+                (``mask_part_dropout``) and of single kept patches (``mask_token_dropout``) (default: in training).
             with_gate: also return the straight-through gate ``keep + (S - S.detach())``, ``S = sum_k y_fg``.
 
         Returns:
@@ -434,6 +451,8 @@ class FaithfulViT(nn.Module):
                 emptied = ~keep.any(dim=1, keepdim=True)
                 keep = torch.where(emptied, full, keep)
                 gate_parts = torch.where(emptied[:, :, None, None], foreground, gate_parts)
+        if part_dropout and self.cfg.mask_token_dropout > 0:
+            keep = keep & (torch.rand(keep.shape, device=keep.device) >= self.cfg.mask_token_dropout)
         gate = None
         if with_gate:
             surrogate = gate_parts.sum(dim=1).flatten(1)
@@ -554,9 +573,13 @@ class FaithfulViT(nn.Module):
         Returns:
             :class:`FaithfulViTOutput`.
         """
-        stage1 = self.forward_stage1(images)
+        frozen = self.training and not self.stage1_learning
+        with torch.no_grad() if frozen else nullcontext():
+            stage1 = self.forward_stage1(images)
         mode = self.default_stage2_mode() if mode is None else mode
-        with_gate = self.training and self.cfg.straight_through and mode == "masked" and torch.is_grad_enabled()
+        with_gate = (
+            self.training and not frozen and self.cfg.straight_through and mode == "masked" and torch.is_grad_enabled()
+        )
         keep, gate = self.compute_keep(stage1.part_logits, remove_parts=remove_parts, with_gate=with_gate)
         stage2_logits = self.forward_stage2(images, keep, mode=mode, gate=gate)
         return FaithfulViTOutput(
@@ -572,8 +595,21 @@ class FaithfulViT(nn.Module):
         )
 
     @property
+    def has_frozen_phase(self) -> bool:
+        """Some epochs leave stage 1's parameters without gradients (``cfg.stage1_epochs``; DDP must know)."""
+        return self.cfg.stage1_epochs is not None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the engine before training epoch ``epoch`` (0-based): stage 1 stops learning from epoch
+        ``cfg.stage1_epochs`` on."""
+        self.stage1_learning = self.cfg.stage1_epochs is None or epoch < self.cfg.stage1_epochs
+
+    @property
     def loss_weights(self) -> dict[str, float]:
-        """The weight of every loss term of section 6 (``cfg.loss_weights``)."""
+        """The weight of every loss term of section 6 (``cfg.loss_weights``); stage 2's cross-entropy alone in
+        training once stage 1 has stopped learning (``cfg.stage1_epochs``)."""
+        if self.training and not self.stage1_learning:
+            return {"ce_stage2": self.cfg.loss_weights["ce_stage2"]}
         return self.cfg.loss_weights
 
     @property

@@ -45,6 +45,8 @@ class TrainableModel(Protocol):
         patch_size: patch side in pixels (an int, or the ``(height, width)`` pair of a square patch).
         loss_weights: the weight of every loss term of :func:`faithful_vit.losses.compute_losses` it trains with.
         area_target: target soft foreground fraction of the ``area`` term (unused when its weight is 0).
+        has_frozen_phase: some epochs leave trainable parameters without gradients (DDP is then built with
+            ``find_unused_parameters``).
     """
 
     uses_ground_truth_mask: bool
@@ -58,7 +60,14 @@ class TrainableModel(Protocol):
     @property
     def area_target(self) -> float: ...
 
+    @property
+    def has_frozen_phase(self) -> bool: ...
+
     def __call__(self, images: torch.Tensor, *args, **kwargs) -> ModelOutput: ...
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called before every training epoch (0-based), also when a run resumes mid-epoch."""
+        ...
 
     def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
         """AdamW parameter groups."""

@@ -54,6 +54,7 @@ def test_torchrun_two_processes_gloo(tmp_path):
         "image_size=32",
         "--model-kwargs",
         "backbone_kwargs={embed_dim: 32, depth: 1, num_heads: 2}",
+        "stage1_epochs=1",  # epoch 2 leaves stage 1 without gradients: DDP must allow unused parameters
         "--epochs",
         "2",
         "--batch-size",
@@ -83,3 +84,5 @@ def test_torchrun_two_processes_gloo(tmp_path):
         # 64 samples over 2 ranks with batch 8: 4 steps per epoch per rank.
         state = torch.load(tmp_path / "ddp" / name / "seed0" / "checkpoints" / "last.pt", weights_only=True)
         assert state["world_size"] == 2 and state["global_step"] == 8 and len(state["rng"]) == 2
+    two_stage = [json.loads(line) for line in (tmp_path / "ddp" / "faithful_tiny" / "seed0" / "metrics.jsonl").open()]
+    assert "train_equivariance" in two_stage[0] and "train_equivariance" not in two_stage[1]

@@ -72,7 +72,16 @@ def two_stage_model(num_classes: int, **_) -> FaithfulViT:
     return model
 
 
-@pytest.mark.parametrize("model_cls", [FullImageViT, two_stage_model], ids=["baseline", "two_stage"])
+def two_stage_model_stage1_one_epoch(num_classes: int, **_) -> FaithfulViT:
+    """The tiny two-stage model whose stage 1 learns in epoch 1 only (``stage1_epochs=1``)."""
+    return tiny_model(img_size=16, num_classes=num_classes, stage1_epochs=1)
+
+
+@pytest.mark.parametrize(
+    "model_cls",
+    [FullImageViT, two_stage_model, two_stage_model_stage1_one_epoch],
+    ids=["baseline", "two_stage", "two_stage_stage1_one_epoch"],
+)
 def test_resume_replays_the_uninterrupted_run_exactly(tmp_path, model_cls):
     reference = make_trainer(tmp_path / "a", model_cls=model_cls)
     reference.fit()
@@ -94,6 +103,37 @@ def test_resume_replays_the_uninterrupted_run_exactly(tmp_path, model_cls):
     assert without_timing(resumed.history) == without_timing(reference.history)
     lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 and (tmp_path / "b" / "metrics.csv").read_text().count("\n") == 3
+
+
+def test_stage1_learns_only_in_its_epochs_and_stage2_goes_on(tmp_path):
+    def stage1_state(module):
+        return {
+            name: value.detach().clone()
+            for name, value in module.named_parameters()
+            if not name.startswith(("stage2.", "fc_norm.", "head."))
+        }
+
+    class Recording(engine.Trainer):
+        def _end_epoch(self):
+            super()._end_epoch()
+            self.snapshots.append((stage1_state(self.module), self.module.head.weight.detach().clone()))
+
+    trainer = make_trainer(
+        tmp_path, tiny_config(epochs=3), trainer_cls=Recording, model_cls=two_stage_model_stage1_one_epoch
+    )
+    initial = stage1_state(trainer.module)
+    trainer.snapshots = []
+    trainer.fit()
+    (after1, head1), (after2, head2), (after3, head3) = trainer.snapshots
+    assert any(not torch.equal(initial[name], after1[name]) for name in initial)  # epoch 1 trains stage 1
+    for name in initial:
+        assert torch.equal(after1[name], after2[name]) and torch.equal(after1[name], after3[name]), name
+    assert not torch.equal(head1, head2) and not torch.equal(head2, head3)  # stage 2 goes on learning
+    losses_by_epoch = [
+        sorted(k for k in row if k.startswith("train_") and k != "train_images_per_second") for row in trainer.history
+    ]
+    assert "train_equivariance" in losses_by_epoch[0]
+    assert losses_by_epoch[1] == losses_by_epoch[2] == ["train_ce_stage2", "train_total"]
 
 
 def test_schedule_is_cosine_per_epoch_and_groups_keep_their_factors(tmp_path):

@@ -86,6 +86,24 @@ def test_mask_part_dropout_only_removes_patches():
     assert not nothing.any()
 
 
+def test_mask_token_dropout_drops_single_kept_patches_in_training_only():
+    torch.manual_seed(0)
+    model = tiny_model(mask_part_dropout=0.0, mask_token_dropout=0.25).eval()
+    logits = torch.randn(256, model.num_parts + 1, 4, 4)
+    full, _ = model.compute_keep(logits, stochastic=False, part_dropout=False)
+    dropped, _ = model.compute_keep(logits, stochastic=False, part_dropout=True)
+    assert not (dropped & ~full).any()
+    share = 1 - dropped.sum() / full.sum()
+    assert 0.2 < share < 0.3, share  # each kept patch independently, about 2,000 of them
+    # Not per image: images keep different numbers of their patches.
+    assert len(set((full.sum(1) - dropped.sum(1)).tolist())) > 2
+    model.train()
+    keep, _ = model.compute_keep(logits, stochastic=False)
+    assert keep.sum() < full.sum()
+    with pytest.raises(ValueError, match="mask_token_dropout: expected a probability"):
+        tiny_model(mask_token_dropout=1.0)
+
+
 def _split_block_logits(batch: int, num_parts: int) -> torch.Tensor:
     """A 3 x 3 object on a 4 x 4 grid: part 0 wins its columns 0-1, part 1 its column 2, the background the rest."""
     logits = torch.zeros(batch, num_parts + 1, 4, 4)
@@ -369,6 +387,9 @@ def test_bad_inputs_raise_clear_errors():
         tiny_model(num_part=3)
     with pytest.raises(ValueError, match="loss_weights"):
         tiny_model(loss_weights={"presense": 1.0})
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match=f"stage1_epochs: expected None or an int >= 1, got {bad!r}"):
+            tiny_model(stage1_epochs=bad)
     model = tiny_model()
     with pytest.raises(ValueError, match="3 channels"):
         model(torch.randn(2, 1, 32, 32))
