@@ -45,6 +45,7 @@ __all__ = [
 
 STAGE2_MODES = ("dense", "masked", "packed")
 MASK_MORPHOLOGY = ("none", *KEEP_MORPHOLOGY)
+POS_EMBED_INITS = ("trunc_normal", "sincos")
 
 # Section 6 (the paper's defaults), plus our optional area prior (off).
 PAPER_LOSS_WEIGHTS: dict[str, float] = {
@@ -85,6 +86,9 @@ class FaithfulViTConfig:
         backbone_kwargs: extra ``timm.create_model`` arguments of both stages (``patch_size``, ``embed_dim``, ...).
         stage2_backbone: timm name of stage 2 if it differs from ``backbone`` (same patch grid required).
         stage2_backbone_kwargs: extra arguments of stage 2 only, merged over ``backbone_kwargs``.
+        stage2_pos_embed_init: "trunc_normal" (timm's) or "sincos": stage 2's learned position embedding starts as
+            the fixed 2-D sine-cosine table of MAE (zero for the prefix tokens), so a from-scratch stage 2 knows where
+            each kept patch lies from its first step. Loaded weights replace either.
         freeze_stage1_backbone: freeze stage 1 except its prefix tokens and position embedding (the paper's setting;
             only sensible with pretrained weights).
         part_dropout: ``Dropout1d`` probability on the part embeddings before the stage-1 classifier.
@@ -134,6 +138,7 @@ class FaithfulViTConfig:
     backbone_kwargs: dict = field(default_factory=dict)
     stage2_backbone: str | None = None
     stage2_backbone_kwargs: dict = field(default_factory=dict)
+    stage2_pos_embed_init: str = "trunc_normal"
     freeze_stage1_backbone: bool = False
     part_dropout: float = 0.3
     mask_part_dropout: float = 0.3
@@ -172,6 +177,10 @@ class FaithfulViTConfig:
             not isinstance(self.stage1_epochs, int) or isinstance(self.stage1_epochs, bool) or self.stage1_epochs < 1
         ):
             raise ValueError(f"stage1_epochs: expected None or an int >= 1, got {self.stage1_epochs!r}")
+        if self.stage2_pos_embed_init not in POS_EMBED_INITS:
+            raise ValueError(
+                f"stage2_pos_embed_init: expected one of {POS_EMBED_INITS}, got {self.stage2_pos_embed_init!r}"
+            )
         if self.mask_morphology not in MASK_MORPHOLOGY:
             raise ValueError(f"mask_morphology: expected one of {MASK_MORPHOLOGY}, got {self.mask_morphology!r}")
         if self.stage2_mode is not None and self.stage2_mode not in STAGE2_MODES:
@@ -265,6 +274,21 @@ def _build_backbone(name: str, cfg: FaithfulViTConfig, kwargs: dict) -> nn.Modul
     return backbone
 
 
+def _init_sincos_pos_embed(backbone: nn.Module, grid_size: tuple[int, int]) -> None:
+    pos_embed = getattr(backbone, "pos_embed", None)
+    num_patches = grid_size[0] * grid_size[1]
+    if not isinstance(pos_embed, nn.Parameter) or pos_embed.shape[1] not in (num_patches, num_patches + 1):
+        shape = None if pos_embed is None else tuple(pos_embed.shape)
+        raise ValueError(
+            f"stage2_pos_embed_init: 'sincos' expects a learned absolute position embedding of "
+            f"{num_patches} (+ 1 class) positions, the stage-2 backbone has {shape}"
+        )
+    table = timm.layers.build_sincos2d_pos_embed(list(grid_size), pos_embed.shape[-1])
+    with torch.no_grad():
+        pos_embed.zero_()
+        pos_embed[0, pos_embed.shape[1] - num_patches :] = table.to(pos_embed.dtype)
+
+
 def _trunc_normal_linear(in_features: int, out_features: int) -> nn.Linear:
     layer = nn.Linear(in_features, out_features, bias=False)
     nn.init.trunc_normal_(layer.weight, std=0.02)
@@ -310,6 +334,8 @@ class FaithfulViT(nn.Module):
         self.grid_size: tuple[int, int] = tuple(self.stage1.patch_embed.grid_size)
         self.patch_size: tuple[int, int] = tuple(self.stage1.patch_embed.patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
+        if cfg.stage2_pos_embed_init == "sincos":
+            _init_sincos_pos_embed(self.stage2, self.grid_size)
         sparsify(self.stage2, backend=cfg.backend)  # in place; parameters and state dict unchanged
 
         dim1, dim2 = self.stage1.embed_dim, self.stage2.embed_dim

@@ -376,6 +376,23 @@ def test_a_checkpoint_that_does_not_fit_is_rejected(tmp_path):
         tiny_model(pretrained_file=str(path))
 
 
+def test_stage2_pos_embed_sincos_starts_from_the_2d_table_and_leaves_stage1_alone():
+    torch.manual_seed(0)
+    plain = tiny_model()
+    torch.manual_seed(0)
+    sincos = tiny_model(stage2_pos_embed_init="sincos")
+    table = timm.layers.build_sincos2d_pos_embed([4, 4], 32)
+    pos = sincos.stage2.pos_embed[0]
+    assert torch.equal(pos[0], torch.zeros(32)) and torch.equal(pos[1:], table)
+    # Same draws otherwise: only stage 2's position embedding differs.
+    for (name, a), b in zip(plain.state_dict().items(), sincos.state_dict().values()):
+        assert torch.equal(a, b) == (name != "stage2.pos_embed"), name
+    with pytest.raises(ValueError, match="stage2_pos_embed_init: expected one of"):
+        tiny_model(stage2_pos_embed_init="rope")
+    with pytest.raises(ValueError, match="stage2_pos_embed_init: 'sincos' expects a learned absolute position"):
+        tiny_model(stage2_pos_embed_init="sincos", backbone_kwargs={"pos_embed": "none"})
+
+
 def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="img_size.*multiple of the patch size"):
         tiny_model(img_size=30)
