@@ -96,7 +96,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     group = parser.add_argument_group("Optimizer")
     group.add_argument(
-        "--batch-size", type=cli.positive_int, default=32, help="batch size per process (default: %(default)s)"
+        "--batch-size", type=cli.positive_int, default=16, help="batch size per process (default: %(default)s)"
     )
     group.add_argument(
         "--eval-batch-size", type=cli.positive_int, default=256, help="evaluation batch size (default: %(default)s)"

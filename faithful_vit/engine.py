@@ -110,7 +110,7 @@ class TrainConfig:
     """Hyper-parameters of one training run (see ``train.py --help`` for each)."""
 
     epochs: int = 10
-    batch_size: int = 32
+    batch_size: int = 16
     eval_batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 0.05
